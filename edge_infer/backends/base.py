@@ -1,0 +1,93 @@
+"""The Backend protocol every backend implements, and backend selection."""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from edge_infer.errors import BackendUnavailableError
+from edge_infer.models.spec import LoadedModel, ModelConfig
+
+BACKENDS = ("torch", "mlx")
+
+
+@runtime_checkable
+class KVCache(Protocol):
+    """A backend's per-sequence KV cache; ``length`` is the number of tokens it holds."""
+
+    @property
+    def length(self) -> int: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Runs a Llama-family decoder: ``forward`` appends to ``cache`` and returns logits."""
+
+    name: str
+    device: str
+    config: ModelConfig
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for one sequence."""
+        ...
+
+    def forward(self, inputs: np.ndarray, cache: Any, *, all_logits: bool = False) -> np.ndarray:
+        """Run ``inputs`` (token ids [T] or embeddings [T, hidden]) after what ``cache`` holds.
+
+        Returns float32 logits: [T, vocab] when ``all_logits`` else [1, vocab] (last position).
+        """
+        ...
+
+
+def is_apple_silicon() -> bool:
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def has_cuda() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_backend_name(requested: str = "auto") -> str:
+    """Auto: MLX on Apple Silicon, torch (CUDA if present, else CPU) elsewhere."""
+    requested = (requested or "auto").lower()
+    if requested == "auto":
+        if is_apple_silicon() and importlib.util.find_spec("mlx") is not None:
+            return "mlx"
+        if importlib.util.find_spec("torch") is not None:
+            return "torch"
+        if importlib.util.find_spec("mlx") is not None:
+            return "mlx"
+        raise BackendUnavailableError(
+            "no backend installed: pip install 'edge-infer[torch]' (or [mlx] on Apple Silicon)"
+        )
+    if requested not in BACKENDS:
+        raise BackendUnavailableError(
+            f"unknown backend {requested!r} (supported: auto, {', '.join(BACKENDS)})"
+        )
+    module = "mlx" if requested == "mlx" else "torch"
+    if importlib.util.find_spec(module) is None:
+        raise BackendUnavailableError(
+            f"backend {requested!r} needs the {module} package: pip install 'edge-infer[{module}]'"
+        )
+    return requested
+
+
+def create_backend(
+    model: LoadedModel, requested: str = "auto", device: str | None = None
+) -> Backend:
+    """Build the backend named ``requested`` (or the automatic choice) for ``model``."""
+    name = resolve_backend_name(requested)
+    if name == "mlx":
+        from edge_infer.backends.mlx.backend import MLXBackend
+
+        return MLXBackend(model)
+    from edge_infer.backends.torch.backend import TorchBackend
+
+    return TorchBackend(model, device=device)

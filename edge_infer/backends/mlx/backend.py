@@ -1,0 +1,206 @@
+"""MLX backend: mlx-lm's Llama/Qwen2 model classes fed with edge_infer weights.
+
+The weights arrive in Hugging Face naming and MLX's affine quantization layout, so they load
+into mlx-lm modules as they are: a :class:`QuantizedWeight` becomes an ``nn.QuantizedLinear``
+(or ``nn.QuantizedEmbedding``) with that tensor's own bits and group size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx import nn
+from mlx_lm.models import llama, qwen2
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+from edge_infer.errors import ModelFormatError, UnsupportedModelError
+from edge_infer.models.affine import QuantizedWeight
+from edge_infer.models.spec import LoadedModel, ModelConfig, Weight
+
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+class FreqsRoPE(nn.Module):
+    """Half-split RoPE with explicit per-frequency periods (scaled RoPE: linear, llama3)."""
+
+    def __init__(self, inv_freq: np.ndarray) -> None:
+        super().__init__()
+        self.dims = 2 * int(inv_freq.shape[0])
+        # Periods, as mx.fast.rope expects: angle = position / period.
+        self._freqs = mx.array((1.0 / np.asarray(inv_freq, np.float64)).astype(np.float32))
+
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        return mx.fast.rope(
+            x,
+            self.dims,
+            traditional=False,
+            base=None,
+            scale=1.0,
+            offset=offset,
+            freqs=self._freqs,
+        )
+
+
+class MLXCache:
+    """One sequence's KV cache: one mlx-lm ``KVCache`` per layer."""
+
+    def __init__(self, layers: list[KVCache]) -> None:
+        self.layers = layers
+
+    @property
+    def length(self) -> int:
+        """Number of tokens held."""
+        return int(self.layers[0].offset) if self.layers else 0
+
+    def trim(self, n: int) -> int:
+        """Drop the last ``n`` tokens (at most ``length``); returns how many were dropped."""
+        return min((c.trim(n) for c in self.layers), default=0)
+
+
+def _build_model(config: ModelConfig) -> nn.Module:
+    """An mlx-lm model (random, unevaluated parameters) shaped like ``config``."""
+    common = {
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "rms_norm_eps": config.rms_norm_eps,
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.context_length,
+        "rope_theta": config.rope_theta,
+        "rope_traditional": False,
+        "tie_word_embeddings": config.tie_word_embeddings,
+    }
+    arch = config.arch.lower()
+    if arch == "qwen2" and config.head_dim * config.num_heads == config.hidden_size:
+        return qwen2.Model(qwen2.ModelArgs(model_type="qwen2", **common))
+    if arch in ("llama", "mistral", "qwen2"):
+        # Qwen2 with a head_dim mlx-lm's qwen2 class cannot express runs as llama with biases
+        # (the o_proj bias it would add is dropped when loading).
+        return llama.Model(
+            llama.ModelArgs(
+                model_type="llama",
+                head_dim=config.head_dim,
+                attention_bias=config.attention_bias or arch == "qwen2",
+                **common,
+            )
+        )
+    raise UnsupportedModelError(f"MLX backend: unsupported architecture {config.arch!r}")
+
+
+class MLXBackend:
+    """Runs a Llama-family decoder with MLX (Metal GPU on Apple Silicon, CPU elsewhere).
+
+    Activations are float32 on CPU (norms included) and float16 on the GPU unless ``dtype``
+    ("float32", "float16", "bfloat16") says otherwise.
+    """
+
+    name = "mlx"
+
+    def __init__(self, model: LoadedModel, *, dtype: str | None = None) -> None:
+        self.config = config = model.config
+        on_gpu = mx.default_device().type == mx.DeviceType.gpu
+        self.device = "gpu" if on_gpu else "cpu"
+        if dtype is None:
+            dtype = "float16" if on_gpu else "float32"
+        if dtype not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r} (supported: {', '.join(_DTYPES)})")
+        self.dtype = _DTYPES[dtype]
+
+        weights = dict(model.weights)
+        if config.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        elif "lm_head.weight" not in weights:  # no output matrix: the embedding serves as one
+            self.config = config = replace(config, tie_word_embeddings=True)
+
+        self._model = _build_model(config)
+        self._drop_absent_biases(weights)
+
+        def quant_params(path: str, module: nn.Module) -> dict[str, Any] | bool:
+            w = weights.get(f"{path}.weight")
+            if not isinstance(w, QuantizedWeight) or not hasattr(module, "to_quantized"):
+                return False
+            return {"group_size": w.group_size, "bits": w.bits, "mode": "affine"}
+
+        nn.quantize(self._model, class_predicate=quant_params)
+        try:
+            self._model.load_weights(self._to_mlx(weights), strict=True)
+        except ValueError as exc:  # missing/unexpected tensor or wrong shape
+            msg = f"{model.source}: weights do not fit {config.arch}: {exc}"
+            raise ModelFormatError(msg) from exc
+
+        if config.rope_freq_factors is not None:
+            inv_freq = config.rope_inv_freq()
+            for layer in self._model.layers:
+                layer.self_attn.rope = FreqsRoPE(inv_freq)
+        self._model.eval()
+        mx.eval(self._model.parameters())
+
+    def _drop_absent_biases(self, weights: dict[str, Weight]) -> None:
+        """Remove bias parameters mlx-lm's class has but the checkpoint does not."""
+        for path, module in self._model.named_modules():
+            linear_with_bias = isinstance(module, nn.Linear) and "bias" in module
+            if linear_with_bias and f"{path}.bias" not in weights:
+                module.pop("bias")
+
+    def _to_mlx(self, weights: dict[str, Weight]) -> list[tuple[str, mx.array]]:
+        """Our weights as (name, mx.array) pairs in mlx-lm's parameter naming."""
+        out: list[tuple[str, mx.array]] = []
+        for name, w in weights.items():
+            if isinstance(w, QuantizedWeight):
+                base = name.removesuffix(".weight")
+                out.append((name, mx.array(w.packed)))
+                # float16 -> float32 is exact; matching the activations keeps outputs float32.
+                out.append((f"{base}.scales", mx.array(w.scales).astype(self.dtype)))
+                out.append((f"{base}.biases", mx.array(w.biases).astype(self.dtype)))
+            else:
+                out.append((name, mx.array(np.asarray(w)).astype(self.dtype)))
+        return out
+
+    def new_cache(self) -> MLXCache:
+        """An empty KV cache for one sequence."""
+        return MLXCache(make_prompt_cache(self._model))
+
+    def forward(
+        self, inputs: np.ndarray, cache: MLXCache, *, all_logits: bool = False
+    ) -> np.ndarray:
+        """Run ``inputs`` (token ids [T] or embeddings [T, hidden]) after what ``cache`` holds.
+
+        Appends the inputs' keys/values to ``cache``; returns float32 logits [T, vocab] when
+        ``all_logits`` else [1, vocab] for the last position.
+        """
+        inputs = np.asarray(inputs)
+        cfg = self.config
+        if inputs.ndim == 1 and np.issubdtype(inputs.dtype, np.integer):
+            if inputs.shape[0] == 0:
+                raise ValueError("forward needs at least one token")
+            if inputs.min() < 0 or inputs.max() >= cfg.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
+            tokens, embeddings = mx.array(inputs.astype(np.int32))[None], None
+        elif inputs.ndim == 2 and np.issubdtype(inputs.dtype, np.floating):
+            if inputs.shape[0] == 0 or inputs.shape[1] != cfg.hidden_size:
+                raise ValueError(
+                    f"embeddings must be [T>0, {cfg.hidden_size}], got {list(inputs.shape)}"
+                )
+            embeddings = mx.array(inputs.astype(np.float32)).astype(self.dtype)[None]
+            tokens = mx.zeros((1, inputs.shape[0]), dtype=mx.int32)  # unused by mlx-lm
+        else:
+            raise ValueError(
+                "inputs must be token ids [T] (int) or embeddings [T, hidden] (float), got "
+                f"{inputs.dtype} {list(inputs.shape)}"
+            )
+
+        hidden = self._model.model(tokens, cache.layers, embeddings)
+        if not all_logits:
+            hidden = hidden[:, -1:, :]
+        if cfg.tie_word_embeddings:
+            logits = self._model.model.embed_tokens.as_linear(hidden)
+        else:
+            logits = self._model.lm_head(hidden)
+        logits = logits[0].astype(mx.float32)
+        mx.eval(logits, [(c.keys, c.values) for c in cache.layers])
+        return np.array(logits)

@@ -1,0 +1,43 @@
+"""The torch backend: CPU or CUDA, our compact decoder on packed int4 weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edge_infer.backends.torch.decoder import TorchDecoder
+from edge_infer.backends.torch.kv_cache import TorchKVCache
+from edge_infer.errors import BackendUnavailableError
+from edge_infer.models.spec import LoadedModel
+
+
+class TorchBackend:
+    """Backend protocol over :class:`TorchDecoder`."""
+
+    name = "torch"
+
+    def __init__(self, model: LoadedModel, device: str | None = None) -> None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailableError("device 'cuda' requested but torch sees no CUDA device")
+        self.torch_device = torch.device(device)
+        self.device = self.torch_device.type
+        self.config = model.config
+        self.decoder = TorchDecoder(model, self.torch_device)
+
+    def new_cache(self) -> TorchKVCache:
+        return self.decoder.new_cache()
+
+    def forward(
+        self, inputs: np.ndarray, cache: TorchKVCache, *, all_logits: bool = False
+    ) -> np.ndarray:
+        inputs = np.asarray(inputs)
+        if inputs.dtype.kind in "iu":
+            h = self.decoder.embed(inputs.reshape(-1))
+        else:
+            h = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32)).to(
+                self.torch_device
+            )
+        logits = self.decoder.forward(h, cache, all_logits)
+        return logits.cpu().numpy()

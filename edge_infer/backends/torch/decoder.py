@@ -1,0 +1,163 @@
+"""A compact Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) on our quantized weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edge_infer.backends.torch.kv_cache import TorchKVCache
+from edge_infer.backends.torch.linear import COMPUTE_DTYPE, concat_weights, make_linear
+from edge_infer.models.affine import QuantizedWeight
+from edge_infer.models.spec import LoadedModel, Weight
+
+# Candidates of the output head recomputed exactly in float32 per position.
+HEAD_RESCORE_TOP_K = 64
+
+
+def _vector(w: Weight, device: torch.device) -> torch.Tensor:
+    arr = w if isinstance(w, np.ndarray) else w.dequantize()
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(device)
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: object
+    qkv_bias: torch.Tensor | None
+    o: object
+    gate_up: object
+    down: object
+
+
+class TorchDecoder:
+    """Runs the decoder; activations float32 between layers, bfloat16 into the int kernels."""
+
+    def __init__(self, model: LoadedModel, device: torch.device) -> None:
+        cfg = self.config = model.config
+        self.device = device
+        w = model.weights
+        self.embed_weight = w["model.embed_tokens.weight"]
+        self.layers: list[_Layer] = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            attn = [w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]
+            bias = None
+            if cfg.attention_bias:
+                bias = torch.cat(
+                    [_vector(w[p + f"self_attn.{n}_proj.bias"], device) for n in "qkv"]
+                )
+            self.layers.append(
+                _Layer(
+                    input_norm=_vector(w[p + "input_layernorm.weight"], device),
+                    post_norm=_vector(w[p + "post_attention_layernorm.weight"], device),
+                    qkv=make_linear(concat_weights(attn), device),
+                    qkv_bias=bias,
+                    o=make_linear(w[p + "self_attn.o_proj.weight"], device),
+                    gate_up=make_linear(
+                        concat_weights(
+                            [w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]
+                        ),
+                        device,
+                    ),
+                    down=make_linear(w[p + "mlp.down_proj.weight"], device),
+                )
+            )
+        self.norm = _vector(w["model.norm.weight"], device)
+        head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
+        self.lm_head = make_linear(head, device)
+        self._head_weight = head
+        self._inv_freq = torch.from_numpy(cfg.rope_inv_freq()).to(
+            device=device, dtype=torch.float64
+        )
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def new_cache(self) -> TorchKVCache:
+        cfg = self.config
+        return TorchKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.device)
+
+    def embed(self, ids: np.ndarray) -> torch.Tensor:
+        """Embedding rows for token ids, float32 [T, hidden]."""
+        w = self.embed_weight
+        rows = w.take_rows(ids).dequantize() if isinstance(w, QuantizedWeight) else w[ids]
+        return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+
+    def _rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope_cache is None or self._rope_cache[0].shape[0] < end:
+            n = max(
+                end,
+                self.config.context_length,
+                2 * (self._rope_cache[0].shape[0] if self._rope_cache else 0),
+            )
+            angles = (
+                torch.arange(n, device=self.device, dtype=torch.float64)[:, None] * self._inv_freq
+            )
+            self._rope_cache = (angles.cos().float(), angles.sin().float())
+        cos, sin = self._rope_cache
+        return cos[start:end], sin[start:end]
+
+    @staticmethod
+    def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    @staticmethod
+    def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    @torch.inference_mode()
+    def forward(self, h: torch.Tensor, cache: TorchKVCache, all_logits: bool) -> torch.Tensor:
+        """Hidden states [T, hidden] after ``cache`` -> logits float32 ([T] or [1], vocab)."""
+        cfg = self.config
+        T, start = h.shape[0], cache.length
+        cos, sin = self._rope(start, start + T)
+        n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        mask = None
+        if T > 1 and start > 0:
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=self.device).tril(start)
+        for i, layer in enumerate(self.layers):
+            x = self._rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
+            qkv = layer.qkv(x.to(COMPUTE_DTYPE)).float()
+            if layer.qkv_bias is not None:
+                qkv = qkv + layer.qkv_bias
+            q, k, v = qkv.split([n_q * d, n_kv * d, n_kv * d], dim=-1)
+            q = self._apply_rope(q.view(T, n_q, d).transpose(0, 1), cos, sin)
+            k = self._apply_rope(k.view(T, n_kv, d).transpose(0, 1), cos, sin)
+            keys, values = cache.update(i, k, v.view(T, n_kv, d).transpose(0, 1))
+            attn = F.scaled_dot_product_attention(
+                q[None],
+                keys[None],
+                values[None],
+                attn_mask=mask,
+                is_causal=(T > 1 and start == 0),
+                enable_gqa=n_q != n_kv,
+            )
+            h = h + layer.o(attn[0].transpose(0, 1).reshape(T, n_q * d).to(COMPUTE_DTYPE)).float()
+            x = self._rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
+            gate, up = layer.gate_up(x.to(COMPUTE_DTYPE)).float().chunk(2, dim=-1)
+            h = h + layer.down((F.silu(gate) * up).to(COMPUTE_DTYPE)).float()
+        cache.advance(T)
+        if not all_logits:
+            h = h[-1:]
+        h = self._rms_norm(h, self.norm, cfg.rms_norm_eps)
+        logits = self.lm_head(h.to(COMPUTE_DTYPE)).float()
+        return self._rescore_top(logits, h)
+
+    def _rescore_top(self, logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Recompute the most likely candidates' logits in float32 from the exact weights.
+
+        The packed head (bfloat16 in, bfloat16 out) is fast but coarse; sampling only ever
+        reaches the top candidates, so those are made exact at the cost of k row products.
+        """
+        k = min(HEAD_RESCORE_TOP_K, logits.shape[-1])
+        idx = logits.topk(k, dim=-1).indices  # [T, k]
+        flat = idx.reshape(-1).cpu().numpy()
+        w = self._head_weight
+        rows = w.take_rows(flat).dequantize() if isinstance(w, QuantizedWeight) else w[flat]
+        rows_t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+        exact = torch.einsum("th,tkh->tk", h, rows_t.view(idx.shape[0], k, -1))
+        return logits.scatter_(1, idx, exact)

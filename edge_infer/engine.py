@@ -1,0 +1,204 @@
+"""The engine: ties a model, a backend and the generation loop together."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_infer.backends.base import Backend, create_backend
+from edge_infer.config import default_backend
+from edge_infer.detokenize import IncrementalDetokenizer, StopMatcher
+from edge_infer.errors import ContextLengthError
+from edge_infer.models.chat_template import render_chat
+from edge_infer.models.loader import load_model
+from edge_infer.models.spec import LoadedModel
+from edge_infer.sampling import Sampler, SamplingParams, log_softmax
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+@dataclass
+class Usage:
+    """What one generation cost: token counts, time to first token and speeds."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    finish_reason: str = ""
+
+
+class Engine:
+    """A loaded model on a backend. Create with :meth:`Engine.load`."""
+
+    def __init__(
+        self, model: LoadedModel, backend: Backend, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    ) -> None:
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
+        self.model = model
+        self.backend = backend
+        self.tokenizer = model.tokenizer
+        self.prefill_chunk = prefill_chunk
+        self.last_usage = Usage()
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path | None = None,
+        backend: str | None = None,
+        *,
+        device: str | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Engine:
+        """Load ``model`` (a .gguf file or a Hugging Face/MLX directory; None = the embedded
+        default) on ``backend`` ("auto", "torch" or "mlx")."""
+        loaded = load_model(model, progress=progress)
+        return cls(
+            loaded,
+            create_backend(loaded, backend or default_backend(), device=device),
+            prefill_chunk=prefill_chunk,
+        )
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.context_length
+
+    # -- tokens ---------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of ``text`` (BOS added when the model asks for it, unless overridden)."""
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        """The model's chat template applied to ``messages``."""
+        tok = self.tokenizer
+        return render_chat(
+            tok.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+        )
+
+    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of ``messages`` rendered with the chat template, ready for a reply."""
+        return self.tokenizer.encode(self.render_chat(messages), add_bos=False)
+
+    # -- forward passes ---------------------------------------------------------------------
+    def _check_fits(self, n_prompt: int) -> None:
+        if n_prompt == 0:
+            raise ValueError("the prompt is empty (no tokens to condition on)")
+        if n_prompt >= self.context_length:
+            raise ContextLengthError(
+                f"prompt has {n_prompt} tokens but the model's context is {self.context_length} "
+                f"tokens (at most {self.context_length - 1} leave room for an answer)"
+            )
+
+    def _prefill(self, ids: Sequence[int], cache: Any, all_logits: bool = False) -> np.ndarray:
+        arr = np.asarray(ids, dtype=np.int64)
+        outs = []
+        for start in range(0, len(arr), self.prefill_chunk):
+            chunk = arr[start : start + self.prefill_chunk]
+            last = start + self.prefill_chunk >= len(arr)
+            out = self.backend.forward(chunk, cache, all_logits=all_logits)
+            if all_logits:
+                outs.append(log_softmax(out))
+            elif last:
+                outs.append(out)
+        return np.concatenate(outs) if all_logits else outs[-1][-1]
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Next-token log-probabilities after every position of ``ids``: float32 [len, vocab]."""
+        if len(ids) > self.context_length:
+            raise ContextLengthError(
+                f"{len(ids)} tokens exceed the model's context of {self.context_length}"
+            )
+        if len(ids) == 0:
+            return np.zeros((0, self.model.config.vocab_size), dtype=np.float32)
+        return self._prefill(ids, self.backend.new_cache(), all_logits=True)
+
+    # -- generation ---------------------------------------------------------------------
+    def generate_tokens(
+        self, prompt_ids: Sequence[int], params: SamplingParams | None = None, **kwargs: Any
+    ) -> Iterator[tuple[int | None, str]]:
+        """Yield (token id, new text) per generated token, then (None, rest) if text was held
+        back (a possible stop string or a split multi-byte character). ``last_usage`` is set
+        when the generator finishes."""
+        p = SamplingParams.from_kwargs(params, **kwargs)
+        prompt_ids = list(prompt_ids)
+        self._check_fits(len(prompt_ids))
+        usage = self.last_usage = Usage(prompt_tokens=len(prompt_ids))
+        t0 = time.perf_counter()
+        cache = self.backend.new_cache()
+        logits = self._prefill(prompt_ids, cache)
+        sampler, history = Sampler(p), list(prompt_ids)
+        detok, stops = IncrementalDetokenizer(self.tokenizer), StopMatcher(p.stop)
+        eos = self.tokenizer.eos_ids
+        t_first = time.perf_counter()
+        usage.ttft_s = t_first - t0
+        usage.prefill_tokens_per_s = len(prompt_ids) / max(usage.ttft_s, 1e-9)
+        finish, stopped = "length", False
+        while usage.completion_tokens < p.max_tokens:
+            token = sampler(logits, history)
+            if token in eos and not p.ignore_eos:
+                finish = "stop"
+                break
+            history.append(token)
+            usage.completion_tokens += 1
+            text, stopped = stops.feed(detok.add(token))
+            yield token, text
+            if stopped:
+                finish = "stop"
+                break
+            if usage.completion_tokens >= p.max_tokens or cache.length + 1 >= self.context_length:
+                break
+            logits = self.backend.forward(np.asarray([token]), cache)[-1]
+        if not stopped:
+            text, stopped = stops.feed(detok.flush())
+            if not stopped:
+                text += stops.flush()
+            if text:
+                yield None, text
+        elapsed = time.perf_counter() - t_first
+        if usage.completion_tokens > 1 and elapsed > 0:
+            usage.decode_tokens_per_s = (usage.completion_tokens - 1) / elapsed
+        usage.finish_reason = finish
+
+    def stream(
+        self, prompt: str, params: SamplingParams | None = None, **kwargs: Any
+    ) -> Iterator[str]:
+        """Plain completion of ``prompt`` (no chat template), streamed as text pieces."""
+        for _, text in self.generate_tokens(self.tokenize(prompt), params, **kwargs):
+            if text:
+                yield text
+
+    def generate(self, prompt: str, params: SamplingParams | None = None, **kwargs: Any) -> str:
+        """Plain completion of ``prompt`` as one string."""
+        return "".join(self.stream(prompt, params, **kwargs))
+
+    def stream_chat(
+        self, messages: list[dict[str, Any]], params: SamplingParams | None = None, **kwargs: Any
+    ) -> Iterator[str]:
+        """The assistant's reply to ``messages`` (chat template applied), streamed."""
+        for _, text in self.generate_tokens(self.chat_ids(messages), params, **kwargs):
+            if text:
+                yield text
+
+    def chat(
+        self, messages: list[dict[str, Any]], params: SamplingParams | None = None, **kwargs: Any
+    ) -> str:
+        """The assistant's reply to ``messages`` as one string."""
+        return "".join(self.stream_chat(messages, params, **kwargs))

@@ -1,0 +1,42 @@
+"""Find and load a model from what the user named: nothing, a .gguf file or a directory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from edge_infer.errors import ModelFormatError, ModelNotFoundError
+from edge_infer.models.default_model import default_model_path
+from edge_infer.models.gguf_loader import load_gguf
+from edge_infer.models.hf_loader import load_hf_dir
+from edge_infer.models.spec import LoadedModel
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """The path to load for ``model`` (None = the embedded default)."""
+    if model is None or str(model) in ("", "default"):
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"{path}: no such file or directory (give a .gguf file or a model directory; "
+            "`edge-infer models` lists the models it can see)"
+        )
+    return path
+
+
+def load_model(
+    model: str | Path | None = None, progress: Callable[[int, int], None] | None = None
+) -> LoadedModel:
+    """Load a GGUF file or a Hugging Face / MLX safetensors directory."""
+    path = resolve_model_path(model)
+    if path.is_dir():
+        return load_hf_dir(path, progress=progress)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF" or path.suffix.lower() == ".gguf":
+        return load_gguf(path, progress=progress)
+    raise ModelFormatError(
+        f"{path}: unsupported model file (expected a .gguf file or a directory with config.json "
+        "and .safetensors weights)"
+    )

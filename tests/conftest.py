@@ -1,0 +1,53 @@
+"""Shared fixtures: the embedded default model, loaded once per test session."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+HAS_MLX = (
+    importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx_lm") is not None
+)
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    from edge_infer.models.default_model import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def default_model(default_model_path):
+    from edge_infer.models.loader import load_model
+
+    return load_model(default_model_path)
+
+
+@pytest.fixture(scope="session")
+def torch_engine(default_model):
+    if not HAS_TORCH:
+        pytest.skip("torch not installed")
+    from edge_infer.backends.torch.backend import TorchBackend
+    from edge_infer.engine import Engine
+
+    return Engine(default_model, TorchBackend(default_model, device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def mlx_engine(default_model):
+    if not HAS_MLX:
+        pytest.skip("mlx not installed")
+    from edge_infer.backends.mlx.backend import MLXBackend
+    from edge_infer.engine import Engine
+
+    return Engine(default_model, MLXBackend(default_model))
+
+
+@pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path_factory, monkeypatch):
+    """Keep every test's cache writes inside a temporary folder."""
+    monkeypatch.setenv("EDGE_INFER_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
