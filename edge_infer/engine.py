@@ -94,8 +94,11 @@ class Engine:
         )
 
     def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids of ``messages`` rendered with the chat template, ready for a reply."""
-        return self.tokenizer.encode(self.render_chat(messages), add_bos=False)
+        """Token ids of ``messages`` rendered with the chat template, ready for a reply.
+
+        BOS is added when the model asks for it and the template did not write it already.
+        """
+        return self.tokenizer.encode(self.render_chat(messages))
 
     # -- forward passes ---------------------------------------------------------------------
     def _check_fits(self, n_prompt: int) -> None:

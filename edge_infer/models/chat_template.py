@@ -1,0 +1,120 @@
+"""Rendering chat messages into a prompt with a model's Jinja chat template."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import jinja2
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "render_chat", "validate_messages"]
+
+# ChatML, used when a model ships no template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class _GenerationTagExtension(Extension):
+    """Accepts ``{% generation %}...{% endgeneration %}`` (used by some templates) as a no-op."""
+
+    tags: ClassVar[set[str]] = {"generation"}
+
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
+
+
+def _raise_exception(message: str) -> None:
+    raise ValueError(str(message))
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(
+    value: Any,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+    ensure_ascii: bool = False,
+) -> str:
+    return json.dumps(
+        value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii
+    )
+
+
+@lru_cache(maxsize=1)
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=["jinja2.ext.loopcontrols", _GenerationTagExtension],
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+@lru_cache(maxsize=32)
+def _compile(template: str) -> jinja2.Template:
+    try:
+        return _environment().from_string(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"invalid chat template (line {exc.lineno}): {exc.message}") from exc
+
+
+def validate_messages(messages: Any) -> None:
+    """Raise ValueError unless `messages` is a list of dicts with str 'role' and 'content'."""
+    if not isinstance(messages, list):
+        raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"messages[{i}] must be a dict, got {type(message).__name__}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise ValueError(f"messages[{i}] has no {key!r}")
+            if not isinstance(message[key], str):
+                raise ValueError(
+                    f"messages[{i}][{key!r}] must be a str, got {type(message[key]).__name__}"
+                )
+
+
+def render_chat(
+    template: str | None,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool = True,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    **extra: Any,
+) -> str:
+    """Render `messages` with a Jinja chat template (ChatML when `template` is None).
+
+    `extra` is passed to the template as further variables (e.g. ``tools``). Raises ValueError
+    for malformed messages, an invalid template, or an error the template raises itself.
+    """
+    validate_messages(messages)
+    compiled = _compile(template if template is not None else DEFAULT_CHAT_TEMPLATE)
+    context: dict[str, Any] = dict(extra)
+    context.update(
+        messages=messages,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=bos_token if bos_token is not None else "",
+        eos_token=eos_token if eos_token is not None else "",
+    )
+    try:
+        return compiled.render(**context)
+    except jinja2.TemplateError as exc:
+        raise ValueError(f"chat template rendering failed: {exc}") from exc
