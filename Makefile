@@ -30,7 +30,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PIP) -e '.[bench]'
-	$(PY) benchmarks/generate.py
+	$(PY) -m benchmarks.generate
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -47,7 +47,11 @@ def mlx_engine(default_model):
     return Engine(default_model, MLXBackend(default_model))
 
 
-@pytest.fixture(autouse=True)
-def _private_cache_dir(tmp_path_factory, monkeypatch):
-    """Keep every test's cache writes inside a temporary folder."""
-    monkeypatch.setenv("EDGE_INFER_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """Keep every cache write of the session (session fixtures too) in a temporary folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGE_INFER_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        mp.delenv("EDGE_INFER_MODELS_DIR", raising=False)
+        mp.delenv("EDGE_INFER_BACKEND", raising=False)
+        yield

@@ -56,13 +56,19 @@ def test_seed_makes_sampling_repeatable(torch_engine):
 
 
 def test_stop_string_cuts_output(torch_engine):
-    full = torch_engine.generate("The numbers from one to ten are", temperature=0, max_tokens=32,
-                                 ignore_eos=True)
+    full = torch_engine.generate(
+        "The numbers from one to ten are", temperature=0, max_tokens=32, ignore_eos=True
+    )
     words = full.split()
     assert len(words) > 4
     stop = words[3]
-    cut = torch_engine.generate("The numbers from one to ten are", temperature=0, max_tokens=32,
-                                ignore_eos=True, stop=[stop])
+    cut = torch_engine.generate(
+        "The numbers from one to ten are",
+        temperature=0,
+        max_tokens=32,
+        ignore_eos=True,
+        stop=[stop],
+    )
     assert cut == full[: full.index(stop)]
     assert torch_engine.last_usage.finish_reason == "stop"
 
@@ -118,7 +124,9 @@ def test_empty_prompt_is_refused(torch_engine):
 
 
 def test_generation_stops_at_the_context_limit(torch_engine):
-    small = replace(torch_engine.model, config=replace(torch_engine.model.config, context_length=12))
+    small = replace(
+        torch_engine.model, config=replace(torch_engine.model.config, context_length=12)
+    )
     eng = Engine(small, torch_engine.backend)
     prompt = eng.tokenize("One two three four five")
     out = list(eng.generate_tokens(prompt, max_tokens=50, ignore_eos=True, temperature=0))

@@ -18,9 +18,9 @@ from edge_infer.models.ggml_quants import (
 
 gguf = pytest.importorskip("gguf")
 
-BLOCK_TYPES = [2, 3, 8, 12, 13, 14]  # Q4_0 Q4_1 Q8_0 Q4_K Q5_K Q6_K
+BLOCK_TYPES = [2, 3, 6, 7, 8, 12, 13, 14]  # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K
 # byte offsets of the float16 fields (d, dmin, m) inside each block
-F16_FIELDS = {2: [0], 3: [0, 2], 8: [0], 12: [0, 2], 13: [0, 2], 14: [208]}
+F16_FIELDS = {2: [0], 3: [0, 2], 6: [0], 7: [0, 2], 8: [0], 12: [0, 2], 13: [0, 2], 14: [208]}
 
 
 def random_blocks(ggml_type: int, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -98,7 +98,7 @@ def test_to_affine_is_lossless(ggml_type: int, bits: int) -> None:
     np.testing.assert_array_equal(qw.dequantize(), dequantize(raw, ggml_type, shape))
 
 
-@pytest.mark.parametrize("ggml_type", [0, 1, 30, 12, 13, 14])
+@pytest.mark.parametrize("ggml_type", [0, 1, 30, 6, 7, 12, 13, 14])
 def test_to_affine_returns_none_for_other_types(ggml_type: int) -> None:
     shape = (2, 256)
     assert to_affine(random_blocks(ggml_type, shape), ggml_type, shape) is None

@@ -34,6 +34,8 @@ GGML_TYPES: dict[int, GGMLType] = {
         GGMLType(30, "BF16", 1, 2),
         GGMLType(2, "Q4_0", 32, 18),
         GGMLType(3, "Q4_1", 32, 20),
+        GGMLType(6, "Q5_0", 32, 22),
+        GGMLType(7, "Q5_1", 32, 24),
         GGMLType(8, "Q8_0", 32, 34),
         GGMLType(12, "Q4_K", 256, 144),
         GGMLType(13, "Q5_K", 256, 176),
@@ -43,7 +45,7 @@ GGML_TYPES: dict[int, GGMLType] = {
 
 # Names of ggml type ids we do not decode, for error messages.
 _OTHER_TYPE_NAMES = {
-    4: "Q4_2", 5: "Q4_3", 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K",
+    4: "Q4_2", 5: "Q4_3", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K",
     15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
     21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64",
     28: "F64", 29: "IQ1_M", 31: "Q4_0_4_4", 32: "Q4_0_4_8", 33: "Q4_0_8_8", 34: "TQ1_0",
@@ -114,6 +116,22 @@ def _q4_1(b: np.ndarray) -> np.ndarray:
     return _nibbles(b[:, 4:]).astype(np.float32) * _f16(b[:, :2]) + _f16(b[:, 2:4])
 
 
+def _q5_low_high(b: np.ndarray) -> np.ndarray:
+    """The 32 five-bit values of a Q5_0/Q5_1 block: ``b`` holds qh (4 bytes) then qs (16)."""
+    qh = b[:, :4].copy().view("<u4")  # [n, 1]: bit j is the 5th bit of element j
+    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    return _nibbles(b[:, 4:]) | (high << np.uint8(4))
+
+
+def _q5_0(b: np.ndarray) -> np.ndarray:
+    q = _q5_low_high(b[:, 2:]).astype(np.int8) - np.int8(16)
+    return q.astype(np.float32) * _f16(b[:, :2])
+
+
+def _q5_1(b: np.ndarray) -> np.ndarray:
+    return _q5_low_high(b[:, 4:]).astype(np.float32) * _f16(b[:, :2]) + _f16(b[:, 2:4])
+
+
 def _q8_0(b: np.ndarray) -> np.ndarray:
     return b[:, 2:].view(np.int8).astype(np.float32) * _f16(b[:, :2])
 
@@ -147,7 +165,7 @@ def _q6_k(b: np.ndarray) -> np.ndarray:
 
 
 _BLOCK_DECODERS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
-    2: _q4_0, 3: _q4_1, 8: _q8_0, 12: _q4_k, 13: _q5_k, 14: _q6_k,
+    2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0, 12: _q4_k, 13: _q5_k, 14: _q6_k,
 }
 
 

@@ -21,7 +21,7 @@ from edge_infer.models.tokenizer import Tokenizer
 GGUF_ARCHITECTURES = ("llama", "qwen2")
 # Re-quantization of types we cannot convert losslessly: (bits, group size).
 REQUANT_FLOAT = (4, 64)
-REQUANT_KQUANT = (4, 32)
+REQUANT_BLOCKS = (4, 32)  # K-quants, Q5_0, Q5_1: 4-bit, groups of 32 like their sub-blocks
 _FLOAT_TYPES = {0, 1, 30}
 
 _LAYER_NAMES = {
@@ -44,6 +44,8 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _IGNORED = {"rope_freqs.weight"}
+# llama.cpp's converter permutes these rows (weights and biases) for interleaved RoPE.
+_PERMUTED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -136,7 +138,7 @@ def _convert(gguf: GGUFFile, name: str, is_matrix: bool) -> Weight:
         dense = dequantize(raw, info.ggml_type, info.shape)
     except UnsupportedTensorType as exc:
         raise UnsupportedModelError(f"{gguf.path}: tensor {name!r}: {exc}") from None
-    bits, group = REQUANT_FLOAT if info.ggml_type in _FLOAT_TYPES else REQUANT_KQUANT
+    bits, group = REQUANT_FLOAT if info.ggml_type in _FLOAT_TYPES else REQUANT_BLOCKS
     if dense.shape[1] % group:
         group = 32
     return quantize(dense, bits=bits, group_size=group)
@@ -159,8 +161,8 @@ def load_gguf(path: Path, progress: Callable[[int, int], None] | None = None) ->
             raise UnsupportedModelError(f"{path}: unexpected tensor {name!r} for {config.arch}")
         is_matrix = len(gguf.tensors[name].shape) == 2
         w = _convert(gguf, name, is_matrix)
-        if config.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = config.num_heads if "attn_q" in name else config.num_kv_heads
+        if config.arch == "llama" and name.endswith(_PERMUTED):
+            heads = config.num_heads if ".attn_q." in name else config.num_kv_heads
             order = unpermute_rows(heads, w.shape[0])
             w = w.take_rows(order) if not isinstance(w, np.ndarray) else w[order]
         weights[target] = w

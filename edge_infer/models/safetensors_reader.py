@@ -49,17 +49,43 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except ValueError:
                 raise ModelFormatError(f"{path}: corrupt safetensors header (not JSON)") from None
+        if not isinstance(header, dict):
+            raise ModelFormatError(f"{path}: corrupt safetensors header (not a JSON object)")
         header.pop("__metadata__", None)
         self.header: dict[str, dict] = header
         self._base = 8 + n
         self._data = np.memmap(path, dtype=np.uint8, mode="r")
         for name, entry in header.items():
-            if entry.get("dtype") not in _DTYPES:
-                raise ModelFormatError(
-                    f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')}"
-                )
-            if self._base + entry["data_offsets"][1] > size:
-                raise ModelFormatError(f"{path}: truncated file: tensor {name!r} runs past its end")
+            self._check_entry(name, entry, size - self._base)
+
+    def _check_entry(self, name: str, entry: object, data_size: int) -> None:
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise ModelFormatError(
+                f"{where}: corrupt header entry (needs dtype, shape, data_offsets)"
+            )
+        if entry["dtype"] not in _DTYPES:
+            raise ModelFormatError(f"{where} has unsupported dtype {entry['dtype']}")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise ModelFormatError(f"{where}: corrupt shape or data_offsets in the header")
+        if offsets[1] > data_size:
+            raise ModelFormatError(
+                f"{self.path}: truncated file: tensor {name!r} runs past its end"
+            )
+        itemsize = np.dtype(_DTYPES[entry["dtype"]]).itemsize
+        nbytes = offsets[1] - offsets[0]
+        if int(np.prod(shape)) * itemsize != nbytes:
+            raise ModelFormatError(
+                f"{where}: shape {shape} of {entry['dtype']} does not match its {nbytes} bytes"
+            )
 
     def names(self) -> list[str]:
         return list(self.header)

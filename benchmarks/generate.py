@@ -1,0 +1,146 @@
+"""Prefill and decode speed of each backend on the default model, next to llama.cpp.
+
+    python benchmarks/generate.py [--prompt-tokens 512] [--decode-tokens 128] [--runs 3]
+
+Each engine gets the same token ids (a 512-token slice of the Python docs), greedy decoding
+with end-of-sequence ignored, on the same GGUF file. llama-cpp-python is used when installed
+(``pip install 'edge-infer[bench]'``). Throughputs are medians (and bests) over the runs;
+ratios compare medians measured in this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import corpus_text, machine, print_table, summarize
+from edge_infer.backends.base import create_backend
+from edge_infer.engine import Engine
+from edge_infer.models.loader import load_model
+
+
+def bench_edge(backend: str, model, ids: list[int], n_decode: int, runs: int) -> dict:
+    eng = Engine(model, create_backend(model, backend))
+    eng.generate_tokens(ids[:16], max_tokens=2)  # warm-up (lazy init, allocator)
+    list(eng.generate_tokens(ids[:16], max_tokens=2, temperature=0))
+    prefill, decode = [], []
+    for _ in range(runs):
+        cache = eng.backend.new_cache()
+        t0 = time.perf_counter()
+        eng._prefill(ids, cache)
+        prefill.append(len(ids) / (time.perf_counter() - t0))
+        list(eng.generate_tokens(ids, max_tokens=n_decode, temperature=0, ignore_eos=True))
+        decode.append(eng.last_usage.decode_tokens_per_s)
+    return {
+        "engine": f"edge-infer {backend} ({eng.backend.device})",
+        "prefill": summarize(prefill),
+        "decode": summarize(decode),
+    }
+
+
+def bench_llama_cpp(path: Path, ids: list[int], n_decode: int, runs: int) -> dict:
+    from llama_cpp import Llama
+
+    threads = os.cpu_count() or 1
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=2048,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    n_vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+
+    llm.reset()
+    llm.eval(ids[:16])  # warm-up
+    prefill, decode = [], []
+    for _ in range(runs):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        prefill.append(len(ids) / (time.perf_counter() - t0))
+        token = int(np.argmax(last_logits()))
+        t0 = time.perf_counter()
+        for _ in range(n_decode - 1):
+            llm.eval([token])
+            token = int(np.argmax(last_logits()))
+        decode.append((n_decode - 1) / (time.perf_counter() - t0))
+    return {
+        "engine": f"llama.cpp {_llama_cpp_version()} (cpu, {threads} threads)",
+        "prefill": summarize(prefill),
+        "decode": summarize(decode),
+    }
+
+
+def _llama_cpp_version() -> str:
+    import llama_cpp
+
+    return getattr(llama_cpp, "__version__", "?")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--backends", default="torch,mlx", help="comma-separated edge-infer backends")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    model = load_model(None)
+    ids = model.tokenizer.encode(corpus_text())[: args.prompt_tokens]
+    results = []
+    for backend in [b for b in args.backends.split(",") if b]:
+        print(f"running edge-infer {backend} ...", flush=True)
+        results.append(bench_edge(backend, model, ids, args.decode_tokens, args.runs))
+    if importlib.util.find_spec("llama_cpp") is not None:
+        print("running llama.cpp ...", flush=True)
+        results.append(bench_llama_cpp(model.source, ids, args.decode_tokens, args.runs))
+    else:
+        print("llama-cpp-python not installed: pip install 'edge-infer[bench]' to compare")
+
+    base = next((r for r in results if r["engine"].startswith("llama.cpp")), None)
+    rows = []
+    for r in results:
+        ratio_p = f"{r['prefill'][0] / base['prefill'][0]:.2f}x" if base else "-"
+        ratio_d = f"{r['decode'][0] / base['decode'][0]:.2f}x" if base else "-"
+        rows.append(
+            [
+                r["engine"],
+                f"{r['prefill'][0]:.0f} ({r['prefill'][1]:.0f})",
+                f"{r['decode'][0]:.1f} ({r['decode'][1]:.1f})",
+                ratio_p,
+                ratio_d,
+            ]
+        )
+    print_table(
+        f"{model.name} ({model.quantization}), prompt {len(ids)} tokens, "
+        f"decode {args.decode_tokens} tokens, {args.runs} runs - {machine()}",
+        [
+            "engine",
+            "prefill tok/s median (best)",
+            "decode tok/s median (best)",
+            "prefill vs llama.cpp",
+            "decode vs llama.cpp",
+        ],
+        rows,
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
