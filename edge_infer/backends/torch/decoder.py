@@ -100,50 +100,47 @@ class TorchDecoder:
         return cos[start:end], sin[start:end]
 
     @staticmethod
-    def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-    @staticmethod
     def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
+        """Half-split rotation of x [H, T, D] with cos/sin [T, D/2]."""
+        x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
     @torch.inference_mode()
     def forward(self, h: torch.Tensor, cache: TorchKVCache, all_logits: bool) -> torch.Tensor:
         """Hidden states [T, hidden] after ``cache`` -> logits float32 ([T] or [1], vocab)."""
         cfg = self.config
+        h = h.to(torch.float32, copy=True)  # the residual stream is updated in place
         T, start = h.shape[0], cache.length
         cos, sin = self._rope(start, start + T)
         n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        norm_shape, eps = (cfg.hidden_size,), cfg.rms_norm_eps
         mask = None
         if T > 1 and start > 0:
             mask = torch.ones(T, start + T, dtype=torch.bool, device=self.device).tril(start)
         for i, layer in enumerate(self.layers):
-            x = self._rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
-            qkv = layer.qkv(x.to(COMPUTE_DTYPE)).float()
+            x = F.rms_norm(h, norm_shape, layer.input_norm, eps)
+            qkv = layer.qkv(x.to(COMPUTE_DTYPE))
             if layer.qkv_bias is not None:
                 qkv = qkv + layer.qkv_bias
-            q, k, v = qkv.split([n_q * d, n_kv * d, n_kv * d], dim=-1)
-            q = self._apply_rope(q.view(T, n_q, d).transpose(0, 1), cos, sin)
-            k = self._apply_rope(k.view(T, n_kv, d).transpose(0, 1), cos, sin)
-            keys, values = cache.update(i, k, v.view(T, n_kv, d).transpose(0, 1))
+            qk, v = qkv.float().split([(n_q + n_kv) * d, n_kv * d], dim=-1)
+            qk = self._apply_rope(qk.view(T, n_q + n_kv, d).transpose(0, 1), cos, sin)
+            keys, values = cache.update(i, qk[n_q:], v.view(T, n_kv, d).transpose(0, 1))
             attn = F.scaled_dot_product_attention(
-                q[None],
+                qk[None, :n_q],
                 keys[None],
                 values[None],
                 attn_mask=mask,
                 is_causal=(T > 1 and start == 0),
                 enable_gqa=n_q != n_kv,
             )
-            h = h + layer.o(attn[0].transpose(0, 1).reshape(T, n_q * d).to(COMPUTE_DTYPE)).float()
-            x = self._rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = layer.gate_up(x.to(COMPUTE_DTYPE)).float().chunk(2, dim=-1)
-            h = h + layer.down((F.silu(gate) * up).to(COMPUTE_DTYPE)).float()
+            h.add_(layer.o(attn[0].transpose(0, 1).reshape(T, n_q * d).to(COMPUTE_DTYPE)))
+            x = F.rms_norm(h, norm_shape, layer.post_norm, eps)
+            gate, up = layer.gate_up(x.to(COMPUTE_DTYPE)).chunk(2, dim=-1)
+            h.add_(layer.down(F.silu(gate) * up))
         cache.advance(T)
         if not all_logits:
             h = h[-1:]
-        h = self._rms_norm(h, self.norm, cfg.rms_norm_eps)
+        h = F.rms_norm(h, norm_shape, self.norm, eps)
         logits = self.lm_head(h.to(COMPUTE_DTYPE)).float()
         return self._rescore_top(logits, h)
 
