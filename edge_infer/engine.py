@@ -56,17 +56,18 @@ class Engine:
         backend: str | None = None,
         *,
         device: str | None = None,
+        kv_bits: int = 4,
+        kv_group_size: int = 64,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         progress: Callable[[int, int], None] | None = None,
     ) -> Engine:
         """Load ``model`` (a .gguf file or a Hugging Face/MLX directory; None = the embedded
-        default) on ``backend`` ("auto", "torch" or "mlx")."""
+        default) on ``backend`` ("auto", "torch" or "mlx"). KV caches hold keys and values in
+        ``kv_bits`` (4 = default, 8, or 16 = float16)."""
         loaded = load_model(model, progress=progress)
-        return cls(
-            loaded,
-            create_backend(loaded, backend or default_backend(), device=device),
-            prefill_chunk=prefill_chunk,
-        )
+        be = create_backend(loaded, backend or default_backend(), device=device,
+                            kv_bits=kv_bits, kv_group_size=kv_group_size)
+        return cls(loaded, be, prefill_chunk=prefill_chunk)
 
     @property
     def context_length(self) -> int:

@@ -34,7 +34,8 @@ def torch_engine(default_model):
     from edge_infer.backends.torch.backend import TorchBackend
     from edge_infer.engine import Engine
 
-    return Engine(default_model, TorchBackend(default_model, device="cpu"))
+    # float16 KV: these engines check the model's arithmetic; KV quantization is measured apart
+    return Engine(default_model, TorchBackend(default_model, device="cpu", kv_bits=16))
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +45,7 @@ def mlx_engine(default_model):
     from edge_infer.backends.mlx.backend import MLXBackend
     from edge_infer.engine import Engine
 
-    return Engine(default_model, MLXBackend(default_model))
+    return Engine(default_model, MLXBackend(default_model, kv_bits=16))
 
 
 @pytest.fixture(scope="session", autouse=True)

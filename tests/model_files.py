@@ -554,7 +554,10 @@ def backend_logits(model: Any, ids: np.ndarray) -> dict[str, np.ndarray]:
     from edge_infer.backends.torch.backend import TorchBackend
 
     out = {}
-    for name, backend in (("torch", TorchBackend(model, device="cpu")), ("mlx", MLXBackend(model))):
+    for name, backend in (
+        ("torch", TorchBackend(model, device="cpu", kv_bits=16)),
+        ("mlx", MLXBackend(model, kv_bits=16)),
+    ):
         out[name] = backend.forward(np.asarray(ids), backend.new_cache(), all_logits=True)
     return out
 

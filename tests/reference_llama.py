@@ -13,7 +13,10 @@ import numpy as np
 
 
 class ReferenceLlama:
-    def __init__(self, path: Path) -> None:
+    """``kv_float16``: round keys/values to float16 as a float16 KV cache stores them."""
+
+    def __init__(self, path: Path, kv_float16: bool = False) -> None:
+        self.kv_float16 = kv_float16
         reader = gguf.GGUFReader(str(path))
         meta = {
             k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")
@@ -69,6 +72,9 @@ class ReferenceLlama:
             q = self._rope((x @ self.w[p + "attn_q.weight"].T).reshape(T, H, d), pos)
             k = self._rope((x @ self.w[p + "attn_k.weight"].T).reshape(T, Hkv, d), pos)
             v = (x @ self.w[p + "attn_v.weight"].T).reshape(T, Hkv, d)
+            if self.kv_float16:
+                k = k.astype(np.float16).astype(np.float64)
+                v = v.astype(np.float16).astype(np.float64)
             cache[i][0] = np.concatenate([cache[i][0], k])
             cache[i][1] = np.concatenate([cache[i][1], v])
             keys, values = cache[i]

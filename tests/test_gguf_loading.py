@@ -161,11 +161,11 @@ def test_matches_llama_cpp_reference(tensor_type: str, tmp_path: Path) -> None:
 
     info = write_tiny_gguf(tmp_path / "m.gguf", "llama", tensor_type, seed=3)
     model = load_model(info["path"])
-    ref = ReferenceLlama(info["path"]).forward(IDS.tolist())
+    ref = ReferenceLlama(info["path"], kv_float16=True).forward(IDS.tolist())
     tol = 1e-5 * np.abs(ref).max()
 
     def mlx_logits(m: LoadedModel) -> np.ndarray:
-        backend = MLXBackend(m, dtype="float32")
+        backend = MLXBackend(m, dtype="float32", kv_bits=16)
         return backend.forward(IDS, backend.new_cache(), all_logits=True)
 
     assert np.abs(mlx_logits(model) - ref).max() <= tol

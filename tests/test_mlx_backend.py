@@ -140,6 +140,8 @@ def _reference_logits(model: LoadedModel, x: np.ndarray) -> np.ndarray:
         q = rope(linear(a, p + "self_attn.q_proj").reshape(t, cfg.num_heads, d))
         k = rope(linear(a, p + "self_attn.k_proj").reshape(t, cfg.num_kv_heads, d))
         v = linear(a, p + "self_attn.v_proj").reshape(t, cfg.num_kv_heads, d)
+        # the backends under test store K/V as float16 (kv_bits=16)
+        k, v = (x.astype(np.float16).astype(np.float64) for x in (k, v))
         k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
         scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)
         scores = np.where(causal[None], scores, -np.inf)
@@ -156,7 +158,9 @@ def _reference_logits(model: LoadedModel, x: np.ndarray) -> np.ndarray:
     return h @ head.T
 
 
-def _assert_close(got: np.ndarray, want: np.ndarray, rel: float = 2e-5) -> None:
+# float16 K/V (the kv_bits=16 cache) rounds fp32 and fp64 keys to neighbouring halves now and
+# then: ~1e-3 absolute on logits of ~10; a wrong rotation or layout is off by ~0.6 relative.
+def _assert_close(got: np.ndarray, want: np.ndarray, rel: float = 3e-4) -> None:
     err = np.abs(got.astype(np.float64) - want).max()
     assert err <= rel * np.abs(want).max(), (
         f"max abs diff {err:.3g} vs scale {np.abs(want).max():.3g}"
@@ -166,7 +170,9 @@ def _assert_close(got: np.ndarray, want: np.ndarray, rel: float = 2e-5) -> None:
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def case(request: pytest.FixtureRequest) -> tuple[LoadedModel, MLXBackend]:
     model = _make_model(CONFIGS[request.param])
-    return model, MLXBackend(model, dtype="float32")  # float32 on any device: tight checks
+    return model, MLXBackend(
+        model, dtype="float32", kv_bits=16
+    )  # float32 on any device: tight checks
 
 
 def _tokens(n: int, seed: int = 1) -> np.ndarray:
@@ -232,7 +238,9 @@ def test_embedding_inputs_match_token_ids(case: tuple[LoadedModel, MLXBackend]) 
 
 def test_float16_activations_stay_close() -> None:
     model = _make_model(CONFIGS["qwen2-bias"])
-    backend = MLXBackend(model, dtype="float16")  # the Metal default, run here on any device
+    backend = MLXBackend(
+        model, dtype="float16", kv_bits=16
+    )  # the Metal default, run here on any device
     ids = _tokens(16)
     got = backend.forward(ids, backend.new_cache(), all_logits=True)
     assert got.dtype == np.float32
@@ -242,7 +250,7 @@ def test_float16_activations_stay_close() -> None:
 def test_default_dtype_follows_device() -> None:
     import mlx.core as mx
 
-    backend = MLXBackend(_make_model(BASE))
+    backend = MLXBackend(_make_model(BASE), kv_bits=16)
     on_gpu = mx.default_device().type == mx.DeviceType.gpu
     assert backend.device == ("gpu" if on_gpu else "cpu")
     assert backend.dtype == (mx.float16 if on_gpu else mx.float32)
@@ -250,7 +258,7 @@ def test_default_dtype_follows_device() -> None:
 
 def test_cache_trim_then_continue() -> None:
     model = _make_model(BASE)
-    backend = MLXBackend(model, dtype="float32")
+    backend = MLXBackend(model, dtype="float32", kv_bits=16)
     ids = _tokens(20, seed=4)
     cache = backend.new_cache()
     backend.forward(ids, cache)
@@ -260,13 +268,13 @@ def test_cache_trim_then_continue() -> None:
 
 
 def test_create_backend_and_protocol() -> None:
-    backend = create_backend(_make_model(BASE), "mlx")
+    backend = create_backend(_make_model(BASE), "mlx", kv_bits=16)
     assert isinstance(backend, MLXBackend) and isinstance(backend, Backend)
     assert backend.config.vocab_size == VOCAB
 
 
 def test_rejects_bad_inputs() -> None:
-    backend = MLXBackend(_make_model(BASE), dtype="float32")
+    backend = MLXBackend(_make_model(BASE), dtype="float32", kv_bits=16)
     cache = backend.new_cache()
     for bad in (
         np.array([], dtype=np.int64),

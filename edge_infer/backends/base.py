@@ -8,7 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from edge_infer.errors import BackendUnavailableError
+from edge_infer.errors import BackendUnavailableError, UnsupportedModelError
 from edge_infer.models.spec import LoadedModel, ModelConfig
 
 BACKENDS = ("torch", "mlx")
@@ -80,14 +80,29 @@ def resolve_backend_name(requested: str = "auto") -> str:
 
 
 def create_backend(
-    model: LoadedModel, requested: str = "auto", device: str | None = None
+    model: LoadedModel,
+    requested: str = "auto",
+    device: str | None = None,
+    kv_bits: int = 4,
+    kv_group_size: int = 64,
 ) -> Backend:
-    """Build the backend named ``requested`` (or the automatic choice) for ``model``."""
+    """Build the backend named ``requested`` (or the automatic choice) for ``model``.
+
+    Its KV caches store keys and values with ``kv_bits`` (4, 8, or 16 = float16).
+    """
     name = resolve_backend_name(requested)
+    if kv_bits not in (4, 8, 16):
+        raise ValueError(f"kv_bits must be 4, 8 or 16 (got {kv_bits})")
+    head_dim = model.config.head_dim
+    if kv_bits < 16 and (head_dim % kv_group_size or head_dim & (head_dim - 1)):
+        raise UnsupportedModelError(
+            f"{kv_bits}-bit KV needs a power-of-two head_dim that groups of {kv_group_size} "
+            f"divide; this model has head_dim {head_dim} (use kv_bits=16 or another group size)"
+        )
     if name == "mlx":
         from edge_infer.backends.mlx.backend import MLXBackend
 
-        return MLXBackend(model)
+        return MLXBackend(model, kv_bits=kv_bits, kv_group_size=kv_group_size)
     from edge_infer.backends.torch.backend import TorchBackend
 
-    return TorchBackend(model, device=device)
+    return TorchBackend(model, device=device, kv_bits=kv_bits, kv_group_size=kv_group_size)

@@ -14,8 +14,8 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 from mlx_lm.models import llama, qwen2
-from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from edge_infer.backends.mlx.kv_cache import MLXCache
 from edge_infer.errors import ModelFormatError, UnsupportedModelError
 from edge_infer.models.affine import QuantizedWeight
 from edge_infer.models.spec import LoadedModel, ModelConfig, Weight
@@ -42,22 +42,6 @@ class FreqsRoPE(nn.Module):
             offset=offset,
             freqs=self._freqs,
         )
-
-
-class MLXCache:
-    """One sequence's KV cache: one mlx-lm ``KVCache`` per layer."""
-
-    def __init__(self, layers: list[KVCache]) -> None:
-        self.layers = layers
-
-    @property
-    def length(self) -> int:
-        """Number of tokens held."""
-        return int(self.layers[0].offset) if self.layers else 0
-
-    def trim(self, n: int) -> int:
-        """Drop the last ``n`` tokens (at most ``length``); returns how many were dropped."""
-        return min((c.trim(n) for c in self.layers), default=0)
 
 
 def _build_model(config: ModelConfig) -> nn.Module:
@@ -101,8 +85,16 @@ class MLXBackend:
 
     name = "mlx"
 
-    def __init__(self, model: LoadedModel, *, dtype: str | None = None) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        dtype: str | None = None,
+        kv_bits: int = 4,
+        kv_group_size: int = 64,
+    ) -> None:
         self.config = config = model.config
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         on_gpu = mx.default_device().type == mx.DeviceType.gpu
         self.device = "gpu" if on_gpu else "cpu"
         if dtype is None:
@@ -163,7 +155,7 @@ class MLXBackend:
 
     def new_cache(self) -> MLXCache:
         """An empty KV cache for one sequence."""
-        return MLXCache(make_prompt_cache(self._model))
+        return MLXCache(self.config.num_layers, self.kv_bits, self.kv_group_size, self.dtype)
 
     def forward(
         self, inputs: np.ndarray, cache: MLXCache, *, all_logits: bool = False

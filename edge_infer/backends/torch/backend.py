@@ -16,7 +16,13 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: LoadedModel, device: str | None = None) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        device: str | None = None,
+        kv_bits: int = 4,
+        kv_group_size: int = 64,
+    ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -24,10 +30,11 @@ class TorchBackend:
         self.torch_device = torch.device(device)
         self.device = self.torch_device.type
         self.config = model.config
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self.decoder = TorchDecoder(model, self.torch_device)
 
     def new_cache(self) -> TorchKVCache:
-        return self.decoder.new_cache()
+        return self.decoder.new_cache(self.kv_bits, self.kv_group_size)
 
     def forward(
         self, inputs: np.ndarray, cache: TorchKVCache, *, all_logits: bool = False

@@ -75,9 +75,16 @@ class TorchDecoder:
         )
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def new_cache(self) -> TorchKVCache:
+    def new_cache(self, kv_bits: int = 4, group_size: int = 64) -> TorchKVCache:
         cfg = self.config
-        return TorchKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.device)
+        return TorchKVCache(
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            self.device,
+            kv_bits=kv_bits,
+            group_size=group_size,
+        )
 
     def embed(self, ids: np.ndarray) -> torch.Tensor:
         """Embedding rows for token ids, float32 [T, hidden]."""

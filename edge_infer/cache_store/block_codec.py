@@ -1,0 +1,130 @@
+"""A KV block as safetensors bytes, and back.
+
+Tensors per layer ``l``: ``layers.{l}.keys.packed|scales|biases`` and ``layers.{l}.values.*``
+(quantized) or ``layers.{l}.keys`` / ``layers.{l}.values`` (float16), plus
+``layers.{l}.key_min|key_max`` for sealed blocks. String metadata: ``format``,
+``format_version``, ``start``, ``length``, ``bits``, ``group_size``, ``n_layers``, ``sealed``.
+The header is written in a canonical order so equal blocks give equal bytes (and file names).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from edge_infer.cache_store.blocks import KVBlock
+from edge_infer.cache_store.errors import CacheCorruptError
+from edge_infer.cache_store.kv_format import KVArray, KVFormat, LayerKV, QuantizedKV
+
+FORMAT_NAME = "edge-infer-kv-block"
+FORMAT_VERSION = 1
+_PARTS = ("packed", "scales", "biases")
+
+
+def _put_kv(out: dict[str, np.ndarray], prefix: str, x: KVArray) -> None:
+    if isinstance(x, QuantizedKV):
+        for part in _PARTS:
+            out[f"{prefix}.{part}"] = np.ascontiguousarray(getattr(x, part))
+    else:
+        out[prefix] = np.ascontiguousarray(x)
+
+
+def _canonical(data: bytes) -> bytes:
+    """Rewrite the JSON header with sorted metadata (safetensors orders it at random)."""
+    (n,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__", {})
+    tensors = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"])
+    text = json.dumps(
+        {"__metadata__": dict(sorted(meta.items())), **dict(tensors)}, separators=(",", ":")
+    ).encode()
+    if len(text) > n:  # cannot happen with ASCII metadata; keep the valid original
+        return data
+    return data[:8] + text.ljust(n, b" ") + data[8 + n :]
+
+
+def block_to_bytes(block: KVBlock, fmt: KVFormat) -> bytes:
+    """Serialize ``block`` (whose layers must be in format ``fmt``) to safetensors bytes."""
+    tensors: dict[str, np.ndarray] = {}
+    for i, layer in enumerate(block.layers):
+        if not (fmt.accepts(layer.keys) and fmt.accepts(layer.values)):
+            raise ValueError(
+                f"layer {i} of block at {block.start} is not in format {fmt.describe()}"
+            )
+        _put_kv(tensors, f"layers.{i}.keys", layer.keys)
+        _put_kv(tensors, f"layers.{i}.values", layer.values)
+        if block.abstract is not None:
+            lo, hi = block.abstract[i]
+            tensors[f"layers.{i}.key_min"] = np.ascontiguousarray(lo, dtype=np.float16)
+            tensors[f"layers.{i}.key_max"] = np.ascontiguousarray(hi, dtype=np.float16)
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "start": str(block.start),
+        "length": str(block.length),
+        "bits": str(fmt.bits),
+        "group_size": str(fmt.group_size),
+        "n_layers": str(block.n_layers),
+        "sealed": "1" if block.sealed else "0",
+    }
+    return _canonical(st_save(tensors, metadata=metadata))
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise CacheCorruptError(f"block data truncated ({len(data)} bytes)")
+    (n,) = struct.unpack_from("<Q", data)
+    if n > len(data) - 8:
+        raise CacheCorruptError(f"block header of {n} bytes overruns the data ({len(data)} bytes)")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except ValueError as e:
+        raise CacheCorruptError(f"block header is not valid JSON: {e}") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise CacheCorruptError("data is not an edge-infer KV block")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise CacheCorruptError(f"unsupported KV block format version {meta.get('format_version')}")
+    return meta
+
+
+def _get_kv(tensors: dict[str, np.ndarray], prefix: str, bits: int, group_size: int) -> KVArray:
+    if bits == 16:
+        return tensors[prefix]
+    return QuantizedKV(*(tensors[f"{prefix}.{p}"] for p in _PARTS), bits, group_size)
+
+
+def block_from_bytes(data: bytes) -> KVBlock:
+    """Parse bytes made by :func:`block_to_bytes`; anything malformed -> CacheCorruptError."""
+    meta = _read_metadata(data)
+    try:
+        tensors = st_load(data)
+    except Exception as e:  # safetensors raises its own error type for malformed data
+        raise CacheCorruptError(f"block data is corrupt: {e}") from None
+    try:
+        start, length = int(meta["start"]), int(meta["length"])
+        bits, group_size = int(meta["bits"]), int(meta["group_size"])
+        n_layers, sealed = int(meta["n_layers"]), meta["sealed"] == "1"
+        layers = [
+            LayerKV(
+                _get_kv(tensors, f"layers.{i}.keys", bits, group_size),
+                _get_kv(tensors, f"layers.{i}.values", bits, group_size),
+            )
+            for i in range(n_layers)
+        ]
+        abstract = None
+        if sealed:
+            abstract = [
+                (tensors[f"layers.{i}.key_min"], tensors[f"layers.{i}.key_max"])
+                for i in range(n_layers)
+            ]
+            for lo, hi in abstract:
+                if lo.dtype != np.float16 or hi.dtype != np.float16 or lo.shape != hi.shape:
+                    raise ValueError("bad abstract tensors")
+        return KVBlock(start, length, layers, sealed=sealed, abstract=abstract)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CacheCorruptError(f"block data is inconsistent: {e}") from None

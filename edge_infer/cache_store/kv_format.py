@@ -1,0 +1,261 @@
+"""In-memory KV tensors: MLX-affine quantized (4/8-bit) or plain float16, numpy only.
+
+One layer's keys (or values) are ``[n_kv_heads, T, head_dim]``, quantized along ``head_dim``
+in groups (see :mod:`edge_infer.models.affine` for the bit layout). ``KVBlock`` and the
+block helpers live in :mod:`.blocks`, byte encoding in :mod:`.block_codec`; both are also
+reachable from this module for convenience.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import numpy as np
+
+from edge_infer.models.affine import SUPPORTED_GROUP_SIZES, quantize, unpack
+
+KV_BITS = (4, 8, 16)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedKV:
+    """Keys or values of one layer in MLX's affine layout, quantized along ``head_dim``."""
+
+    packed: np.ndarray  # uint32 [n_kv_heads, T, head_dim*bits//32]
+    scales: np.ndarray  # float16 [n_kv_heads, T, head_dim//group_size]
+    biases: np.ndarray  # float16 [n_kv_heads, T, head_dim//group_size]
+    bits: int = 4
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError(f"QuantizedKV bits must be 4 or 8, got {self.bits!r}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"unsupported group_size={self.group_size!r}")
+        if self.packed.dtype != np.uint32 or self.packed.ndim != 3:
+            raise ValueError(
+                f"packed must be uint32 [n_kv, T, w], got {self.packed.dtype} {self.packed.shape}"
+            )
+        n, t, _ = self.packed.shape
+        if self.head_dim % self.group_size:
+            raise ValueError(f"head_dim={self.head_dim} is not a multiple of {self.group_size}")
+        expected = (n, t, self.head_dim // self.group_size)
+        for name in ("scales", "biases"):
+            arr = getattr(self, name)
+            if arr.dtype != np.float16 or arr.shape != expected:
+                raise ValueError(f"{name} must be float16 {expected}, got {arr.dtype} {arr.shape}")
+
+    @classmethod
+    def quantize(cls, x: np.ndarray, bits: int = 4, group_size: int = 64) -> QuantizedKV:
+        """Quantize a float array ``[n_kv_heads, T, head_dim]`` along ``head_dim``."""
+        x = np.asarray(x)
+        if x.ndim != 3:
+            raise ValueError(f"expected [n_kv_heads, T, head_dim], got shape {x.shape}")
+        n, t, d = x.shape
+        if d % group_size or (d * bits) % 32:
+            raise ValueError(f"head_dim={d} does not fit group_size={group_size}, bits={bits}")
+        if t == 0:
+            return cls(
+                np.zeros((n, 0, d * bits // 32), np.uint32),
+                np.zeros((n, 0, d // group_size), np.float16),
+                np.zeros((n, 0, d // group_size), np.float16),
+                bits,
+                group_size,
+            )
+        qw = quantize(x.reshape(n * t, d), bits=bits, group_size=group_size)
+        return cls(
+            qw.packed.reshape(n, t, -1),
+            qw.scales.reshape(n, t, -1),
+            qw.biases.reshape(n, t, -1),
+            bits,
+            group_size,
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Logical ``(n_kv_heads, T, head_dim)``."""
+        n, t, w = self.packed.shape
+        return int(n), int(t), int(w) * 32 // self.bits
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.packed.shape[2]) * 32 // self.bits
+
+    @property
+    def length(self) -> int:
+        """Number of tokens T."""
+        return int(self.packed.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.packed.nbytes + self.scales.nbytes + self.biases.nbytes)
+
+    def dequantize(self) -> np.ndarray:
+        """``q * scale + bias`` as float32 ``[n_kv_heads, T, head_dim]``."""
+        n, t, d = self.shape
+        q = unpack(self.packed, self.bits).reshape(n, t, d // self.group_size, self.group_size)
+        out = (
+            q.astype(np.float32) * self.scales.astype(np.float32)[..., None]
+            + self.biases.astype(np.float32)[..., None]
+        )
+        return out.reshape(n, t, d)
+
+    def slice(self, start: int, end: int) -> QuantizedKV:
+        """Tokens ``[start, end)`` as a new (copied) array set."""
+        return QuantizedKV(
+            self.packed[:, start:end].copy(),
+            self.scales[:, start:end].copy(),
+            self.biases[:, start:end].copy(),
+            self.bits,
+            self.group_size,
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[QuantizedKV]) -> QuantizedKV:
+        """Join along T; every part must share bits, group size, heads and head_dim."""
+        if not parts:
+            raise ValueError("cannot concatenate an empty list")
+        first = parts[0]
+        for p in parts[1:]:
+            if (p.bits, p.group_size) != (first.bits, first.group_size) or (
+                p.shape[0],
+                p.shape[2],
+            ) != (first.shape[0], first.shape[2]):
+                raise ValueError("cannot concatenate QuantizedKV of different layouts")
+        return cls(
+            np.concatenate([p.packed for p in parts], axis=1),
+            np.concatenate([p.scales for p in parts], axis=1),
+            np.concatenate([p.biases for p in parts], axis=1),
+            first.bits,
+            first.group_size,
+        )
+
+
+KVArray: TypeAlias = QuantizedKV | np.ndarray
+"""Keys or values of one layer: :class:`QuantizedKV`, or float16 ``[n_kv, T, D]`` (kv_bits=16)."""
+
+
+def _check_f16(x: Any) -> np.ndarray:
+    if not isinstance(x, np.ndarray) or x.dtype != np.float16 or x.ndim != 3:
+        raise ValueError(
+            f"expected QuantizedKV or float16 [n_kv, T, D], got {type(x).__name__}"
+            f" {getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}"
+        )
+    return x
+
+
+def kv_length(x: KVArray) -> int:
+    """Number of tokens in keys/values ``x``."""
+    return x.length if isinstance(x, QuantizedKV) else int(_check_f16(x).shape[1])
+
+
+def kv_nbytes(x: KVArray) -> int:
+    return x.nbytes if isinstance(x, QuantizedKV) else int(_check_f16(x).nbytes)
+
+
+def kv_slice(x: KVArray, start: int, end: int) -> KVArray:
+    """Tokens ``[start, end)`` of ``x`` (a copy)."""
+    return x.slice(start, end) if isinstance(x, QuantizedKV) else _check_f16(x)[:, start:end].copy()
+
+
+def kv_concat(parts: Sequence[KVArray]) -> KVArray:
+    """Join keys/values along T (all quantized alike, or all float16)."""
+    if parts and all(isinstance(p, QuantizedKV) for p in parts):
+        return QuantizedKV.concat(parts)  # type: ignore[arg-type]
+    if parts and all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate([_check_f16(p) for p in parts], axis=1)
+    raise ValueError("cannot concatenate an empty or mixed list of KV arrays")
+
+
+def kv_dequantize(x: KVArray) -> np.ndarray:
+    """float32 ``[n_kv, T, D]``."""
+    return x.dequantize() if isinstance(x, QuantizedKV) else _check_f16(x).astype(np.float32)
+
+
+def kv_layout(x: KVArray) -> tuple[int, int]:
+    """``(bits, group_size)`` of ``x``; float16 arrays report ``(16, 0)``."""
+    return (x.bits, x.group_size) if isinstance(x, QuantizedKV) else (16, 0)
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """How a store keeps KV: 4/8-bit affine (``group_size``) or float16, in blocks of tokens."""
+
+    bits: int = 4
+    group_size: int = 64
+    block_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.bits not in KV_BITS:
+            raise ValueError(f"kv bits must be one of {KV_BITS}, got {self.bits!r}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"unsupported group_size={self.group_size!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size!r}")
+
+    def describe(self) -> str:
+        """Short tag for fingerprints: ``"q4g64"``, ``"q8g32"`` or ``"f16"``."""
+        return "f16" if self.bits == 16 else f"q{self.bits}g{self.group_size}"
+
+    def encode(self, x: np.ndarray) -> KVArray:
+        """Float keys/values ``[n_kv, T, D]`` in this format."""
+        if self.bits == 16:
+            return np.asarray(x, dtype=np.float16)
+        return QuantizedKV.quantize(x, self.bits, self.group_size)
+
+    def accepts(self, x: KVArray) -> bool:
+        """Whether ``x`` is stored in this format."""
+        if self.bits == 16:
+            return isinstance(x, np.ndarray) and x.dtype == np.float16
+        return kv_layout(x) == (self.bits, self.group_size)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerKV:
+    """Keys and values of one layer for the same run of tokens."""
+
+    keys: KVArray
+    values: KVArray
+
+    def __post_init__(self) -> None:
+        if kv_length(self.keys) != kv_length(self.values):
+            raise ValueError("keys and values hold different numbers of tokens")
+        if kv_layout(self.keys) != kv_layout(self.values):
+            raise ValueError("keys and values are stored in different formats")
+
+    @property
+    def length(self) -> int:
+        return kv_length(self.keys)
+
+    @property
+    def nbytes(self) -> int:
+        return kv_nbytes(self.keys) + kv_nbytes(self.values)
+
+    def slice(self, start: int, end: int) -> LayerKV:
+        return LayerKV(kv_slice(self.keys, start, end), kv_slice(self.values, start, end))
+
+    @classmethod
+    def concat(cls, parts: Sequence[LayerKV]) -> LayerKV:
+        return cls(kv_concat([p.keys for p in parts]), kv_concat([p.values for p in parts]))
+
+
+_LAZY = {
+    "KVBlock": "blocks",
+    "compute_abstract": "blocks",
+    "split_into_blocks": "blocks",
+    "merge_blocks": "blocks",
+    "extend_blocks": "blocks",
+    "block_to_bytes": "block_codec",
+    "block_from_bytes": "block_codec",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Re-export the block helpers lazily (they import this module)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

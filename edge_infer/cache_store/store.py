@@ -1,0 +1,391 @@
+"""Per-agent KV caches on disk, keyed by (model fingerprint, agent name).
+
+Layout under ``root``::
+
+    agents/<fingerprint digest>/<agent>/manifest.json
+    agents/<fingerprint digest>/<agent>/b{start:08d}-{sha256[:16]}.safetensors
+    agents/<fingerprint digest>/<agent>/quarantine/         (files that failed verification)
+    agents/<fingerprint digest>/.locks/<agent>.lock         (inter-process lock)
+
+Block files are named by content and written once; the manifest is replaced atomically last,
+then unreferenced files are removed, so a crash leaves the old or the new state loadable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import threading
+import uuid
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_infer.cache_store.atomic_io import TEMP_PREFIX, fsync_dir, private_dir, write_atomic
+from edge_infer.cache_store.block_codec import block_from_bytes, block_to_bytes
+from edge_infer.cache_store.blocks import KVBlock, check_contiguous
+from edge_infer.cache_store.errors import (
+    CacheCorruptError,
+    CacheVersionError,
+    FingerprintMismatch,
+    InvalidAgentName,
+)
+from edge_infer.cache_store.kv_format import KVFormat
+from edge_infer.cache_store.locking import path_lock
+from edge_infer.cache_store.manifest import (
+    BLOCK_FILE_RE,
+    MANIFEST_NAME,
+    BlockEntry,
+    Manifest,
+    block_file_name,
+    now_iso,
+)
+from edge_infer.models.fingerprint import Fingerprint
+
+log = logging.getLogger("edge_infer.cache")
+
+AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+QUARANTINE_DIR = "quarantine"
+LOCKS_DIR = ".locks"
+
+
+def validate_agent_name(agent: str) -> str:
+    """Return ``agent`` if it is a safe folder name, else raise InvalidAgentName."""
+    if not isinstance(agent, str) or not AGENT_NAME_RE.match(agent):
+        raise InvalidAgentName(
+            f"invalid agent name {agent!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return agent
+
+
+@dataclass(frozen=True)
+class AgentSnapshot:
+    """What :meth:`AgentStore.load` restores: the valid prefix of an agent's cache."""
+
+    token_ids: list[int]  # every id the manifest lists (may exceed valid_tokens)
+    messages: list[Any]
+    extra: dict[str, Any]
+    blocks: list[KVBlock]  # verified blocks, contiguous from position 0
+    valid_tokens: int  # tokens covered by ``blocks``; the engine prefills the rest
+    quarantined: list[str] = field(default_factory=list)  # block/manifest files set aside
+    created: str = ""
+    updated: str = ""
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """One line of :meth:`AgentStore.list_agents`."""
+
+    name: str
+    tokens: int
+    bytes_on_disk: int
+    updated: str
+    n_blocks: int
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+class AgentStore:
+    """Saves and restores agents' KV blocks for one model fingerprint and KV format."""
+
+    def __init__(self, root: Path, fingerprint: Fingerprint, fmt: KVFormat) -> None:
+        self.root = Path(root)
+        self.fingerprint = fingerprint
+        self.fmt = fmt
+        # block -> (file name, sha256) for blocks this store wrote or read: saves skip
+        # re-encoding a block whose file is already there.
+        self._known: weakref.WeakKeyDictionary[KVBlock, tuple[str, str]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._known_lock = threading.Lock()
+
+    # -- paths and locking -------------------------------------------------------------
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder of every agent under this store's fingerprint."""
+        return self.root / "agents" / self.fingerprint.digest
+
+    def agent_dir(self, agent: str) -> Path:
+        return self.base_dir / validate_agent_name(agent)
+
+    def _kv_format_json(self) -> dict[str, int]:
+        f = self.fmt
+        return {"bits": f.bits, "group_size": f.group_size, "block_size": f.block_size}
+
+    @contextmanager
+    def lock(self, agent: str, timeout: float | None = None) -> Iterator[None]:
+        """Serialize access to ``agent`` across threads and processes (re-entrant)."""
+        locks = private_dir(self.base_dir / LOCKS_DIR)
+        with path_lock(locks / f"{validate_agent_name(agent)}.lock", timeout):
+            yield
+
+    # -- save --------------------------------------------------------------------------
+
+    def _check_blocks(self, blocks: Sequence[KVBlock], n_ids: int) -> None:
+        if blocks and blocks[0].start != 0:
+            raise ValueError(f"first block must start at 0, not {blocks[0].start}")
+        check_contiguous(blocks)
+        for b in blocks:
+            if b.length < 1 or b.length > self.fmt.block_size:
+                raise ValueError(
+                    f"block at {b.start} has {b.length} tokens (block size {self.fmt.block_size})"
+                )
+            if b.sealed and b.length != self.fmt.block_size:
+                raise ValueError(f"sealed block at {b.start} is not full")
+        if blocks and blocks[-1].end > n_ids:
+            raise ValueError(f"blocks cover {blocks[-1].end} tokens but only {n_ids} ids given")
+
+    def _write_block(self, d: Path, block: KVBlock) -> tuple[BlockEntry, bool]:
+        """Write ``block`` unless its file exists; return its entry and whether it wrote."""
+        with self._known_lock:
+            known = self._known.get(block)
+        data = None
+        if known is None or not (d / known[0]).exists():
+            data = block_to_bytes(block, self.fmt)
+            sha = _sha256(data)
+            known = (block_file_name(block.start, sha), sha)
+        name, sha = known
+        wrote = False
+        if data is not None and not (d / name).exists():
+            write_atomic(d / name, data, sync_dir=False)
+            wrote = True
+        with self._known_lock:
+            self._known[block] = known
+        return BlockEntry(name, block.start, block.length, block.sealed, sha), wrote
+
+    def save(
+        self,
+        agent: str,
+        token_ids: Sequence[int],
+        blocks: Sequence[KVBlock],
+        messages: Sequence[Any] = (),
+        extra: dict[str, Any] | None = None,
+    ) -> Manifest:
+        """Persist an agent's cache: new block files first, the manifest last, then cleanup."""
+        d = self.agent_dir(agent)
+        ids = [int(t) for t in token_ids]
+        blocks = list(blocks)
+        self._check_blocks(blocks, len(ids))
+        with self.lock(agent):
+            private_dir(d)
+            entries: list[BlockEntry] = []
+            wrote_any = False
+            for block in blocks:
+                entry, wrote = self._write_block(d, block)
+                entries.append(entry)
+                wrote_any |= wrote
+            if wrote_any:
+                fsync_dir(d)
+            old = self._read_manifest_quiet(d)
+            now = now_iso()
+            manifest = Manifest(
+                agent=agent,
+                fingerprint=dict(self.fingerprint.parts),
+                kv_format=self._kv_format_json(),
+                token_ids=ids,
+                messages=list(messages),
+                extra=dict(extra or {}),
+                blocks=entries,
+                created=old.created if old is not None and old.created else now,
+                updated=now,
+            )
+            write_atomic(d / MANIFEST_NAME, manifest.to_bytes())
+            self._remove_unreferenced(d, {e.file for e in entries})
+        return manifest
+
+    @staticmethod
+    def _remove_unreferenced(d: Path, keep: set[str]) -> None:
+        for entry in os.scandir(d):
+            name = entry.name
+            stale = BLOCK_FILE_RE.match(name) and name not in keep
+            if (stale or name.startswith(TEMP_PREFIX)) and entry.is_file(follow_symlinks=False):
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+
+    # -- load --------------------------------------------------------------------------
+
+    @staticmethod
+    def _read_manifest_quiet(d: Path) -> Manifest | None:
+        try:
+            return Manifest.from_bytes((d / MANIFEST_NAME).read_bytes())
+        except (OSError, CacheCorruptError, CacheVersionError):
+            return None
+
+    def _check_identity(self, agent: str, m: Manifest) -> None:
+        theirs = Fingerprint(tuple(sorted(m.fingerprint.items())))
+        differing = theirs.differing(self.fingerprint)
+        mine = self._kv_format_json()
+        differing += sorted(
+            f"kv_format.{k}"
+            for k in mine.keys() | m.kv_format.keys()
+            if mine.get(k) != m.kv_format.get(k)
+        )
+        if differing:
+            raise FingerprintMismatch(
+                f"cache for agent {agent!r} was made with a different model "
+                f"(differs in: {', '.join(differing)})",
+                differing,
+            )
+
+    def _quarantine(self, d: Path, names: Sequence[str]) -> list[str]:
+        qdir = private_dir(d / QUARANTINE_DIR)
+        moved = []
+        for name in names:
+            try:
+                os.replace(d / name, qdir / name)
+                moved.append(name)
+            except FileNotFoundError:
+                continue
+        fsync_dir(d)
+        return moved
+
+    def _read_block(self, d: Path, entry: BlockEntry) -> KVBlock | str:
+        """The verified block, or why it cannot be used."""
+        try:
+            data = (d / entry.file).read_bytes()
+        except FileNotFoundError:
+            return "missing"
+        if _sha256(data) != entry.sha256:
+            return "sha256 mismatch"
+        try:
+            block = block_from_bytes(data)
+        except CacheCorruptError as e:
+            return str(e)
+        if (block.start, block.length, block.sealed) != (entry.start, entry.length, entry.sealed):
+            return "span differs from the manifest"
+        if any(not (self.fmt.accepts(x.keys) and self.fmt.accepts(x.values)) for x in block.layers):
+            return f"not in KV format {self.fmt.describe()}"
+        return block
+
+    def load(self, agent: str) -> AgentSnapshot | None:
+        """Restore ``agent`` (its verified block prefix), or None if it has no usable cache.
+
+        Raises FingerprintMismatch if the manifest names another model or KV format, and
+        CacheVersionError for a manifest format this version does not read.
+        """
+        d = self.agent_dir(agent)
+        with self.lock(agent):
+            try:
+                raw = (d / MANIFEST_NAME).read_bytes()
+            except FileNotFoundError:
+                return None
+            try:
+                m = Manifest.from_bytes(raw)
+            except CacheCorruptError as e:
+                self._quarantine(d, [MANIFEST_NAME])
+                log.warning(
+                    "agent %r: manifest is corrupt (%s); moved to %s, cache not used",
+                    agent,
+                    e,
+                    d / QUARANTINE_DIR,
+                )
+                return None
+            self._check_identity(agent, m)
+            blocks: list[KVBlock] = []
+            quarantined: list[str] = []
+            for i, entry in enumerate(m.blocks):
+                got = self._read_block(d, entry)
+                if isinstance(got, str):
+                    later = [e.file for e in m.blocks[i:]]
+                    quarantined = self._quarantine(d, later)
+                    log.warning(
+                        "agent %r: block file %s is unusable (%s); dropping tokens %d.. "
+                        "(%d block(s)) and quarantining them in %s",
+                        agent,
+                        entry.file,
+                        got,
+                        entry.start,
+                        len(later),
+                        d / QUARANTINE_DIR,
+                    )
+                    break
+                blocks.append(got)
+                with self._known_lock:
+                    self._known[got] = (entry.file, entry.sha256)
+        return AgentSnapshot(
+            token_ids=m.token_ids,
+            messages=m.messages,
+            extra=m.extra,
+            blocks=blocks,
+            valid_tokens=sum(b.length for b in blocks),
+            quarantined=quarantined,
+            created=m.created,
+            updated=m.updated,
+        )
+
+    # -- housekeeping ------------------------------------------------------------------
+
+    def exists(self, agent: str) -> bool:
+        """Whether ``agent`` has a manifest under this fingerprint."""
+        return (self.agent_dir(agent) / MANIFEST_NAME).is_file()
+
+    def delete(self, agent: str) -> bool:
+        """Remove an agent's cache; False if there was none."""
+        d = self.agent_dir(agent)
+        with self.lock(agent):
+            if not d.exists():
+                return False
+            doomed = d.with_name(f".deleting-{agent}-{uuid.uuid4().hex[:8]}")
+            os.rename(d, doomed)
+            fsync_dir(d.parent)
+            shutil.rmtree(doomed, ignore_errors=True)
+        return True
+
+    def list_agents(self) -> list[AgentInfo]:
+        """Agents cached under this fingerprint, by name (unreadable manifests skipped)."""
+        if not self.base_dir.is_dir():
+            return []
+        out = []
+        for d in sorted(self.base_dir.iterdir()):
+            if not (AGENT_NAME_RE.match(d.name) and d.is_dir()):
+                continue
+            m = self._read_manifest_quiet(d)
+            if m is None:
+                continue
+            out.append(AgentInfo(d.name, len(m.token_ids), _dir_bytes(d), m.updated, len(m.blocks)))
+        return out
+
+    def find_mismatched(self, agent: str) -> list[tuple[str, list[str]]]:
+        """Caches of ``agent`` under other fingerprints: (digest, names of differing parts)."""
+        validate_agent_name(agent)
+        agents_root = self.root / "agents"
+        if not agents_root.is_dir():
+            return []
+        out = []
+        for fp_dir in sorted(agents_root.iterdir()):
+            mpath = fp_dir / agent / MANIFEST_NAME
+            if fp_dir.name == self.fingerprint.digest or not mpath.is_file():
+                continue
+            try:
+                m = Manifest.from_bytes(mpath.read_bytes())
+            except CacheVersionError:
+                out.append((fp_dir.name, ["format_version"]))
+                continue
+            except (OSError, CacheCorruptError):
+                continue
+            theirs = Fingerprint(tuple(sorted(m.fingerprint.items())))
+            out.append((fp_dir.name, theirs.differing(self.fingerprint)))
+        return out

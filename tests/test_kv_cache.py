@@ -1,0 +1,129 @@
+"""Backend KV caches in the stored format: quantize on write, attend as stored, move freely."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edge_infer.backends.torch.kv_quant import dequantize_kv, quantize_kv
+from edge_infer.cache_store.kv_format import KVFormat, QuantizedKV
+from edge_infer.cache_store.rotation import hadamard, rotate
+from edge_infer.models.affine import quantize
+
+QUESTION = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 64)])
+def test_torch_kv_quantizer_is_bit_identical_to_numpy(bits, group):
+    rng = np.random.default_rng(bits + group)
+    x = (rng.standard_normal((3, 50, 64)) * rng.uniform(0.1, 9, (3, 50, 1))).astype(np.float32)
+    packed, scales, biases = quantize_kv(torch.from_numpy(x), bits, group)
+    ref = quantize(x.reshape(-1, 64), bits, group)
+    assert np.array_equal(packed.numpy().view(np.uint32).reshape(ref.packed.shape), ref.packed)
+    assert np.array_equal(scales.numpy().reshape(ref.scales.shape), ref.scales)
+    assert np.array_equal(biases.numpy().reshape(ref.biases.shape), ref.biases)
+    deq = dequantize_kv(packed, scales, biases, bits, group).numpy().reshape(-1, 64)
+    assert np.array_equal(deq, ref.dequantize())
+
+
+def test_hadamard_is_orthogonal_and_its_own_inverse():
+    h = hadamard(64)
+    np.testing.assert_allclose(h @ h, np.eye(64), atol=1e-6)
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    np.testing.assert_allclose(rotate(rotate(x)), x, atol=1e-5)
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard(48)
+
+
+def _backends(default_model, bits):
+    from edge_infer.backends.torch.backend import TorchBackend
+
+    out = [TorchBackend(default_model, device="cpu", kv_bits=bits)]
+    try:
+        from edge_infer.backends.mlx.backend import MLXBackend
+
+        out.append(MLXBackend(default_model, kv_bits=bits))
+    except ImportError:  # pragma: no cover - mlx missing
+        pass
+    return out
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_restore_then_continue_is_bit_exact(default_model, bits):
+    ids = np.array(default_model.tokenizer.encode("The quick brown fox jumps. " * 30))
+    for backend in _backends(default_model, bits):
+        live = backend.new_cache()
+        backend.forward(ids[:150], live)
+        exported = live.export()
+        fmt = KVFormat(bits=bits)
+        assert all(fmt.accepts(lkv.keys) and fmt.accepts(lkv.values) for lkv in exported)
+        assert exported[0].length == 150 and len(exported) == default_model.config.num_layers
+        restored = backend.new_cache()
+        restored.append(exported)
+        assert restored.length == 150
+        a = backend.forward(ids[150:170], live, all_logits=True)
+        b = backend.forward(ids[150:170], restored, all_logits=True)
+        assert np.array_equal(a, b), backend.name
+
+
+def test_export_of_a_span_and_truncate(default_model):
+    ids = np.array(default_model.tokenizer.encode("One two three four five six seven eight. " * 8))
+    for backend in _backends(default_model, 4):
+        cache = backend.new_cache()
+        backend.forward(ids[:60], cache)
+        whole = cache.export()
+        part = cache.export(10, 30)
+        assert part[3].length == 20
+        assert isinstance(part[3].keys, QuantizedKV)
+        assert np.array_equal(part[3].keys.packed, whole[3].keys.packed[:, 10:30])
+        cache.truncate(25)
+        assert cache.length == 25
+        again = backend.new_cache()  # the same stored prefix, rebuilt
+        again.append([lkv.slice(0, 25) for lkv in whole])
+        a = backend.forward(ids[25:30], cache, all_logits=True)
+        b = backend.forward(ids[25:30], again, all_logits=True)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_caches_move_between_backends(default_model):
+    backends = _backends(default_model, 4)
+    if len(backends) < 2:
+        pytest.skip("mlx not installed")
+    ids = np.array(default_model.tokenizer.encode(QUESTION))
+    n = len(ids) - 3
+    for src, dst in ((backends[0], backends[1]), (backends[1], backends[0])):
+        cache = src.new_cache()
+        src.forward(ids[:n], cache)
+        moved = dst.new_cache()
+        moved.append(cache.export())
+        own = dst.new_cache()
+        dst.forward(ids[:n], own)
+        a = dst.forward(ids[n:], moved, all_logits=True)
+        b = dst.forward(ids[n:], own, all_logits=True)
+        assert (a.argmax(-1) == b.argmax(-1)).all(), f"{src.name} -> {dst.name}"
+
+
+def test_mismatched_blocks_are_refused(default_model):
+    from edge_infer.backends.torch.backend import TorchBackend
+
+    q4 = TorchBackend(default_model, device="cpu", kv_bits=4)
+    q8 = TorchBackend(default_model, device="cpu", kv_bits=8)
+    cache = q4.new_cache()
+    q4.forward(np.array([1, 2, 3]), cache)
+    with pytest.raises(ValueError, match="8-bit"):
+        q8.new_cache().append(cache.export())
+
+
+def test_default_q4_kv_still_answers(default_model):
+    from edge_infer.engine import Engine
+
+    bits = 4
+    for backend in _backends(default_model, bits):
+        eng = Engine(default_model, backend)
+        reply = eng.chat(
+            [{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+            max_tokens=16,
+        )
+        assert "Paris" in reply, (backend.name, bits, reply)
