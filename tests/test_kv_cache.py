@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edge_infer.backends.torch.kv_quant import dequantize_kv, quantize_kv
-from edge_infer.cache_store.kv_format import KVFormat, QuantizedKV
+from edge_infer.cache_store.kv_format import KVFormat
 from edge_infer.cache_store.rotation import hadamard, rotate
 from edge_infer.models.affine import quantize
 
@@ -49,40 +49,48 @@ def _backends(default_model, bits):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 8, 16])
 def test_restore_then_continue_is_bit_exact(default_model, bits):
-    ids = np.array(default_model.tokenizer.encode("The quick brown fox jumps. " * 30))
+    ids = np.array(default_model.tokenizer.encode("The quick brown fox jumps. " * 80))
     for backend in _backends(default_model, bits):
         live = backend.new_cache()
-        backend.forward(ids[:150], live)
-        exported = live.export()
+        backend.forward(ids[:300], live)  # one sealed block and a float16 tail
+        blocks = live.blocks()
         fmt = KVFormat(bits=bits)
-        assert all(fmt.accepts(lkv.keys) and fmt.accepts(lkv.values) for lkv in exported)
-        assert exported[0].length == 150 and len(exported) == default_model.config.num_layers
+        assert [(b.start, b.length, b.sealed) for b in blocks] == [(0, 256, True), (256, 44, False)]
+        for b in blocks:
+            assert all(
+                fmt.accepts(x.keys, b.sealed) and fmt.accepts(x.values, b.sealed) for x in b.layers
+            )
+            assert len(b.layers) == default_model.config.num_layers
+        assert blocks[0].abstract is not None and blocks[1].abstract is None
         restored = backend.new_cache()
-        restored.append(exported)
-        assert restored.length == 150
-        a = backend.forward(ids[150:170], live, all_logits=True)
-        b = backend.forward(ids[150:170], restored, all_logits=True)
+        restored.append_blocks(blocks)
+        assert restored.length == 300 and restored.sealed_length == 256
+        a = backend.forward(ids[300:320], live, all_logits=True)
+        b = backend.forward(ids[300:320], restored, all_logits=True)
         assert np.array_equal(a, b), backend.name
 
 
-def test_export_of_a_span_and_truncate(default_model):
-    ids = np.array(default_model.tokenizer.encode("One two three four five six seven eight. " * 8))
+@pytest.mark.slow
+def test_truncate_keeps_whole_sealed_blocks(default_model):
+    ids = np.array(default_model.tokenizer.encode("One two three four five six seven eight. " * 40))
     for backend in _backends(default_model, 4):
         cache = backend.new_cache()
-        backend.forward(ids[:60], cache)
-        whole = cache.export()
-        part = cache.export(10, 30)
-        assert part[3].length == 20
-        assert isinstance(part[3].keys, QuantizedKV)
-        assert np.array_equal(part[3].keys.packed, whole[3].keys.packed[:, 10:30])
-        cache.truncate(25)
-        assert cache.length == 25
-        again = backend.new_cache()  # the same stored prefix, rebuilt
-        again.append([lkv.slice(0, 25) for lkv in whole])
-        a = backend.forward(ids[25:30], cache, all_logits=True)
-        b = backend.forward(ids[25:30], again, all_logits=True)
+        backend.forward(ids[:300], cache)
+        assert cache.truncate(280) == 280  # inside the float16 tail: exact
+        assert cache.truncate(100) == 0  # inside a sealed block: recompute that block
+        cache2 = backend.new_cache()
+        backend.forward(ids[:300], cache2)
+        blocks = cache2.blocks()
+        rebuilt = backend.new_cache()
+        rebuilt.append_blocks(blocks)
+        assert rebuilt.truncate(270) == 270
+        a = backend.forward(ids[270:280], rebuilt, all_logits=True)
+        b = backend.forward(
+            ids[270:280], cache2 if cache2.truncate(270) == 270 else None, all_logits=True
+        )
         np.testing.assert_array_equal(a, b)
 
 
@@ -96,7 +104,7 @@ def test_caches_move_between_backends(default_model):
         cache = src.new_cache()
         src.forward(ids[:n], cache)
         moved = dst.new_cache()
-        moved.append(cache.export())
+        moved.append_blocks(cache.blocks())
         own = dst.new_cache()
         dst.forward(ids[:n], own)
         a = dst.forward(ids[n:], moved, all_logits=True)
@@ -109,10 +117,11 @@ def test_mismatched_blocks_are_refused(default_model):
 
     q4 = TorchBackend(default_model, device="cpu", kv_bits=4)
     q8 = TorchBackend(default_model, device="cpu", kv_bits=8)
+    ids = np.arange(300) % 1000 + 10
     cache = q4.new_cache()
-    q4.forward(np.array([1, 2, 3]), cache)
+    q4.forward(ids, cache)
     with pytest.raises(ValueError, match="8-bit"):
-        q8.new_cache().append(cache.export())
+        q8.new_cache().append_blocks(cache.blocks())
 
 
 def test_default_q4_kv_still_answers(default_model):

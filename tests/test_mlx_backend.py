@@ -256,13 +256,13 @@ def test_default_dtype_follows_device() -> None:
     assert backend.dtype == (mx.float16 if on_gpu else mx.float32)
 
 
-def test_cache_trim_then_continue() -> None:
+def test_cache_truncate_then_continue() -> None:
     model = _make_model(BASE)
     backend = MLXBackend(model, dtype="float32", kv_bits=16)
     ids = _tokens(20, seed=4)
     cache = backend.new_cache()
     backend.forward(ids, cache)
-    assert cache.trim(8) == 8 and cache.length == 12
+    assert cache.truncate(12) == 12 and cache.length == 12
     got = backend.forward(ids[12:], cache, all_logits=True)
     _assert_close(got, _reference_logits(model, ids)[12:])
 

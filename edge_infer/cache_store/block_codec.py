@@ -47,11 +47,15 @@ def _canonical(data: bytes) -> bytes:
     return data[:8] + text.ljust(n, b" ") + data[8 + n :]
 
 
+def _is_f16(block: KVBlock) -> bool:
+    return bool(block.layers) and isinstance(block.layers[0].keys, np.ndarray)
+
+
 def block_to_bytes(block: KVBlock, fmt: KVFormat) -> bytes:
     """Serialize ``block`` (whose layers must be in format ``fmt``) to safetensors bytes."""
     tensors: dict[str, np.ndarray] = {}
     for i, layer in enumerate(block.layers):
-        if not (fmt.accepts(layer.keys) and fmt.accepts(layer.values)):
+        if not (fmt.accepts(layer.keys, block.sealed) and fmt.accepts(layer.values, block.sealed)):
             raise ValueError(
                 f"layer {i} of block at {block.start} is not in format {fmt.describe()}"
             )
@@ -66,7 +70,7 @@ def block_to_bytes(block: KVBlock, fmt: KVFormat) -> bytes:
         "format_version": str(FORMAT_VERSION),
         "start": str(block.start),
         "length": str(block.length),
-        "bits": str(fmt.bits),
+        "bits": str(16 if _is_f16(block) else fmt.bits),
         "group_size": str(fmt.group_size),
         "n_layers": str(block.n_layers),
         "sealed": "1" if block.sealed else "0",

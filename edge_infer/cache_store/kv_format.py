@@ -205,11 +205,23 @@ class KVFormat:
             return np.asarray(x, dtype=np.float16)
         return QuantizedKV.quantize(x, self.bits, self.group_size)
 
-    def accepts(self, x: KVArray) -> bool:
-        """Whether ``x`` is stored in this format."""
+    def accepts(self, x: KVArray, sealed: bool = True) -> bool:
+        """Whether ``x`` is stored in this format.
+
+        The backends quantize only sealed blocks: the growing tail block is kept in float16
+        and quantized once, when it seals (recent tokens stay exact, and decoding does not
+        quantize per token). An unsealed block may therefore be float16 in any format.
+        """
+        is_f16 = isinstance(x, np.ndarray) and x.dtype == np.float16
         if self.bits == 16:
-            return isinstance(x, np.ndarray) and x.dtype == np.float16
-        return kv_layout(x) == (self.bits, self.group_size)
+            return is_f16
+        return kv_layout(x) == (self.bits, self.group_size) or (not sealed and is_f16)
+
+    def fingerprint_tag(self) -> str:
+        """What the model fingerprint records of this format (bits, groups, rotation, tail)."""
+        if self.bits == 16:
+            return "f16"
+        return f"{self.describe()}-hadamard-f16tail-b{self.block_size}"
 
 
 @dataclass(frozen=True, eq=False)

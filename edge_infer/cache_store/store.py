@@ -276,7 +276,12 @@ class AgentStore:
             return str(e)
         if (block.start, block.length, block.sealed) != (entry.start, entry.length, entry.sealed):
             return "span differs from the manifest"
-        if any(not (self.fmt.accepts(x.keys) and self.fmt.accepts(x.values)) for x in block.layers):
+        if any(
+            not (
+                self.fmt.accepts(x.keys, block.sealed) and self.fmt.accepts(x.values, block.sealed)
+            )
+            for x in block.layers
+        ):
             return f"not in KV format {self.fmt.describe()}"
         return block
 

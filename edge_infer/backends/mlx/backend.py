@@ -186,13 +186,24 @@ class MLXBackend:
                 f"{inputs.dtype} {list(inputs.shape)}"
             )
 
-        hidden = self._model.model(tokens, cache.layers, embeddings)
-        if not all_logits:
-            hidden = hidden[:, -1:, :]
-        if cfg.tie_word_embeddings:
+        outs, pos, total = [], 0, tokens.shape[1]
+        while pos < total:  # one call per KV block touched
+            n = min(total - pos, cache.max_tokens_in_one_call())
+            piece_emb = None if embeddings is None else embeddings[:, pos : pos + n]
+            hidden = self._model.model(tokens[:, pos : pos + n], cache.layers, piece_emb)
+            pos += n
+            if not all_logits:
+                if pos < total:
+                    mx.eval([(c.keys, c.values) for c in cache.layers])
+                    continue
+                hidden = hidden[:, -1:, :]
+            outs.append(self._head(hidden))
+            mx.eval(outs[-1], [(c.keys, c.values) for c in cache.layers])
+        return np.array(mx.concatenate(outs, axis=0) if len(outs) > 1 else outs[0])
+
+    def _head(self, hidden: mx.array) -> mx.array:
+        if self.config.tie_word_embeddings:
             logits = self._model.model.embed_tokens.as_linear(hidden)
         else:
             logits = self._model.lm_head(hidden)
-        logits = logits[0].astype(mx.float32)
-        mx.eval(logits, [(c.keys, c.values) for c in cache.layers])
-        return np.array(logits)
+        return logits[0].astype(mx.float32)

@@ -1,9 +1,10 @@
 """KV caches of one sequence for the MLX backend, in the shared stored format.
 
-Keys and values are stored as the cache format says (Hadamard-rotated 4/8-bit affine with
-float16 scales and biases, or float16), and attention reads exactly what is stored, rotated
-back, from mlx-lm's float cache. Exporting and importing blocks (to disk, to the other
-backend) therefore never changes what a later token attends to.
+As in the torch backend: the growing tail block is stored in float16, and a block that fills
+is sealed (Hadamard-rotated and quantized to 4/8 bits once). Attention reads exactly what is
+stored (rotated back) from mlx-lm's float cache, so exporting and importing blocks (to disk,
+to the other backend) never changes what a later token attends to. One forward call must stay
+inside one block; the backend splits calls to ensure it.
 """
 
 from __future__ import annotations
@@ -12,34 +13,67 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV
+from edge_infer.cache_store.kv_format import KVBlock, LayerKV, QuantizedKV
 from edge_infer.cache_store.rotation import hadamard
 
+DEFAULT_BLOCK_SIZE = 256
 _STEP = 256
 
 
+def _key_abstract(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = keys.min(axis=1), keys.max(axis=1)
+    lo16, hi16 = lo.astype(np.float16), hi.astype(np.float16)
+    lo16 = np.where(lo16.astype(np.float32) > lo, np.nextafter(lo16, np.float16(-np.inf)), lo16)
+    hi16 = np.where(hi16.astype(np.float32) < hi, np.nextafter(hi16, np.float16(np.inf)), hi16)
+    return lo16.astype(np.float16), hi16.astype(np.float16)
+
+
 class StoredKVCache(KVCache):
-    """mlx-lm's float cache for attention, plus the stored form of the same tokens."""
+    """mlx-lm's float cache (what attention reads) plus the stored form of the same tokens.
 
-    def __init__(self, bits: int, group_size: int) -> None:
+    Attributes are not named ``bits``/``group_size``: mlx-lm would take that for its own
+    quantized cache and attend to the quantized arrays directly.
+    """
+
+    def __init__(self, kv_bits: int, kv_group: int, block_size: int) -> None:
         super().__init__()
-        self.kv_bits, self.kv_group = bits, group_size  # not "bits": mlx-lm reads that
-        self._stored: list[list[mx.array]] | None = None  # [keys parts, values parts]
+        self.kv_bits, self.kv_group, self.block_size = kv_bits, kv_group, block_size
+        self.sealed = 0
+        self._half: list[mx.array] | None = None  # keys, values float16 [1, n_kv, cap, D]
+        self._quant: list[list[mx.array]] | None = None  # per K/V: packed, scales, biases
 
-    # -- stored form ------------------------------------------------------------------
-    def _encode(self, x: mx.array) -> tuple[list[mx.array], mx.array]:
-        """x [1, n_kv, T, D] -> (stored parts, what attention reads)."""
-        if self.kv_bits == 16:
-            half = x.astype(mx.float16)
-            return [half], half.astype(x.dtype)
-        rot = mx.array(hadamard(x.shape[-1])).astype(x.dtype)
-        packed, scales, biases = mx.quantize(x @ rot, group_size=self.kv_group, bits=self.kv_bits)
-        parts = [packed, scales.astype(mx.float16), biases.astype(mx.float16)]
-        return parts, self._readable(parts, x.dtype)
+    # -- buffers ------------------------------------------------------------------------------
+    def _reserve(self, shape: tuple[int, ...], end: int) -> None:
+        cap = self._half[0].shape[2] if self._half is not None else 0
+        if end <= cap:
+            return
+        new_cap = (end + _STEP - 1) // _STEP * _STEP
+        n, d = shape[1], shape[3]
+
+        def grow(old: mx.array | None, width: int, dtype: mx.Dtype) -> mx.array:
+            new = mx.zeros((1, n, new_cap, width), dtype=dtype)
+            if old is not None and self.offset:
+                new[..., : self.offset, :] = old[..., : self.offset, :]
+            return new
+
+        old_half = self._half or [None, None]
+        self._half = [grow(old_half[w], d, mx.float16) for w in range(2)]
+        if self.kv_bits < 16:
+            words, groups = d * self.kv_bits // 32, d // self.kv_group
+            old_q = self._quant or [[None] * 3, [None] * 3]
+            self._quant = [
+                [
+                    grow(q[0], words, mx.uint32),
+                    grow(q[1], groups, mx.float16),
+                    grow(q[2], groups, mx.float16),
+                ]
+                for q in old_q
+            ]
+
+    def _rotation(self, d: int, dtype: mx.Dtype) -> mx.array:
+        return mx.array(hadamard(d)).astype(dtype)
 
     def _readable(self, parts: list[mx.array], dtype: mx.Dtype) -> mx.array:
-        if self.kv_bits == 16:
-            return parts[0].astype(dtype)
         deq = mx.dequantize(
             parts[0],
             parts[1].astype(dtype),
@@ -47,112 +81,162 @@ class StoredKVCache(KVCache):
             group_size=self.kv_group,
             bits=self.kv_bits,
         )
-        return deq @ mx.array(hadamard(deq.shape[-1])).astype(dtype)
+        return deq @ self._rotation(deq.shape[-1], dtype)
 
-    def _write_stored(self, enc: list[list[mx.array]], start: int) -> None:
-        end = start + enc[0][0].shape[2]
-        if self._stored is None or end > self._stored[0][0].shape[2]:
-            capacity = (end + _STEP - 1) // _STEP * _STEP
-            grown = []
-            for parts in enc:
-                bufs = [
-                    mx.zeros((*p.shape[:2], capacity, p.shape[3]), dtype=p.dtype) for p in parts
-                ]
-                grown.append(bufs)
-            if self._stored is not None:
-                for new, old in zip(grown, self._stored, strict=True):
-                    for n, o in zip(new, old, strict=True):
-                        n[..., :start, :] = o[..., :start, :]
-            self._stored = grown
-        for bufs, parts in zip(self._stored, enc, strict=True):
-            for b, p in zip(bufs, parts, strict=True):
-                b[..., start:end, :] = p
+    def _seal(self, a: int, b: int) -> None:
+        self.sealed = b
+        if self.kv_bits == 16:  # float16 blocks are stored as they are
+            return
+        assert self._half is not None and self._quant is not None
+        work = [self.keys, self.values]
+        for w in range(2):
+            x = self._half[w][..., a:b, :].astype(mx.float32)
+            x = x @ self._rotation(x.shape[-1], mx.float32)
+            packed, scales, biases = mx.quantize(x, group_size=self.kv_group, bits=self.kv_bits)
+            parts = [packed, scales.astype(mx.float16), biases.astype(mx.float16)]
+            for buf, p in zip(self._quant[w], parts, strict=True):
+                buf[..., a:b, :] = p
+            work[w][..., a:b, :] = self._readable(parts, work[w].dtype)
 
-    # -- mlx-lm interface ---------------------------------------------------------------
+    # -- mlx-lm interface ---------------------------------------------------------------------
+    def max_tokens_in_one_call(self) -> int:
+        if self.kv_bits == 16:
+            return 1 << 30
+        return self.block_size - self.offset % self.block_size
+
     def update_and_fetch(self, keys: mx.array, values: mx.array):  # noqa: ANN201 - mlx-lm API
-        (k_parts, k_read), (v_parts, v_read) = self._encode(keys), self._encode(values)
-        self._write_stored([k_parts, v_parts], self.offset)
-        return super().update_and_fetch(k_read, v_read)
+        prev, end = self.offset, self.offset + keys.shape[2]
+        if keys.shape[2] > self.max_tokens_in_one_call():
+            raise ValueError("a forward call must not cross a KV block boundary")
+        self._reserve(keys.shape, end)
+        reads = []
+        for w, x in enumerate((keys, values)):
+            half = x.astype(mx.float16)
+            self._half[w][..., prev:end, :] = half
+            reads.append(half.astype(x.dtype))
+        out = super().update_and_fetch(reads[0], reads[1])  # what this call attends to
+        while self.sealed + self.block_size <= end:
+            self._seal(self.sealed, self.sealed + self.block_size)
+        return out
 
-    # -- export / import ------------------------------------------------------------------
-    def export(self, start: int, end: int) -> tuple:
+    def truncate(self, n: int) -> int:
+        n = max(0, min(n, self.offset))
+        if n < self.sealed:
+            whole = n // self.block_size * self.block_size
+            n = n if self.kv_bits == 16 else whole  # float16 values are exact either way
+            self.sealed = whole
+        self.offset = n
+        return n
+
+    # -- export / import ------------------------------------------------------------------------
+    def export(self, a: int, b: int, sealed: bool) -> LayerKV:
         out = []
-        for parts in self._stored or []:
-            arrays = [np.array(p[0, :, start:end]) for p in parts]
-            if self.kv_bits == 16:
-                out.append(arrays[0])
+        for w in range(2):
+            if not sealed or self.kv_bits == 16:
+                out.append(np.array(self._half[w][0, :, a:b]))
             else:
+                p, s, z = (np.array(t[0, :, a:b]) for t in self._quant[w])
                 out.append(
                     QuantizedKV(
-                        packed=arrays[0].view(np.uint32),
-                        scales=arrays[1],
-                        biases=arrays[2],
+                        packed=p.view(np.uint32),
+                        scales=s,
+                        biases=z,
                         bits=self.kv_bits,
                         group_size=self.kv_group,
                     )
                 )
-        return tuple(out)
+        return LayerKV(keys=out[0], values=out[1])
 
-    def append(
-        self, keys: QuantizedKV | np.ndarray, values: QuantizedKV | np.ndarray, dtype: mx.Dtype
-    ) -> None:
-        """Append stored K/V (as exported, from any backend) after the held tokens."""
-        enc, reads = [], []
-        for kv in (keys, values):
-            if self.kv_bits == 16:
+    def abstract(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        return _key_abstract(np.array(self.keys[0, :, a:b].astype(mx.float32)))
+
+    def load(self, lkv: LayerKV, a: int, b: int, quantized: bool, dtype: mx.Dtype) -> None:
+        n_kv, _, d = (lkv.keys if isinstance(lkv.keys, np.ndarray) else lkv.keys.dequantize()).shape
+        if self.offset != a:
+            raise ValueError(f"block at {a} does not follow {self.offset} tokens")
+        self._reserve((1, n_kv, b - a, d), b)
+        reads = []
+        for w, kv in enumerate((lkv.keys, lkv.values)):
+            if not quantized:
                 if not isinstance(kv, np.ndarray):
-                    raise ValueError("this cache holds float16 K/V; got quantized blocks")
-                parts = [mx.array(np.asarray(kv, dtype=np.float16))[None]]
-            else:
-                layout = (self.kv_bits, self.kv_group)
-                if not isinstance(kv, QuantizedKV) or (kv.bits, kv.group_size) != layout:
-                    raise ValueError(f"blocks are not {self.kv_bits}-bit group {self.kv_group} K/V")
-                parts = [
-                    mx.array(np.ascontiguousarray(kv.packed))[None],
-                    mx.array(kv.scales)[None],
-                    mx.array(kv.biases)[None],
-                ]
-            enc.append(parts)
+                    raise ValueError("expected float16 K/V for an unsealed or float16 block")
+                half = mx.array(np.asarray(kv, dtype=np.float16))[None]
+                self._half[w][..., a:b, :] = half
+                reads.append(half.astype(dtype))
+                continue
+            layout = (self.kv_bits, self.kv_group)
+            if not isinstance(kv, QuantizedKV) or (kv.bits, kv.group_size) != layout:
+                raise ValueError(f"blocks are not {self.kv_bits}-bit group {self.kv_group} K/V")
+            parts = [
+                mx.array(np.ascontiguousarray(kv.packed))[None],
+                mx.array(kv.scales)[None],
+                mx.array(kv.biases)[None],
+            ]
+            for buf, p in zip(self._quant[w], parts, strict=True):
+                buf[..., a:b, :] = p
             reads.append(self._readable(parts, dtype))
-        self._write_stored(enc, self.offset)
         super().update_and_fetch(reads[0], reads[1])
+        if b - a == self.block_size and b % self.block_size == 0:
+            self.sealed = max(self.sealed, b)
 
 
 class MLXCache:
     """One sequence's KV cache: one stored-format mlx-lm cache per layer."""
 
-    def __init__(self, num_layers: int, kv_bits: int, group_size: int, dtype: mx.Dtype) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        kv_bits: int,
+        group_size: int,
+        dtype: mx.Dtype,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> None:
         self.bits, self.group_size, self.dtype = kv_bits, group_size, dtype
-        self.layers = [StoredKVCache(kv_bits, group_size) for _ in range(num_layers)]
+        self.block_size = block_size
+        self.layers = [StoredKVCache(kv_bits, group_size, block_size) for _ in range(num_layers)]
 
     @property
     def length(self) -> int:
         """Number of tokens held."""
         return int(self.layers[0].offset) if self.layers else 0
 
-    def trim(self, n: int) -> int:
-        """Drop the last ``n`` tokens (at most ``length``); returns how many were dropped."""
-        return min((c.trim(n) for c in self.layers), default=0)
+    @property
+    def sealed_length(self) -> int:
+        return self.layers[0].sealed if self.layers else 0
 
-    def truncate(self, n: int) -> None:
-        """Keep only the first ``n`` tokens."""
-        if n < self.length:
-            self.trim(self.length - n)
+    def max_tokens_in_one_call(self) -> int:
+        return self.layers[0].max_tokens_in_one_call()
 
-    def export(self, start: int = 0, end: int | None = None) -> list[LayerKV]:
-        """The stored K/V of tokens [start, end) per layer, as numpy arrays."""
-        end = self.length if end is None else min(end, self.length)
-        return [LayerKV(*c.export(start, end)) for c in self.layers]
+    def truncate(self, n: int) -> int:
+        """Keep at most the first ``n`` tokens (whole sealed blocks if cut inside one)."""
+        kept = [c.truncate(n) for c in self.layers]
+        return kept[0] if kept else 0
 
-    def append(self, layers: list[LayerKV]) -> None:
-        """Append stored K/V (as exported, from any backend) after the held tokens."""
-        if len(layers) != len(self.layers):
-            raise ValueError(f"expected {len(self.layers)} layers of KV, got {len(layers)}")
-        for c, lkv in zip(self.layers, layers, strict=True):
-            c.append(lkv.keys, lkv.values, self.dtype)
+    def blocks(self, start: int = 0) -> list[KVBlock]:
+        """Stored blocks from the block holding ``start`` on, as numpy arrays."""
+        out, bs = [], self.block_size
+        pos = start // bs * bs
+        while pos < self.length:
+            end = min(pos + bs, self.length)
+            sealed = end <= self.sealed_length
+            layers = [c.export(pos, end, sealed) for c in self.layers]
+            abstract = [c.abstract(pos, end) for c in self.layers] if sealed else None
+            out.append(KVBlock(pos, end - pos, layers, sealed=sealed, abstract=abstract))
+            pos = end
+        return out
+
+    def append_blocks(self, blocks: list[KVBlock]) -> None:
+        """Append stored blocks (as exported, from any backend) after the held tokens."""
+        for block in blocks:
+            if len(block.layers) != len(self.layers):
+                raise ValueError(
+                    f"expected {len(self.layers)} layers of KV, got {len(block.layers)}"
+                )
+            quantized = self.bits < 16 and block.sealed
+            for c, lkv in zip(self.layers, block.layers, strict=True):
+                c.load(lkv, block.start, block.end, quantized, self.dtype)
         mx.eval([c.state for c in self.layers])
 
     @property
     def stored_nbytes(self) -> int:
-        """Bytes of the stored form of the held tokens."""
-        return sum(lkv.nbytes for lkv in self.export())
+        return sum(b.nbytes for b in self.blocks())

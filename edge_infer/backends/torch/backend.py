@@ -46,5 +46,14 @@ class TorchBackend:
             h = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32)).to(
                 self.torch_device
             )
-        logits = self.decoder.forward(h, cache, all_logits)
+        outs, pos = [], 0
+        while pos < h.shape[0]:  # one call per KV block touched
+            n = min(h.shape[0] - pos, cache.max_tokens_in_one_call())
+            last = pos + n >= h.shape[0]
+            if all_logits or last:
+                outs.append(self.decoder.forward(h[pos : pos + n], cache, all_logits))
+            else:
+                self.decoder.forward(h[pos : pos + n], cache, False)
+            pos += n
+        logits = torch.cat(outs) if len(outs) > 1 else outs[0]
         return logits.cpu().numpy()

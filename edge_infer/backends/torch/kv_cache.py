@@ -1,10 +1,12 @@
-"""KV cache of one sequence for the torch decoder: stored quantized, attended as stored.
+"""KV cache of one sequence for the torch decoder, in the shared stored format.
 
-New keys/values are rotated (Hadamard, see :mod:`edge_infer.cache_store.rotation`) and
-quantized on write (4 or 8 bits, MLX affine layout), or rounded to float16; attention reads
-the exact stored values, rotated back, from a float32 working buffer. So what a token attends
-to does not depend on how the context was split into chunks, turns, saves and restores: it is
-always a fixed function of the stored bytes.
+Tokens live in blocks of ``block_size``. The growing tail block is stored in float16; when a
+block fills it is *sealed*: rotated (Hadamard, see :mod:`edge_infer.cache_store.rotation`) and
+quantized to 4 or 8 bits once. Attention always reads what is stored (float16 values, or the
+quantized values rotated back) from a float32 working buffer. What a query attends to is thus
+a function of positions only (blocks that ended before it are quantized, its own block is
+float16), never of how the context was split into chunks, turns, saves and restores, as long
+as one forward call stays inside one block (the backend splits calls to ensure it).
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ import numpy as np
 import torch
 
 from edge_infer.backends.torch.kv_quant import dequantize_kv, quantize_kv
-from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV
+from edge_infer.cache_store.kv_format import KVBlock, LayerKV, QuantizedKV
 from edge_infer.cache_store.rotation import hadamard
 
+DEFAULT_BLOCK_SIZE = 256
 
-class _Layer:
-    """Stored (quantized or f16) and working (float32) buffers of one layer's K and V."""
 
-    def __init__(self) -> None:
-        self.stored: list[list[torch.Tensor]] = []  # [keys parts, values parts]
-        self.work: list[torch.Tensor] = []  # [keys, values] float32 [n_kv, cap, D]
+def key_abstract(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Channel-wise (min, max) over tokens of keys [n_kv, T, D], rounded outward to float16."""
+    lo, hi = keys.min(axis=1), keys.max(axis=1)
+    lo16, hi16 = lo.astype(np.float16), hi.astype(np.float16)
+    lo16 = np.where(lo16.astype(np.float32) > lo, np.nextafter(lo16, np.float16(-np.inf)), lo16)
+    hi16 = np.where(hi16.astype(np.float32) < hi, np.nextafter(hi16, np.float16(np.inf)), hi16)
+    return lo16.astype(np.float16), hi16.astype(np.float16)
 
 
 class TorchKVCache:
@@ -36,6 +41,7 @@ class TorchKVCache:
         device: torch.device,
         kv_bits: int = 4,
         group_size: int = 64,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         initial_capacity: int = 256,
     ) -> None:
         if kv_bits not in (4, 8, 16):
@@ -43,147 +49,184 @@ class TorchKVCache:
         if kv_bits < 16 and head_dim % group_size:
             raise ValueError(f"head_dim {head_dim} is not a multiple of group size {group_size}")
         self.num_layers, self.n_kv, self.head_dim = num_layers, num_kv_heads, head_dim
-        self.bits, self.group_size = kv_bits, group_size
+        self.bits, self.group_size, self.block_size = kv_bits, group_size, block_size
         self.device = device
         self._rotation = torch.from_numpy(hadamard(head_dim).copy()).to(device)
         self._capacity = 0
         self._initial = initial_capacity
-        self._layers = [_Layer() for _ in range(num_layers)]
+        # per layer: [keys, values] of float16 values, quantized parts, float32 working copy
+        self._half: list[list[torch.Tensor]] = []
+        self._quant: list[list[list[torch.Tensor]]] = []
+        self._work: list[list[torch.Tensor]] = []
         self._length = 0
+        self._sealed = 0
 
     @property
     def length(self) -> int:
         """Tokens held."""
         return self._length
 
-    # -- buffers ---------------------------------------------------------------------------
-    def _part_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
-        d = self.head_dim
-        if self.bits == 16:
-            return [((d,), torch.float16)]
-        return [
-            ((d * self.bits // 32,), torch.int32),
-            ((d // self.group_size,), torch.float16),
-            ((d // self.group_size,), torch.float16),
-        ]
+    @property
+    def sealed_length(self) -> int:
+        """Tokens in sealed (quantized) blocks; the rest is the float16 tail."""
+        return self._sealed
 
+    # -- buffers ---------------------------------------------------------------------------
     def _reserve(self, end: int) -> None:
         if end <= self._capacity:
             return
         capacity = max(self._initial, self._capacity)
         while capacity < end:
             capacity *= 2
-        keep = self._length
-        for layer in self._layers:
-            old_stored, old_work = layer.stored, layer.work
-            layer.stored = [
-                [
-                    torch.empty((self.n_kv, capacity, *shape), dtype=dtype, device=self.device)
-                    for shape, dtype in self._part_shapes()
-                ]
-                for _ in range(2)
-            ]
-            layer.work = [
-                torch.empty((self.n_kv, capacity, self.head_dim), device=self.device)
-                for _ in range(2)
-            ]
-            if old_work:
-                for new, old in zip(layer.stored, old_stored, strict=True):
-                    for n, o in zip(new, old, strict=True):
-                        n[:, :keep] = o[:, :keep]
-                for n, o in zip(layer.work, old_work, strict=True):
-                    n[:, :keep] = o[:, :keep]
-        self._capacity = capacity
+        n, d, dev, keep = self.n_kv, self.head_dim, self.device, self._length
 
-    def _store(self, layer: _Layer, which: int, x: torch.Tensor, start: int, end: int) -> None:
-        """Quantize x [n_kv, T, D] into the stored buffers and its dequantization into work."""
-        parts = layer.stored[which]
-        if self.bits == 16:
-            half = x.to(torch.float16)
-            parts[0][:, start:end] = half
-            layer.work[which][:, start:end] = half.float()
-            return
-        packed, scales, biases = quantize_kv(x.float() @ self._rotation, self.bits, self.group_size)
-        parts[0][:, start:end], parts[1][:, start:end], parts[2][:, start:end] = (
-            packed,
-            scales,
-            biases,
-        )
-        layer.work[which][:, start:end] = self._readable(packed, scales, biases)
+        def grow(
+            old: torch.Tensor | None, tail: tuple[int, ...], dtype: torch.dtype
+        ) -> torch.Tensor:
+            new = torch.empty((n, capacity, *tail), dtype=dtype, device=dev)
+            if old is not None:
+                new[:, :keep] = old[:, :keep]
+            return new
+
+        first = not self._work
+        words, groups = d * self.bits // 32, d // self.group_size
+        for i in range(self.num_layers):
+            if first:
+                self._half.append([None, None])  # type: ignore[list-item]
+                self._quant.append([[None] * 3, [None] * 3])  # type: ignore[list-item]
+                self._work.append([None, None])  # type: ignore[list-item]
+            for w in range(2):
+                self._half[i][w] = grow(self._half[i][w], (d,), torch.float16)
+                self._work[i][w] = grow(self._work[i][w], (d,), torch.float32)
+                if self.bits < 16:
+                    q = self._quant[i][w]
+                    q[0] = grow(q[0], (words,), torch.int32)
+                    q[1] = grow(q[1], (groups,), torch.float16)
+                    q[2] = grow(q[2], (groups,), torch.float16)
+        self._capacity = capacity
 
     def _readable(
         self, packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor
     ) -> torch.Tensor:
-        """What attention reads for stored quantized K or V: dequantized, rotated back."""
-        deq = dequantize_kv(packed, scales, biases, self.bits, self.group_size)
-        return deq @ self._rotation
+        """What attention reads for quantized K or V: dequantized, rotated back."""
+        return dequantize_kv(packed, scales, biases, self.bits, self.group_size) @ self._rotation
 
     # -- decoder interface ----------------------------------------------------------------
+    def max_tokens_in_one_call(self) -> int:
+        """How many tokens the next forward may take without crossing a block boundary."""
+        if self.bits == 16:
+            return 1 << 30
+        return self.block_size - self._length % self.block_size
+
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [n_kv, T, D] after the held tokens; return the layer's K/V as stored."""
+        """Store k/v [n_kv, T, D] (float16) after the held tokens; return the layer's K/V as
+        attention must read them."""
         start, end = self._length, self._length + k.shape[1]
+        if end - start > self.max_tokens_in_one_call():
+            raise ValueError("a forward call must not cross a KV block boundary")
         self._reserve(end)
-        entry = self._layers[layer]
-        self._store(entry, 0, k, start, end)
-        self._store(entry, 1, v, start, end)
-        return entry.work[0][:, :end], entry.work[1][:, :end]
+        for w, x in enumerate((k, v)):
+            half = x.to(torch.float16)
+            self._half[layer][w][:, start:end] = half
+            self._work[layer][w][:, start:end] = half.float()
+        return self._work[layer][0][:, :end], self._work[layer][1][:, :end]
 
     def advance(self, n: int) -> None:
-        """Commit ``n`` tokens written by :meth:`update` for every layer."""
+        """Commit ``n`` tokens written by :meth:`update`; seal the block they completed."""
         self._length += n
+        while self._sealed + self.block_size <= self._length:
+            self._seal(self._sealed, self._sealed + self.block_size)
 
-    def truncate(self, n: int) -> None:
-        """Keep only the first ``n`` tokens."""
-        self._length = max(0, min(self._length, n))
+    def _seal(self, a: int, b: int) -> None:
+        self._sealed = b
+        if self.bits == 16:  # float16 blocks are stored as they are
+            return
+        for i in range(self.num_layers):
+            for w in range(2):
+                x = self._half[i][w][:, a:b].float() @ self._rotation
+                packed, scales, biases = quantize_kv(x, self.bits, self.group_size)
+                q = self._quant[i][w]
+                q[0][:, a:b], q[1][:, a:b], q[2][:, a:b] = packed, scales, biases
+                self._work[i][w][:, a:b] = self._readable(packed, scales, biases)
+
+    def truncate(self, n: int) -> int:
+        """Keep at most the first ``n`` tokens; returns how many are kept.
+
+        Cutting inside a sealed block keeps only the whole sealed blocks before it: the cut
+        block's tokens would have been float16, not quantized, so they must be recomputed.
+        """
+        n = max(0, min(n, self._length))
+        if n < self._sealed:
+            whole = n // self.block_size * self.block_size
+            n = n if self.bits == 16 else whole  # float16 values are exact either way
+            self._sealed = whole
+        self._length = n
+        return n
 
     # -- export / import ------------------------------------------------------------------
-    def _to_kv(self, parts: list[torch.Tensor], start: int, end: int) -> QuantizedKV | np.ndarray:
-        arrays = [p[:, start:end].cpu().numpy() for p in parts]
-        if self.bits == 16:
-            return arrays[0]
+    def blocks(self, start: int = 0) -> list[KVBlock]:
+        """Stored blocks from the block holding ``start`` on: sealed (quantized, with key
+        abstracts) and the float16 tail, as numpy arrays (copies)."""
+        out = []
+        pos = start // self.block_size * self.block_size
+        while pos < self._length:
+            end = min(pos + self.block_size, self._length)
+            sealed = end <= self._sealed
+            layers = [
+                LayerKV(
+                    keys=self._export(i, 0, pos, end, sealed),
+                    values=self._export(i, 1, pos, end, sealed),
+                )
+                for i in range(self.num_layers)
+            ]
+            abstract = None
+            if sealed:
+                abstract = [
+                    key_abstract(self._work[i][0][:, pos:end].cpu().numpy())
+                    for i in range(self.num_layers)
+                ]
+            out.append(KVBlock(pos, end - pos, layers, sealed=sealed, abstract=abstract))
+            pos = end
+        return out
+
+    def _export(self, i: int, w: int, a: int, b: int, sealed: bool) -> QuantizedKV | np.ndarray:
+        if not sealed or self.bits == 16:
+            return self._half[i][w][:, a:b].cpu().numpy()
+        p, s, z = (t[:, a:b].cpu().numpy() for t in self._quant[i][w])
         return QuantizedKV(
-            packed=arrays[0].view(np.uint32),
-            scales=arrays[1],
-            biases=arrays[2],
-            bits=self.bits,
-            group_size=self.group_size,
+            packed=p.view(np.uint32), scales=s, biases=z, bits=self.bits, group_size=self.group_size
         )
 
-    def export(self, start: int = 0, end: int | None = None) -> list[LayerKV]:
-        """The stored K/V of tokens [start, end) per layer, as numpy arrays (copies)."""
-        end = self._length if end is None else min(end, self._length)
-        return [
-            LayerKV(
-                keys=self._to_kv(layer.stored[0], start, end),
-                values=self._to_kv(layer.stored[1], start, end),
-            )
-            for layer in self._layers
-        ]
+    def append_blocks(self, blocks: list[KVBlock]) -> None:
+        """Append stored blocks (as exported, from any backend) after the held tokens."""
+        for block in blocks:
+            if block.start != self._length:
+                raise ValueError(f"block at {block.start} does not follow {self._length} tokens")
+            if len(block.layers) != self.num_layers:
+                raise ValueError(
+                    f"expected {self.num_layers} layers of KV, got {len(block.layers)}"
+                )
+            a, b = block.start, block.end
+            self._reserve(b)
+            quantized = self.bits < 16 and block.sealed
+            for i, lkv in enumerate(block.layers):
+                for w, kv in enumerate((lkv.keys, lkv.values)):
+                    self._load(i, w, kv, a, b, quantized)
+            self._length = b
+            if block.sealed:
+                self._sealed = b
 
-    def append(self, layers: list[LayerKV]) -> None:
-        """Append stored K/V (as exported, from any backend) after the held tokens."""
-        if len(layers) != self.num_layers:
-            raise ValueError(f"expected {self.num_layers} layers of KV, got {len(layers)}")
-        n = _kv_length(layers[0].keys)
-        start, end = self._length, self._length + n
-        self._reserve(end)
-        for entry, lkv in zip(self._layers, layers, strict=True):
-            for which, kv in enumerate((lkv.keys, lkv.values)):
-                self._load_parts(entry, which, kv, start, end)
-        self._length = end
-
-    def _load_parts(
-        self, entry: _Layer, which: int, kv: QuantizedKV | np.ndarray, start: int, end: int
+    def _load(
+        self, i: int, w: int, kv: QuantizedKV | np.ndarray, a: int, b: int, quantized: bool
     ) -> None:
-        parts = entry.stored[which]
-        if self.bits == 16:
+        if not quantized:
             if not isinstance(kv, np.ndarray):
-                raise ValueError("this cache holds float16 K/V; got quantized blocks")
+                raise ValueError("expected float16 K/V for an unsealed or float16 block")
             half = torch.from_numpy(np.ascontiguousarray(kv, dtype=np.float16)).to(self.device)
-            parts[0][:, start:end] = half
-            entry.work[which][:, start:end] = half.float()
+            self._half[i][w][:, a:b] = half
+            self._work[i][w][:, a:b] = half.float()
             return
         if not isinstance(kv, QuantizedKV) or (kv.bits, kv.group_size) != (
             self.bits,
@@ -193,25 +236,17 @@ class TorchKVCache:
                 f"blocks are not {self.bits}-bit group {self.group_size} K/V "
                 f"(got {getattr(kv, 'bits', 16)}-bit)"
             )
-        packed = torch.from_numpy(np.ascontiguousarray(kv.packed).view(np.int32)).to(self.device)
-        scales = torch.from_numpy(np.ascontiguousarray(kv.scales)).to(self.device)
-        biases = torch.from_numpy(np.ascontiguousarray(kv.biases)).to(self.device)
-        parts[0][:, start:end], parts[1][:, start:end], parts[2][:, start:end] = (
-            packed,
-            scales,
-            biases,
-        )
-        entry.work[which][:, start:end] = self._readable(packed, scales, biases)
+        parts = [
+            torch.from_numpy(np.ascontiguousarray(kv.packed).view(np.int32)),
+            torch.from_numpy(np.ascontiguousarray(kv.scales)),
+            torch.from_numpy(np.ascontiguousarray(kv.biases)),
+        ]
+        q = self._quant[i][w]
+        for dst, src in zip(q, parts, strict=True):
+            dst[:, a:b] = src.to(self.device)
+        self._work[i][w][:, a:b] = self._readable(*(t[:, a:b] for t in q))
 
     @property
     def stored_nbytes(self) -> int:
-        """Bytes of the stored (quantized) form of the held tokens."""
-        per_token = sum(
-            int(np.prod(shape)) * torch.empty((), dtype=dt).element_size()
-            for shape, dt in self._part_shapes()
-        )
-        return 2 * self.num_layers * self.n_kv * per_token * self._length
-
-
-def _kv_length(kv: QuantizedKV | np.ndarray) -> int:
-    return int((kv if isinstance(kv, np.ndarray) else kv.packed).shape[1])
+        """Bytes of the stored form of the held tokens."""
+        return sum(b.nbytes for b in self.blocks())
