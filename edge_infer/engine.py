@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge_infer.agents import Agent, AgentInfo
 from edge_infer.backends.base import Backend, create_backend
 from edge_infer.config import default_backend
 from edge_infer.detokenize import IncrementalDetokenizer, StopMatcher
@@ -18,6 +20,9 @@ from edge_infer.models.chat_template import render_chat
 from edge_infer.models.loader import load_model
 from edge_infer.models.spec import LoadedModel
 from edge_infer.sampling import Sampler, SamplingParams, log_softmax
+
+if TYPE_CHECKING:
+    from edge_infer.agent_manager import AgentManager
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -48,6 +53,8 @@ class Engine:
         self.tokenizer = model.tokenizer
         self.prefill_chunk = prefill_chunk
         self.last_usage = Usage()
+        self._agent_manager: AgentManager | None = None
+        self._agent_manager_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -65,9 +72,47 @@ class Engine:
         default) on ``backend`` ("auto", "torch" or "mlx"). KV caches hold keys and values in
         ``kv_bits`` (4 = default, 8, or 16 = float16)."""
         loaded = load_model(model, progress=progress)
-        be = create_backend(loaded, backend or default_backend(), device=device,
-                            kv_bits=kv_bits, kv_group_size=kv_group_size)
+        be = create_backend(
+            loaded,
+            backend or default_backend(),
+            device=device,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+        )
         return cls(loaded, be, prefill_chunk=prefill_chunk)
+
+    # -- agents ---------------------------------------------------------------------------------
+    @property
+    def _agents(self) -> AgentManager:
+        with self._agent_manager_lock:
+            if self._agent_manager is None:
+                from edge_infer.agent_manager import AgentManager
+
+                self._agent_manager = AgentManager(
+                    self,
+                    getattr(self.backend, "kv_bits", 4),
+                    getattr(self.backend, "kv_group_size", 64),
+                )
+            return self._agent_manager
+
+    def agent(self, name: str, system: str | None = None, overflow: str | None = None) -> Agent:
+        """Agent ``name``: created, or restored from its cache on disk. ``system`` sets its
+        system prompt; ``overflow="drop_oldest"`` drops the oldest turns instead of failing
+        when the conversation outgrows the context."""
+        return self._agents.agent(name, system=system, overflow=overflow)
+
+    def agents(self) -> list[AgentInfo]:
+        """Agents in memory or on disk: tokens held, bytes in memory and on disk, last use."""
+        return self._agents.list()
+
+    def delete_agent(self, name: str) -> bool:
+        """Delete agent ``name`` from memory and disk; True if it existed."""
+        return self._agents.delete(name)
+
+    def flush(self, name: str | None = None) -> None:
+        """Wait until agents' caches (``name``'s, or all) are written to disk."""
+        if self._agent_manager is not None:
+            self._agent_manager.flush(name)
 
     @property
     def context_length(self) -> int:
@@ -136,24 +181,40 @@ class Engine:
 
     # -- generation ---------------------------------------------------------------------
     def generate_tokens(
-        self, prompt_ids: Sequence[int], params: SamplingParams | None = None, **kwargs: Any
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        cache: Any = None,
+        usage: Usage | None = None,
+        **kwargs: Any,
     ) -> Iterator[tuple[int | None, str]]:
         """Yield (token id, new text) per generated token, then (None, rest) if text was held
-        back (a possible stop string or a split multi-byte character). ``last_usage`` is set
-        when the generator finishes."""
+        back (a possible stop string or a split multi-byte character).
+
+        With ``cache`` (holding the first ``cache.length`` ids of ``prompt_ids``) only the rest
+        is prefilled, and the cache keeps the generated tokens' K/V. ``usage`` (or
+        ``last_usage``) is filled in as the generator runs.
+        """
         p = SamplingParams.from_kwargs(params, **kwargs)
         prompt_ids = list(prompt_ids)
         self._check_fits(len(prompt_ids))
-        usage = self.last_usage = Usage(prompt_tokens=len(prompt_ids))
+        if cache is None:
+            cache = self.backend.new_cache()
+        held = cache.length
+        if held >= len(prompt_ids):
+            raise ValueError("the cache must leave at least one prompt token to prefill")
+        usage = usage if usage is not None else Usage()
+        self.last_usage = usage
+        usage.prompt_tokens, usage.cached_tokens = len(prompt_ids), held
         t0 = time.perf_counter()
-        cache = self.backend.new_cache()
-        logits = self._prefill(prompt_ids, cache)
+        logits = self._prefill(prompt_ids[held:], cache)
         sampler, history = Sampler(p), list(prompt_ids)
         detok, stops = IncrementalDetokenizer(self.tokenizer), StopMatcher(p.stop)
         eos = self.tokenizer.eos_ids
         t_first = time.perf_counter()
         usage.ttft_s = t_first - t0
-        usage.prefill_tokens_per_s = len(prompt_ids) / max(usage.ttft_s, 1e-9)
+        usage.prefill_tokens_per_s = (len(prompt_ids) - held) / max(usage.ttft_s, 1e-9)
         finish, stopped = "length", False
         while usage.completion_tokens < p.max_tokens:
             token = sampler(logits, history)

@@ -1,0 +1,304 @@
+"""Per-agent KV caches for one engine: hot (live), warm (block pool / disk), prefix reuse."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from edge_infer.agent_saver import BackgroundSaver
+from edge_infer.agents import OVERFLOW_POLICIES, Agent, AgentInfo, _State, fit_messages
+from edge_infer.cache_store import (
+    AgentStore,
+    BlockPool,
+    KVFormat,
+    common_prefix_len,
+    default_budget_bytes,
+    validate_agent_name,
+)
+from edge_infer.config import cache_root
+from edge_infer.errors import EdgeInferError
+from edge_infer.models.fingerprint import Fingerprint
+from edge_infer.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from edge_infer.engine import Engine, Usage
+
+# Live backend caches kept (float working copies); other agents wait as quantized blocks.
+MAX_LIVE_CACHES = 2
+
+
+class AgentManager:
+    """Owns the agents of one engine: their states, the block pool, the store, the saver."""
+
+    def __init__(
+        self, engine: Engine, kv_bits: int, kv_group_size: int, pool_bytes: int | None = None
+    ) -> None:
+        self.engine = engine
+        self.fmt = KVFormat(bits=kv_bits, group_size=kv_group_size)
+        self.fingerprint = Fingerprint.of(
+            **engine.model.fingerprint_parts, kv_format=self.fmt.fingerprint_tag()
+        )
+        self.store = AgentStore(cache_root(), self.fingerprint, self.fmt)
+        self.pool = BlockPool(pool_bytes or default_budget_bytes())
+        self.saver = BackgroundSaver()
+        self._states: dict[str, _State] = {}
+        self._usage: dict[str, Usage] = {}
+        self._live: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.RLock()
+        atexit.register(self.saver.flush)
+
+    # -- lookup -----------------------------------------------------------------------------
+    def agent(self, name: str, system: str | None = None, overflow: str | None = None) -> Agent:
+        """Get or create agent ``name`` (restored from disk when it has a cache there)."""
+        validate_agent_name(name)
+        if overflow is not None and overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES} (got {overflow!r})")
+        st = self.state(name)
+        with st.lock:
+            if overflow is not None:
+                st.extra["overflow"] = overflow
+            if system is not None and system != st.extra.get("system"):
+                st.extra["system"] = system
+                if st.messages and st.messages[0]["role"] == "system":
+                    st.messages[0] = {"role": "system", "content": system}
+                else:
+                    st.messages.insert(0, {"role": "system", "content": system})
+        return Agent(self, name)
+
+    def state(self, name: str) -> _State:
+        """The agent's state, loading it from the pool or disk the first time."""
+        with self._lock:
+            st = self._states.get(name)
+            if st is None:
+                st = self._states[name] = self._load(name)
+            return st
+
+    def _load(self, name: str) -> _State:
+        st = _State()
+        snap = self.store.load(name)
+        if snap is None:
+            mismatched = self.store.find_mismatched(name)
+            if mismatched:
+                import logging
+
+                parts = sorted({p for _, diff in mismatched for p in diff})
+                logging.getLogger("edge_infer.cache").warning(
+                    "agent %r has a cache made with another model or KV format (differs in: %s);"
+                    " starting it fresh",
+                    name,
+                    ", ".join(parts),
+                )
+            return st
+        st.messages = list(snap.messages)
+        st.extra = dict(snap.extra)
+        st.blocks = list(snap.blocks)
+        st.token_ids = list(snap.token_ids[: snap.valid_tokens])
+        self.pool.put(name, st.blocks)
+        return st
+
+    def usage(self, name: str) -> Usage:
+        from edge_infer.engine import Usage
+
+        return self._usage.get(name) or Usage()
+
+    # -- the live cache ---------------------------------------------------------------------------
+    def _live_cache(self, name: str, st: _State) -> Any:
+        if st.cache is None:
+            cache = self.engine.backend.new_cache()
+            if st.blocks:
+                cache.append_blocks(st.blocks)
+            st.cache = cache
+            st.token_ids = st.token_ids[: cache.length]
+        with self._lock:
+            self._live[name] = None
+            self._live.move_to_end(name)
+            while len(self._live) > MAX_LIVE_CACHES:
+                old, _ = self._live.popitem(last=False)
+                other = self._states.get(old)
+                if other is not None and other is not st:
+                    other.cache = None  # its blocks stay in the pool and on disk
+        return st.cache
+
+    def _sync_blocks(self, name: str, st: _State, first_changed: int) -> None:
+        """Re-export blocks from the one holding ``first_changed`` and persist in background."""
+        bs = self.fmt.block_size
+        keep = first_changed // bs
+        st.blocks = st.blocks[:keep] + st.cache.blocks(keep * bs)
+        st.last_used = time.time()
+        self.pool.put(name, st.blocks)
+        self.pool.evict_to_budget()
+        snapshot = (
+            list(st.token_ids),
+            list(st.blocks),
+            [dict(m) for m in st.messages],
+            {k: v for k, v in st.extra.items() if not k.startswith("_")},
+        )
+        self.saver.submit(
+            name,
+            lambda: self.store.save(
+                name, snapshot[0], snapshot[1], messages=snapshot[2], extra=snapshot[3]
+            ),
+        )
+
+    def _prepare(
+        self, name: str, st: _State, messages: list[dict[str, Any]]
+    ) -> tuple[Any, list[int], list[dict]]:
+        """Fit ``messages`` to the context, render them, and cut the cache to the shared prefix."""
+        limit = self.engine.context_length
+        messages, ids = fit_messages(
+            self.engine.chat_ids, messages, limit, st.extra.get("overflow", "error")
+        )
+        cache = self._live_cache(name, st)
+        keep = common_prefix_len(st.token_ids, ids)
+        keep = cache.truncate(min(keep, len(ids) - 1))
+        st.token_ids = st.token_ids[:keep]
+        return cache, ids, messages
+
+    # -- turns -----------------------------------------------------------------------------
+    def turn(
+        self,
+        name: str,
+        new_messages: list[dict[str, Any]],
+        params: SamplingParams | None,
+        kwargs: dict[str, Any],
+    ) -> Iterator[str]:
+        """Generate the reply to the agent's conversation plus ``new_messages``."""
+        from edge_infer.engine import Usage
+
+        st = self.state(name)
+        with st.lock, self.store.lock(name):
+            cache, ids, messages = self._prepare(name, st, st.messages + new_messages)
+            first_changed = len(st.token_ids)
+            usage = self._usage[name] = Usage()
+            generated: list[int] = []
+            pieces: list[str] = []
+            try:
+                for token, text in self.engine.generate_tokens(
+                    ids, params, cache=cache, usage=usage, **kwargs
+                ):
+                    if token is not None:
+                        generated.append(token)
+                    if text:
+                        pieces.append(text)
+                        yield text
+            finally:
+                # whatever was generated (also when the caller stops early) is kept consistent
+                st.token_ids = (ids + generated)[: cache.length]
+                st.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
+                self._sync_blocks(name, st, first_changed)
+
+    def append(self, name: str, messages: list[dict[str, Any]], prefill: bool) -> None:
+        """Append messages to the conversation; with ``prefill`` extend the cache now."""
+        st = self.state(name)
+        with st.lock, self.store.lock(name):
+            st.messages = st.messages + [dict(m) for m in messages]
+            if not prefill:
+                self.saver.submit(name, lambda: None)
+                return
+            rendered = self.engine.tokenizer.encode(
+                self.engine.render_chat(st.messages, add_generation_prompt=False)
+            )
+            if len(rendered) >= self.engine.context_length:
+                st.messages, rendered = fit_messages(
+                    lambda m: self.engine.tokenizer.encode(
+                        self.engine.render_chat(m, add_generation_prompt=False)
+                    ),
+                    st.messages,
+                    self.engine.context_length,
+                    st.extra.get("overflow", "error"),
+                )
+            cache = self._live_cache(name, st)
+            keep = cache.truncate(common_prefix_len(st.token_ids, rendered))
+            first_changed = keep
+            if keep < len(rendered):
+                self.engine._prefill(rendered[keep:], cache)
+            st.token_ids = rendered[: cache.length]
+            self._sync_blocks(name, st, first_changed)
+
+    def fork(self, name: str, new_name: str) -> Agent:
+        validate_agent_name(new_name)
+        if new_name in self._states or self.store.exists(new_name):
+            raise EdgeInferError(f"agent {new_name!r} already exists")
+        src = self.state(name)
+        with src.lock:
+            self.flush(name)
+            st = _State(
+                messages=[dict(m) for m in src.messages],
+                extra=dict(src.extra),
+                token_ids=list(src.token_ids),
+                blocks=list(src.blocks),
+            )
+        with self._lock:
+            self._states[new_name] = st
+        with st.lock:
+            st.last_used = time.time()
+            self.pool.put(new_name, st.blocks)
+            snapshot = (list(st.token_ids), list(st.blocks), st.messages, dict(st.extra))
+            self.saver.submit(
+                new_name,
+                lambda: self.store.save(
+                    new_name, snapshot[0], snapshot[1], messages=snapshot[2], extra=snapshot[3]
+                ),
+            )
+        return Agent(self, new_name)
+
+    def reset(self, name: str) -> None:
+        st = self.state(name)
+        with st.lock, self.store.lock(name):
+            system = st.extra.get("system")
+            st.messages = [{"role": "system", "content": system}] if system else []
+            if st.cache is not None:
+                st.cache.truncate(0)
+            st.token_ids, st.blocks = [], []
+            self.pool.remove(name)
+            self.saver.submit(
+                name,
+                lambda: self.store.save(name, [], [], messages=st.messages, extra=dict(st.extra)),
+            )
+
+    def delete(self, name: str) -> bool:
+        """Forget ``name`` in memory and on disk; True if it existed."""
+        validate_agent_name(name)
+        self.flush(name)
+        with self._lock:
+            existed = self._states.pop(name, None) is not None
+            self._live.pop(name, None)
+        self.pool.remove(name)
+        return self.store.delete(name) or existed
+
+    def list(self) -> list[AgentInfo]:
+        """Agents in memory or on disk, with tokens held and bytes used."""
+        self.flush()
+        on_disk = {a.name: a for a in self.store.list_agents()}
+        names = sorted(set(on_disk) | set(self._states))
+        out = []
+        for n in names:
+            st = self._states.get(n)
+            disk = on_disk.get(n)
+            out.append(
+                AgentInfo(
+                    name=n,
+                    tokens=len(st.token_ids) if st else (disk.tokens if disk else 0),
+                    bytes_in_memory=sum(b.nbytes for b in st.blocks) if st else 0,
+                    bytes_on_disk=disk.bytes_on_disk if disk else 0,
+                    last_used=st.last_used if st and st.last_used else _timestamp(disk),
+                    messages=len(st.messages) if st else 0,
+                )
+            )
+        return out
+
+    def flush(self, name: str | None = None) -> None:
+        self.saver.flush(name)
+
+
+def _timestamp(info: Any) -> float:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(info.updated).timestamp() if info else 0.0
+    except (TypeError, ValueError):
+        return 0.0
