@@ -201,22 +201,42 @@ class TorchKVCache:
 
     def append_blocks(self, blocks: list[KVBlock]) -> None:
         """Append stored blocks (as exported, from any backend) after the held tokens."""
+        pos = self._length
         for block in blocks:
-            if block.start != self._length:
-                raise ValueError(f"block at {block.start} does not follow {self._length} tokens")
+            if block.start != pos:
+                raise ValueError(f"block at {block.start} does not follow {pos} tokens")
             if len(block.layers) != self.num_layers:
                 raise ValueError(
                     f"expected {self.num_layers} layers of KV, got {len(block.layers)}"
                 )
-            a, b = block.start, block.end
-            self._reserve(b)
-            quantized = self.bits < 16 and block.sealed
-            for i, lkv in enumerate(block.layers):
-                for w, kv in enumerate((lkv.keys, lkv.values)):
-                    self._load(i, w, kv, a, b, quantized)
-            self._length = b
-            if block.sealed:
-                self._sealed = b
+            pos = block.end
+        self._reserve(pos)
+        # consecutive quantized blocks are loaded together: one dequantization per layer
+        run: list[KVBlock] = []
+        for block in [*blocks, None]:
+            if block is not None and self.bits < 16 and block.sealed:
+                run.append(block)
+                continue
+            if run:
+                self._load_quantized_run(run)
+                run = []
+            if block is not None:
+                for i, lkv in enumerate(block.layers):
+                    for w, kv in enumerate((lkv.keys, lkv.values)):
+                        self._load(i, w, kv, block.start, block.end, False)
+                self._length = block.end
+                if block.sealed:
+                    self._sealed = block.end
+
+    def _load_quantized_run(self, run: list[KVBlock]) -> None:
+        a, b = run[0].start, run[-1].end
+        for i in range(self.num_layers):
+            for w in range(2):
+                kvs = [blk.layers[i].keys if w == 0 else blk.layers[i].values for blk in run]
+                if not all(isinstance(kv, QuantizedKV) for kv in kvs):
+                    raise ValueError(f"blocks are not {self.bits}-bit K/V (got float16)")
+                self._load(i, w, QuantizedKV.concat(kvs), a, b, True)
+        self._length = self._sealed = b
 
     def _load(
         self, i: int, w: int, kv: QuantizedKV | np.ndarray, a: int, b: int, quantized: bool

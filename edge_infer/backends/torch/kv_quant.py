@@ -49,12 +49,15 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return vals.reshape(*packed.shape[:-1], -1)
 
 
-def dequantize_kv(
-    packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, group_size: int
-) -> torch.Tensor:
+def dequantize_kv(packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor,
+                  bits: int, group_size: int) -> torch.Tensor:
     """Inverse of :func:`quantize_kv` up to rounding: float32 [..., D]."""
-    q = unpack(packed, bits).float()
+    raw = packed.contiguous().view(torch.uint8)  # little-endian bytes of the words
+    if bits == 4:  # byte j holds element 2j (low nibble) and 2j+1 (high nibble)
+        q = torch.stack([raw & 0xF, raw >> 4], dim=-1).flatten(-2)
+    else:
+        q = raw
     *lead, d = q.shape
-    g = q.reshape(*lead, d // group_size, group_size)
-    out = g * scales.float()[..., None] + biases.float()[..., None]
+    g = q.reshape(*lead, d // group_size, group_size).float()
+    out = torch.addcmul(biases.float()[..., None], g, scales.float()[..., None])
     return out.reshape(*lead, d)
