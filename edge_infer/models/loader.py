@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge_infer.errors import ModelFormatError, ModelNotFoundError
-from edge_infer.models.default_model import default_model_path
+from edge_infer.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 from edge_infer.models.gguf_loader import load_gguf
 from edge_infer.models.hf_loader import load_hf_dir
 from edge_infer.models.spec import LoadedModel
@@ -35,7 +35,10 @@ def load_model(
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF" or path.suffix.lower() == ".gguf":
-        return load_gguf(path, progress=progress)
+        loaded = load_gguf(path, progress=progress)
+        if model is None or str(model) in ("", "default"):
+            loaded.name = DEFAULT_MODEL_NAME
+        return loaded
     raise ModelFormatError(
         f"{path}: unsupported model file (expected a .gguf file or a directory with config.json "
         "and .safetensors weights)"

@@ -128,9 +128,9 @@ class TorchKVCache:
             raise ValueError("a forward call must not cross a KV block boundary")
         self._reserve(end)
         for w, x in enumerate((k, v)):
-            half = x.to(torch.float16)
-            self._half[layer][w][:, start:end] = half
-            self._work[layer][w][:, start:end] = half.float()
+            half = self._half[layer][w][:, start:end]
+            half.copy_(x)  # rounds to float16: what is stored
+            self._work[layer][w][:, start:end].copy_(half)
         return self._work[layer][0][:, :end], self._work[layer][1][:, :end]
 
     def advance(self, n: int) -> None:
