@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import corpus_text, machine, print_table
+from benchmarks.common import corpus_text, machine, print_table, write_results
 
 QUESTION = "Summarise that in one sentence."
 
@@ -207,9 +207,7 @@ def main() -> None:
         ],
         rows,
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

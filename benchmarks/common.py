@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -38,3 +39,11 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]
     print(line)
     for row in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def write_results(path, results: object) -> None:
+    """Save results (with the machine they came from) as JSON, if a path was given."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import corpus_text, machine, print_table, summarize
+from benchmarks.common import corpus_text, machine, print_table, summarize, write_results
 from edge_infer.backends.base import create_backend
 from edge_infer.engine import Engine
 from edge_infer.models.loader import load_model
@@ -137,9 +136,7 @@ def main() -> None:
         ],
         rows,
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

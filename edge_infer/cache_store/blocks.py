@@ -25,6 +25,11 @@ def _round_up_f16(x: np.ndarray) -> np.ndarray:
     return np.where(under, np.nextafter(y, np.float16(np.inf)), y).astype(np.float16)
 
 
+def key_bounds(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Channel-wise (min, max) over tokens of keys [n_kv, T, D], rounded outward to float16."""
+    return _round_down_f16(keys.min(axis=1)), _round_up_f16(keys.max(axis=1))
+
+
 def compute_abstract(layers: Sequence[LayerKV]) -> Abstract:
     """Channel-wise min and max of each layer's dequantized keys over the block's tokens.
 
@@ -34,8 +39,7 @@ def compute_abstract(layers: Sequence[LayerKV]) -> Abstract:
     for layer in layers:
         if layer.length == 0:
             raise ValueError("cannot compute the abstract of an empty block")
-        k = kv_dequantize(layer.keys)
-        out.append((_round_down_f16(k.min(axis=1)), _round_up_f16(k.max(axis=1))))
+        out.append(key_bounds(kv_dequantize(layer.keys)))
     return out
 
 

@@ -13,19 +13,12 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from edge_infer.cache_store.blocks import key_bounds
 from edge_infer.cache_store.kv_format import KVBlock, LayerKV, QuantizedKV
 from edge_infer.cache_store.rotation import hadamard
 
 DEFAULT_BLOCK_SIZE = 256
 _STEP = 256
-
-
-def _key_abstract(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    lo, hi = keys.min(axis=1), keys.max(axis=1)
-    lo16, hi16 = lo.astype(np.float16), hi.astype(np.float16)
-    lo16 = np.where(lo16.astype(np.float32) > lo, np.nextafter(lo16, np.float16(-np.inf)), lo16)
-    hi16 = np.where(hi16.astype(np.float32) < hi, np.nextafter(hi16, np.float16(np.inf)), hi16)
-    return lo16.astype(np.float16), hi16.astype(np.float16)
 
 
 class StoredKVCache(KVCache):
@@ -148,7 +141,7 @@ class StoredKVCache(KVCache):
         return LayerKV(keys=out[0], values=out[1])
 
     def abstract(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-        return _key_abstract(np.array(self.keys[0, :, a:b].astype(mx.float32)))
+        return key_bounds(np.array(self.keys[0, :, a:b].astype(mx.float32)))
 
     def load(self, lkv: LayerKV, a: int, b: int, quantized: bool, dtype: mx.Dtype) -> None:
         n_kv, _, d = (lkv.keys if isinstance(lkv.keys, np.ndarray) else lkv.keys.dequantize()).shape

@@ -15,19 +15,11 @@ import numpy as np
 import torch
 
 from edge_infer.backends.torch.kv_quant import dequantize_kv, quantize_kv
+from edge_infer.cache_store.blocks import key_bounds
 from edge_infer.cache_store.kv_format import KVBlock, LayerKV, QuantizedKV
 from edge_infer.cache_store.rotation import hadamard
 
 DEFAULT_BLOCK_SIZE = 256
-
-
-def key_abstract(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Channel-wise (min, max) over tokens of keys [n_kv, T, D], rounded outward to float16."""
-    lo, hi = keys.min(axis=1), keys.max(axis=1)
-    lo16, hi16 = lo.astype(np.float16), hi.astype(np.float16)
-    lo16 = np.where(lo16.astype(np.float32) > lo, np.nextafter(lo16, np.float16(-np.inf)), lo16)
-    hi16 = np.where(hi16.astype(np.float32) < hi, np.nextafter(hi16, np.float16(np.inf)), hi16)
-    return lo16.astype(np.float16), hi16.astype(np.float16)
 
 
 class TorchKVCache:
@@ -184,7 +176,7 @@ class TorchKVCache:
             abstract = None
             if sealed:
                 abstract = [
-                    key_abstract(self._work[i][0][:, pos:end].cpu().numpy())
+                    key_bounds(self._work[i][0][:, pos:end].cpu().numpy())
                     for i in range(self.num_layers)
                 ]
             out.append(KVBlock(pos, end - pos, layers, sealed=sealed, abstract=abstract))

@@ -49,8 +49,9 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return vals.reshape(*packed.shape[:-1], -1)
 
 
-def dequantize_kv(packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor,
-                  bits: int, group_size: int) -> torch.Tensor:
+def dequantize_kv(
+    packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
     """Inverse of :func:`quantize_kv` up to rounding: float32 [..., D]."""
     raw = packed.contiguous().view(torch.uint8)  # little-endian bytes of the words
     if bits == 4:  # byte j holds element 2j (low nibble) and 2j+1 (high nibble)
