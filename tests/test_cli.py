@@ -77,6 +77,17 @@ def test_run_raw_completion_from_stdin_with_options():
     assert proc.stderr.strip() == ""
 
 
+def test_run_with_8_bit_kv_cache():
+    proc = run_cli("run", "--kv-bits", "8", "--temperature", "0", "--max-tokens", "6", "Hi")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+
+
+def test_bad_kv_bits():
+    proc = run_cli("run", "--kv-bits", "3", "hi")
+    assert_one_line_error(proc, "kv_bits", "4, 8 or 16")
+
+
 def test_run_mlx_backend():
     pytest.importorskip("mlx_lm")
     proc = run_cli(

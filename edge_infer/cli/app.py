@@ -72,11 +72,11 @@ def _loading(label: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
-def _load_engine(model: str | None, backend: str, debug_label: str = "loading model") -> Any:
+def _load_engine(model: str | None, backend: str, kv_bits: int = 4) -> Any:
     from edge_infer.engine import Engine
 
-    with _loading(debug_label) as update:
-        return Engine.load(model, backend=backend, progress=update)
+    with _loading("loading model") as update:
+        return Engine.load(model, backend=backend, kv_bits=kv_bits, progress=update)
 
 
 ModelOpt = Annotated[
@@ -115,6 +115,7 @@ def run(
     ] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Plain completion: no chat template.")] = False,
     stats: Annotated[bool, typer.Option(help="Print token counts and speed to stderr.")] = True,
+    kv_bits: Annotated[int, typer.Option(help="KV cache precision: 4, 8 or 16 (float16).")] = 4,
 ) -> None:
     """Answer one prompt, streaming the reply to stdout."""
     with _user_errors():
@@ -135,7 +136,7 @@ def run(
             stop=tuple(stop or ()),
             ignore_eos=ignore_eos,
         )
-        eng = _load_engine(model, backend)
+        eng = _load_engine(model, backend, kv_bits)
         if raw:
             pieces = eng.stream(prompt, params)
         else:
