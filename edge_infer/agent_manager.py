@@ -135,7 +135,7 @@ class AgentManager:
             list(st.token_ids),
             list(st.blocks),
             [dict(m) for m in st.messages],
-            {k: v for k, v in st.extra.items() if not k.startswith("_")},
+            dict(st.extra),
         )
         self.saver.submit(
             name,

@@ -229,7 +229,3 @@ class MLXCache:
             for c, lkv in zip(self.layers, block.layers, strict=True):
                 c.load(lkv, block.start, block.end, quantized, self.dtype)
         mx.eval([c.state for c in self.layers])
-
-    @property
-    def stored_nbytes(self) -> int:
-        return sum(b.nbytes for b in self.blocks())

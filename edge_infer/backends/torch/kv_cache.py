@@ -257,8 +257,3 @@ class TorchKVCache:
         for dst, src in zip(q, parts, strict=True):
             dst[:, a:b] = src.to(self.device)
         self._work[i][w][:, a:b] = self._readable(*(t[:, a:b] for t in q))
-
-    @property
-    def stored_nbytes(self) -> int:
-        """Bytes of the stored form of the held tokens."""
-        return sum(b.nbytes for b in self.blocks())
