@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +27,8 @@ from edge_infer.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from edge_infer.engine import Engine, Usage
+
+log = logging.getLogger("edge_infer.cache")
 
 # Live backend caches kept (float working copies); other agents wait as quantized blocks.
 MAX_LIVE_CACHES = 2
@@ -83,10 +86,8 @@ class AgentManager:
         if snap is None:
             mismatched = self.store.find_mismatched(name)
             if mismatched:
-                import logging
-
                 parts = sorted({p for _, diff in mismatched for p in diff})
-                logging.getLogger("edge_infer.cache").warning(
+                log.warning(
                     "agent %r has a cache made with another model or KV format (differs in: %s);"
                     " starting it fresh",
                     name,
@@ -131,17 +132,14 @@ class AgentManager:
         st.last_used = time.time()
         self.pool.put(name, st.blocks)
         self.pool.evict_to_budget()
-        snapshot = (
-            list(st.token_ids),
-            list(st.blocks),
-            [dict(m) for m in st.messages],
-            dict(st.extra),
-        )
+        self._persist(name, st)
+
+    def _persist(self, name: str, st: _State) -> None:
+        """Save a snapshot of the agent's state on the background saver."""
+        ids, blocks = list(st.token_ids), list(st.blocks)
+        messages, extra = [dict(m) for m in st.messages], dict(st.extra)
         self.saver.submit(
-            name,
-            lambda: self.store.save(
-                name, snapshot[0], snapshot[1], messages=snapshot[2], extra=snapshot[3]
-            ),
+            name, lambda: self.store.save(name, ids, blocks, messages=messages, extra=extra)
         )
 
     def _prepare(
@@ -197,20 +195,16 @@ class AgentManager:
         with st.lock, self.store.lock(name):
             st.messages = st.messages + [dict(m) for m in messages]
             if not prefill:
-                self.saver.submit(name, lambda: None)
+                self._persist(name, st)
                 return
-            rendered = self.engine.tokenizer.encode(
-                self.engine.render_chat(st.messages, add_generation_prompt=False)
+            st.messages, rendered = fit_messages(
+                lambda m: self.engine.tokenizer.encode(
+                    self.engine.render_chat(m, add_generation_prompt=False)
+                ),
+                st.messages,
+                self.engine.context_length,
+                st.extra.get("overflow", "error"),
             )
-            if len(rendered) >= self.engine.context_length:
-                st.messages, rendered = fit_messages(
-                    lambda m: self.engine.tokenizer.encode(
-                        self.engine.render_chat(m, add_generation_prompt=False)
-                    ),
-                    st.messages,
-                    self.engine.context_length,
-                    st.extra.get("overflow", "error"),
-                )
             cache = self._live_cache(name, st)
             keep = cache.truncate(common_prefix_len(st.token_ids, rendered))
             first_changed = keep
@@ -237,13 +231,7 @@ class AgentManager:
         with st.lock:
             st.last_used = time.time()
             self.pool.put(new_name, st.blocks)
-            snapshot = (list(st.token_ids), list(st.blocks), st.messages, dict(st.extra))
-            self.saver.submit(
-                new_name,
-                lambda: self.store.save(
-                    new_name, snapshot[0], snapshot[1], messages=snapshot[2], extra=snapshot[3]
-                ),
-            )
+            self._persist(new_name, st)
         return Agent(self, new_name)
 
     def reset(self, name: str) -> None:
@@ -255,10 +243,7 @@ class AgentManager:
                 st.cache.truncate(0)
             st.token_ids, st.blocks = [], []
             self.pool.remove(name)
-            self.saver.submit(
-                name,
-                lambda: self.store.save(name, [], [], messages=st.messages, extra=dict(st.extra)),
-            )
+            self._persist(name, st)
 
     def delete(self, name: str) -> bool:
         """Forget ``name`` in memory and on disk; True if it existed."""

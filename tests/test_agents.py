@@ -99,6 +99,17 @@ def test_cross_phase_injection_extends_the_cache(cache_dir):
     assert a.usage.cached_tokens >= extended - 1
 
 
+def test_messages_added_without_prefill_are_persisted(cache_dir):
+    eng = Engine.load()
+    a = eng.agent("jill")
+    a.chat("Say hi.", temperature=0, max_tokens=4)
+    a.add_messages([{"role": "user", "content": "Note: the meeting moved to 3 pm."}], prefill=False)
+    eng.flush()
+    restored = Engine.load().agent("jill")
+    assert restored.messages[-1]["content"] == "Note: the meeting moved to 3 pm."
+    assert len(restored.messages) == 3
+
+
 def test_flipped_byte_falls_back_to_prefill_and_answers_the_same(cache_dir, caplog):
     eng = Engine.load()
     a = eng.agent("erin")

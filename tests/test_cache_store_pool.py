@@ -180,3 +180,19 @@ def test_blocks_for_prefix() -> None:
     tail = blocks_for_prefix(blocks, 35)
     assert_blocks_equal(tail[:2], blocks[:2])
     assert tail[2].length == 3 and not tail[2].sealed
+
+
+def test_truncation_keeps_whole_sealed_quantized_blocks():
+    from edge_infer.cache_store.blocks import tokens_to_block_end, truncation
+
+    # inside the float16 tail: exact
+    assert truncation(280, held=300, sealed=256, block_size=256, quantized=True) == (280, 256)
+    # inside a sealed quantized block: back to the block start
+    assert truncation(300, held=600, sealed=512, block_size=256, quantized=True) == (256, 256)
+    # float16 blocks are exact wherever they are cut
+    assert truncation(300, held=600, sealed=512, block_size=256, quantized=False) == (300, 256)
+    assert truncation(-5, held=10, sealed=0, block_size=256, quantized=True) == (0, 0)
+    assert truncation(50, held=10, sealed=0, block_size=256, quantized=True) == (10, 0)
+    assert tokens_to_block_end(300, 256, True) == 212
+    assert tokens_to_block_end(512, 256, True) == 256
+    assert tokens_to_block_end(300, 256, False) > 1 << 20

@@ -25,6 +25,29 @@ def _round_up_f16(x: np.ndarray) -> np.ndarray:
     return np.where(under, np.nextafter(y, np.float16(np.inf)), y).astype(np.float16)
 
 
+def tokens_to_block_end(held: int, block_size: int, quantized: bool) -> int:
+    """How many tokens a forward call may append without crossing a block boundary.
+
+    Quantized caches seal (quantize) a block when it fills, and a query must see its own block
+    in float16, so one call stays inside one block; float16 caches have no such limit.
+    """
+    return block_size - held % block_size if quantized else 1 << 30
+
+
+def truncation(n: int, held: int, sealed: int, block_size: int, quantized: bool) -> tuple[int, int]:
+    """(tokens kept, tokens still sealed) when a cache holding ``held`` tokens, the first
+    ``sealed`` of them in sealed blocks, is cut to ``n``.
+
+    Cutting inside a sealed quantized block keeps only the whole blocks before it: the cut
+    block's tokens would have been float16 in its tail, so they must be computed again.
+    """
+    n = max(0, min(n, held))
+    if n >= sealed:
+        return n, sealed
+    whole = n // block_size * block_size
+    return (whole if quantized else n), whole
+
+
 def key_bounds(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Channel-wise (min, max) over tokens of keys [n_kv, T, D], rounded outward to float16."""
     return _round_down_f16(keys.min(axis=1)), _round_up_f16(keys.max(axis=1))

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from edge_infer.cache_store.blocks import key_bounds
+from edge_infer.cache_store.blocks import key_bounds, tokens_to_block_end, truncation
 from edge_infer.cache_store.kv_format import KVBlock, LayerKV, QuantizedKV
 from edge_infer.cache_store.rotation import hadamard
 
@@ -93,9 +93,7 @@ class StoredKVCache(KVCache):
 
     # -- mlx-lm interface ---------------------------------------------------------------------
     def max_tokens_in_one_call(self) -> int:
-        if self.kv_bits == 16:
-            return 1 << 30
-        return self.block_size - self.offset % self.block_size
+        return tokens_to_block_end(self.offset, self.block_size, self.kv_bits < 16)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):  # noqa: ANN201 - mlx-lm API
         prev, end = self.offset, self.offset + keys.shape[2]
@@ -113,13 +111,10 @@ class StoredKVCache(KVCache):
         return out
 
     def truncate(self, n: int) -> int:
-        n = max(0, min(n, self.offset))
-        if n < self.sealed:
-            whole = n // self.block_size * self.block_size
-            n = n if self.kv_bits == 16 else whole  # float16 values are exact either way
-            self.sealed = whole
-        self.offset = n
-        return n
+        self.offset, self.sealed = truncation(
+            n, self.offset, self.sealed, self.block_size, self.kv_bits < 16
+        )
+        return self.offset
 
     # -- export / import ------------------------------------------------------------------------
     def export(self, a: int, b: int, sealed: bool) -> LayerKV:

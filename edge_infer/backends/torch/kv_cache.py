@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from edge_infer.backends.torch.kv_quant import dequantize_kv, quantize_kv
-from edge_infer.cache_store.blocks import key_bounds
+from edge_infer.cache_store.blocks import key_bounds, tokens_to_block_end, truncation
 from edge_infer.cache_store.kv_format import KVBlock, LayerKV, QuantizedKV
 from edge_infer.cache_store.rotation import hadamard
 
@@ -106,9 +106,7 @@ class TorchKVCache:
     # -- decoder interface ----------------------------------------------------------------
     def max_tokens_in_one_call(self) -> int:
         """How many tokens the next forward may take without crossing a block boundary."""
-        if self.bits == 16:
-            return 1 << 30
-        return self.block_size - self._length % self.block_size
+        return tokens_to_block_end(self._length, self.block_size, self.bits < 16)
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -149,13 +147,10 @@ class TorchKVCache:
         Cutting inside a sealed block keeps only the whole sealed blocks before it: the cut
         block's tokens would have been float16, not quantized, so they must be recomputed.
         """
-        n = max(0, min(n, self._length))
-        if n < self._sealed:
-            whole = n // self.block_size * self.block_size
-            n = n if self.bits == 16 else whole  # float16 values are exact either way
-            self._sealed = whole
-        self._length = n
-        return n
+        self._length, self._sealed = truncation(
+            n, self._length, self._sealed, self.block_size, self.bits < 16
+        )
+        return self._length
 
     # -- export / import ------------------------------------------------------------------
     def blocks(self, start: int = 0) -> list[KVBlock]:
