@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import threading
 import time
@@ -45,7 +46,13 @@ class AgentManager:
         self.fingerprint = Fingerprint.of(
             **engine.model.fingerprint_parts, kv_format=self.fmt.fingerprint_tag()
         )
-        self.store = AgentStore(cache_root(), self.fingerprint, self.fmt)
+        model = engine.model
+        self.store = AgentStore(
+            cache_root(),
+            self.fingerprint,
+            self.fmt,
+            model_record={"name": model.name, "source": str(model.source)},
+        )
         self.pool = BlockPool(pool_bytes or default_budget_bytes())
         self.saver = BackgroundSaver()
         self._states: dict[str, _State] = {}
@@ -117,18 +124,22 @@ class AgentManager:
         with self._lock:
             self._live[name] = None
             self._live.move_to_end(name)
-            while len(self._live) > MAX_LIVE_CACHES:
-                old, _ = self._live.popitem(last=False)
+            # drop the oldest idle working copies; agents in a turn keep theirs
+            for old in list(self._live):
+                if len(self._live) <= MAX_LIVE_CACHES:
+                    break
                 other = self._states.get(old)
-                if other is not None and other is not st:
-                    other.cache = None  # its blocks stay in the pool and on disk
+                if other is None or (other is not st and not other.busy):
+                    self._live.pop(old)
+                    if other is not None:
+                        other.cache = None  # its blocks stay in the pool and on disk
         return st.cache
 
-    def _sync_blocks(self, name: str, st: _State, first_changed: int) -> None:
+    def _sync_blocks(self, name: str, st: _State, cache: Any, first_changed: int) -> None:
         """Re-export blocks from the one holding ``first_changed`` and persist in background."""
         bs = self.fmt.block_size
         keep = first_changed // bs
-        st.blocks = st.blocks[:keep] + st.cache.blocks(keep * bs)
+        st.blocks = st.blocks[:keep] + cache.blocks(keep * bs)
         st.last_used = time.time()
         self.pool.put(name, st.blocks)
         self.pool.evict_to_budget()
@@ -168,7 +179,7 @@ class AgentManager:
         from edge_infer.engine import Usage
 
         st = self.state(name)
-        with st.lock, self.store.lock(name):
+        with st.lock, self.store.lock(name), _busy(st):
             cache, ids, messages = self._prepare(name, st, st.messages + new_messages)
             first_changed = len(st.token_ids)
             usage = self._usage[name] = Usage()
@@ -187,12 +198,12 @@ class AgentManager:
                 # whatever was generated (also when the caller stops early) is kept consistent
                 st.token_ids = (ids + generated)[: cache.length]
                 st.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
-                self._sync_blocks(name, st, first_changed)
+                self._sync_blocks(name, st, cache, first_changed)
 
     def append(self, name: str, messages: list[dict[str, Any]], prefill: bool) -> None:
         """Append messages to the conversation; with ``prefill`` extend the cache now."""
         st = self.state(name)
-        with st.lock, self.store.lock(name):
+        with st.lock, self.store.lock(name), _busy(st):
             st.messages = st.messages + [dict(m) for m in messages]
             if not prefill:
                 self._persist(name, st)
@@ -211,7 +222,7 @@ class AgentManager:
             if keep < len(rendered):
                 self.engine._prefill(rendered[keep:], cache)
             st.token_ids = rendered[: cache.length]
-            self._sync_blocks(name, st, first_changed)
+            self._sync_blocks(name, st, cache, first_changed)
 
     def fork(self, name: str, new_name: str) -> Agent:
         validate_agent_name(new_name)
@@ -245,15 +256,26 @@ class AgentManager:
             self.pool.remove(name)
             self._persist(name, st)
 
-    def delete(self, name: str) -> bool:
-        """Forget ``name`` in memory and on disk; True if it existed."""
+    def exists(self, name: str) -> bool:
+        """Whether agent ``name`` is in memory or has a cache on disk."""
         validate_agent_name(name)
-        self.flush(name)
         with self._lock:
-            existed = self._states.pop(name, None) is not None
-            self._live.pop(name, None)
-        self.pool.remove(name)
-        return self.store.delete(name) or existed
+            if name in self._states:
+                return True
+        return self.store.exists(name)
+
+    def delete(self, name: str) -> bool:
+        """Forget ``name`` in memory and on disk; True if it existed (waits for its turn)."""
+        validate_agent_name(name)
+        with self._lock:
+            st = self._states.get(name)
+        with st.lock if st is not None else contextlib.nullcontext():
+            self.flush(name)
+            with self._lock:
+                existed = self._states.pop(name, None) is not None
+                self._live.pop(name, None)
+            self.pool.remove(name)
+            return self.store.delete(name) or existed
 
     def list(self) -> list[AgentInfo]:
         """Agents in memory or on disk, with tokens held and bytes used."""
@@ -278,6 +300,16 @@ class AgentManager:
 
     def flush(self, name: str | None = None) -> None:
         self.saver.flush(name)
+
+
+@contextlib.contextmanager
+def _busy(st: _State) -> Iterator[None]:
+    """Mark ``st`` as in a turn, so its working copy is not evicted under it."""
+    st.busy += 1
+    try:
+        yield
+    finally:
+        st.busy -= 1
 
 
 def _timestamp(info: Any) -> float:

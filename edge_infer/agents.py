@@ -40,6 +40,7 @@ class _State:
     blocks: list[KVBlock] = field(default_factory=list)  # exported form of the cache
     cache: Any = None  # live backend cache (hot), or None
     last_used: float = 0.0
+    busy: int = 0  # turns in progress (guarded by ``lock``)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
@@ -72,15 +73,33 @@ class Agent:
         """Tokens whose KV the agent holds."""
         return len(self._state.token_ids)
 
-    def chat(self, content: str, params: SamplingParams | None = None, **kwargs: Any) -> str:
-        """Add a user message and return the reply (only the new turn is prefilled)."""
+    def chat(
+        self,
+        content: str | list[dict[str, Any]],
+        params: SamplingParams | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Add a user message (or a list of messages) and return the reply.
+
+        Only the new turn is prefilled; the conversation so far comes from the cache.
+        """
         return "".join(self.stream(content, params, **kwargs))
 
     def stream(
-        self, content: str, params: SamplingParams | None = None, **kwargs: Any
+        self,
+        content: str | list[dict[str, Any]],
+        params: SamplingParams | None = None,
+        **kwargs: Any,
     ) -> Iterator[str]:
-        """Like :meth:`chat`, streamed as text pieces."""
-        return self._engine.turn(self.name, [{"role": "user", "content": content}], params, kwargs)
+        """Like :meth:`chat`, streamed as text pieces. Closing the stream early keeps what
+        was generated so far as the reply, in the messages and in the cache."""
+        if isinstance(content, str):
+            new = [{"role": "user", "content": content}]
+        else:
+            new = [dict(m) for m in content]
+            if not new:
+                raise ValueError("no messages given")
+        return self._engine.turn(self.name, new, params, kwargs)
 
     def add_messages(self, messages: list[dict[str, Any]], prefill: bool = True) -> None:
         """Append messages (another agent's output, a tool result...) without a reply.

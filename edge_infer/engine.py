@@ -105,6 +105,10 @@ class Engine:
         """Agents in memory or on disk: tokens held, bytes in memory and on disk, last use."""
         return self._agents.list()
 
+    def has_agent(self, name: str) -> bool:
+        """Whether agent ``name`` exists (in memory or with a cache on disk)."""
+        return self._agents.exists(name)
+
     def delete_agent(self, name: str) -> bool:
         """Delete agent ``name`` from memory and disk; True if it existed."""
         return self._agents.delete(name)

@@ -6,6 +6,7 @@ Layout under ``root``::
     agents/<fingerprint digest>/<agent>/b{start:08d}-{sha256[:16]}.safetensors
     agents/<fingerprint digest>/<agent>/quarantine/         (files that failed verification)
     agents/<fingerprint digest>/.locks/<agent>.lock         (inter-process lock)
+    agents/<fingerprint digest>/model.json                  (which model: name, source, parts)
 
 Block files are named by content and written once; the manifest is replaced atomically last,
 then unreferenced files are removed, so a crash leaves the old or the new state loadable.
@@ -14,6 +15,7 @@ then unreferenced files are removed, so a crash leaves the old or the new state 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -53,6 +55,7 @@ log = logging.getLogger("edge_infer.cache")
 AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 QUARANTINE_DIR = "quarantine"
 LOCKS_DIR = ".locks"
+MODEL_RECORD_NAME = "model.json"
 
 
 def validate_agent_name(agent: str) -> str:
@@ -108,10 +111,18 @@ def _dir_bytes(path: Path) -> int:
 class AgentStore:
     """Saves and restores agents' KV blocks for one model fingerprint and KV format."""
 
-    def __init__(self, root: Path, fingerprint: Fingerprint, fmt: KVFormat) -> None:
+    def __init__(
+        self,
+        root: Path,
+        fingerprint: Fingerprint,
+        fmt: KVFormat,
+        model_record: dict[str, Any] | None = None,
+    ) -> None:
         self.root = Path(root)
         self.fingerprint = fingerprint
         self.fmt = fmt
+        # written once to model.json so tools can name the model behind a fingerprint
+        self.model_record = model_record
         # block -> (file name, sha256) for blocks this store wrote or read: saves skip
         # re-encoding a block whose file is already there.
         self._known: weakref.WeakKeyDictionary[KVBlock, tuple[str, str]] = (
@@ -189,6 +200,7 @@ class AgentStore:
         self._check_blocks(blocks, len(ids))
         with self.lock(agent):
             private_dir(d)
+            self._write_model_record()
             entries: list[BlockEntry] = []
             wrote_any = False
             for block in blocks:
@@ -213,6 +225,17 @@ class AgentStore:
             write_atomic(d / MANIFEST_NAME, manifest.to_bytes())
             self._remove_unreferenced(d, {e.file for e in entries})
         return manifest
+
+    def _write_model_record(self) -> None:
+        path = self.base_dir / MODEL_RECORD_NAME
+        if self.model_record is None or path.exists():
+            return
+        record = {
+            **self.model_record,
+            "fingerprint": dict(self.fingerprint.parts),
+            "kv_format": self._kv_format_json(),
+        }
+        write_atomic(path, json.dumps(record, indent=2, ensure_ascii=False).encode())
 
     @staticmethod
     def _remove_unreferenced(d: Path, keep: set[str]) -> None:

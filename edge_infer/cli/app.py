@@ -5,18 +5,24 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edge_infer.config import BACKEND_CHOICES
-from edge_infer.errors import EdgeInferError
+from edge_infer.cli.cache_cmd import cache_app
+from edge_infer.cli.chat import chat
+from edge_infer.cli.common import (
+    BackendOpt,
+    ModelOpt,
+    err,
+    human_size,
+    load_engine,
+    state,
+    user_errors,
+)
 
 app = typer.Typer(
     name="edge-infer",
@@ -25,69 +31,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
-_state = {"debug": False}
 
 
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
-    _state["debug"] = debug or bool(os.environ.get("EDGE_INFER_DEBUG"))
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn our errors (and bad option values) into one red line and exit code 1."""
-    try:
-        yield
-    except (EdgeInferError, ValueError, TypeError) as exc:
-        if _state["debug"]:
-            raise
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        err.print("[dim]interrupted[/]")
-        raise typer.Exit(130) from None
-
-
-@contextmanager
-def _loading(label: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar on stderr while weights load (silent when stderr is not a terminal)."""
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    )
-    with progress:
-        task = progress.add_task(label, total=None)
-
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
-        yield update
-
-
-def _load_engine(model: str | None, backend: str, kv_bits: int = 4) -> Any:
-    from edge_infer.engine import Engine
-
-    with _loading("loading model") as update:
-        return Engine.load(model, backend=backend, kv_bits=kv_bits, progress=update)
-
-
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model", "-m", help="A .gguf file or model directory (default: embedded SmolLM2-135M)."
-    ),
-]
-BackendOpt = Annotated[
-    str, typer.Option("--backend", "-b", help=f"One of {', '.join(BACKEND_CHOICES)}.")
-]
+    state["debug"] = debug or bool(os.environ.get("EDGE_INFER_DEBUG"))
 
 
 @app.command()
@@ -118,7 +68,7 @@ def run(
     kv_bits: Annotated[int, typer.Option(help="KV cache precision: 4, 8 or 16 (float16).")] = 4,
 ) -> None:
     """Answer one prompt, streaming the reply to stdout."""
-    with _user_errors():
+    with user_errors():
         if prompt is None or prompt == "-":
             if sys.stdin.isatty():
                 raise ValueError("no prompt given (pass it as an argument or on stdin)")
@@ -136,7 +86,7 @@ def run(
             stop=tuple(stop or ()),
             ignore_eos=ignore_eos,
         )
-        eng = _load_engine(model, backend, kv_bits)
+        eng = load_engine(model, backend, kv_bits)
         if raw:
             pieces = eng.stream(prompt, params)
         else:
@@ -158,15 +108,6 @@ def run(
             )
 
 
-def _human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"
-
-
 @app.command()
 def models(
     paths: Annotated[
@@ -175,7 +116,7 @@ def models(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List the models edge-infer can see: the embedded default and local files."""
-    with _user_errors():
+    with user_errors():
         from edge_infer.config import models_dirs
         from edge_infer.models.catalog import discover
 
@@ -197,13 +138,17 @@ def models(
                     name,
                     i.arch,
                     i.quantization,
-                    _human_size(i.size_bytes),
+                    human_size(i.size_bytes),
                     str(i.context_length or "?"),
                     i.path,
                 )
         Console().print(table)
         folders = ", ".join(str(p) for p in models_dirs())
         err.print(f"[dim]searched: {folders} (set EDGE_INFER_MODELS_DIR to change)[/]")
+
+
+app.command()(chat)
+app.add_typer(cache_app, name="cache")
 
 
 def main() -> None:

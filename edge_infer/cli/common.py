@@ -1,0 +1,80 @@
+"""What every ``edge-infer`` command shares: error reporting, progress, model loading."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from edge_infer.config import BACKEND_CHOICES
+from edge_infer.errors import EdgeInferError
+
+err = Console(stderr=True)
+state = {"debug": False}
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn our errors (and bad option values) into one red line and exit code 1."""
+    try:
+        yield
+    except (EdgeInferError, ValueError, TypeError) as exc:
+        if state["debug"]:
+            raise
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[dim]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+@contextmanager
+def loading(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr while weights load (silent when stderr is not a terminal)."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+    with progress:
+        task = progress.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update
+
+
+def load_engine(model: str | None, backend: str, kv_bits: int = 4) -> Any:
+    from edge_infer.engine import Engine
+
+    with loading("loading model") as update:
+        return Engine.load(model, backend=backend, kv_bits=kv_bits, progress=update)
+
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="A .gguf file or model directory (default: embedded SmolLM2-135M)."
+    ),
+]
+BackendOpt = Annotated[
+    str, typer.Option("--backend", "-b", help=f"One of {', '.join(BACKEND_CHOICES)}.")
+]
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
