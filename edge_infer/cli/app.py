@@ -23,6 +23,7 @@ from edge_infer.cli.common import (
     state,
     user_errors,
 )
+from edge_infer.cli.serve import serve
 
 app = typer.Typer(
     name="edge-infer",
@@ -148,6 +149,7 @@ def models(
 
 
 app.command()(chat)
+app.command()(serve)
 app.add_typer(cache_app, name="cache")
 
 

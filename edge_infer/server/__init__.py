@@ -1,0 +1,1 @@
+"""The local REST daemon (``edge-infer serve``): OpenAI-compatible, with agents."""

@@ -1,0 +1,56 @@
+"""KV caches shared by stateless requests: a new request reuses the longest matching prefix."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_infer.cache_store import common_prefix_len
+
+
+@dataclass(eq=False)
+class Slot:
+    """A live cache and the token ids it holds."""
+
+    cache: Any
+    token_ids: list[int] = field(default_factory=list)
+    in_use: bool = False
+    pooled: bool = True
+
+
+class PrefixPool:
+    """A few live caches; each request borrows the one sharing the longest prefix with it."""
+
+    def __init__(self, new_cache: Callable[[], Any], max_slots: int = 2) -> None:
+        self._new_cache = new_cache
+        self.max_slots = max_slots
+        self._slots: list[Slot] = []
+        self._lock = threading.Lock()
+
+    def acquire(self, ids: Sequence[int]) -> Slot:
+        """A slot whose cache holds a prefix of ``ids`` (cut to it; at least one id left)."""
+        with self._lock:
+            free = [s for s in self._slots if not s.in_use]
+            best = max(free, key=lambda s: common_prefix_len(s.token_ids, ids), default=None)
+            shared = common_prefix_len(best.token_ids, ids) if best else 0
+            if (best is None or shared == 0) and len(self._slots) < self.max_slots:
+                best = Slot(self._new_cache())
+                self._slots.append(best)
+            elif best is None:  # every pooled cache is busy: use a private one
+                best = Slot(self._new_cache(), pooled=False)
+            best.in_use = True
+        kept = best.cache.truncate(min(shared, len(ids) - 1)) if best.token_ids else 0
+        best.token_ids = list(ids[:kept])
+        return best
+
+    def release(self, slot: Slot, token_ids: Sequence[int]) -> None:
+        """Give ``slot`` back; its cache now holds ``token_ids``."""
+        with self._lock:
+            slot.token_ids = list(token_ids[: slot.cache.length])
+            slot.in_use = False
+
+    def clear(self) -> None:
+        with self._lock:
+            self._slots = [s for s in self._slots if s.in_use]
