@@ -291,6 +291,8 @@ class AgentStore:
             data = (d / entry.file).read_bytes()
         except FileNotFoundError:
             return "missing"
+        except OSError as e:
+            return f"unreadable ({e.strerror or e})"
         if _sha256(data) != entry.sha256:
             return "sha256 mismatch"
         try:

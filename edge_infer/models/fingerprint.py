@@ -29,8 +29,11 @@ def file_digest(path: Path) -> str:
     hit = memo.get(key)
     if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
         return hit["sha256"]
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    digest = h.hexdigest()
     memo[key] = {"stamp": stamp, "sha256": digest}
     try:
         ensure_private_dir(memo_path.parent)
