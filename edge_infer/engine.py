@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +13,12 @@ import numpy as np
 from edge_infer.agents import Agent, AgentInfo
 from edge_infer.backends.base import Backend, create_backend
 from edge_infer.config import default_backend
-from edge_infer.detokenize import IncrementalDetokenizer, StopMatcher
 from edge_infer.errors import ContextLengthError
+from edge_infer.generation import Generation
 from edge_infer.models.chat_template import render_chat
 from edge_infer.models.loader import load_model
 from edge_infer.models.spec import LoadedModel
-from edge_infer.sampling import Sampler, SamplingParams, log_softmax
+from edge_infer.sampling import SamplingParams, log_softmax
 
 if TYPE_CHECKING:
     from edge_infer.agent_manager import AgentManager
@@ -201,50 +200,17 @@ class Engine:
         ``last_usage``) is filled in as the generator runs.
         """
         p = SamplingParams.from_kwargs(params, **kwargs)
-        prompt_ids = list(prompt_ids)
-        self._check_fits(len(prompt_ids))
         if cache is None:
             cache = self.backend.new_cache()
-        held = cache.length
-        if held >= len(prompt_ids):
-            raise ValueError("the cache must leave at least one prompt token to prefill")
         usage = usage if usage is not None else Usage()
         self.last_usage = usage
-        usage.prompt_tokens, usage.cached_tokens = len(prompt_ids), held
-        t0 = time.perf_counter()
-        logits = self._prefill(prompt_ids[held:], cache)
-        sampler, history = Sampler(p), list(prompt_ids)
-        detok, stops = IncrementalDetokenizer(self.tokenizer), StopMatcher(p.stop)
-        eos = self.tokenizer.eos_ids
-        t_first = time.perf_counter()
-        usage.ttft_s = t_first - t0
-        usage.prefill_tokens_per_s = (len(prompt_ids) - held) / max(usage.ttft_s, 1e-9)
-        finish, stopped = "length", False
-        while usage.completion_tokens < p.max_tokens:
-            token = sampler(logits, history)
-            if token in eos and not p.ignore_eos:
-                finish = "stop"
-                break
-            history.append(token)
-            usage.completion_tokens += 1
-            text, stopped = stops.feed(detok.add(token))
-            yield token, text
-            if stopped:
-                finish = "stop"
-                break
-            if usage.completion_tokens >= p.max_tokens or cache.length + 1 >= self.context_length:
-                break
-            logits = self.backend.forward(np.asarray([token]), cache)[-1]
-        if not stopped:
-            text, stopped = stops.feed(detok.flush())
-            if not stopped:
-                text += stops.flush()
-            if text:
-                yield None, text
-        elapsed = time.perf_counter() - t_first
-        if usage.completion_tokens > 1 and elapsed > 0:
-            usage.decode_tokens_per_s = (usage.completion_tokens - 1) / elapsed
-        usage.finish_reason = finish
+        gen = Generation(self, prompt_ids, p, cache, usage)
+        gen.prefill()
+        while True:
+            yield from gen.sample()
+            if gen.finished:
+                return
+            gen.feed(self.backend.forward(np.asarray([gen.next_input]), cache)[-1])
 
     def stream(
         self, prompt: str, params: SamplingParams | None = None, **kwargs: Any

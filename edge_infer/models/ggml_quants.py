@@ -45,12 +45,37 @@ GGML_TYPES: dict[int, GGMLType] = {
 
 # Names of ggml type ids we do not decode, for error messages.
 _OTHER_TYPE_NAMES = {
-    4: "Q4_2", 5: "Q4_3", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K",
-    15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
-    21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64",
-    28: "F64", 29: "IQ1_M", 31: "Q4_0_4_4", 32: "Q4_0_4_8", 33: "Q4_0_8_8", 34: "TQ1_0",
-    35: "TQ2_0", 36: "IQ4_NL_4_4", 37: "IQ4_NL_4_8", 38: "IQ4_NL_8_8", 39: "MXFP4",
-    40: "NVFP4", 41: "Q1_0",
+    4: "Q4_2",
+    5: "Q4_3",
+    9: "Q8_1",
+    10: "Q2_K",
+    11: "Q3_K",
+    15: "Q8_K",
+    16: "IQ2_XXS",
+    17: "IQ2_XS",
+    18: "IQ3_XXS",
+    19: "IQ1_S",
+    20: "IQ4_NL",
+    21: "IQ3_S",
+    22: "IQ2_S",
+    23: "IQ4_XS",
+    24: "I8",
+    25: "I16",
+    26: "I32",
+    27: "I64",
+    28: "F64",
+    29: "IQ1_M",
+    31: "Q4_0_4_4",
+    32: "Q4_0_4_8",
+    33: "Q4_0_8_8",
+    34: "TQ1_0",
+    35: "TQ2_0",
+    36: "IQ4_NL_4_4",
+    37: "IQ4_NL_4_8",
+    38: "IQ4_NL_8_8",
+    39: "MXFP4",
+    40: "NVFP4",
+    41: "Q1_0",
 }
 
 
@@ -157,7 +182,7 @@ def _q5_k(b: np.ndarray) -> np.ndarray:
 
 def _q6_k(b: np.ndarray) -> np.ndarray:
     ql = _nibbles(b[:, :128].reshape(-1, 2, 64))  # [n, 2 halves, 128]
-    qh = (b[:, 128:192].reshape(-1, 2, 1, 32) >> np.arange(0, 8, 2, dtype=np.uint8)[:, None])
+    qh = b[:, 128:192].reshape(-1, 2, 1, 32) >> np.arange(0, 8, 2, dtype=np.uint8)[:, None]
     q = (ql | ((qh & np.uint8(3)).reshape(-1, 2, 128) << np.uint8(4))).astype(np.int8) - 32
     scales = b[:, 192:208].view(np.int8).astype(np.float32)
     dl = (_f16(b[:, 208:210]) * scales)[..., None]  # one scale per 16 elements
@@ -165,7 +190,14 @@ def _q6_k(b: np.ndarray) -> np.ndarray:
 
 
 _BLOCK_DECODERS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
-    2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0, 12: _q4_k, 13: _q5_k, 14: _q6_k,
+    2: _q4_0,
+    3: _q4_1,
+    6: _q5_0,
+    7: _q5_1,
+    8: _q8_0,
+    12: _q4_k,
+    13: _q5_k,
+    14: _q6_k,
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -57,3 +59,12 @@ class TorchBackend:
             pos += n
         logits = torch.cat(outs) if len(outs) > 1 else outs[0]
         return logits.cpu().numpy()
+
+    def forward_batch(self, tokens: Sequence[int], caches: Sequence[TorchKVCache]) -> np.ndarray:
+        """Logits [B, vocab] after feeding ``tokens[b]`` to ``caches[b]`` (one step each)."""
+        if len(tokens) != len(caches):
+            raise ValueError("forward_batch needs one token per cache")
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("forward_batch needs distinct caches")
+        h = self.decoder.embed(np.asarray(tokens, dtype=np.int64))
+        return self.decoder.forward_batch(h, list(caches)).cpu().numpy()

@@ -151,6 +151,51 @@ class TorchDecoder:
         logits = self.lm_head(h.to(COMPUTE_DTYPE)).float()
         return self._rescore_top(logits, h)
 
+    @torch.inference_mode()
+    def forward_batch(self, h: torch.Tensor, caches: list[TorchKVCache]) -> torch.Tensor:
+        """One new token per sequence: h [B, hidden], row b continuing ``caches[b]``.
+
+        The projections and the MLP run once for the whole batch (the weights are read once);
+        attention runs per sequence over its own cache. Each row computes exactly what a
+        one-token :meth:`forward` on its cache computes.
+        """
+        cfg = self.config
+        h = h.to(torch.float32, copy=True)
+        B = h.shape[0]
+        starts = [c.length for c in caches]
+        cos_all, sin_all = self._rope(0, max(starts) + 1)
+        pos = torch.tensor(starts, device=self.device)
+        cos, sin = cos_all[pos][:, None], sin_all[pos][:, None]  # [B, 1, D/2]
+        n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        norm_shape, eps = (cfg.hidden_size,), cfg.rms_norm_eps
+        for i, layer in enumerate(self.layers):
+            x = F.rms_norm(h, norm_shape, layer.input_norm, eps)
+            qkv = layer.qkv(x.to(COMPUTE_DTYPE))
+            if layer.qkv_bias is not None:
+                qkv = qkv + layer.qkv_bias
+            qk, v = qkv.float().split([(n_q + n_kv) * d, n_kv * d], dim=-1)
+            qk = self._apply_rope(qk.view(B, n_q + n_kv, d), cos, sin)  # [B, heads, D]
+            v = v.view(B, n_kv, d)
+            outs = []
+            for b, cache in enumerate(caches):
+                keys, values = cache.update(i, qk[b, n_q:, None], v[b, :, None])
+                attn = F.scaled_dot_product_attention(
+                    qk[b, None, :n_q, None],
+                    keys[None],
+                    values[None],
+                    enable_gqa=n_q != n_kv,
+                )
+                outs.append(attn[0].transpose(0, 1).reshape(1, n_q * d))
+            h.add_(layer.o(torch.cat(outs).to(COMPUTE_DTYPE)))
+            x = F.rms_norm(h, norm_shape, layer.post_norm, eps)
+            gate, up = layer.gate_up(x.to(COMPUTE_DTYPE)).chunk(2, dim=-1)
+            h.add_(layer.down(F.silu(gate) * up))
+        for cache in caches:
+            cache.advance(1)
+        h = F.rms_norm(h, norm_shape, self.norm, eps)
+        logits = self.lm_head(h.to(COMPUTE_DTYPE)).float()
+        return self._rescore_top(logits, h)
+
     def _rescore_top(self, logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Recompute the most likely candidates' logits in float32 from the exact weights.
 

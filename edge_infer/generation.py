@@ -1,0 +1,129 @@
+"""One sequence being generated, as a step-by-step state machine.
+
+The engine drives one :class:`Generation` alone; the batch decoder drives several at once,
+feeding each the logits of its row of a batched forward pass. Either way a sequence samples
+the same tokens: the state here is all that sampling depends on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge_infer.detokenize import IncrementalDetokenizer, StopMatcher
+from edge_infer.sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from edge_infer.engine import Engine, Usage
+
+# What a step hands back: (token id, new text); token None carries held-back text at the end.
+Piece = tuple[int | None, str]
+
+
+class Generation:
+    """Prefill, then sample/feed steps, for one prompt on one cache."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        cache: Any,
+        usage: Usage,
+    ) -> None:
+        self.engine, self.params, self.cache, self.usage = engine, params, cache, usage
+        self.prompt_ids = list(prompt_ids)
+        engine._check_fits(len(self.prompt_ids))
+        self.held = cache.length
+        if self.held >= len(self.prompt_ids):
+            raise ValueError("the cache must leave at least one prompt token to prefill")
+        usage.prompt_tokens, usage.cached_tokens = len(self.prompt_ids), self.held
+        self.generated: list[int] = []
+        self.finished = False
+        self.next_input: int | None = None  # the token whose forward pass comes next
+        self._logits: np.ndarray | None = None
+        self._sampler = Sampler(params)
+        self._history = list(self.prompt_ids)
+        self._detok = IncrementalDetokenizer(engine.tokenizer)
+        self._stops = StopMatcher(params.stop)
+        self._prefilled = self.held
+        self._t0 = time.perf_counter()
+        self._t_first = 0.0
+
+    # -- prefill ----------------------------------------------------------------------------
+    @property
+    def prefilling(self) -> bool:
+        return self._logits is None and not self.finished
+
+    def prefill(self, max_tokens: int | None = None) -> bool:
+        """Prefill up to ``max_tokens`` more prompt tokens (all by default); True when done."""
+        if not self.prefilling:
+            return True
+        eng, ids = self.engine, self.prompt_ids
+        end = len(ids) if max_tokens is None else min(len(ids), self._prefilled + max_tokens)
+        while self._prefilled < end:
+            stop = min(end, self._prefilled + eng.prefill_chunk)
+            out = eng.backend.forward(np.asarray(ids[self._prefilled : stop]), self.cache)
+            self._prefilled = stop
+        if self._prefilled < len(ids):
+            return False
+        self._logits = out[-1]
+        self._t_first = time.perf_counter()
+        self.usage.ttft_s = self._t_first - self._t0
+        self.usage.prefill_tokens_per_s = (len(ids) - self.held) / max(self.usage.ttft_s, 1e-9)
+        return True
+
+    # -- decode -----------------------------------------------------------------------------
+    def sample(self) -> list[Piece]:
+        """Sample the next token from the current logits; what it adds to the reply.
+
+        Afterwards either ``finished`` is set or ``next_input`` must be fed through the
+        model and its logits passed to :meth:`feed`.
+        """
+        if self._logits is None or self.finished:
+            raise RuntimeError("sample() needs fresh logits (prefill or feed first)")
+        p, usage = self.params, self.usage
+        logits, self._logits, self.next_input = self._logits, None, None
+        if usage.completion_tokens >= p.max_tokens:
+            return self._finish("length")
+        token = self._sampler(logits, self._history)
+        if token in self.engine.tokenizer.eos_ids and not p.ignore_eos:
+            return self._finish("stop")
+        self._history.append(token)
+        self.generated.append(token)
+        usage.completion_tokens += 1
+        text, stopped = self._stops.feed(self._detok.add(token))
+        pieces: list[Piece] = [(token, text)]
+        if stopped:
+            return pieces + self._finish("stop", stopped=True)
+        room = self.cache.length + 1 < self.engine.context_length
+        if usage.completion_tokens >= p.max_tokens or not room:
+            return pieces + self._finish("length")
+        self.next_input = token
+        return pieces
+
+    def feed(self, logits: np.ndarray) -> None:
+        """The logits after ``next_input`` went through the model."""
+        self._logits = logits
+
+    def _finish(self, reason: str, stopped: bool = False) -> list[Piece]:
+        self.finished = True
+        self.next_input = None
+        pieces: list[Piece] = []
+        if not stopped:
+            text, stopped = self._stops.feed(self._detok.flush())
+            if not stopped:
+                text += self._stops.flush()
+            else:
+                reason = "stop"
+            if text:
+                pieces.append((None, text))
+        usage = self.usage
+        elapsed = time.perf_counter() - self._t_first
+        if usage.completion_tokens > 1 and elapsed > 0:
+            usage.decode_tokens_per_s = (usage.completion_tokens - 1) / elapsed
+        usage.finish_reason = reason
+        return pieces
