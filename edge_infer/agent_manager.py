@@ -9,9 +9,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 from edge_infer.agent_saver import BackgroundSaver
+from edge_infer.agent_turn import AgentTurn
 from edge_infer.agents import OVERFLOW_POLICIES, Agent, AgentInfo, _State, fit_messages
 from edge_infer.cache_store import (
     AgentStore,
@@ -23,6 +25,7 @@ from edge_infer.cache_store import (
 )
 from edge_infer.config import cache_root
 from edge_infer.errors import EdgeInferError
+from edge_infer.generation import Generation
 from edge_infer.models.fingerprint import Fingerprint
 from edge_infer.sampling import SamplingParams
 
@@ -71,12 +74,16 @@ class AgentManager:
         with st.lock:
             if overflow is not None:
                 st.extra["overflow"] = overflow
-            if system is not None and system != st.extra.get("system"):
-                st.extra["system"] = system
-                if st.messages and st.messages[0]["role"] == "system":
-                    st.messages[0] = {"role": "system", "content": system}
-                else:
+            if system is not None and system != (st.extra.get("system") or ""):
+                has_system = bool(st.messages) and st.messages[0]["role"] == "system"
+                if has_system:
+                    del st.messages[0]
+                if system:
+                    st.extra["system"] = system
                     st.messages.insert(0, {"role": "system", "content": system})
+                else:
+                    st.extra.pop("system", None)
+                self._persist(name, st)  # the cache is cut to the new prefix at the next turn
         return Agent(self, name)
 
     def state(self, name: str) -> _State:
@@ -168,6 +175,42 @@ class AgentManager:
         return cache, ids, messages
 
     # -- turns -----------------------------------------------------------------------------
+    def begin_turn(
+        self,
+        name: str,
+        new_messages: list[dict[str, Any]],
+        params: SamplingParams | None,
+        kwargs: dict[str, Any],
+    ) -> AgentTurn:
+        """Start the reply to the agent's conversation plus ``new_messages``: the agent is
+        locked, its cache cut to the shared prefix; nothing is prefilled yet."""
+        from edge_infer.engine import Usage
+
+        st = self.state(name)
+        locks = ExitStack()
+        locks.enter_context(st.lock)
+        try:
+            locks.enter_context(self.store.lock(name))
+            locks.enter_context(_busy(st))
+            p = SamplingParams.from_kwargs(params, **kwargs)
+            first_changed = len(st.token_ids)
+            cache, ids, messages = self._prepare(name, st, st.messages + new_messages)
+            first_changed = min(first_changed, len(st.token_ids))
+            usage = self._usage[name] = Usage()
+            gen = Generation(self.engine, ids, p, cache, usage)
+        except BaseException:
+            locks.close()
+            raise
+
+        def on_finish(turn: AgentTurn) -> None:
+            g = turn.generation
+            st.token_ids = (g.prompt_ids + g.generated)[: cache.length]
+            if not g.prefilling:  # the prompt was read: the turn happened
+                st.messages = messages + [{"role": "assistant", "content": turn.text}]
+            self._sync_blocks(name, st, cache, first_changed)
+
+        return AgentTurn(name, gen, locks, on_finish)
+
     def turn(
         self,
         name: str,
@@ -175,30 +218,8 @@ class AgentManager:
         params: SamplingParams | None,
         kwargs: dict[str, Any],
     ) -> Iterator[str]:
-        """Generate the reply to the agent's conversation plus ``new_messages``."""
-        from edge_infer.engine import Usage
-
-        st = self.state(name)
-        with st.lock, self.store.lock(name), _busy(st):
-            cache, ids, messages = self._prepare(name, st, st.messages + new_messages)
-            first_changed = len(st.token_ids)
-            usage = self._usage[name] = Usage()
-            generated: list[int] = []
-            pieces: list[str] = []
-            try:
-                for token, text in self.engine.generate_tokens(
-                    ids, params, cache=cache, usage=usage, **kwargs
-                ):
-                    if token is not None:
-                        generated.append(token)
-                    if text:
-                        pieces.append(text)
-                        yield text
-            finally:
-                # whatever was generated (also when the caller stops early) is kept consistent
-                st.token_ids = (ids + generated)[: cache.length]
-                st.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
-                self._sync_blocks(name, st, cache, first_changed)
+        """Generate the reply to the agent's conversation plus ``new_messages``, streamed."""
+        yield from self.begin_turn(name, new_messages, params, kwargs).stream()
 
     def append(self, name: str, messages: list[dict[str, Any]], prefill: bool) -> None:
         """Append messages to the conversation; with ``prefill`` extend the cache now."""
@@ -293,7 +314,7 @@ class AgentManager:
                     bytes_in_memory=sum(b.nbytes for b in st.blocks) if st else 0,
                     bytes_on_disk=disk.bytes_on_disk if disk else 0,
                     last_used=st.last_used if st and st.last_used else _timestamp(disk),
-                    messages=len(st.messages) if st else 0,
+                    messages=len(st.messages) if st else (disk.messages if disk else 0),
                 )
             )
         return out

@@ -13,6 +13,7 @@ from edge_infer.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from edge_infer.agent_manager import AgentManager
+    from edge_infer.agent_turn import AgentTurn
     from edge_infer.engine import Usage
 
 OVERFLOW_POLICIES = ("error", "drop_oldest")
@@ -93,13 +94,17 @@ class Agent:
     ) -> Iterator[str]:
         """Like :meth:`chat`, streamed as text pieces. Closing the stream early keeps what
         was generated so far as the reply, in the messages and in the cache."""
-        if isinstance(content, str):
-            new = [{"role": "user", "content": content}]
-        else:
-            new = [dict(m) for m in content]
-            if not new:
-                raise ValueError("no messages given")
-        return self._engine.turn(self.name, new, params, kwargs)
+        return self._engine.turn(self.name, as_messages(content), params, kwargs)
+
+    def start_turn(
+        self,
+        content: str | list[dict[str, Any]],
+        params: SamplingParams | None = None,
+        **kwargs: Any,
+    ) -> AgentTurn:
+        """Begin a turn to drive step by step (batched decoding does this); the agent stays
+        locked until the turn's ``finish()``."""
+        return self._engine.begin_turn(self.name, as_messages(content), params, kwargs)
 
     def add_messages(self, messages: list[dict[str, Any]], prefill: bool = True) -> None:
         """Append messages (another agent's output, a tool result...) without a reply.
@@ -122,6 +127,16 @@ class Agent:
 
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, tokens={self.tokens}, messages={len(self._state.messages)})"
+
+
+def as_messages(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A user message from a string, or a copy of a non-empty list of messages."""
+    if isinstance(content, str):
+        return [{"role": "user", "content": content}]
+    messages = [dict(m) for m in content]
+    if not messages:
+        raise ValueError("no messages given")
+    return messages
 
 
 def fit_messages(

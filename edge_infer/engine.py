@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_infer.agents import Agent, AgentInfo
+from edge_infer.agent_turn import AgentTurn
+from edge_infer.agents import Agent, AgentInfo, as_messages
 from edge_infer.backends.base import Backend, create_backend
 from edge_infer.config import default_backend
 from edge_infer.errors import ContextLengthError
@@ -99,6 +100,32 @@ class Engine:
         system prompt; ``overflow="drop_oldest"`` drops the oldest turns instead of failing
         when the conversation outgrows the context."""
         return self._agents.agent(name, system=system, overflow=overflow)
+
+    def chat_many(
+        self,
+        requests: Mapping[str, str | list[dict[str, Any]]],
+        params: SamplingParams | None = None,
+        **kwargs: Any,
+    ) -> dict[str, str]:
+        """Each named agent answers its message (a string, or a list of messages), all at
+        once: the agents decode together, one batched forward pass per token.
+
+        Replies and caches are the same as from one ``agent(name).chat(...)`` after another.
+        """
+        from edge_infer.batching import decode_together
+
+        mgr = self._agents
+        turns: list[AgentTurn] = []
+        try:
+            for name, content in requests.items():
+                mgr.state(name)  # validates the name, loads the agent
+                turns.append(mgr.begin_turn(name, as_messages(content), params, kwargs))
+            for i, pieces in decode_together(self.backend, [t.generation for t in turns]):
+                turns[i].record(pieces)
+        finally:
+            for t in turns:
+                t.finish()
+        return {t.name: t.text for t in turns}
 
     def agents(self) -> list[AgentInfo]:
         """Agents in memory or on disk: tokens held, bytes in memory and on disk, last use."""
@@ -204,13 +231,7 @@ class Engine:
             cache = self.backend.new_cache()
         usage = usage if usage is not None else Usage()
         self.last_usage = usage
-        gen = Generation(self, prompt_ids, p, cache, usage)
-        gen.prefill()
-        while True:
-            yield from gen.sample()
-            if gen.finished:
-                return
-            gen.feed(self.backend.forward(np.asarray([gen.next_input]), cache)[-1])
+        yield from Generation(self, prompt_ids, p, cache, usage).run()
 
     def stream(
         self, prompt: str, params: SamplingParams | None = None, **kwargs: Any

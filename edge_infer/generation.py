@@ -8,7 +8,7 @@ the same tokens: the state here is all that sampling depends on.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -109,6 +109,20 @@ class Generation:
         """The logits after ``next_input`` went through the model."""
         self._logits = logits
 
+    def run(self) -> Iterator[Piece]:
+        """Prefill, then decode this sequence alone to the end, yielding pieces."""
+        self.prefill()
+        while True:
+            yield from self.sample()
+            if self.finished:
+                return
+            self.feed(self.engine.backend.forward(np.asarray([self.next_input]), self.cache)[-1])
+
+    def cancel(self) -> None:
+        """Stop early (the caller gave up): usage records ``finish_reason="cancelled"``."""
+        if not self.finished:
+            self._finish("cancelled", stopped=True)
+
     def _finish(self, reason: str, stopped: bool = False) -> list[Piece]:
         self.finished = True
         self.next_input = None
@@ -123,7 +137,7 @@ class Generation:
                 pieces.append((None, text))
         usage = self.usage
         elapsed = time.perf_counter() - self._t_first
-        if usage.completion_tokens > 1 and elapsed > 0:
+        if self._t_first and usage.completion_tokens > 1 and elapsed > 0:
             usage.decode_tokens_per_s = (usage.completion_tokens - 1) / elapsed
         usage.finish_reason = reason
         return pieces

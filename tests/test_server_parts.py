@@ -8,9 +8,12 @@ import pytest
 from pydantic import ValidationError
 
 from edge_infer.cli.serve import is_loopback
+from edge_infer.sampling import SamplingParams
 from edge_infer.server.conversation import split_request_messages
+from edge_infer.server.prefix_pool import PrefixPool
 from edge_infer.server.protocol import ChatCompletionRequest, CompletionRequest
-from edge_infer.server.scheduler import Job, Scheduler, ShuttingDown
+from edge_infer.server.scheduler import Cancelled, Job, Scheduler, ShuttingDown
+from edge_infer.server.tasks import StatelessTask
 
 
 def u(text):
@@ -113,28 +116,37 @@ def test_loopback_hosts():
     assert not any(map(is_loopback, ["0.0.0.0", "192.168.1.4", "::", "example.com"]))
 
 
-# -- scheduler -----------------------------------------------------------------------------
+# -- scheduler (real generations on the default model) ---------------------------------------
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6)
 
 
-def run_jobs(scheduler: Scheduler, specs, log):
-    """Submit (key, pieces) jobs at once; return each job's events."""
+class Logged:
+    """A stateless task that also notes (key, text) in a shared log as it goes."""
+
+    def __init__(self, key, eng, prompt, log, params=GREEDY):
+        self.key, self.log = key, log
+        self.inner = StatelessTask(
+            eng, PrefixPool(eng.backend.new_cache, 0), eng.tokenize(prompt), params
+        )
+        self.generation = self.inner.generation
+
+    def record(self, pieces):
+        texts = self.inner.record(pieces)
+        self.log += [(self.key, t) for t in texts]
+        return texts
+
+    def finish(self):
+        self.log.append((self.key, "<done>"))
+        return self.inner.finish()
+
+
+def run_jobs(scheduler, specs, start=True):
+    """Submit (key, make) jobs together; return each job's events."""
 
     async def main():
         loop = asyncio.get_running_loop()
-
-        def make(key, pieces):
-            def gen():
-                try:
-                    for p in pieces:
-                        log.append((key, p))
-                        yield p
-                finally:
-                    log.append((key, "closed"))
-                return f"{key}-usage"
-
-            return gen
-
-        jobs = [scheduler.submit(Job(key, make(key, pieces), loop)) for key, pieces in specs]
+        jobs = [scheduler.submit(Job(key, make, loop)) for key, make in specs]
         scheduler.start()
         out = []
         for job in jobs:
@@ -147,93 +159,99 @@ def run_jobs(scheduler: Scheduler, specs, log):
             out.append(events)
         return out
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    finally:
+        scheduler.stop()
 
 
-def test_different_agents_take_turns_token_by_token():
-    log = []
-    s = Scheduler(max_active=4, start=False)
-    out = run_jobs(s, [("A", "123"), ("B", "xyz")], log)
-    s.stop()
-    assert [p for _, p in log if p != "closed"] == list("1x2y3z")
-    assert out[0] == [("text", "1"), ("text", "2"), ("text", "3"), ("done", "A-usage")]
+def texts(events):
+    return "".join(v for k, v in events if k == "text")
 
 
-def test_one_agent_runs_one_job_at_a_time():
-    log = []
-    s = Scheduler(max_active=4, start=False)
-    run_jobs(s, [("A", "12"), ("A", "34"), ("B", "x")], log)
-    s.stop()
-    a_order = [p for k, p in log if k == "A"]
-    assert a_order == ["1", "2", "closed", "3", "4", "closed"]
-    assert log.index(("B", "x")) < log.index(("A", "3"))  # B did not wait for A's queue
+def test_different_agents_decode_together_and_match_running_alone(torch_engine):
+    eng, log = torch_engine, []
+    prompts = {"A": "The capital of France is", "B": "One, two, three,"}
+    s = Scheduler(eng.backend, max_active=4, start=False)
+    out = run_jobs(s, [(k, lambda k=k, p=p: Logged(k, eng, p, log)) for k, p in prompts.items()])
+    for prompt, events in zip(prompts.values(), out, strict=True):
+        assert texts(events) == eng.generate(prompt, GREEDY)
+        assert events[-1][0] == "done" and events[-1][1].completion_tokens == 6
+    keys = [k for k, _ in log]
+    assert keys.index("B") < keys.index("A", keys.index("A") + 1)  # interleaved, not one by one
 
 
-def test_max_active_bounds_interleaving():
-    log = []
-    s = Scheduler(max_active=1, start=False)
-    run_jobs(s, [("A", "12"), ("B", "xy")], log)
-    s.stop()
-    assert [p for _, p in log] == ["1", "2", "closed", "x", "y", "closed"]
+def test_one_agent_runs_one_job_at_a_time(torch_engine):
+    eng, log = torch_engine, []
+    s = Scheduler(eng.backend, max_active=4, start=False)
+    specs = [
+        ("A", lambda: Logged("A1", eng, "Hello", log)),
+        ("A", lambda: Logged("A2", eng, "Goodbye", log)),
+        ("B", lambda: Logged("B", eng, "Cats are", log)),
+    ]
+    run_jobs(s, specs)
+    names = [k for k, _ in log]
+    assert names.index("A2") > names.index("A1") and log.index(("A1", "<done>")) < names.index("A2")
+    assert names.index("B") < log.index(("A1", "<done>"))  # B did not wait behind A's queue
 
 
-def test_an_error_is_reported_and_the_worker_goes_on():
+def test_max_active_one_runs_jobs_one_after_another(torch_engine):
+    eng, log = torch_engine, []
+    s = Scheduler(eng.backend, max_active=1, start=False)
+    run_jobs(
+        s, [("A", lambda: Logged("A", eng, "Hi", log)), ("B", lambda: Logged("B", eng, "Yo", log))]
+    )
+    names = [k for k, _ in log]
+    assert names == sorted(names) and names[-1] == "B"
+
+
+def test_a_failing_request_is_reported_and_the_others_go_on(torch_engine):
+    eng, log = torch_engine, []
+
+    def bad():
+        raise ValueError("boom")
+
+    s = Scheduler(eng.backend, start=False)
+    out = run_jobs(s, [("A", bad), ("B", lambda: Logged("B", eng, "Hello", log))])
+    assert out[0] == [("error", out[0][0][1])] and str(out[0][0][1]) == "boom"
+    assert out[1][-1][0] == "done"
+
+
+def test_cancel_finishes_the_task_and_stop_refuses_new_work(torch_engine):
+    eng, log = torch_engine, []
+    tasks = []
+
+    def make():
+        t = Logged(
+            "A", eng, "Tell me a story", log, SamplingParams(max_tokens=500, ignore_eos=True)
+        )
+        tasks.append(t)
+        return t
+
     async def main():
         loop = asyncio.get_running_loop()
-        s = Scheduler()
-
-        def bad():
-            yield "a"
-            raise ValueError("boom")
-
-        def good():
-            yield "ok"
-
-        j1 = s.submit(Job("A", bad, loop))
-        events = [await j1.events.get(), await j1.events.get()]
-        j2 = s.submit(Job("A", good, loop))
-        ok = await j2.events.get()
-        s.stop()
-        return events, ok
-
-    events, ok = asyncio.run(main())
-    assert events[0] == ("text", "a") and events[1][0] == "error"
-    assert str(events[1][1]) == "boom" and ok == ("text", "ok")
-
-
-def test_cancel_closes_the_generator_and_stop_refuses_new_work():
-    log = []
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        s = Scheduler()
-
-        def endless():
-            try:
-                while True:
-                    yield "."
-            finally:
-                log.append("closed")
-
-        job = s.submit(Job("A", endless, loop))
+        s = Scheduler(eng.backend)
+        job = s.submit(Job("A", make, loop))
         await job.events.get()
         job.cancel()
-        while (await job.events.get())[0] == "text":
+        last = None
+        while (last := await job.events.get())[0] == "text":
             pass
         s.stop()
         with pytest.raises(ShuttingDown):
-            s.submit(Job("B", endless, loop))
+            s.submit(Job("B", make, loop))
+        return last
 
-    asyncio.run(main())
-    assert log == ["closed"]
+    last = asyncio.run(main())
+    assert last[0] == "error" and isinstance(last[1], Cancelled)
+    usage = tasks[0].generation.usage
+    assert usage.finish_reason == "cancelled" and usage.completion_tokens < 500
 
 
 # -- prefix pool on a real cache ----------------------------------------------------------------
 
 
 def test_prefix_pool_reuses_the_longest_prefix(torch_engine):
-    from edge_infer.server.prefix_pool import PrefixPool
-
     eng = torch_engine
     pool = PrefixPool(eng.backend.new_cache, max_slots=2)
     ids = eng.tokenize("The quick brown fox jumps over the lazy dog")

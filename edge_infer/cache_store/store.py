@@ -91,6 +91,7 @@ class AgentInfo:
     bytes_on_disk: int
     updated: str
     n_blocks: int
+    messages: int = 0
 
 
 def _sha256(data: bytes) -> str:
@@ -395,7 +396,16 @@ class AgentStore:
             m = self._read_manifest_quiet(d)
             if m is None:
                 continue
-            out.append(AgentInfo(d.name, len(m.token_ids), _dir_bytes(d), m.updated, len(m.blocks)))
+            out.append(
+                AgentInfo(
+                    d.name,
+                    len(m.token_ids),
+                    _dir_bytes(d),
+                    m.updated,
+                    len(m.blocks),
+                    messages=len(m.messages),
+                )
+            )
         return out
 
     def find_mismatched(self, agent: str) -> list[tuple[str, list[str]]]:

@@ -55,8 +55,9 @@ def serve(
     backend: BackendOpt = "auto",
     kv_bits: Annotated[int, typer.Option(help="KV cache precision: 4, 8 or 16 (float16).")] = 4,
     parallel: Annotated[
-        int, typer.Option(help="Requests generated at once (they take turns token by token).")
-    ] = 4,
+        int,
+        typer.Option(help="Requests decoded together (one batched forward pass per token)."),
+    ] = 8,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve the model over HTTP: OpenAI-compatible API plus agent routes."""

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Any
@@ -21,9 +21,9 @@ from edge_infer.engine import Engine, Usage
 from edge_infer.errors import ContextLengthError, EdgeInferError
 from edge_infer.sampling import SamplingParams
 from edge_infer.server import protocol
-from edge_infer.server.conversation import split_request_messages
 from edge_infer.server.prefix_pool import PrefixPool
-from edge_infer.server.scheduler import Job, Scheduler, ShuttingDown
+from edge_infer.server.scheduler import Cancelled, Job, Scheduler, ShuttingDown, Task
+from edge_infer.server.tasks import StatelessTask, agent_task
 
 log = logging.getLogger("edge_infer.server")
 
@@ -65,6 +65,8 @@ def _as_api_error(exc: BaseException) -> ApiError:
         return ApiError(400, str(exc), code="invalid_agent_id")
     if isinstance(exc, (ValueError, TypeError)):
         return ApiError(400, str(exc))
+    if isinstance(exc, Cancelled):
+        return ApiError(503, "the request was cancelled (server stopping)", "server_error")
     if isinstance(exc, ShuttingDown):
         return ApiError(503, "the server is shutting down", "server_error", "shutting_down")
     if isinstance(exc, EdgeInferError):
@@ -76,51 +78,29 @@ def _as_api_error(exc: BaseException) -> ApiError:
 class Service:
     """What the routes share: the engine, the scheduler and the stateless prefix caches."""
 
-    def __init__(self, engine: Engine, model_id: str, max_active: int = 4) -> None:
+    def __init__(self, engine: Engine, model_id: str, max_active: int = 8) -> None:
         self.engine = engine
         self.model_id = model_id
-        self.scheduler = Scheduler(max_active=max_active)
+        self.scheduler = Scheduler(engine.backend, max_active=max_active)
         self.prefix_pool = PrefixPool(engine.backend.new_cache, max_slots=2)
 
-    # -- generation bodies (run on the scheduler's thread) --------------------------------
-    def agent_turn(
-        self, name: str, messages: list[dict[str, Any]], params: SamplingParams
-    ) -> Generator[str, None, Usage]:
-        agent = self.engine.agent(name)
-        system, new = split_request_messages(agent.messages, messages)
-        if system is not None and system != agent.system:
-            agent = self.engine.agent(name, system=system)
-        gen = agent.stream(new, params)
-        try:
-            yield from gen
-        finally:
-            gen.close()
-        return agent.usage
-
-    def stateless(self, ids: list[int], params: SamplingParams) -> Generator[str, None, Usage]:
-        usage = Usage()
-        self.engine._check_fits(len(ids))
-        slot = self.prefix_pool.acquire(ids)
-        generated: list[int] = []
-        try:
-            for token, text in self.engine.generate_tokens(
-                ids, params, cache=slot.cache, usage=usage
-            ):
-                if token is not None:
-                    generated.append(token)
-                if text:
-                    yield text
-        finally:
-            self.prefix_pool.release(slot, ids + generated)
-        return usage
-
-    # -- running a job for a request --------------------------------------------------------
-    def submit(self, key: str, make: Callable[[], Generator[str, None, Usage]]) -> Job:
+    def submit(self, key: str, make: Callable[[], Task]) -> Job:
         job = Job(key=key, make=make, loop=asyncio.get_running_loop())
         try:
             return self.scheduler.submit(job)
         except ShuttingDown as exc:
             raise _as_api_error(exc) from None
+
+    def submit_agent(
+        self, name: str, messages: list[dict[str, Any]], params: SamplingParams
+    ) -> Job:
+        return self.submit(name, lambda: agent_task(self.engine, name, messages, params))
+
+    def submit_stateless(self, ids: list[int], params: SamplingParams) -> Job:
+        return self.submit(
+            protocol.new_id("stateless"),
+            lambda: StatelessTask(self.engine, self.prefix_pool, ids, params),
+        )
 
 
 async def _next_event(job: Job, request: Request) -> tuple[str, Any]:
@@ -211,7 +191,7 @@ def create_app(
     *,
     api_key: str | None = None,
     model_id: str | None = None,
-    max_active: int = 4,
+    max_active: int = 8,
 ) -> FastAPI:
     """The FastAPI app serving ``engine``; with ``api_key`` every route but /health needs it."""
     service = Service(engine, model_id or engine.model.name, max_active=max_active)
@@ -312,12 +292,9 @@ def create_app(
         messages = req.message_dicts()
         agent = _agent_from(request, req.agent)
         if agent is not None:
-            job = service.submit(agent, lambda: service.agent_turn(agent, messages, params))
+            job = service.submit_agent(agent, messages, params)
         else:
-            ids = engine.chat_ids(messages)
-            job = service.submit(
-                protocol.new_id("stateless"), lambda: service.stateless(ids, params)
-            )
+            job = service.submit_stateless(engine.chat_ids(messages), params)
         rid = protocol.new_id("chatcmpl")
         first = await _first_event(job, request)
         if not req.stream:
@@ -356,7 +333,7 @@ def create_app(
             )
         params = req.sampling(DEFAULT_MAX_TOKENS)
         ids = engine.tokenize(req.prompt_text())
-        job = service.submit(protocol.new_id("stateless"), lambda: service.stateless(ids, params))
+        job = service.submit_stateless(ids, params)
         rid = protocol.new_id("cmpl")
         model = service.model_id
         first = await _first_event(job, request)

@@ -1,25 +1,49 @@
-"""Runs generations on one worker thread, one token at a time, fairly across agents.
+"""Continuous batching for the daemon: one worker thread decodes every running request at once.
 
-Each job is a generator that yields text pieces and returns its usage. Jobs with the same key
-(an agent) run one after another; jobs with different keys take turns token by token, so a
-long answer for one agent does not hold the others back until it ends.
+Each request becomes a job whose task wraps a :class:`~edge_infer.generation.Generation`
+(an agent's turn, or a stateless completion). Jobs with the same key (an agent) run one after
+another; jobs with different keys share each decoding step, one batched forward pass for all
+of them. A joining request is prefilled a chunk per step, so the others keep decoding.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+from edge_infer.batching import forward_step
+from edge_infer.generation import Generation, Piece
+
+log = logging.getLogger("edge_infer.server")
 
 # What a job sends back to its request: ("text", str), ("done", usage) or ("error", exception).
 Event = tuple[str, Any]
 
+# Prompt tokens a joining request prefills per step while others are decoding.
+PREFILL_STEP = 256
+
+
+class Task(Protocol):
+    """A generation plus what to do with its output and when it ends."""
+
+    generation: Generation
+
+    def record(self, pieces: list[Piece]) -> list[str]: ...
+
+    def finish(self) -> Any: ...
+
 
 class ShuttingDown(RuntimeError):
     """The server is stopping and takes no more work."""
+
+
+class Cancelled(RuntimeError):
+    """The request went away (or the server is stopping) before its answer was complete."""
 
 
 @dataclass(eq=False)
@@ -27,17 +51,17 @@ class Job:
     """One request's generation, and the queue its events go to."""
 
     key: str
-    make: Callable[[], Generator[str, None, Any]]
+    make: Callable[[], Task]
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    gen: Generator[str, None, Any] | None = None
+    task: Task | None = None
 
     def cancel(self) -> None:
-        """Stop the job at its next step (its generator is closed on the worker thread)."""
+        """Stop the job at its next step (its task is finished on the worker thread)."""
         self.cancelled.set()
 
-    def _emit(self, kind: str, value: Any) -> None:
+    def emit(self, kind: str, value: Any) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is gone: nobody is listening any more
@@ -45,12 +69,20 @@ class Job:
 
 
 class Scheduler:
-    """Fair, token-interleaved execution of jobs on one thread."""
+    """Runs jobs on one thread: admission by arrival, per-key serial, batched decoding."""
 
-    def __init__(self, max_active: int = 4, start: bool = True) -> None:
+    def __init__(
+        self,
+        backend: Any,
+        max_active: int = 8,
+        prefill_step: int = PREFILL_STEP,
+        start: bool = True,
+    ) -> None:
         if max_active < 1:
             raise ValueError("max_active must be >= 1")
+        self.backend = backend
         self.max_active = max_active
+        self.prefill_step = prefill_step
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
         self._cond = threading.Condition()
@@ -61,7 +93,7 @@ class Scheduler:
 
     def start(self) -> None:
         """Start the worker thread (once)."""
-        if not self._thread.is_alive() and self._thread.ident is None:
+        if self._thread.ident is None:
             self._thread.start()
 
     def submit(self, job: Job) -> Job:
@@ -78,7 +110,7 @@ class Scheduler:
             return {"active": len(self._active), "waiting": len(self._waiting)}
 
     def stop(self, timeout: float | None = None) -> None:
-        """Cancel all jobs (each generator is closed, so caches stay consistent) and wait."""
+        """Cancel all jobs (each task is finished, so caches stay consistent) and wait."""
         with self._cond:
             self._stopping = True
             for job in [*self._active, *self._waiting]:
@@ -110,26 +142,51 @@ class Scheduler:
                     self._cond.wait()
                     self._admit()
                 jobs = list(self._active)
-            for job in jobs:
-                if self._step(job):
-                    with self._cond:
+            done = self._step(jobs)
+            if done:
+                with self._cond:
+                    for job in done:
                         self._active.remove(job)
 
-    def _step(self, job: Job) -> bool:
-        """Advance ``job`` by one piece; True when it has finished."""
-        try:
+    def _end(self, job: Job, kind: str, value: Any, done: list[Job]) -> None:
+        """Finish ``job``'s task (keeping its cache consistent) and send its last event."""
+        if job.task is not None:
+            try:
+                usage = job.task.finish()
+                value = usage if kind == "done" else value
+            except Exception as exc:  # a failed save must still answer the request
+                log.exception("finishing a request failed")
+                kind, value = "error", exc
+        job.emit(kind, value)
+        done.append(job)
+
+    def _step(self, jobs: list[Job]) -> list[Job]:
+        """One scheduling step over ``jobs``; returns those that ended."""
+        done: list[Job] = []
+        decoding = [j for j in jobs if j.task is not None and not j.task.generation.prefilling]
+        for job in jobs:
             if job.cancelled.is_set():
-                if job.gen is not None:
-                    job.gen.close()
-                job._emit("error", ShuttingDown("cancelled"))
-                return True
-            if job.gen is None:
-                job.gen = job.make()
-            job._emit("text", next(job.gen))
-            return False
-        except StopIteration as stop:
-            job._emit("done", stop.value)
-            return True
-        except Exception as exc:  # reported to the request, never kills the worker
-            job._emit("error", exc)
-            return True
+                self._end(job, "error", Cancelled("cancelled"), done)
+                continue
+            try:
+                if job.task is None:
+                    job.task = job.make()
+                gen = job.task.generation
+                if gen.prefilling:
+                    gen.prefill(self.prefill_step if decoding else None)
+                if not gen.prefilling:
+                    for text in job.task.record(gen.sample()):
+                        job.emit("text", text)
+                    if gen.finished:
+                        self._end(job, "done", None, done)
+            except Exception as exc:  # reported to its request; the others go on
+                self._end(job, "error", exc, done)
+        live = [j for j in jobs if j not in done and j.task is not None]
+        gens = [j.task.generation for j in live if j.task.generation.next_input is not None]
+        try:
+            forward_step(self.backend, gens)
+        except Exception as exc:
+            log.exception("batched forward pass failed")
+            for job in live:
+                self._end(job, "error", exc, done)
+        return done
