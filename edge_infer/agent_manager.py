@@ -115,6 +115,19 @@ class AgentManager:
         self.pool.put(name, st.blocks)
         return st
 
+    def _refresh(self, name: str, st: _State) -> None:
+        """Reload the agent from disk if another process saved it since this one did."""
+        if self.saver.has_pending(name) or not self.store.changed_elsewhere(name):
+            return
+        log.info("agent %r was saved by another process; continuing from its version", name)
+        fresh = self._load(name)
+        st.messages, st.extra = fresh.messages, fresh.extra
+        st.blocks, st.token_ids, st.cache = fresh.blocks, fresh.token_ids, None
+        with self._lock:
+            self._live.pop(name, None)
+        if not st.blocks:
+            self.pool.remove(name)
+
     def usage(self, name: str) -> Usage:
         from edge_infer.engine import Usage
 
@@ -191,6 +204,7 @@ class AgentManager:
         locks.enter_context(st.lock)
         try:
             locks.enter_context(self.store.lock(name))
+            self._refresh(name, st)
             locks.enter_context(_busy(st))
             p = SamplingParams.from_kwargs(params, **kwargs)
             first_changed = len(st.token_ids)
@@ -225,6 +239,7 @@ class AgentManager:
         """Append messages to the conversation; with ``prefill`` extend the cache now."""
         st = self.state(name)
         with st.lock, self.store.lock(name), _busy(st):
+            self._refresh(name, st)
             st.messages = st.messages + [dict(m) for m in messages]
             if not prefill:
                 self._persist(name, st)

@@ -16,6 +16,7 @@ class BackgroundSaver:
         self._pending: dict[str, Callable[[], None]] = {}
         self._cond = threading.Condition()
         self._busy = 0
+        self._running: str | None = None
         self._thread: threading.Thread | None = None
         self.errors: list[str] = []
 
@@ -39,6 +40,7 @@ class BackgroundSaver:
                 agent, job = next(iter(self._pending.items()))
                 del self._pending[agent]
                 self._busy += 1
+                self._running = agent
             try:
                 job()
             except Exception as exc:  # a failed save must not kill the saver; report it
@@ -47,7 +49,13 @@ class BackgroundSaver:
             finally:
                 with self._cond:
                     self._busy -= 1
+                    self._running = None
                     self._cond.notify_all()
+
+    def has_pending(self, agent: str) -> bool:
+        """Whether a save of ``agent`` is queued or being written."""
+        with self._cond:
+            return agent in self._pending or self._running == agent
 
     def flush(self, agent: str | None = None) -> None:
         """Wait until pending saves (of ``agent``, or all) are written."""

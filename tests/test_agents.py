@@ -187,3 +187,24 @@ def test_invalid_agent_names_are_refused(cache_dir):
     for bad in ("../etc", "a/b", "", ".hidden"):
         with pytest.raises(InvalidAgentName):
             eng.agent(bad)
+
+
+def test_an_agent_saved_by_another_process_is_continued_not_overwritten(
+    torch_engine, tmp_path, monkeypatch
+):
+    # two engines on one cache folder stand for two processes (a chat and a server)
+    monkeypatch.setenv("EDGE_INFER_CACHE_DIR", str(tmp_path))
+    one = Engine(torch_engine.model, torch_engine.backend)
+    two = Engine(torch_engine.model, torch_engine.backend)
+    opts = {"temperature": 0, "max_tokens": 4}
+    one.agent("shared").chat("First.", **opts)
+    one.flush()
+    two.agent("shared").chat("Second.", **opts)
+    two.flush()
+    one.agent("shared").chat("Third.", **opts)
+    one.flush()
+    users = [m["content"] for m in one.agent("shared").messages if m["role"] == "user"]
+    assert users == ["First.", "Second.", "Third."]
+    assert one.agent("shared").usage.cached_tokens > 0  # continued from the other's cache
+    fresh = Engine(torch_engine.model, torch_engine.backend)
+    assert [m["content"] for m in fresh.agent("shared").messages if m["role"] == "user"] == users

@@ -98,6 +98,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns)
+
+
 def _dir_bytes(path: Path) -> int:
     total = 0
     for dirpath, _, files in os.walk(path):
@@ -130,6 +138,9 @@ class AgentStore:
             weakref.WeakKeyDictionary()
         )
         self._known_lock = threading.Lock()
+        # agent -> identity of the manifest this store last wrote or read: tells whether
+        # another process has saved the agent since
+        self._stamps: dict[str, tuple[int, int] | None] = {}
 
     # -- paths and locking -------------------------------------------------------------
 
@@ -224,6 +235,7 @@ class AgentStore:
                 updated=now,
             )
             write_atomic(d / MANIFEST_NAME, manifest.to_bytes())
+            self._stamps[agent] = _stamp(d / MANIFEST_NAME)
             self._remove_unreferenced(d, {e.file for e in entries})
         return manifest
 
@@ -320,9 +332,13 @@ class AgentStore:
         d = self.agent_dir(agent)
         with self.lock(agent):
             try:
-                raw = (d / MANIFEST_NAME).read_bytes()
+                with open(d / MANIFEST_NAME, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    raw = f.read()
             except FileNotFoundError:
+                self._stamps[agent] = None
                 return None
+            self._stamps[agent] = (st.st_ino, st.st_mtime_ns)
             try:
                 m = Manifest.from_bytes(raw)
             except CacheCorruptError as e:
@@ -369,6 +385,11 @@ class AgentStore:
 
     # -- housekeeping ------------------------------------------------------------------
 
+    def changed_elsewhere(self, agent: str) -> bool:
+        """Whether ``agent``'s manifest differs from the one this store last wrote or read
+        (another process saved or deleted it). Call with the agent's lock held."""
+        return _stamp(self.agent_dir(agent) / MANIFEST_NAME) != self._stamps.get(agent)
+
     def exists(self, agent: str) -> bool:
         """Whether ``agent`` has a manifest under this fingerprint."""
         return (self.agent_dir(agent) / MANIFEST_NAME).is_file()
@@ -379,6 +400,7 @@ class AgentStore:
         with self.lock(agent):
             if not d.exists():
                 return False
+            self._stamps[agent] = None
             doomed = d.with_name(f".deleting-{agent}-{uuid.uuid4().hex[:8]}")
             os.rename(d, doomed)
             fsync_dir(d.parent)
