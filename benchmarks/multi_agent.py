@@ -163,7 +163,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workflow-agents", type=int, default=10)
+    ap.add_argument("--workflow-agents", type=int, default=10, help="0 skips the workflow")
     ap.add_argument("--workflow-context", type=int, default=2048)
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -191,6 +191,9 @@ def main() -> None:
             for r in decode
         ],
     )
+    if args.workflow_agents < 1:
+        write_results(args.json, {"decode": decode})
+        return
     flow = bench_workflow(eng.model, eng.backend, args.workflow_agents, args.workflow_context)
     re = flow["reprefill_s"]
     print_table(

@@ -136,3 +136,28 @@ def test_forward_batch_rows_match_single_forward(q4_engine):
     rows = be.forward_batch([5, 6, 7], caches)
     for row, tok, s in zip(rows, [5, 6, 7], singles, strict=True):
         assert np.array_equal(row, be.forward(np.asarray([tok]), s)[-1])
+
+
+@pytest.fixture(scope="module")
+def mlx_q4_engine(default_model):
+    from tests.conftest import HAS_MLX
+
+    if not HAS_MLX:
+        pytest.skip("mlx not installed")
+    from edge_infer.backends.mlx.backend import MLXBackend
+
+    return Engine(default_model, MLXBackend(default_model, kv_bits=4))
+
+
+@pytest.mark.slow
+def test_mlx_batch_matches_running_alone(mlx_q4_engine):
+    eng = mlx_q4_engine
+    ids = prompts(eng)
+    params = SamplingParams(temperature=0, max_tokens=12)
+    expected = [alone(eng, x, params) for x in ids]
+    gens = [Generation(eng, x, params, eng.backend.new_cache(), Usage()) for x in ids]
+    got: list[list[int]] = [[] for _ in ids]
+    for i, pieces in decode_together(eng.backend, gens):
+        got[i] += [t for t, _ in pieces if t is not None]
+    assert got == expected
+    assert gens[3].cache.sealed_length == 256

@@ -7,6 +7,7 @@ into mlx-lm modules as they are: a :class:`QuantizedWeight` becomes an ``nn.Quan
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -14,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 from mlx_lm.models import llama, qwen2
+from mlx_lm.models.base import scaled_dot_product_attention
 
 from edge_infer.backends.mlx.kv_cache import MLXCache
 from edge_infer.errors import ModelFormatError, UnsupportedModelError
@@ -200,6 +202,43 @@ class MLXBackend:
             outs.append(self._head(hidden))
             mx.eval(outs[-1], [(c.keys, c.values) for c in cache.layers])
         return np.array(mx.concatenate(outs, axis=0) if len(outs) > 1 else outs[0])
+
+    def forward_batch(self, tokens: Sequence[int], caches: Sequence[MLXCache]) -> np.ndarray:
+        """Logits [B, vocab] after feeding ``tokens[b]`` to ``caches[b]`` (one step each).
+
+        The projections and the MLP run once for the batch; attention runs per sequence over
+        its own cache, as mlx-lm's attention does for one.
+        """
+        if len(tokens) != len(caches):
+            raise ValueError("forward_batch needs one token per cache")
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("forward_batch needs distinct caches")
+        m, n = self._model.model, len(tokens)
+        h = m.embed_tokens(mx.array(np.asarray(tokens, dtype=np.int32))[:, None])  # [B, 1, D]
+        for i, layer in enumerate(m.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).reshape(n, 1, attn.n_heads, -1).transpose(0, 2, 1, 3)
+            k = attn.k_proj(x).reshape(n, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+            v = attn.v_proj(x).reshape(n, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+            outs = []
+            for b, cache in enumerate(caches):
+                c = cache.layers[i]
+                qb = attn.rope(q[b : b + 1], offset=c.offset)
+                keys, values = c.update_and_fetch(
+                    attn.rope(k[b : b + 1], offset=c.offset), v[b : b + 1]
+                )
+                outs.append(
+                    scaled_dot_product_attention(
+                        qb, keys, values, cache=c, scale=attn.scale, mask=None
+                    )
+                )
+            o = mx.concatenate(outs, axis=0).transpose(0, 2, 1, 3).reshape(n, 1, -1)
+            h = h + attn.o_proj(o)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = self._head(m.norm(h).reshape(1, n, -1))
+        mx.eval(logits, [(c.keys, c.values) for cache in caches for c in cache.layers])
+        return np.array(logits)
 
     def _head(self, hidden: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:
