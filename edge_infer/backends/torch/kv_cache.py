@@ -1,12 +1,13 @@
 """KV cache of one sequence for the torch decoder, in the shared stored format.
 
-Tokens live in blocks of ``block_size``. The growing tail block is stored in float16; when a
-block fills it is *sealed*: rotated (Hadamard, see :mod:`edge_infer.cache_store.rotation`) and
-quantized to 4 or 8 bits once. Attention always reads what is stored (float16 values, or the
-quantized values rotated back) from a float32 working buffer. What a query attends to is thus
-a function of positions only (blocks that ended before it are quantized, its own block is
-float16), never of how the context was split into chunks, turns, saves and restores, as long
-as one forward call stays inside one block (the backend splits calls to ensure it).
+Tokens live in blocks of ``block_size``. The growing tail block is stored in float16 (in a
+one-block buffer reused for each new block); when a block fills it is *sealed*: rotated
+(Hadamard, see :mod:`edge_infer.cache_store.rotation`) and quantized to 4 or 8 bits once.
+Attention always reads what is stored (float16 values, or the quantized values rotated back)
+from a float32 working buffer. What a query attends to is thus a function of positions only
+(blocks that ended before it are quantized, its own block is float16), never of how the
+context was split into chunks, turns, saves and restores, as long as one forward call stays
+inside one block (the backend splits calls to ensure it).
 """
 
 from __future__ import annotations
@@ -88,7 +89,12 @@ class TorchKVCache:
                 self._quant.append([[None] * 3, [None] * 3])  # type: ignore[list-item]
                 self._work.append([None, None])  # type: ignore[list-item]
             for w in range(2):
-                self._half[i][w] = grow(self._half[i][w], (d,), torch.float16)
+                if self.bits == 16:  # float16 is the stored form of every token
+                    self._half[i][w] = grow(self._half[i][w], (d,), torch.float16)
+                elif self._half[i][w] is None:  # only the open block is float16
+                    self._half[i][w] = torch.empty(
+                        (n, self.block_size, d), dtype=torch.float16, device=dev
+                    )
                 self._work[i][w] = grow(self._work[i][w], (d,), torch.float32)
                 if self.bits < 16:
                     q = self._quant[i][w]
@@ -96,6 +102,11 @@ class TorchKVCache:
                     q[1] = grow(q[1], (groups,), torch.float16)
                     q[2] = grow(q[2], (groups,), torch.float16)
         self._capacity = capacity
+
+    def _tail(self, i: int, w: int, a: int, b: int) -> torch.Tensor:
+        """The float16 values of tokens a..b (of the open block unless KV is float16)."""
+        off = 0 if self.bits == 16 else self._sealed
+        return self._half[i][w][:, a - off : b - off]
 
     def _readable(
         self, packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor
@@ -118,7 +129,7 @@ class TorchKVCache:
             raise ValueError("a forward call must not cross a KV block boundary")
         self._reserve(end)
         for w, x in enumerate((k, v)):
-            half = self._half[layer][w][:, start:end]
+            half = self._tail(layer, w, start, end)
             half.copy_(x)  # rounds to float16: what is stored
             self._work[layer][w][:, start:end].copy_(half)
         return self._work[layer][0][:, :end], self._work[layer][1][:, :end]
@@ -130,16 +141,17 @@ class TorchKVCache:
             self._seal(self._sealed, self._sealed + self.block_size)
 
     def _seal(self, a: int, b: int) -> None:
-        self._sealed = b
         if self.bits == 16:  # float16 blocks are stored as they are
+            self._sealed = b
             return
         for i in range(self.num_layers):
             for w in range(2):
-                x = self._half[i][w][:, a:b].float() @ self._rotation
+                x = self._tail(i, w, a, b).float() @ self._rotation
                 packed, scales, biases = quantize_kv(x, self.bits, self.group_size)
                 q = self._quant[i][w]
                 q[0][:, a:b], q[1][:, a:b], q[2][:, a:b] = packed, scales, biases
                 self._work[i][w][:, a:b] = self._readable(packed, scales, biases)
+        self._sealed = b
 
     def truncate(self, n: int) -> int:
         """Keep at most the first ``n`` tokens; returns how many are kept.
@@ -180,7 +192,7 @@ class TorchKVCache:
 
     def _export(self, i: int, w: int, a: int, b: int, sealed: bool) -> QuantizedKV | np.ndarray:
         if not sealed or self.bits == 16:
-            return self._half[i][w][:, a:b].cpu().numpy()
+            return self._tail(i, w, a, b).cpu().numpy()
         p, s, z = (t[:, a:b].cpu().numpy() for t in self._quant[i][w])
         return QuantizedKV(
             packed=p.view(np.uint32), scales=s, biases=z, bits=self.bits, group_size=self.group_size
@@ -232,7 +244,7 @@ class TorchKVCache:
             if not isinstance(kv, np.ndarray):
                 raise ValueError("expected float16 K/V for an unsealed or float16 block")
             half = torch.from_numpy(np.ascontiguousarray(kv, dtype=np.float16)).to(self.device)
-            self._half[i][w][:, a:b] = half
+            self._tail(i, w, a, b).copy_(half)
             self._work[i][w][:, a:b] = half.float()
             return
         if not isinstance(kv, QuantizedKV) or (kv.bits, kv.group_size) != (
