@@ -72,8 +72,9 @@ class AgentManager:
             raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES} (got {overflow!r})")
         st = self.state(name)
         with st.lock:
-            if overflow is not None:
+            if overflow is not None and overflow != st.extra.get("overflow", "error"):
                 st.extra["overflow"] = overflow
+                self._persist(name, st)
             if system is not None and system != (st.extra.get("system") or ""):
                 has_system = bool(st.messages) and st.messages[0]["role"] == "system"
                 if has_system:

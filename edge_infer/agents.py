@@ -149,7 +149,8 @@ def fit_messages(
     if policy != "drop_oldest":
         raise ContextLengthError(
             f"the conversation needs {len(ids)} tokens but the model's context is {limit} "
-            "(create the agent with overflow='drop_oldest' to drop the oldest turns)"
+            "(to drop the oldest turns instead: overflow='drop_oldest' in Python, "
+            "--drop-oldest for edge-infer chat, or /reset)"
         )
     head = 1 if messages and messages[0]["role"] == "system" else 0
     kept = list(messages)

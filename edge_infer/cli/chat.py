@@ -334,6 +334,10 @@ def chat(
     max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 512,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    drop_oldest: Annotated[
+        bool,
+        typer.Option(help="When the conversation outgrows the context, drop the oldest turns."),
+    ] = False,
 ) -> None:
     """Chat with an agent whose KV cache persists between runs."""
     with user_errors():
@@ -345,5 +349,8 @@ def chat(
             with contextlib.suppress(ImportError):
                 import readline  # noqa: F401  (line editing and history for input())
         eng = load_engine(model, backend, kv_bits)
-        session = ChatSession(eng, eng.agent(agent, system=system), params, interactive=interactive)
+        overflow = "drop_oldest" if drop_oldest else None
+        session = ChatSession(
+            eng, eng.agent(agent, system=system, overflow=overflow), params, interactive=interactive
+        )
         session.run()
