@@ -30,6 +30,7 @@ from edge_infer.cache_store.store import (
     MODEL_RECORD_NAME,
     QUARANTINE_DIR,
     AgentStore,
+    dir_bytes,
     validate_agent_name,
 )
 from edge_infer.models.fingerprint import Fingerprint
@@ -51,18 +52,6 @@ PREVIEW_CHARS = 80
 def agents_root(root: Path) -> Path:
     """Folder holding one sub-folder per model fingerprint."""
     return Path(root) / "agents"
-
-
-def dir_bytes(path: Path) -> int:
-    """Bytes of every file under ``path`` (links not followed; vanished files skipped)."""
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def _entry_bytes(path: Path) -> int:

@@ -106,7 +106,8 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return (st.st_ino, st.st_mtime_ns)
 
 
-def _dir_bytes(path: Path) -> int:
+def dir_bytes(path: Path) -> int:
+    """Bytes of every file under ``path`` (links not followed; vanished files skipped)."""
     total = 0
     for dirpath, _, files in os.walk(path):
         for name in files:
@@ -422,7 +423,7 @@ class AgentStore:
                 AgentInfo(
                     d.name,
                     len(m.token_ids),
-                    _dir_bytes(d),
+                    dir_bytes(d),
                     m.updated,
                     len(m.blocks),
                     messages=len(m.messages),

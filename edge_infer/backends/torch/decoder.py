@@ -120,16 +120,11 @@ class TorchDecoder:
         T, start = h.shape[0], cache.length
         cos, sin = self._rope(start, start + T)
         n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        norm_shape, eps = (cfg.hidden_size,), cfg.rms_norm_eps
         mask = None
         if T > 1 and start > 0:
             mask = torch.ones(T, start + T, dtype=torch.bool, device=self.device).tril(start)
         for i, layer in enumerate(self.layers):
-            x = F.rms_norm(h, norm_shape, layer.input_norm, eps)
-            qkv = layer.qkv(x.to(COMPUTE_DTYPE))
-            if layer.qkv_bias is not None:
-                qkv = qkv + layer.qkv_bias
-            qk, v = qkv.float().split([(n_q + n_kv) * d, n_kv * d], dim=-1)
+            qk, v = self._qkv(layer, h)
             qk = self._apply_rope(qk.view(T, n_q + n_kv, d).transpose(0, 1), cos, sin)
             keys, values = cache.update(i, qk[n_q:], v.view(T, n_kv, d).transpose(0, 1))
             attn = F.scaled_dot_product_attention(
@@ -141,15 +136,11 @@ class TorchDecoder:
                 enable_gqa=n_q != n_kv,
             )
             h.add_(layer.o(attn[0].transpose(0, 1).reshape(T, n_q * d).to(COMPUTE_DTYPE)))
-            x = F.rms_norm(h, norm_shape, layer.post_norm, eps)
-            gate, up = layer.gate_up(x.to(COMPUTE_DTYPE)).chunk(2, dim=-1)
-            h.add_(layer.down(F.silu(gate) * up))
+            self._add_mlp(layer, h)
         cache.advance(T)
         if not all_logits:
             h = h[-1:]
-        h = F.rms_norm(h, norm_shape, self.norm, eps)
-        logits = self.lm_head(h.to(COMPUTE_DTYPE)).float()
-        return self._rescore_top(logits, h)
+        return self._logits(h)
 
     @torch.inference_mode()
     def forward_batch(self, h: torch.Tensor, caches: list[TorchKVCache]) -> torch.Tensor:
@@ -167,13 +158,8 @@ class TorchDecoder:
         pos = torch.tensor(starts, device=self.device)
         cos, sin = cos_all[pos][:, None], sin_all[pos][:, None]  # [B, 1, D/2]
         n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        norm_shape, eps = (cfg.hidden_size,), cfg.rms_norm_eps
         for i, layer in enumerate(self.layers):
-            x = F.rms_norm(h, norm_shape, layer.input_norm, eps)
-            qkv = layer.qkv(x.to(COMPUTE_DTYPE))
-            if layer.qkv_bias is not None:
-                qkv = qkv + layer.qkv_bias
-            qk, v = qkv.float().split([(n_q + n_kv) * d, n_kv * d], dim=-1)
+            qk, v = self._qkv(layer, h)
             qk = self._apply_rope(qk.view(B, n_q + n_kv, d), cos, sin)  # [B, heads, D]
             v = v.view(B, n_kv, d)
             outs = []
@@ -187,12 +173,32 @@ class TorchDecoder:
                 )
                 outs.append(attn[0].transpose(0, 1).reshape(1, n_q * d))
             h.add_(layer.o(torch.cat(outs).to(COMPUTE_DTYPE)))
-            x = F.rms_norm(h, norm_shape, layer.post_norm, eps)
-            gate, up = layer.gate_up(x.to(COMPUTE_DTYPE)).chunk(2, dim=-1)
-            h.add_(layer.down(F.silu(gate) * up))
+            self._add_mlp(layer, h)
         for cache in caches:
             cache.advance(1)
-        h = F.rms_norm(h, norm_shape, self.norm, eps)
+        return self._logits(h)
+
+    def _qkv(self, layer: _Layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normed ``h`` [N, hidden] through the fused QKV projection: (q|k, v) in float32."""
+        cfg = self.config
+        x = F.rms_norm(h, (cfg.hidden_size,), layer.input_norm, cfg.rms_norm_eps)
+        qkv = layer.qkv(x.to(COMPUTE_DTYPE))
+        if layer.qkv_bias is not None:
+            qkv = qkv + layer.qkv_bias
+        d = cfg.head_dim
+        return qkv.float().split([(cfg.num_heads + cfg.num_kv_heads) * d, cfg.num_kv_heads * d], -1)
+
+    def _add_mlp(self, layer: _Layer, h: torch.Tensor) -> None:
+        """h += MLP(norm(h)), in place."""
+        cfg = self.config
+        x = F.rms_norm(h, (cfg.hidden_size,), layer.post_norm, cfg.rms_norm_eps)
+        gate, up = layer.gate_up(x.to(COMPUTE_DTYPE)).chunk(2, dim=-1)
+        h.add_(layer.down(F.silu(gate) * up))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and output head (top candidates rescored): float32 [N, vocab]."""
+        cfg = self.config
+        h = F.rms_norm(h, (cfg.hidden_size,), self.norm, cfg.rms_norm_eps)
         logits = self.lm_head(h.to(COMPUTE_DTYPE)).float()
         return self._rescore_top(logits, h)
 
