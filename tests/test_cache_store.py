@@ -273,3 +273,12 @@ def test_manifest_path_tricks_are_corruption(store: AgentStore) -> None:
     doc["blocks"][0]["file"] = "../../../etc/passwd"
     (d / "manifest.json").write_text(json.dumps(doc))
     assert store.load("a") is None
+
+
+def test_quarantine_keeps_every_corrupt_manifest(store: AgentStore) -> None:
+    d = store.agent_dir("x")
+    for _ in range(2):
+        store.save("x", [1, 2], [])
+        (d / "manifest.json").write_text("{not json")
+        assert store.load("x") is None
+    assert sorted(os.listdir(d / "quarantine")) == ["manifest.json", "manifest.json.1"]

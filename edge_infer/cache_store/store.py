@@ -291,8 +291,11 @@ class AgentStore:
         qdir = private_dir(d / QUARANTINE_DIR)
         moved = []
         for name in names:
+            target, n = qdir / name, 1
+            while target.exists():  # keep earlier evidence: manifest.json, manifest.json.1, ...
+                target, n = qdir / f"{name}.{n}", n + 1
             try:
-                os.replace(d / name, qdir / name)
+                os.replace(d / name, target)
                 moved.append(name)
             except FileNotFoundError:
                 continue
