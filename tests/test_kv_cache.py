@@ -136,3 +136,26 @@ def test_default_q4_kv_still_answers(default_model):
             max_tokens=16,
         )
         assert "Paris" in reply, (backend.name, bits, reply)
+
+
+@pytest.mark.slow
+def test_exported_blocks_do_not_change_when_the_cache_goes_on(default_model):
+    """Blocks live on in agents, forks and pending saves while the cache that exported them
+    keeps running: filling the next block, or rewriting after a truncation, must not show
+    through."""
+    ids = np.array(default_model.tokenizer.encode("The quick brown fox jumps. " * 80))
+    other = ids[::-1].copy()
+    for backend in _backends(default_model, 4):
+        cache = backend.new_cache()
+        backend.forward(ids[:100], cache)
+        tail = cache.blocks()  # float16, open block
+        backend.forward(ids[100:300], cache)  # seals block 0, starts block 1
+        sealed = cache.blocks()[0]
+        frozen = [np.array(x.keys, copy=True) for x in tail[0].layers]
+        frozen_q = [np.array(x.keys.packed, copy=True) for x in sealed.layers]
+        assert cache.truncate(50) == 0  # inside the sealed block: rewritten from scratch
+        backend.forward(other[:300], cache)
+        for x, before in zip(tail[0].layers, frozen, strict=True):
+            assert np.array_equal(x.keys, before), backend.name
+        for x, before in zip(sealed.layers, frozen_q, strict=True):
+            assert np.array_equal(x.keys.packed, before), backend.name

@@ -12,15 +12,28 @@ inside one block (the backend splits calls to ensure it).
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
+from edge_infer.backends.torch.buffer_pool import POOL
 from edge_infer.backends.torch.kv_quant import dequantize_kv, quantize_kv
 from edge_infer.cache_store.blocks import key_bounds, tokens_to_block_end, truncation
 from edge_infer.cache_store.kv_format import KVBlock, LayerKV, QuantizedKV
 from edge_infer.cache_store.rotation import hadamard
 
 DEFAULT_BLOCK_SIZE = 256
+
+
+def _numpy_copy(t: torch.Tensor) -> np.ndarray:
+    """A numpy array that owns its data (``.numpy()`` of a CPU tensor shares the tensor's)."""
+    return t.detach().to("cpu", copy=True).numpy()
+
+
+def _give_back(half: list, quant: list, work: list) -> None:
+    POOL.give([t for pair in half + work for t in pair])
+    POOL.give([t for layer in quant for parts in layer for t in parts])
 
 
 class TorchKVCache:
@@ -53,6 +66,8 @@ class TorchKVCache:
         self._work: list[list[torch.Tensor]] = []
         self._length = 0
         self._sealed = 0
+        # when this cache is dropped, its buffers go back to the pool for the next one
+        weakref.finalize(self, _give_back, self._half, self._quant, self._work)
 
     @property
     def length(self) -> int:
@@ -76,9 +91,9 @@ class TorchKVCache:
         def grow(
             old: torch.Tensor | None, tail: tuple[int, ...], dtype: torch.dtype
         ) -> torch.Tensor:
-            new = torch.empty((n, capacity, *tail), dtype=dtype, device=dev)
+            new = POOL.take((n, capacity, *tail), dtype, dev)
             if old is not None:
-                new[:, :keep] = old[:, :keep]
+                new[:, :keep] = old[:, :keep]  # the outgrown buffer is freed, not pooled
             return new
 
         first = not self._work
@@ -92,9 +107,7 @@ class TorchKVCache:
                 if self.bits == 16:  # float16 is the stored form of every token
                     self._half[i][w] = grow(self._half[i][w], (d,), torch.float16)
                 elif self._half[i][w] is None:  # only the open block is float16
-                    self._half[i][w] = torch.empty(
-                        (n, self.block_size, d), dtype=torch.float16, device=dev
-                    )
+                    self._half[i][w] = POOL.take((n, self.block_size, d), torch.float16, dev)
                 self._work[i][w] = grow(self._work[i][w], (d,), torch.float32)
                 if self.bits < 16:
                     q = self._quant[i][w]
@@ -191,9 +204,11 @@ class TorchKVCache:
         return out
 
     def _export(self, i: int, w: int, a: int, b: int, sealed: bool) -> QuantizedKV | np.ndarray:
+        # copies: the buffers are reused (the open block's for every block, all of them
+        # after a truncation), while exported blocks live on in agents, forks and saves
         if not sealed or self.bits == 16:
-            return self._tail(i, w, a, b).cpu().numpy()
-        p, s, z = (t[:, a:b].cpu().numpy() for t in self._quant[i][w])
+            return _numpy_copy(self._tail(i, w, a, b))
+        p, s, z = (_numpy_copy(t[:, a:b]) for t in self._quant[i][w])
         return QuantizedKV(
             packed=p.view(np.uint32), scales=s, biases=z, bits=self.bits, group_size=self.group_size
         )

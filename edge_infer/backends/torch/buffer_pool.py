@@ -1,0 +1,88 @@
+"""Reuse of large CPU buffers between KV caches.
+
+A restored or newly created cache writes its whole working copy at once; on fresh memory that
+costs a page fault per 4 KiB, often more than the writing itself. Buffers of caches that were
+dropped are kept here (up to a byte budget, the most recently returned first) and handed to
+the next cache that asks for the same shape. Only CPU tensors are pooled: CUDA has its own
+caching allocator.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import torch
+
+DEFAULT_POOL_MB = 512
+
+
+def pool_budget_bytes() -> int:
+    """The pool's byte budget: ``EDGE_INFER_BUFFER_POOL_MB`` (0 disables it), default 512."""
+    raw = os.environ.get("EDGE_INFER_BUFFER_POOL_MB", "")
+    try:
+        mb = int(raw) if raw else DEFAULT_POOL_MB
+    except ValueError:
+        raise ValueError(
+            f"EDGE_INFER_BUFFER_POOL_MB must be a whole number (got {raw!r})"
+        ) from None
+    return max(mb, 0) * 2**20
+
+
+class BufferPool:
+    """Free tensors by (shape, dtype) within ``max_bytes``; the oldest are freed first."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = pool_budget_bytes() if max_bytes is None else max_bytes
+        self._free: OrderedDict[int, tuple[tuple, torch.Tensor]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def take(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """An uninitialised tensor: a pooled one of this shape if any, else a new one."""
+        if device.type == "cpu":
+            key = (tuple(shape), dtype)
+            with self._lock:
+                for ident in reversed(self._free):
+                    k, t = self._free[ident]
+                    if k == key:
+                        del self._free[ident]
+                        self._bytes -= _nbytes(t)
+                        return t
+        # a normal tensor even inside inference mode: buffers are written in and out of it
+        with torch.inference_mode(False):
+            return torch.empty(shape, dtype=dtype, device=device)
+
+    def give(self, tensors: Iterable[torch.Tensor | None]) -> None:
+        """Keep ``tensors`` for reuse, freeing the oldest kept ones beyond the budget."""
+        with self._lock:
+            for t in tensors:
+                if t is None or t.device.type != "cpu" or not t.is_contiguous():
+                    continue
+                if _nbytes(t) > self.max_bytes or id(t) in self._free:
+                    continue
+                self._free[id(t)] = ((tuple(t.shape), t.dtype), t)
+                self._bytes += _nbytes(t)
+            while self._bytes > self.max_bytes:
+                _, (_, old) = self._free.popitem(last=False)
+                self._bytes -= _nbytes(old)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self._bytes = 0
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+POOL = BufferPool()
