@@ -68,3 +68,34 @@ def test_a_dropped_cache_gives_its_buffers_back(default_model):
     restored.append_blocks(blocks)  # outside inference mode, into reused buffers
     assert restored.length == 300
     kv_cache.POOL.clear()
+
+
+def test_finalizers_giving_back_while_the_pool_is_busy_do_not_deadlock():
+    """Caches give their buffers back from finalizers, which the garbage collector may run
+    in the middle of any pool call on the same thread."""
+    import threading
+    import weakref
+
+    pool = BufferPool(max_bytes=64 * 4 * 8)
+
+    class Holder:
+        def __init__(self) -> None:
+            self.me = self  # a cycle: only the cyclic collector frees it
+            weakref.finalize(self, pool.give, [torch.empty(64)])
+
+    def churn() -> None:
+        for _ in range(300):
+            Holder()
+            pool.give([torch.empty(64)])
+            pool.take((64,), torch.float32, CPU)
+
+    old = gc.get_threshold()
+    gc.set_threshold(1)  # collect at nearly every allocation
+    try:
+        t = threading.Thread(target=churn, daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "the pool deadlocked"
+    finally:
+        gc.set_threshold(*old)
+    assert pool.nbytes <= pool.max_bytes

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 
 import torch
@@ -32,17 +32,33 @@ def pool_budget_bytes() -> int:
 
 
 class BufferPool:
-    """Free tensors by (shape, dtype) within ``max_bytes``; the oldest are freed first."""
+    """Free tensors by (shape, dtype) within ``max_bytes``; the oldest are freed first.
+
+    Returned tensors are queued without taking the lock (caches give theirs back from a
+    finalizer, which the garbage collector may run at any allocation, also while this thread
+    holds the lock) and are sorted into the pool at the next ``take``.
+    """
 
     def __init__(self, max_bytes: int | None = None) -> None:
         self.max_bytes = pool_budget_bytes() if max_bytes is None else max_bytes
         self._free: OrderedDict[int, tuple[tuple, torch.Tensor]] = OrderedDict()
+        self._returned: deque[list[torch.Tensor]] = deque()
         self._bytes = 0
         self._lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
-        return self._bytes
+        with self._lock:
+            evicted = self._absorb()
+            n = self._bytes
+        del evicted  # freed outside the lock
+        return n
+
+    def give(self, tensors: Iterable[torch.Tensor | None]) -> None:
+        """Offer ``tensors`` for reuse (safe from finalizers: takes no lock)."""
+        self._returned.append(
+            [t for t in tensors if t is not None and t.device.type == "cpu" and t.is_contiguous()]
+        )
 
     def take(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
@@ -50,35 +66,46 @@ class BufferPool:
         """An uninitialised tensor: a pooled one of this shape if any, else a new one."""
         if device.type == "cpu":
             key = (tuple(shape), dtype)
+            found = None
             with self._lock:
+                evicted = self._absorb()
                 for ident in reversed(self._free):
-                    k, t = self._free[ident]
-                    if k == key:
-                        del self._free[ident]
-                        self._bytes -= _nbytes(t)
-                        return t
+                    if self._free[ident][0] == key:
+                        found = self._free.pop(ident)[1]
+                        self._bytes -= _nbytes(found)
+                        break
+            del evicted
+            if found is not None:
+                return found
         # a normal tensor even inside inference mode: buffers are written in and out of it
         with torch.inference_mode(False):
             return torch.empty(shape, dtype=dtype, device=device)
 
-    def give(self, tensors: Iterable[torch.Tensor | None]) -> None:
-        """Keep ``tensors`` for reuse, freeing the oldest kept ones beyond the budget."""
+    def clear(self) -> None:
         with self._lock:
-            for t in tensors:
-                if t is None or t.device.type != "cpu" or not t.is_contiguous():
-                    continue
+            self._returned.clear()
+            self._free.clear()
+            self._bytes = 0
+
+    def _absorb(self) -> list[torch.Tensor]:
+        """Move returned tensors into the pool (lock held); the evicted ones, to free later."""
+        evicted: list[torch.Tensor] = []
+        while self._returned:
+            try:
+                batch = self._returned.popleft()
+            except IndexError:
+                break
+            for t in batch:
                 if _nbytes(t) > self.max_bytes or id(t) in self._free:
+                    evicted.append(t)
                     continue
                 self._free[id(t)] = ((tuple(t.shape), t.dtype), t)
                 self._bytes += _nbytes(t)
-            while self._bytes > self.max_bytes:
-                _, (_, old) = self._free.popitem(last=False)
-                self._bytes -= _nbytes(old)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-            self._bytes = 0
+        while self._bytes > self.max_bytes:
+            _, (_, old) = self._free.popitem(last=False)
+            self._bytes -= _nbytes(old)
+            evicted.append(old)
+        return evicted
 
 
 def _nbytes(t: torch.Tensor) -> int:
