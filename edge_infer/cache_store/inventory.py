@@ -12,30 +12,30 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_infer.cache_store.atomic_io import TEMP_PREFIX, fsync_dir, private_dir
+from edge_infer.cache_store.atomic_io import TEMP_PREFIX
 from edge_infer.cache_store.errors import CacheCorruptError, CacheError, CacheVersionError
 from edge_infer.cache_store.kv_format import KVFormat
-from edge_infer.cache_store.locking import path_lock
 from edge_infer.cache_store.manifest import BLOCK_FILE_RE, MANIFEST_NAME, Manifest
 from edge_infer.cache_store.store import (
     AGENT_NAME_RE,
+    DELETING_PREFIX,
     LOCKS_DIR,
     MODEL_RECORD_NAME,
     QUARANTINE_DIR,
     AgentStore,
+    delete_dir,
     dir_bytes,
     validate_agent_name,
 )
+from edge_infer.cache_store.store import agent_lock as store_agent_lock
 from edge_infer.models.fingerprint import Fingerprint
 
-DELETING_PREFIX = ".deleting-"
 _DELETING_RE = re.compile(r"^\.deleting-(.+)-[0-9a-f]{8}$")
 LOCK_TIMEOUT_S = 30.0
 # Temp files outside an agent folder (model.json being written) are not guarded by any
@@ -81,13 +81,11 @@ def _agent_dirs(fp_dir: Path) -> list[Path]:
         return []
 
 
-@contextmanager
-def agent_lock(fp_dir: Path, agent: str, timeout: float | None = None) -> Iterator[None]:
+def agent_lock(
+    fp_dir: Path, agent: str, timeout: float | None = None
+) -> AbstractContextManager[None]:
     """The inter-process lock :meth:`AgentStore.lock` takes (default wait: LOCK_TIMEOUT_S)."""
-    locks = private_dir(fp_dir / LOCKS_DIR)
-    wait = LOCK_TIMEOUT_S if timeout is None else timeout
-    with path_lock(locks / f"{validate_agent_name(agent)}.lock", wait):
-        yield
+    return store_agent_lock(fp_dir, agent, LOCK_TIMEOUT_S if timeout is None else timeout)
 
 
 @contextmanager
@@ -139,7 +137,7 @@ def _format_tag(m: Manifest) -> str:
 
 
 def _identity_problem(fp_dir: Path, m: Manifest) -> str | None:
-    digest = Fingerprint(tuple(sorted(m.fingerprint.items()))).digest
+    digest = Fingerprint.of(**m.fingerprint).digest
     if digest != fp_dir.name:
         return f"manifest fingerprint {digest} does not match its folder {fp_dir.name}"
     return None
@@ -370,14 +368,10 @@ def _check_blocks(fp_dir: Path, agent_dir: Path, m: Manifest, res: VerifyResult)
     except (TypeError, ValueError) as e:
         res.problems.append(Problem(MANIFEST_NAME, f"unknown KV format {m.kv_format}: {e}"))
         return
-    fp = Fingerprint(tuple(sorted(m.fingerprint.items())))
-    reader = AgentStore(fp_dir.parent.parent, fp, fmt)
+    reader = AgentStore(fp_dir.parent.parent, Fingerprint.of(**m.fingerprint), fmt)
     prefix_ok = True
     for entry in m.blocks:
-        try:
-            got = reader._read_block(agent_dir, entry)
-        except OSError as e:  # unreadable, not merely missing
-            got = f"unreadable: {e.strerror or e}"
+        got = reader._read_block(agent_dir, entry)  # a block, or why it cannot be used
         if isinstance(got, str):
             res.problems.append(Problem(entry.file, got))
             prefix_ok = False
@@ -439,14 +433,6 @@ class Removed:
         }
 
 
-def _delete_dir(path: Path) -> None:
-    """Rename to ``.deleting-*`` (one atomic step readers see) and then remove the tree."""
-    doomed = path.with_name(f"{DELETING_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
-    os.rename(path, doomed)
-    fsync_dir(path.parent)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
 def _matching_dirs(root: Path, name: str, digest: str | None) -> list[Path]:
     found = [d for d in _fingerprint_dirs(root) if _is_agent_dir(d / name)]
     if not found:
@@ -473,7 +459,7 @@ def remove_agent(root: Path, name: str, digest: str | None = None) -> list[Remov
             if not _is_agent_dir(d):
                 continue  # removed meanwhile
             size = dir_bytes(d)
-            _delete_dir(d)
+            delete_dir(d)
         model = read_model_record(fp_dir).get("name") or "?"
         out.append(Removed(name, fp_dir.name, str(model), d, size))
     return out

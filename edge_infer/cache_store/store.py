@@ -56,6 +56,7 @@ AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 QUARANTINE_DIR = "quarantine"
 LOCKS_DIR = ".locks"
 MODEL_RECORD_NAME = "model.json"
+DELETING_PREFIX = ".deleting-"  # an agent folder being removed
 
 
 def validate_agent_name(agent: str) -> str:
@@ -96,6 +97,22 @@ class AgentInfo:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@contextmanager
+def agent_lock(fp_dir: Path, agent: str, timeout: float | None = None) -> Iterator[None]:
+    """The inter-process lock of ``agent`` under fingerprint folder ``fp_dir`` (re-entrant)."""
+    locks = private_dir(fp_dir / LOCKS_DIR)
+    with path_lock(locks / f"{validate_agent_name(agent)}.lock", timeout):
+        yield
+
+
+def delete_dir(path: Path) -> None:
+    """Rename to ``.deleting-*`` (one atomic step readers see), then remove the tree."""
+    doomed = path.with_name(f"{DELETING_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(path, doomed)
+    fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -160,8 +177,7 @@ class AgentStore:
     @contextmanager
     def lock(self, agent: str, timeout: float | None = None) -> Iterator[None]:
         """Serialize access to ``agent`` across threads and processes (re-entrant)."""
-        locks = private_dir(self.base_dir / LOCKS_DIR)
-        with path_lock(locks / f"{validate_agent_name(agent)}.lock", timeout):
+        with agent_lock(self.base_dir, agent, timeout):
             yield
 
     # -- save --------------------------------------------------------------------------
@@ -272,8 +288,7 @@ class AgentStore:
             return None
 
     def _check_identity(self, agent: str, m: Manifest) -> None:
-        theirs = Fingerprint(tuple(sorted(m.fingerprint.items())))
-        differing = theirs.differing(self.fingerprint)
+        differing = Fingerprint.of(**m.fingerprint).differing(self.fingerprint)
         mine = self._kv_format_json()
         differing += sorted(
             f"kv_format.{k}"
@@ -405,10 +420,7 @@ class AgentStore:
             if not d.exists():
                 return False
             self._stamps[agent] = None
-            doomed = d.with_name(f".deleting-{agent}-{uuid.uuid4().hex[:8]}")
-            os.rename(d, doomed)
-            fsync_dir(d.parent)
-            shutil.rmtree(doomed, ignore_errors=True)
+            delete_dir(d)
         return True
 
     def list_agents(self) -> list[AgentInfo]:
@@ -452,6 +464,5 @@ class AgentStore:
                 continue
             except (OSError, CacheCorruptError):
                 continue
-            theirs = Fingerprint(tuple(sorted(m.fingerprint.items())))
-            out.append((fp_dir.name, theirs.differing(self.fingerprint)))
+            out.append((fp_dir.name, Fingerprint.of(**m.fingerprint).differing(self.fingerprint)))
         return out
