@@ -208,9 +208,8 @@ class AgentManager:
             self._refresh(name, st)
             locks.enter_context(_busy(st))
             p = SamplingParams.from_kwargs(params, **kwargs)
-            first_changed = len(st.token_ids)
             cache, ids, messages = self._prepare(name, st, st.messages + new_messages)
-            first_changed = min(first_changed, len(st.token_ids))
+            first_changed = len(st.token_ids)  # the cache was cut to the shared prefix
             usage = self._usage[name] = Usage()
             gen = Generation(self.engine, ids, p, cache, usage)
         except BaseException:

@@ -118,7 +118,6 @@ class Engine:
         turns: list[AgentTurn] = []
         try:
             for name, content in requests.items():
-                mgr.state(name)  # validates the name, loads the agent
                 turns.append(mgr.begin_turn(name, as_messages(content), params, kwargs))
             for i, pieces in decode_together(self.backend, [t.generation for t in turns]):
                 turns[i].record(pieces)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -40,6 +41,14 @@ class Backend(Protocol):
         Returns float32 logits: [T, vocab] when ``all_logits`` else [1, vocab] (last position).
         """
         ...
+
+
+def check_batch(tokens: Sequence[int], caches: Sequence[Any]) -> None:
+    """``forward_batch`` takes one token per cache, and each cache once."""
+    if len(tokens) != len(caches):
+        raise ValueError("forward_batch needs one token per cache")
+    if len({id(c) for c in caches}) != len(caches):
+        raise ValueError("forward_batch needs distinct caches")
 
 
 def is_apple_silicon() -> bool:

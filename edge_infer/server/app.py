@@ -248,15 +248,12 @@ def create_app(
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error_response(exc.status_code, str(exc.detail), kind, None)
 
-    @app.exception_handler(EdgeInferError)
-    async def _ours(request: Request, exc: EdgeInferError) -> JSONResponse:
+    async def _mapped(request: Request, exc: Exception) -> JSONResponse:
         e = _as_api_error(exc)
         return _error_response(e.status, e.message, e.kind, e.code)
 
-    @app.exception_handler(ValueError)
-    async def _bad_value(request: Request, exc: ValueError) -> JSONResponse:
-        e = _as_api_error(exc)
-        return _error_response(e.status, e.message, e.kind, e.code)
+    app.add_exception_handler(EdgeInferError, _mapped)
+    app.add_exception_handler(ValueError, _mapped)
 
     # -- info --------------------------------------------------------------------------------
     @app.get("/health")

@@ -17,6 +17,7 @@ from mlx import nn
 from mlx_lm.models import llama, qwen2
 from mlx_lm.models.base import scaled_dot_product_attention
 
+from edge_infer.backends.base import check_batch
 from edge_infer.backends.mlx.kv_cache import MLXCache
 from edge_infer.errors import ModelFormatError, UnsupportedModelError
 from edge_infer.models.affine import QuantizedWeight
@@ -209,10 +210,7 @@ class MLXBackend:
         The projections and the MLP run once for the batch; attention runs per sequence over
         its own cache, as mlx-lm's attention does for one.
         """
-        if len(tokens) != len(caches):
-            raise ValueError("forward_batch needs one token per cache")
-        if len({id(c) for c in caches}) != len(caches):
-            raise ValueError("forward_batch needs distinct caches")
+        check_batch(tokens, caches)
         m, n = self._model.model, len(tokens)
         h = m.embed_tokens(mx.array(np.asarray(tokens, dtype=np.int32))[:, None])  # [B, 1, D]
         for i, layer in enumerate(m.layers):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from edge_infer.backends.base import check_batch
 from edge_infer.backends.torch.decoder import TorchDecoder
 from edge_infer.backends.torch.kv_cache import TorchKVCache
 from edge_infer.errors import BackendUnavailableError
@@ -62,9 +63,6 @@ class TorchBackend:
 
     def forward_batch(self, tokens: Sequence[int], caches: Sequence[TorchKVCache]) -> np.ndarray:
         """Logits [B, vocab] after feeding ``tokens[b]`` to ``caches[b]`` (one step each)."""
-        if len(tokens) != len(caches):
-            raise ValueError("forward_batch needs one token per cache")
-        if len({id(c) for c in caches}) != len(caches):
-            raise ValueError("forward_batch needs distinct caches")
+        check_batch(tokens, caches)
         h = self.decoder.embed(np.asarray(tokens, dtype=np.int64))
         return self.decoder.forward_batch(h, list(caches)).cpu().numpy()
