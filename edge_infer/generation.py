@@ -64,13 +64,12 @@ class Generation:
             return True
         eng, ids = self.engine, self.prompt_ids
         end = len(ids) if max_tokens is None else min(len(ids), self._prefilled + max_tokens)
-        while self._prefilled < end:
-            stop = min(end, self._prefilled + eng.prefill_chunk)
-            out = eng.backend.forward(np.asarray(ids[self._prefilled : stop]), self.cache)
-            self._prefilled = stop
+        if end > self._prefilled:
+            last = eng._prefill(ids[self._prefilled : end], self.cache)  # in chunks
+            self._prefilled = end
         if self._prefilled < len(ids):
             return False
-        self._logits = out[-1]
+        self._logits = last
         self._t_first = time.perf_counter()
         self.usage.ttft_s = self._t_first - self._t0
         self.usage.prefill_tokens_per_s = (len(ids) - self.held) / max(self.usage.ttft_s, 1e-9)
