@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edge_infer.backends.torch.kv_attention import attend_one_each, attend_tokens
 from edge_infer.backends.torch.kv_cache import TorchKVCache
 from edge_infer.backends.torch.linear import COMPUTE_DTYPE, concat_weights, make_linear
 from edge_infer.models.affine import QuantizedWeight
@@ -120,22 +121,12 @@ class TorchDecoder:
         T, start = h.shape[0], cache.length
         cos, sin = self._rope(start, start + T)
         n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        mask = None
-        if T > 1 and start > 0:
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=self.device).tril(start)
         for i, layer in enumerate(self.layers):
             qk, v = self._qkv(layer, h)
             qk = self._apply_rope(qk.view(T, n_q + n_kv, d).transpose(0, 1), cos, sin)
-            keys, values = cache.update(i, qk[n_q:], v.view(T, n_kv, d).transpose(0, 1))
-            attn = F.scaled_dot_product_attention(
-                qk[None, :n_q],
-                keys[None],
-                values[None],
-                attn_mask=mask,
-                is_causal=(T > 1 and start == 0),
-                enable_gqa=n_q != n_kv,
-            )
-            h.add_(layer.o(attn[0].transpose(0, 1).reshape(T, n_q * d).to(COMPUTE_DTYPE)))
+            cache.update(i, qk[n_q:], v.view(T, n_kv, d).transpose(0, 1))
+            attn = attend_tokens(cache, i, qk[:n_q])
+            h.add_(layer.o(attn.transpose(0, 1).reshape(T, n_q * d).to(COMPUTE_DTYPE)))
             self._add_mlp(layer, h)
         cache.advance(T)
         if not all_logits:
@@ -147,8 +138,8 @@ class TorchDecoder:
         """One new token per sequence: h [B, hidden], row b continuing ``caches[b]``.
 
         The projections and the MLP run once for the whole batch (the weights are read once);
-        attention runs per sequence over its own cache. Each row computes exactly what a
-        one-token :meth:`forward` on its cache computes.
+        attention reads each sequence's own cache, all in one kernel call. Each row computes
+        exactly what a one-token :meth:`forward` on its cache computes.
         """
         cfg = self.config
         h = h.to(torch.float32, copy=True)
@@ -162,17 +153,10 @@ class TorchDecoder:
             qk, v = self._qkv(layer, h)
             qk = self._apply_rope(qk.view(B, n_q + n_kv, d), cos, sin)  # [B, heads, D]
             v = v.view(B, n_kv, d)
-            outs = []
             for b, cache in enumerate(caches):
-                keys, values = cache.update(i, qk[b, n_q:, None], v[b, :, None])
-                attn = F.scaled_dot_product_attention(
-                    qk[b, None, :n_q, None],
-                    keys[None],
-                    values[None],
-                    enable_gqa=n_q != n_kv,
-                )
-                outs.append(attn[0].transpose(0, 1).reshape(1, n_q * d))
-            h.add_(layer.o(torch.cat(outs).to(COMPUTE_DTYPE)))
+                cache.update(i, qk[b, n_q:, None], v[b, :, None])
+            attn = attend_one_each(caches, i, qk[:, :n_q])
+            h.add_(layer.o(attn.reshape(B, n_q * d).to(COMPUTE_DTYPE)))
             self._add_mlp(layer, h)
         for cache in caches:
             cache.advance(1)

@@ -3,11 +3,11 @@
 Tokens live in blocks of ``block_size``. The growing tail block is stored in float16 (in a
 one-block buffer reused for each new block); when a block fills it is *sealed*: rotated
 (Hadamard, see :mod:`edge_infer.cache_store.rotation`) and quantized to 4 or 8 bits once.
-Attention always reads what is stored (float16 values, or the quantized values rotated back)
-from a float32 working buffer. What a query attends to is thus a function of positions only
-(blocks that ended before it are quantized, its own block is float16), never of how the
-context was split into chunks, turns, saves and restores, as long as one forward call stays
-inside one block (the backend splits calls to ensure it).
+Only the stored form is held: attention (:mod:`edge_infer.backends.torch.kv_attention`) reads
+the quantized blocks and the float16 tail directly. What a query attends to is thus a
+function of positions only (blocks that ended before it are quantized, its own block is
+float16), never of how the context was split into chunks, turns, saves and restores, as long
+as one forward call stays inside one block (the backend splits calls to ensure it).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def _numpy_copy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", copy=True).numpy()
 
 
-def _give_back(half: list, quant: list, work: list) -> None:
-    POOL.give([t for pair in half + work for t in pair])
+def _give_back(half: list, quant: list) -> None:
+    POOL.give([t for pair in half for t in pair])
     POOL.give([t for layer in quant for parts in layer for t in parts])
 
 
@@ -60,14 +60,14 @@ class TorchKVCache:
         self._rotation = torch.from_numpy(hadamard(head_dim).copy()).to(device)
         self._capacity = 0
         self._initial = initial_capacity
-        # per layer: [keys, values] of float16 values, quantized parts, float32 working copy
+        # per layer: [keys, values] of float16 values, and of quantized parts
         self._half: list[list[torch.Tensor]] = []
         self._quant: list[list[list[torch.Tensor]]] = []
-        self._work: list[list[torch.Tensor]] = []
+        self._pointers: torch.Tensor | None = None  # per layer, for the attention kernel
         self._length = 0
         self._sealed = 0
         # when this cache is dropped, its buffers go back to the pool for the next one
-        weakref.finalize(self, _give_back, self._half, self._quant, self._work)
+        weakref.finalize(self, _give_back, self._half, self._quant)
 
     @property
     def length(self) -> int:
@@ -96,25 +96,81 @@ class TorchKVCache:
                 new[:, :keep] = old[:, :keep]  # the outgrown buffer is freed, not pooled
             return new
 
-        first = not self._work
+        first = not self._half
         words, groups = d * self.bits // 32, d // self.group_size
         for i in range(self.num_layers):
             if first:
                 self._half.append([None, None])  # type: ignore[list-item]
                 self._quant.append([[None] * 3, [None] * 3])  # type: ignore[list-item]
-                self._work.append([None, None])  # type: ignore[list-item]
             for w in range(2):
                 if self.bits == 16:  # float16 is the stored form of every token
                     self._half[i][w] = grow(self._half[i][w], (d,), torch.float16)
                 elif self._half[i][w] is None:  # only the open block is float16
                     self._half[i][w] = POOL.take((n, self.block_size, d), torch.float16, dev)
-                self._work[i][w] = grow(self._work[i][w], (d,), torch.float32)
                 if self.bits < 16:
                     q = self._quant[i][w]
                     q[0] = grow(q[0], (words,), torch.int32)
                     q[1] = grow(q[1], (groups,), torch.float16)
                     q[2] = grow(q[2], (groups,), torch.float16)
         self._capacity = capacity
+        self._pointers = None
+
+    @property
+    def rotation(self) -> torch.Tensor:
+        """R of the stored form: what attention reads for a sealed row is
+        ``dequantize(stored) @ R``."""
+        return self._rotation
+
+    @property
+    def quantized(self) -> bool:
+        """True when sealed blocks are stored quantized (4 or 8 bits)."""
+        return self.bits < 16
+
+    def kernel_layout(self, layer: int, length: int) -> tuple[torch.Tensor, list[int]]:
+        """For the attention kernel: the layer's buffer addresses (int64 [8]: packed K,
+        scales K, biases K, the same for V, float16 tail K and V) and its layout (capacity,
+        tail capacity, sealed tokens, ``length`` tokens to attend over, tail's first token)."""
+        if self._pointers is None:
+            rows = []
+            for i in range(self.num_layers):
+                quant = [0] * 6
+                if self.quantized:
+                    quant = [t.data_ptr() for w in range(2) for t in self._quant[i][w]]
+                rows.append(quant + [self._half[i][0].data_ptr(), self._half[i][1].data_ptr()])
+            self._pointers = torch.tensor(rows, dtype=torch.int64)
+        if self.quantized:
+            meta = [self._capacity, self.block_size, self._sealed, length, self._sealed]
+        else:
+            meta = [self._capacity, self._capacity, 0, length, 0]
+        return self._pointers[layer], meta
+
+    def stored_rows(
+        self, layer: int, end: int, keys: torch.Tensor, values: torch.Tensor, dequantize_into
+    ) -> None:
+        """Write tokens ``0..end`` of the layer's K and V, in the stored (rotated) domain, as
+        float32 into ``keys``/``values`` [n_kv, >= end, D]: sealed rows dequantized (by
+        ``dequantize_into(packed, scales, biases, out)``), tail rows rotated."""
+        sealed = min(self._sealed, end) if self.quantized else 0
+        for w, out in enumerate((keys, values)):
+            if sealed:
+                dequantize_into(*(t[:, :sealed] for t in self._quant[layer][w]), out[:, :sealed])
+            tail = self._tail(layer, w, sealed, end).float()
+            if self.quantized:
+                tail = tail @ self._rotation.T
+            out[:, sealed:end] = tail
+
+    def readable(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of tokens ``0..end`` exactly as attention reads them, float32
+        [n_kv, end, D] (plain torch, the reference of the fast paths): sealed rows
+        dequantized and rotated back, tail rows as stored."""
+        sealed = min(self._sealed, end) if self.quantized else 0
+        out = []
+        for w in range(2):
+            parts = [self._tail(layer, w, sealed, end).float()]
+            if sealed:
+                parts.insert(0, self._readable(*(t[:, :sealed] for t in self._quant[layer][w])))
+            out.append(torch.cat(parts, dim=1))
+        return out[0], out[1]
 
     def _tail(self, i: int, w: int, a: int, b: int) -> torch.Tensor:
         """The float16 values of tokens a..b (of the open block unless KV is float16)."""
@@ -132,20 +188,15 @@ class TorchKVCache:
         """How many tokens the next forward may take without crossing a block boundary."""
         return tokens_to_block_end(self._length, self.block_size, self.bits < 16)
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [n_kv, T, D] (float16) after the held tokens; return the layer's K/V as
-        attention must read them."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k/v [n_kv, T, D] (rounded to float16) after the held tokens; attention
+        then reads them with the held ones."""
         start, end = self._length, self._length + k.shape[1]
         if end - start > self.max_tokens_in_one_call():
             raise ValueError("a forward call must not cross a KV block boundary")
         self._reserve(end)
         for w, x in enumerate((k, v)):
-            half = self._tail(layer, w, start, end)
-            half.copy_(x)  # rounds to float16: what is stored
-            self._work[layer][w][:, start:end].copy_(half)
-        return self._work[layer][0][:, :end], self._work[layer][1][:, :end]
+            self._tail(layer, w, start, end).copy_(x)
 
     def advance(self, n: int) -> None:
         """Commit ``n`` tokens written by :meth:`update`; seal the block they completed."""
@@ -163,7 +214,6 @@ class TorchKVCache:
                 packed, scales, biases = quantize_kv(x, self.bits, self.group_size)
                 q = self._quant[i][w]
                 q[0][:, a:b], q[1][:, a:b], q[2][:, a:b] = packed, scales, biases
-                self._work[i][w][:, a:b] = self._readable(packed, scales, biases)
         self._sealed = b
 
     def truncate(self, n: int) -> int:
@@ -196,12 +246,17 @@ class TorchKVCache:
             abstract = None
             if sealed:
                 abstract = [
-                    key_bounds(self._work[i][0][:, pos:end].cpu().numpy())
+                    key_bounds(self._readable_keys(i, pos, end).cpu().numpy())
                     for i in range(self.num_layers)
                 ]
             out.append(KVBlock(pos, end - pos, layers, sealed=sealed, abstract=abstract))
             pos = end
         return out
+
+    def _readable_keys(self, i: int, a: int, b: int) -> torch.Tensor:
+        if not self.quantized:
+            return self._tail(i, 0, a, b).float()
+        return self._readable(*(t[:, a:b] for t in self._quant[i][0]))
 
     def _export(self, i: int, w: int, a: int, b: int, sealed: bool) -> QuantizedKV | np.ndarray:
         # copies: the buffers are reused (the open block's for every block, all of them
@@ -260,7 +315,6 @@ class TorchKVCache:
                 raise ValueError("expected float16 K/V for an unsealed or float16 block")
             half = torch.from_numpy(np.ascontiguousarray(kv, dtype=np.float16)).to(self.device)
             self._tail(i, w, a, b).copy_(half)
-            self._work[i][w][:, a:b] = half.float()
             return
         if not isinstance(kv, QuantizedKV) or (kv.bits, kv.group_size) != (
             self.bits,
@@ -278,4 +332,3 @@ class TorchKVCache:
         q = self._quant[i][w]
         for dst, src in zip(q, parts, strict=True):
             dst[:, a:b] = src.to(self.device)
-        self._work[i][w][:, a:b] = self._readable(*(t[:, a:b] for t in q))

@@ -1,0 +1,133 @@
+"""Attention over :class:`TorchKVCache` layers as they are stored (quantized blocks and a
+float16 tail), without a float32 copy of the whole cache.
+
+* One new token per sequence (decoding, alone or batched): the CPU kernel reads the 4/8-bit
+  rows and the float16 tail directly (:mod:`edge_infer.kernels.cpu`).
+* Several new tokens (prefill chunks): the layer's rows are written, still rotated, into a
+  per-thread float32 scratch buffer and handed to torch's fused attention; the query is
+  rotated the same way and the output rotated back.
+
+:func:`attend_reference` is the plain-torch computation both are tested against; where the
+kernel is not available (CUDA, no compiler, ``EDGE_INFER_KERNELS=off``, a head size it does
+not take) one-token attention runs it too.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from edge_infer.backends.torch.kv_cache import TorchKVCache
+from edge_infer.backends.torch.kv_quant import dequantize_kv
+from edge_infer.kernels import cpu as cpu_kernels
+
+_scratch = threading.local()
+
+
+def _kernel(cache: TorchKVCache):
+    """The CPU kernel module when it can serve this cache's layout, else None."""
+    if cache.device.type != "cpu" or cache.head_dim % 32:
+        return None
+    if cache.quantized and (cache.group_size % 32 or cache.head_dim // cache.group_size > 16):
+        return None
+    return cpu_kernels.load()
+
+
+def _scratch_pair(n_kv: int, length: int, dim: int, device: torch.device) -> tuple:
+    """This thread's float32 scratch for K and V, at least [n_kv, length, dim]."""
+    have = getattr(_scratch, "pair", None)
+    if (
+        have is None
+        or have[0].device != device
+        or have[0].shape[0] != n_kv
+        or (have[0].shape[1] < length or have[0].shape[2] != dim)
+    ):
+        size = max(length, 2 * have[0].shape[1] if have is not None else 0, 512)
+        have = tuple(torch.empty(n_kv, size, dim, device=device) for _ in range(2))
+        _scratch.pair = have
+    return have
+
+
+def _dequantizer(cache: TorchKVCache):
+    kernel = _kernel(cache)
+    if kernel is not None:
+        return lambda p, s, b, out: kernel.dequantize_into(
+            p, s, b, out, cache.bits, cache.group_size
+        )
+
+    def plain(p, s, b, out):
+        out.copy_(dequantize_kv(p, s, b, cache.bits, cache.group_size))
+
+    return plain
+
+
+def attend_tokens(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.Tensor:
+    """q [n_q, T, D] (rope applied) for the T tokens just stored after ``cache.length``
+    -> attention output [n_q, T, D]; each token sees the tokens before it and itself.
+    The caller has stored the T tokens (``cache.update``) but not yet committed them."""
+    n_q, T, D = q.shape
+    if T == 1:
+        return attend_one_each([cache], layer, q.transpose(0, 1))[0][:, None]
+    start = cache.length
+    end = start + T
+    keys, values = _scratch_pair(cache.n_kv, end, D, cache.device)
+    cache.stored_rows(layer, end, keys, values, _dequantizer(cache))
+    rot = cache.rotation
+    qs = q @ rot.T if cache.quantized else q
+    mask = None
+    if start > 0:
+        mask = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(start)
+    out = F.scaled_dot_product_attention(
+        qs[None],
+        keys[None, :, :end],
+        values[None, :, :end],
+        attn_mask=mask,
+        is_causal=start == 0,
+        enable_gqa=n_q != cache.n_kv,
+    )[0]
+    return out @ rot if cache.quantized else out
+
+
+def attend_one_each(caches: list[TorchKVCache], layer: int, q: torch.Tensor) -> torch.Tensor:
+    """q [B, n_q, D]: one new token per cache, already stored -> output [B, n_q, D]."""
+    first = caches[0]
+    kernel = _kernel(first)
+    if kernel is None:
+        return torch.stack(
+            [attend_reference(c, layer, q[b, :, None])[:, 0] for b, c in enumerate(caches)]
+        )
+    pointers, metas = [], []
+    for cache in caches:
+        ptrs, meta = cache.kernel_layout(layer, cache.length + 1)
+        pointers.append(ptrs)
+        metas.append(meta)
+    return kernel.attend_one_token(
+        q.contiguous(),
+        torch.stack(pointers),
+        torch.tensor(metas, dtype=torch.int64),
+        first.rotation,
+        first.n_kv,
+        first.bits,
+        first.group_size,
+    )
+
+
+def attend_reference(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.Tensor:
+    """Plain-torch attention of q [n_q, T, D] for the T tokens just stored after
+    ``cache.length`` over :meth:`TorchKVCache.readable`: what the fast paths compute."""
+    n_q, T, _ = q.shape
+    start = cache.length
+    keys, values = cache.readable(layer, start + T)
+    mask = None
+    if T > 1 and start > 0:
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
+    return F.scaled_dot_product_attention(
+        q[None],
+        keys[None],
+        values[None],
+        attn_mask=mask,
+        is_causal=T > 1 and start == 0,
+        enable_gqa=n_q != cache.n_kv,
+    )[0]

@@ -1,0 +1,86 @@
+"""The CPU attention kernels (C++, built once per machine with torch's extension builder).
+
+:func:`load` compiles ``kv_attention.cpp`` on first use (about half a minute; the result is
+kept under :func:`kernel_dir`) and returns the module, or ``None`` when kernels are turned off
+(``EDGE_INFER_KERNELS=off``) or cannot be built here; callers then use the plain-torch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import platformdirs
+
+SOURCE = Path(__file__).with_name("kv_attention.cpp")
+_FLAGS = ["-O3", "-march=native"]
+_lock = threading.Lock()
+_state: dict[str, ModuleType | None] = {}
+log = logging.getLogger(__name__)
+
+
+def kernel_dir() -> Path:
+    """Where built kernels are kept (``EDGE_INFER_KERNEL_DIR`` overrides)."""
+    override = os.environ.get("EDGE_INFER_KERNEL_DIR")
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_cache_dir("edge-infer")) / "kernels"
+
+
+def enabled() -> bool:
+    """False when ``EDGE_INFER_KERNELS`` is ``off`` (or ``0``/``false``)."""
+    return os.environ.get("EDGE_INFER_KERNELS", "on").lower() not in ("off", "0", "false", "no")
+
+
+def _build_name() -> str:
+    import torch
+
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(" ".join(_FLAGS).encode() + torch.__version__.encode())
+    return "edge_infer_kv_attention_" + digest.hexdigest()[:12]
+
+
+def load(verbose: bool = False) -> ModuleType | None:
+    """The compiled kernel module, building it on first use; ``None`` if unavailable."""
+    if not enabled():
+        return None
+    with _lock:
+        if "module" in _state:
+            return _state["module"]
+        _state["module"] = module = _build(verbose)
+        return module
+
+
+def _build(verbose: bool) -> ModuleType | None:
+    from torch.utils.cpp_extension import load as load_extension
+
+    name = _build_name()
+    folder = kernel_dir() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if not any(folder.glob("*.so")):
+        print(
+            "edge-infer: building the CPU attention kernel (once per machine, about 30 s)...",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        return load_extension(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=_FLAGS,
+            build_directory=str(folder),
+            verbose=verbose,
+        )
+    except Exception as exc:  # no compiler, no headers: the plain-torch path still works
+        log.warning("CPU attention kernel unavailable (%s); using plain torch", exc)
+        print(
+            f"edge-infer: CPU attention kernel could not be built ({type(exc).__name__}); "
+            "using the slower plain-torch path",
+            file=sys.stderr,
+        )
+        return None
