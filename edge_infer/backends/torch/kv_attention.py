@@ -98,16 +98,18 @@ def attend_one_each(caches: list[TorchKVCache], layer: int, q: torch.Tensor) -> 
         return torch.stack(
             [attend_reference(c, layer, q[b, :, None])[:, 0] for b, c in enumerate(caches)]
         )
-    pointers, metas = [], []
+    pointers: list[int] = []
+    metas: list[int] = []
     for cache in caches:
         ptrs, meta = cache.kernel_layout(layer, cache.length + 1)
-        pointers.append(ptrs)
-        metas.append(meta)
+        pointers += ptrs
+        metas += meta
     return kernel.attend_one_token(
         q.contiguous(),
-        torch.stack(pointers),
-        torch.tensor(metas, dtype=torch.int64),
+        pointers,
+        metas,
         first.rotation,
+        first.rotation_t,
         first.n_kv,
         first.bits,
         first.group_size,

@@ -58,12 +58,13 @@ class TorchKVCache:
         self.bits, self.group_size, self.block_size = kv_bits, group_size, block_size
         self.device = device
         self._rotation = torch.from_numpy(hadamard(head_dim).copy()).to(device)
+        self._rotation_t = self._rotation.T.contiguous()
         self._capacity = 0
         self._initial = initial_capacity
         # per layer: [keys, values] of float16 values, and of quantized parts
         self._half: list[list[torch.Tensor]] = []
         self._quant: list[list[list[torch.Tensor]]] = []
-        self._pointers: torch.Tensor | None = None  # per layer, for the attention kernel
+        self._pointers: list[list[int]] | None = None  # per layer, for the attention kernel
         self._length = 0
         self._sealed = 0
         # when this cache is dropped, its buffers go back to the pool for the next one
@@ -122,14 +123,19 @@ class TorchKVCache:
         return self._rotation
 
     @property
+    def rotation_t(self) -> torch.Tensor:
+        """The transpose of :attr:`rotation`, contiguous."""
+        return self._rotation_t
+
+    @property
     def quantized(self) -> bool:
         """True when sealed blocks are stored quantized (4 or 8 bits)."""
         return self.bits < 16
 
-    def kernel_layout(self, layer: int, length: int) -> tuple[torch.Tensor, list[int]]:
-        """For the attention kernel: the layer's buffer addresses (int64 [8]: packed K,
-        scales K, biases K, the same for V, float16 tail K and V) and its layout (capacity,
-        tail capacity, sealed tokens, ``length`` tokens to attend over, tail's first token)."""
+    def kernel_layout(self, layer: int, length: int) -> tuple[list[int], list[int]]:
+        """For the attention kernel: the layer's buffer addresses (packed K, scales K,
+        biases K, the same for V, float16 tail K and V) and its layout (capacity, tail
+        capacity, sealed tokens, ``length`` tokens to attend over, tail's first token)."""
         if self._pointers is None:
             rows = []
             for i in range(self.num_layers):
@@ -137,7 +143,7 @@ class TorchKVCache:
                 if self.quantized:
                     quant = [t.data_ptr() for w in range(2) for t in self._quant[i][w]]
                 rows.append(quant + [self._half[i][0].data_ptr(), self._half[i][1].data_ptr()])
-            self._pointers = torch.tensor(rows, dtype=torch.int64)
+            self._pointers = rows
         if self.quantized:
             meta = [self._capacity, self.block_size, self._sealed, length, self._sealed]
         else:

@@ -18,7 +18,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -29,7 +29,11 @@ typedef uint8_t u8x16 __attribute__((vector_size(16)));  // 16 bytes
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
 }
 
 inline f16x load16(const float* p) {
@@ -41,18 +45,20 @@ inline f16x load16(const float* p) {
 inline void store16(float* p, f16x v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline f16x halves16(const uint16_t* p) {
-#if defined(__F16C__)
   f16x v;
-  __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  __m256 b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-  std::memcpy(&v, &a, 32);
-  std::memcpy(reinterpret_cast<char*>(&v) + 32, &b, 32);
-  return v;
+#if defined(__AVX512F__)
+  __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  std::memcpy(&v, &x, sizeof(v));
+#elif defined(__F16C__)
+  float tmp[16];
+  _mm256_storeu_ps(tmp, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  _mm256_storeu_ps(tmp + 8,
+                   _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
+  std::memcpy(&v, tmp, sizeof(v));
 #else
-  f16x v;
   for (int i = 0; i < 16; ++i) v[i] = half_to_float(p[i]);
-  return v;
 #endif
+  return v;
 }
 
 inline f16x bytes_to_float(u8x16 b) {
@@ -61,13 +67,60 @@ inline f16x bytes_to_float(u8x16 b) {
 }
 
 inline float hsum(f16x v) {
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
+#if defined(__AVX512F__)
+  __m512 x;
+  std::memcpy(&x, &v, sizeof(x));
+  return _mm512_reduce_add_ps(x);
+#else
+  typedef float f8x __attribute__((vector_size(32)));
+  typedef float f4x __attribute__((vector_size(16)));
+  f8x a, b;
+  std::memcpy(&a, &v, 32);
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + 32, 32);
+  a += b;
+  f4x c, d;
+  std::memcpy(&c, &a, 16);
+  std::memcpy(&d, reinterpret_cast<const char*>(&a) + 16, 16);
+  c += d;
+  return (c[0] + c[2]) + (c[1] + c[3]);
+#endif
+}
+
+inline f16x splat(float x) { return f16x{} + x; }
+
+inline f16x vmax(f16x a, f16x b) {
+  i32x16 m = a > b;
+  i32x16 ai, bi;
+  std::memcpy(&ai, &a, 64);
+  std::memcpy(&bi, &b, 64);
+  i32x16 r = (ai & m) | (bi & ~m);
+  f16x out;
+  std::memcpy(&out, &r, 64);
+  return out;
+}
+
+// exp(x) for x <= 0 (softmax weights): 2^n * p(f), |relative error| < 2e-7.
+inline f16x exp16(f16x x) {
+  x = vmax(x, splat(-87.0f));
+  const f16x magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  f16x n = (x * 1.44269504088896341f + magic) - magic;
+  f16x f = x - n * 0.693359375f;
+  f = f - n * -2.12194440e-4f;
+  f16x p = splat(1.9875691500e-4f);
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.0f;
+  i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
+  f16x scale;
+  std::memcpy(&scale, &e, 64);
+  return p * scale;
 }
 
 struct Layout {
-  int64_t n_q, n_kv, dim, bits, group, cap, tail_cap, sealed, length, tail_offset;
+  int64_t n_q, n_kv, bits, group, cap, tail_cap, sealed, length, tail_offset;
 };
 
 // Pointers of one sequence's layer, as the Python side lists them.
@@ -82,220 +135,211 @@ struct LayerPtrs {
   const uint16_t* vt;
 };
 
-// Query rows prepared for one stored row format. For 4 bits the rotated query is split into
-// its even and odd elements (a byte holds element 2i in its low and 2i+1 in its high nibble).
-struct Prepared {
-  std::vector<float> plain;   // [g, D]
-  std::vector<float> rot;     // [g, D]: q @ R^T, or (4 bits) [g, evens D/2 | odds D/2]
-  std::vector<float> gsum;    // [g, D/group]: sum of the rotated query over each group
-};
-
-// Score of g query rows against one sealed row.
-inline void sealed_scores(const Layout& L, const Prepared& P, int g, const int32_t* packed,
-                          const uint16_t* sc, const uint16_t* bi, float* out, int64_t stride) {
-  const int64_t D = L.dim, groups = D / L.group;
-  float s[16], b[16];
-  for (int64_t k = 0; k < groups; ++k) {
-    s[k] = half_to_float(sc[k]);
-    b[k] = half_to_float(bi[k]);
-  }
+// A stored row decoded into D floats held in C = D/16 vectors. For 4 bits the vectors hold
+// the even elements first, then the odd ones (a byte holds element 2i in its low nibble and
+// 2i+1 in its high one); callers lay out their other operand the same way.
+template <int D>
+inline void decode_row(int64_t bits, const int32_t* packed, f16x* out) {
+  constexpr int C = D / 16;
   const uint8_t* bytes = reinterpret_cast<const uint8_t*>(packed);
-  for (int r = 0; r < g; ++r) {
-    const float* qr = P.rot.data() + r * D;
-    const float* gs = P.gsum.data() + r * groups;
-    float total = 0.f;
-    if (L.bits == 4) {
-      // chunk c: 16 bytes = elements 32c..32c+31 (evens 16c.., odds 16c.. of the halves)
-      for (int64_t c = 0; c < D / 32; ++c) {
-        u8x16 raw;
-        std::memcpy(&raw, bytes + 16 * c, 16);
-        f16x lo = bytes_to_float(raw & 15), hi = bytes_to_float(raw >> 4);
-        f16x acc = lo * load16(qr + 16 * c) + hi * load16(qr + D / 2 + 16 * c);
-        total += s[(32 * c) / L.group] * hsum(acc);
-      }
-    } else {
-      for (int64_t c = 0; c < D / 16; ++c) {
-        u8x16 raw;
-        std::memcpy(&raw, bytes + 16 * c, 16);
-        total += s[(16 * c) / L.group] * hsum(bytes_to_float(raw) * load16(qr + 16 * c));
-      }
+  if (bits == 4) {
+    for (int c = 0; c < C / 2; ++c) {
+      u8x16 raw;
+      std::memcpy(&raw, bytes + 16 * c, 16);
+      out[c] = bytes_to_float(raw & 15);
+      out[C / 2 + c] = bytes_to_float(raw >> 4);
     }
-    for (int64_t k = 0; k < groups; ++k) total += b[k] * gs[k];
-    out[r * stride] = total;
+  } else {
+    for (int c = 0; c < C; ++c) {
+      u8x16 raw;
+      std::memcpy(&raw, bytes + 16 * c, 16);
+      out[c] = bytes_to_float(raw);
+    }
   }
 }
 
+// Index, in decode_row's order, of the group holding vector c.
+inline int64_t group_of(int64_t bits, int64_t group, int c, int D) {
+  const int64_t first = bits == 4 ? (c < D / 32 ? 32 * c : 32 * (c - D / 32)) : 16 * c;
+  return first / group;
+}
+
 // One (sequence, kv head): softmax(q K^T / sqrt(D)) V for its g query rows.
+template <int D>
 void attend_head(const Layout& L, const LayerPtrs& p, int64_t h, const float* q, const float* R,
-                 float* out) {
+                 const float* Rt, float* out, std::vector<float>& scores) {
+  constexpr int C = D / 16;
   const int g = static_cast<int>(L.n_q / L.n_kv);
-  const int64_t D = L.dim, n = L.length, S = L.sealed, groups = D / L.group;
-  const int64_t words = D * L.bits / 32;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t n = L.length, groups = D / L.group, words = D * L.bits / 32;
   const bool quantized = L.bits < 16;
+  const int64_t qs = quantized ? L.sealed : 0;  // tokens read from the quantized store
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t n_pad = (n + 15) / 16 * 16;
+  scores.resize(static_cast<size_t>(g) * n_pad);
 
-  Prepared P;
-  P.plain.assign(q + h * g * D, q + (h + 1) * g * D);
-  P.rot.assign(g * D, 0.f);
-  P.gsum.assign(g * groups, 0.f);
-  if (quantized) {
-    std::vector<float> rot(D);
-    for (int r = 0; r < g; ++r) {
-      const float* qr = P.plain.data() + r * D;
-      for (int64_t e = 0; e < D; ++e) {
-        float acc = 0.f;
-        for (int64_t d = 0; d < D; ++d) acc += qr[d] * R[e * D + d];
-        rot[e] = acc;
-      }
-      for (int64_t e = 0; e < D; ++e) P.gsum[r * groups + e / L.group] += rot[e];
-      float* dst = P.rot.data() + r * D;
-      if (L.bits == 4) {
-        for (int64_t i = 0; i < D / 2; ++i) {
-          dst[i] = rot[2 * i];
-          dst[D / 2 + i] = rot[2 * i + 1];
-        }
-      } else {
-        std::memcpy(dst, rot.data(), D * sizeof(float));
-      }
-    }
-  }
-
-  // scores [g, n]
-  std::vector<float> scores(static_cast<size_t>(g) * n);
-  const int64_t qs = quantized ? S : 0;  // tokens read from the quantized store
-  for (int64_t j = 0; j < qs; ++j) {
-    const int64_t row = h * L.cap + j;
-    sealed_scores(L, P, g, p.kp + row * words, p.ks + row * groups, p.kb + row * groups,
-                  scores.data() + j, n);
-  }
-  for (int64_t j = qs; j < n; ++j) {
-    const uint16_t* kr = p.kt + (h * L.tail_cap + (j - L.tail_offset)) * D;
-    for (int r = 0; r < g; ++r) {
-      const float* qr = P.plain.data() + r * D;
-      f16x acc = {};
-      for (int64_t c = 0; c < D / 16; ++c) acc += halves16(kr + 16 * c) * load16(qr + 16 * c);
-      scores[r * n + j] = hsum(acc);
-    }
-  }
-  // softmax, folded into the weights
   for (int r = 0; r < g; ++r) {
-    float* sr = scores.data() + r * n;
-    float m = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) m = std::max(m, sr[j] * scale);
-    float total = 0.f;
-    for (int64_t j = 0; j < n; ++j) {
-      sr[j] = std::exp(sr[j] * scale - m);
-      total += sr[j];
+    const float* qp = q + (h * g + r) * D;
+    f16x plain[C], rot[C];
+    for (int c = 0; c < C; ++c) plain[c] = load16(qp + 16 * c) * scale;
+    float* sr = scores.data() + r * n_pad;
+    if (qs > 0) {
+      // rot = (q @ R^T) in decode_row's order; gsum: its sum over each group
+      float rq[D];
+      for (int e = 0; e < D; ++e) rq[e] = 0.f;
+      for (int d = 0; d < D; ++d) {
+        const float qd = qp[d] * scale;
+        for (int e = 0; e < D; ++e) rq[e] += qd * Rt[d * D + e];
+      }
+      float ordered[D];
+      for (int e = 0; e < D; ++e) {
+        const int at = L.bits == 4 ? (e % 2 ? D / 2 + e / 2 : e / 2) : e;
+        ordered[at] = rq[e];
+      }
+      float sums[16] = {};
+      for (int e = 0; e < D; ++e) sums[e / L.group] += rq[e];
+      for (int c = 0; c < C; ++c) rot[c] = load16(ordered + 16 * c);
+      float s[16], b[16];
+      for (int64_t j = 0; j < qs; ++j) {
+        const int64_t row = h * L.cap + j;
+        f16x kv[C];
+        decode_row<D>(L.bits, p.kp + row * words, kv);
+        for (int64_t k = 0; k < groups; ++k) {
+          s[k] = half_to_float(p.ks[row * groups + k]);
+          b[k] = half_to_float(p.kb[row * groups + k]);
+        }
+        float total = 0.f;
+        if (groups == 1) {
+          f16x acc = kv[0] * rot[0];
+          for (int c = 1; c < C; ++c) acc += kv[c] * rot[c];
+          total = s[0] * hsum(acc) + b[0] * sums[0];
+        } else {
+          for (int c = 0; c < C; ++c) total += s[group_of(L.bits, L.group, c, D)] * hsum(kv[c] * rot[c]);
+          for (int64_t k = 0; k < groups; ++k) total += b[k] * sums[k];
+        }
+        sr[j] = total;
+      }
     }
-    const float inv = 1.0f / total;
-    for (int64_t j = 0; j < n; ++j) sr[j] *= inv;
-  }
-  // weighted values: quantized part in the stored (rotated) domain, tail in the plain one
-  std::vector<float> acc_rot(g * D, 0.f), acc_plain(g * D, 0.f), bias_acc(g * groups, 0.f);
-  for (int64_t j = 0; j < qs; ++j) {
-    const int64_t row = h * L.cap + j;
-    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(p.vp + row * words);
+    for (int64_t j = qs; j < n; ++j) {
+      const uint16_t* kr = p.kt + (h * L.tail_cap + (j - L.tail_offset)) * D;
+      f16x acc = halves16(kr) * plain[0];
+      for (int c = 1; c < C; ++c) acc += halves16(kr + 16 * c) * plain[c];
+      sr[j] = hsum(acc);
+    }
+    // softmax over sr[0..n): padding lanes are left out of the max and zeroed after exp
+    for (int64_t j = n; j < n_pad; ++j) sr[j] = -INFINITY;
+    f16x m = splat(-INFINITY);
+    for (int64_t j = 0; j < n_pad; j += 16) m = vmax(m, load16(sr + j));
+    float mx = m[0];
+    for (int i = 1; i < 16; ++i) mx = std::max(mx, m[i]);
+    f16x total = {};
+    for (int64_t j = 0; j < n_pad; j += 16) {
+      f16x e = exp16(load16(sr + j) - mx);
+      if (j + 16 > n)
+        for (int i = static_cast<int>(n - j); i < 16; ++i) e[i] = 0.f;
+      store16(sr + j, e);
+      total += e;
+    }
+    const float inv = 1.0f / hsum(total);
+
+    // weighted values: quantized part in the stored (rotated) domain, tail in the plain one
+    f16x acc[C] = {}, accp[C] = {};
+    float bias_acc[16] = {};
     float s[16], b[16];
-    for (int64_t k = 0; k < groups; ++k) {
-      s[k] = half_to_float(p.vs[row * groups + k]);
-      b[k] = half_to_float(p.vb[row * groups + k]);
-    }
-    if (L.bits == 4) {
-      for (int64_t c = 0; c < D / 32; ++c) {
-        u8x16 raw;
-        std::memcpy(&raw, bytes + 16 * c, 16);
-        f16x lo = bytes_to_float(raw & 15), hi = bytes_to_float(raw >> 4);
-        const float sk = s[(32 * c) / L.group];
-        for (int r = 0; r < g; ++r) {
-          const float w = scores[r * n + j] * sk;
-          float* a = acc_rot.data() + r * D;
-          store16(a + 16 * c, load16(a + 16 * c) + lo * w);
-          store16(a + D / 2 + 16 * c, load16(a + D / 2 + 16 * c) + hi * w);
+    for (int64_t j = 0; j < qs; ++j) {
+      const int64_t row = h * L.cap + j;
+      f16x vv[C];
+      decode_row<D>(L.bits, p.vp + row * words, vv);
+      const float w = sr[j];
+      if (groups == 1) {
+        const float ws = w * half_to_float(p.vs[row]);
+        for (int c = 0; c < C; ++c) acc[c] += vv[c] * ws;
+        bias_acc[0] += w * half_to_float(p.vb[row]);
+      } else {
+        for (int64_t k = 0; k < groups; ++k) {
+          s[k] = w * half_to_float(p.vs[row * groups + k]);
+          b[k] = half_to_float(p.vb[row * groups + k]);
+          bias_acc[k] += w * b[k];
         }
-      }
-    } else {
-      for (int64_t c = 0; c < D / 16; ++c) {
-        u8x16 raw;
-        std::memcpy(&raw, bytes + 16 * c, 16);
-        f16x vals = bytes_to_float(raw);
-        const float sk = s[(16 * c) / L.group];
-        for (int r = 0; r < g; ++r) {
-          float* a = acc_rot.data() + r * D;
-          store16(a + 16 * c, load16(a + 16 * c) + vals * (scores[r * n + j] * sk));
-        }
+        for (int c = 0; c < C; ++c) acc[c] += vv[c] * s[group_of(L.bits, L.group, c, D)];
       }
     }
-    for (int r = 0; r < g; ++r)
-      for (int64_t k = 0; k < groups; ++k) bias_acc[r * groups + k] += scores[r * n + j] * b[k];
-  }
-  for (int64_t j = qs; j < n; ++j) {
-    const uint16_t* vr = p.vt + (h * L.tail_cap + (j - L.tail_offset)) * D;
-    for (int64_t c = 0; c < D / 16; ++c) {
-      f16x vals = halves16(vr + 16 * c);
-      for (int r = 0; r < g; ++r) {
-        float* a = acc_plain.data() + r * D;
-        store16(a + 16 * c, load16(a + 16 * c) + vals * scores[r * n + j]);
-      }
+    for (int64_t j = qs; j < n; ++j) {
+      const uint16_t* vr = p.vt + (h * L.tail_cap + (j - L.tail_offset)) * D;
+      const float w = sr[j];
+      for (int c = 0; c < C; ++c) accp[c] += halves16(vr + 16 * c) * w;
     }
-  }
-  // out = acc_rot (natural order, biases added) @ R + acc_plain
-  std::vector<float> nat(D);
-  for (int r = 0; r < g; ++r) {
+    // out = (acc in natural order + biases) @ R + accp, all over the softmax total
     float* o = out + (h * g + r) * D;
-    const float* a = acc_rot.data() + r * D;
-    const float* ap = acc_plain.data() + r * D;
-    if (!quantized) {
-      std::memcpy(o, ap, D * sizeof(float));
-      continue;
+    for (int c = 0; c < C; ++c) store16(o + 16 * c, accp[c] * inv);
+    if (qs > 0) {
+      float stored[D], nat[D];
+      for (int c = 0; c < C; ++c) store16(stored + 16 * c, acc[c]);
+      for (int e = 0; e < D; ++e) {
+        const float v = L.bits == 4 ? (e % 2 ? stored[D / 2 + e / 2] : stored[e / 2]) : stored[e];
+        nat[e] = (v + bias_acc[e / L.group]) * inv;
+      }
+      for (int e = 0; e < D; ++e) {
+        const float v = nat[e];
+        const float* Re = R + e * D;
+        for (int d = 0; d < D; ++d) o[d] += v * Re[d];
+      }
     }
-    for (int64_t i = 0; i < D; ++i) {
-      const float v = L.bits == 4 ? (i % 2 == 0 ? a[i / 2] : a[D / 2 + i / 2]) : a[i];
-      nat[i] = v + bias_acc[r * groups + i / L.group];
-    }
-    for (int64_t d = 0; d < D; ++d) o[d] = ap[d];
-    for (int64_t e = 0; e < D; ++e) {
-      const float v = nat[e];
-      const float* Re = R + e * D;
-      for (int64_t d = 0; d < D; ++d) o[d] += v * Re[d];
-    }
+  }
+}
+
+using HeadFn = void (*)(const Layout&, const LayerPtrs&, int64_t, const float*, const float*,
+                        const float*, float*, std::vector<float>&);
+
+HeadFn head_fn(int64_t dim) {
+  switch (dim) {
+    case 32: return attend_head<32>;
+    case 64: return attend_head<64>;
+    case 128: return attend_head<128>;
+    case 256: return attend_head<256>;
+    default: return nullptr;
   }
 }
 
 }  // namespace
 
-// q float32 [B, n_q, D]; ptrs int64 [B, 8] (kp, ks, kb, vp, vs, vb, kt, vt);
-// meta int64 [B, 5] (cap, tail_cap, sealed, length, tail_offset); R float32 [D, D].
-torch::Tensor attend_one_token(torch::Tensor q, torch::Tensor ptrs, torch::Tensor meta,
-                               torch::Tensor R, int64_t n_kv, int64_t bits, int64_t group) {
+// q float32 [B, n_q, D]; ptrs [B * 8] (addresses of kp, ks, kb, vp, vs, vb, kt, vt per
+// sequence); meta [B * 5] (cap, tail_cap, sealed, length, tail_offset); R and its transpose
+// float32 [D, D].
+torch::Tensor attend_one_token(torch::Tensor q, const std::vector<int64_t>& ptrs,
+                               const std::vector<int64_t>& meta, torch::Tensor R,
+                               torch::Tensor Rt, int64_t n_kv, int64_t bits, int64_t group) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.dim() == 3 && q.is_contiguous(), "q");
-  TORCH_CHECK(ptrs.dtype() == torch::kInt64 && ptrs.size(1) == 8, "ptrs");
-  TORCH_CHECK(meta.dtype() == torch::kInt64 && meta.size(1) == 5, "meta");
   const int64_t B = q.size(0), n_q = q.size(1), D = q.size(2);
-  TORCH_CHECK(D % 32 == 0 && n_q % n_kv == 0, "head_dim must be a multiple of 32");
-  TORCH_CHECK(bits == 16 || (group % 32 == 0 && D % group == 0 && D / group <= 16), "group");
+  TORCH_CHECK(static_cast<int64_t>(ptrs.size()) == 8 * B, "ptrs");
+  TORCH_CHECK(static_cast<int64_t>(meta.size()) == 5 * B, "meta");
+  TORCH_CHECK(R.dtype() == torch::kFloat32 && R.is_contiguous() && Rt.is_contiguous() &&
+                  R.numel() == D * D && Rt.numel() == D * D,
+              "rotation");
+  HeadFn fn = head_fn(D);
+  TORCH_CHECK(fn != nullptr && n_q % n_kv == 0, "head_dim must be 32, 64, 128 or 256");
+  TORCH_CHECK(bits == 16 || (group % 32 == 0 && D % group == 0), "group size");
   auto out = torch::empty_like(q);
-  auto P = ptrs.contiguous();
-  auto M = meta.contiguous();
-  auto Rc = R.contiguous();
-  const int64_t* pp = P.data_ptr<int64_t>();
-  const int64_t* mm = M.data_ptr<int64_t>();
+  const int64_t* pp = ptrs.data();
+  const int64_t* mm = meta.data();
   const float* qd = q.data_ptr<float>();
-  const float* rd = Rc.data_ptr<float>();
+  const float* rd = R.data_ptr<float>();
+  const float* rtd = Rt.data_ptr<float>();
   float* od = out.data_ptr<float>();
   int64_t work = 0;
   for (int64_t b = 0; b < B; ++b) work += mm[b * 5 + 3];
-  const int64_t grain = work * n_kv < 8192 ? B * n_kv : 1;  // tiny jobs stay on one thread
+  const int64_t grain = work * n_kv < 4096 ? B * n_kv : 1;  // tiny jobs stay on one thread
   at::parallel_for(0, B * n_kv, grain, [&](int64_t a, int64_t z) {
+    std::vector<float> scores;
     for (int64_t item = a; item < z; ++item) {
       const int64_t b = item / n_kv, h = item % n_kv;
       const int64_t* m = mm + b * 5;
-      Layout L{n_q, n_kv, D, bits, group, m[0], m[1], m[2], m[3], m[4]};
+      Layout L{n_q, n_kv, bits, group, m[0], m[1], m[2], m[3], m[4]};
       const int64_t* x = pp + b * 8;
       LayerPtrs p{reinterpret_cast<const int32_t*>(x[0]), reinterpret_cast<const uint16_t*>(x[1]),
                   reinterpret_cast<const uint16_t*>(x[2]), reinterpret_cast<const int32_t*>(x[3]),
                   reinterpret_cast<const uint16_t*>(x[4]), reinterpret_cast<const uint16_t*>(x[5]),
                   reinterpret_cast<const uint16_t*>(x[6]), reinterpret_cast<const uint16_t*>(x[7])};
-      attend_head(L, p, h, qd + b * n_q * D, rd, od + b * n_q * D);
+      fn(L, p, h, qd + b * n_q * D, rd, rtd, od + b * n_q * D, scores);
     }
   });
   return out;
