@@ -10,15 +10,18 @@ The header is written in a canonical order so equal blocks give equal bytes (and
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 
 import numpy as np
-from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from edge_infer.cache_store.blocks import KVBlock
 from edge_infer.cache_store.errors import CacheCorruptError
 from edge_infer.cache_store.kv_format import KVArray, KVFormat, LayerKV, QuantizedKV
+from edge_infer.safetensors_layout import entry_problem, tensor_view
+
+Buffer = bytes | bytearray | memoryview | mmap.mmap
 
 FORMAT_NAME = "edge-infer-kv-block"
 FORMAT_VERSION = 1
@@ -78,22 +81,35 @@ def block_to_bytes(block: KVBlock, fmt: KVFormat) -> bytes:
     return _canonical(st_save(tensors, metadata=metadata))
 
 
-def _read_metadata(data: bytes) -> dict[str, str]:
+def _read_header(data: Buffer) -> tuple[dict, dict[str, str], int]:
+    """(tensor entries, metadata, offset of the tensor data) of a block's bytes."""
     if len(data) < 8:
         raise CacheCorruptError(f"block data truncated ({len(data)} bytes)")
     (n,) = struct.unpack_from("<Q", data)
     if n > len(data) - 8:
         raise CacheCorruptError(f"block header of {n} bytes overruns the data ({len(data)} bytes)")
     try:
-        header = json.loads(data[8 : 8 + n])
+        header = json.loads(bytes(data[8 : 8 + n]))
     except ValueError as e:
         raise CacheCorruptError(f"block header is not valid JSON: {e}") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise CacheCorruptError("data is not an edge-infer KV block")
     if meta.get("format_version") != str(FORMAT_VERSION):
         raise CacheCorruptError(f"unsupported KV block format version {meta.get('format_version')}")
-    return meta
+    return header, meta, 8 + n
+
+
+def _tensor_views(data: Buffer) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The block's tensors as views of ``data`` (no copy), and its metadata."""
+    header, meta, base = _read_header(data)
+    tensors = {}
+    for name, entry in header.items():
+        problem = entry_problem(entry, len(data) - base)
+        if problem:
+            raise CacheCorruptError(f"block data is corrupt: tensor {name!r}: {problem}")
+        tensors[name] = tensor_view(data, base, entry)
+    return tensors, meta
 
 
 def _get_kv(tensors: dict[str, np.ndarray], prefix: str, bits: int, group_size: int) -> KVArray:
@@ -102,13 +118,11 @@ def _get_kv(tensors: dict[str, np.ndarray], prefix: str, bits: int, group_size: 
     return QuantizedKV(*(tensors[f"{prefix}.{p}"] for p in _PARTS), bits, group_size)
 
 
-def block_from_bytes(data: bytes) -> KVBlock:
-    """Parse bytes made by :func:`block_to_bytes`; anything malformed -> CacheCorruptError."""
-    meta = _read_metadata(data)
-    try:
-        tensors = st_load(data)
-    except Exception as e:  # safetensors raises its own error type for malformed data
-        raise CacheCorruptError(f"block data is corrupt: {e}") from None
+def block_from_bytes(data: Buffer) -> KVBlock:
+    """Parse bytes made by :func:`block_to_bytes` (or a buffer over them: the arrays are
+    views of it, read-only unless the buffer is writable); anything malformed ->
+    CacheCorruptError."""
+    tensors, meta = _tensor_views(data)
     try:
         start, length = int(meta["start"]), int(meta["length"])
         bits, group_size = int(meta["bits"]), int(meta["group_size"])

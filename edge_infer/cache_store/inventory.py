@@ -371,7 +371,7 @@ def _check_blocks(fp_dir: Path, agent_dir: Path, m: Manifest, res: VerifyResult)
     reader = AgentStore(fp_dir.parent.parent, Fingerprint.of(**m.fingerprint), fmt)
     prefix_ok = True
     for entry in m.blocks:
-        got = reader._read_block(agent_dir, entry)  # a block, or why it cannot be used
+        got = reader.verified_block(agent_dir, entry)  # a block, or why it cannot be used
         if isinstance(got, str):
             res.problems.append(Problem(entry.file, got))
             prefix_ok = False

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,8 +97,27 @@ class AgentInfo:
     messages: int = 0
 
 
-def _sha256(data: bytes) -> str:
+def _sha256(data: bytes | mmap.mmap) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _map_file(path: Path) -> mmap.mmap | bytes | str:
+    """The file's bytes, mapped (copy-on-write: arrays over it are writable and never
+    write back), or why it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return b""
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as e:
+        return f"unreadable ({getattr(e, 'strerror', None) or e})"
+
+
+def _mapped_with_digest(path: Path) -> tuple[mmap.mmap | bytes | str, str | None]:
+    data = _map_file(path)
+    return data, None if isinstance(data, str) else _sha256(data)
 
 
 @contextmanager
@@ -317,15 +338,18 @@ class AgentStore:
         fsync_dir(d)
         return moved
 
-    def _read_block(self, d: Path, entry: BlockEntry) -> KVBlock | str:
-        """The verified block, or why it cannot be used."""
-        try:
-            data = (d / entry.file).read_bytes()
-        except FileNotFoundError:
-            return "missing"
-        except OSError as e:
-            return f"unreadable ({e.strerror or e})"
-        if _sha256(data) != entry.sha256:
+    def verified_block(self, d: Path, entry: BlockEntry) -> KVBlock | str:
+        """The block a manifest entry of agent folder ``d`` names, verified, or why it
+        cannot be used."""
+        return self._read_block(entry, *_mapped_with_digest(d / entry.file))
+
+    def _read_block(
+        self, entry: BlockEntry, data: mmap.mmap | bytes | str, digest: str | None
+    ) -> KVBlock | str:
+        """The verified block from the file's data and digest, or why it cannot be used."""
+        if isinstance(data, str):
+            return data
+        if digest != entry.sha256:
             return "sha256 mismatch"
         try:
             block = block_from_bytes(data)
@@ -372,8 +396,11 @@ class AgentStore:
             self._check_identity(agent, m)
             blocks: list[KVBlock] = []
             quarantined: list[str] = []
+            # files are mapped and hashed on two threads (hashing releases the GIL)
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                files = list(pool.map(_mapped_with_digest, [d / e.file for e in m.blocks]))
             for i, entry in enumerate(m.blocks):
-                got = self._read_block(d, entry)
+                got = self._read_block(entry, *files[i])
                 if isinstance(got, str):
                     later = [e.file for e in m.blocks[i:]]
                     quarantined = self._quarantine(d, later)

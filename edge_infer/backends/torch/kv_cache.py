@@ -31,6 +31,11 @@ def _numpy_copy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", copy=True).numpy()
 
 
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """A tensor over ``arr`` (a copy if it is read-only: torch wants writable memory)."""
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+
+
 def _give_back(half: list, quant: list) -> None:
     POOL.give([t for pair in half for t in pair])
     POOL.give([t for layer in quant for parts in layer for t in parts])
@@ -286,7 +291,6 @@ class TorchKVCache:
                 )
             pos = block.end
         self._reserve(pos)
-        # consecutive quantized blocks are loaded together: one dequantization per layer
         run: list[KVBlock] = []
         for block in [*blocks, None]:
             if block is not None and self.bits < 16 and block.sealed:
@@ -304,14 +308,13 @@ class TorchKVCache:
                     self._sealed = block.end
 
     def _load_quantized_run(self, run: list[KVBlock]) -> None:
-        a, b = run[0].start, run[-1].end
-        for i in range(self.num_layers):
-            for w in range(2):
-                kvs = [blk.layers[i].keys if w == 0 else blk.layers[i].values for blk in run]
-                if not all(isinstance(kv, QuantizedKV) for kv in kvs):
-                    raise ValueError(f"blocks are not {self.bits}-bit K/V (got float16)")
-                self._load(i, w, QuantizedKV.concat(kvs), a, b, True)
-        self._length = self._sealed = b
+        for block in run:
+            for i, lkv in enumerate(block.layers):
+                for w, kv in enumerate((lkv.keys, lkv.values)):
+                    if not isinstance(kv, QuantizedKV):
+                        raise ValueError(f"blocks are not {self.bits}-bit K/V (got float16)")
+                    self._load(i, w, kv, block.start, block.end, True)
+        self._length = self._sealed = run[-1].end
 
     def _load(
         self, i: int, w: int, kv: QuantizedKV | np.ndarray, a: int, b: int, quantized: bool
@@ -319,7 +322,7 @@ class TorchKVCache:
         if not quantized:
             if not isinstance(kv, np.ndarray):
                 raise ValueError("expected float16 K/V for an unsealed or float16 block")
-            half = torch.from_numpy(np.ascontiguousarray(kv, dtype=np.float16)).to(self.device)
+            half = _tensor(np.ascontiguousarray(kv, dtype=np.float16)).to(self.device)
             self._tail(i, w, a, b).copy_(half)
             return
         if not isinstance(kv, QuantizedKV) or (kv.bits, kv.group_size) != (
@@ -331,9 +334,9 @@ class TorchKVCache:
                 f"(got {getattr(kv, 'bits', 16)}-bit)"
             )
         parts = [
-            torch.from_numpy(np.ascontiguousarray(kv.packed).view(np.int32)),
-            torch.from_numpy(np.ascontiguousarray(kv.scales)),
-            torch.from_numpy(np.ascontiguousarray(kv.biases)),
+            _tensor(np.ascontiguousarray(kv.packed).view(np.int32)),
+            _tensor(np.ascontiguousarray(kv.scales)),
+            _tensor(np.ascontiguousarray(kv.biases)),
         ]
         q = self._quant[i][w]
         for dst, src in zip(q, parts, strict=True):
