@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edge_infer.backends.torch.kv_attention import attend_one_each, attend_tokens
+from edge_infer.backends.torch.kv_attention import attend_new_tokens, attend_tokens
 from edge_infer.backends.torch.kv_cache import TorchKVCache
 from edge_infer.backends.torch.linear import COMPUTE_DTYPE, concat_weights, make_linear
 from edge_infer.models.affine import QuantizedWeight
@@ -121,11 +121,20 @@ class TorchDecoder:
         T, start = h.shape[0], cache.length
         cos, sin = self._rope(start, start + T)
         n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if T == 1:
+            cache.reserve_next()
         for i, layer in enumerate(self.layers):
             qk, v = self._qkv(layer, h)
             qk = self._apply_rope(qk.view(T, n_q + n_kv, d).transpose(0, 1), cos, sin)
-            cache.update(i, qk[n_q:], v.view(T, n_kv, d).transpose(0, 1))
-            attn = attend_tokens(cache, i, qk[:n_q])
+            v = v.view(T, n_kv, d).transpose(0, 1)
+            if T == 1:  # the same computation as one row of forward_batch
+                attn = attend_new_tokens(
+                    [cache], i, qk[None, :n_q, 0], qk[None, n_q:, 0], v[None, :, 0]
+                )
+                attn = attn[0][:, None]
+            else:
+                cache.update(i, qk[n_q:], v)
+                attn = attend_tokens(cache, i, qk[:n_q])
             h.add_(layer.o(attn.transpose(0, 1).reshape(T, n_q * d).to(COMPUTE_DTYPE)))
             self._add_mlp(layer, h)
         cache.advance(T)
@@ -149,13 +158,12 @@ class TorchDecoder:
         pos = torch.tensor(starts, device=self.device)
         cos, sin = cos_all[pos][:, None], sin_all[pos][:, None]  # [B, 1, D/2]
         n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        for cache in caches:
+            cache.reserve_next()
         for i, layer in enumerate(self.layers):
             qk, v = self._qkv(layer, h)
             qk = self._apply_rope(qk.view(B, n_q + n_kv, d), cos, sin)  # [B, heads, D]
-            v = v.view(B, n_kv, d)
-            for b, cache in enumerate(caches):
-                cache.update(i, qk[b, n_q:, None], v[b, :, None])
-            attn = attend_one_each(caches, i, qk[:, :n_q])
+            attn = attend_new_tokens(caches, i, qk[:, :n_q], qk[:, n_q:], v.view(B, n_kv, d))
             h.add_(layer.o(attn.reshape(B, n_q * d).to(COMPUTE_DTYPE)))
             self._add_mlp(layer, h)
         for cache in caches:

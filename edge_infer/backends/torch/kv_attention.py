@@ -1,8 +1,9 @@
 """Attention over :class:`TorchKVCache` layers as they are stored (quantized blocks and a
 float16 tail), without a float32 copy of the whole cache.
 
-* One new token per sequence (decoding, alone or batched): the CPU kernel reads the 4/8-bit
-  rows and the float16 tail directly (:mod:`edge_infer.kernels.cpu`).
+* One new token per sequence (decoding, alone or batched): the CPU kernel stores the token's
+  K/V and reads the 4/8-bit rows and the float16 tail directly (:mod:`edge_infer.kernels.cpu`),
+  all sequences in one call.
 * Several new tokens (prefill chunks): the layer's rows are written, still rotated, into a
   per-thread float32 scratch buffer and handed to torch's fused attention; the query is
   rotated the same way and the output rotated back.
@@ -68,8 +69,6 @@ def attend_tokens(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.Ten
     -> attention output [n_q, T, D]; each token sees the tokens before it and itself.
     The caller has stored the T tokens (``cache.update``) but not yet committed them."""
     n_q, T, D = q.shape
-    if T == 1:
-        return attend_one_each([cache], layer, q.transpose(0, 1))[0][:, None]
     start = cache.length
     end = start + T
     keys, values = _scratch_pair(cache.n_kv, end, D, cache.device)
@@ -90,27 +89,34 @@ def attend_tokens(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.Ten
     return out @ rot if cache.quantized else out
 
 
-def attend_one_each(caches: list[TorchKVCache], layer: int, q: torch.Tensor) -> torch.Tensor:
-    """q [B, n_q, D]: one new token per cache, already stored -> output [B, n_q, D]."""
+def attend_new_tokens(
+    caches: list[TorchKVCache], layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """One new token per cache: store its k, v [B, n_kv, D] after the held tokens and attend
+    with q [B, n_q, D] over all of them -> output [B, n_q, D]. The caller commits the token
+    (``cache.advance(1)``) after the last layer; ``cache.reserve_next()`` comes first."""
     first = caches[0]
     kernel = _kernel(first)
     if kernel is None:
-        return torch.stack(
-            [attend_reference(c, layer, q[b, :, None])[:, 0] for b, c in enumerate(caches)]
-        )
+        outs = []
+        for b, cache in enumerate(caches):
+            cache.update(layer, k[b, :, None], v[b, :, None])
+            outs.append(attend_reference(cache, layer, q[b, :, None])[:, 0])
+        return torch.stack(outs)
     pointers: list[int] = []
     metas: list[int] = []
     for cache in caches:
         ptrs, meta = cache.kernel_layout(layer, cache.length + 1)
         pointers += ptrs
         metas += meta
-    return kernel.attend_one_token(
+    return kernel.attend_new_token(
         q.contiguous(),
+        k.float().contiguous(),
+        v.float().contiguous(),
         pointers,
         metas,
         first.rotation,
         first.rotation_t,
-        first.n_kv,
         first.bits,
         first.group_size,
     )

@@ -137,6 +137,12 @@ class TorchKVCache:
         """True when sealed blocks are stored quantized (4 or 8 bits)."""
         return self.bits < 16
 
+    def reserve_next(self) -> None:
+        """Make room for one more token (before a kernel writes it)."""
+        if self.max_tokens_in_one_call() < 1:
+            raise ValueError("a forward call must not cross a KV block boundary")
+        self._reserve(self._length + 1)
+
     def kernel_layout(self, layer: int, length: int) -> tuple[list[int], list[int]]:
         """For the attention kernel: the layer's buffer addresses (packed K, scales K,
         biases K, the same for V, float16 tail K and V) and its layout (capacity, tail

@@ -164,68 +164,94 @@ inline int64_t group_of(int64_t bits, int64_t group, int c, int D) {
   return first / group;
 }
 
-// One (sequence, kv head): softmax(q K^T / sqrt(D)) V for its g query rows.
-template <int D>
-void attend_head(const Layout& L, const LayerPtrs& p, int64_t h, const float* q, const float* R,
-                 const float* Rt, float* out, std::vector<float>& scores) {
+// Writes one float row as float16 (round to nearest even, as torch's conversion does).
+inline void store_half_row(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+#if defined(__F16C__)
+    dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+#else
+    dst[i] = c10::Half(src[i]).x;
+#endif
+  }
+}
+
+// NR query rows of one (sequence, kv head), held in registers while every key and value of
+// the sequence is decoded once.
+template <int D, int NR>
+void attend_rows(const Layout& L, const LayerPtrs& p, int64_t h, const float* qrows,
+                 const float* R, const float* Rt, float* orows, std::vector<float>& scores) {
   constexpr int C = D / 16;
-  const int g = static_cast<int>(L.n_q / L.n_kv);
   const int64_t n = L.length, groups = D / L.group, words = D * L.bits / 32;
   const bool quantized = L.bits < 16;
   const int64_t qs = quantized ? L.sealed : 0;  // tokens read from the quantized store
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t n_pad = (n + 15) / 16 * 16;
-  scores.resize(static_cast<size_t>(g) * n_pad);
+  scores.resize(static_cast<size_t>(NR) * n_pad);
 
-  for (int r = 0; r < g; ++r) {
-    const float* qp = q + (h * g + r) * D;
-    f16x plain[C], rot[C];
-    for (int c = 0; c < C; ++c) plain[c] = load16(qp + 16 * c) * scale;
-    float* sr = scores.data() + r * n_pad;
-    if (qs > 0) {
-      // rot = (q @ R^T) in decode_row's order; gsum: its sum over each group
-      float rq[D];
-      for (int e = 0; e < D; ++e) rq[e] = 0.f;
+  f16x plain[NR][C], rot[NR][C];
+  float sums[NR][16] = {};
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < C; ++c) plain[r][c] = load16(qrows + r * D + 16 * c) * scale;
+  if (qs > 0) {
+    // rot = (q @ R^T) in decode_row's order; sums: its sum over each group
+    for (int r = 0; r < NR; ++r) {
+      f16x rq[C] = {};
       for (int d = 0; d < D; ++d) {
-        const float qd = qp[d] * scale;
-        for (int e = 0; e < D; ++e) rq[e] += qd * Rt[d * D + e];
+        const float qd = qrows[r * D + d] * scale;
+        for (int c = 0; c < C; ++c) rq[c] += load16(Rt + d * D + 16 * c) * qd;
       }
-      float ordered[D];
+      float flat[D], ordered[D];
+      for (int c = 0; c < C; ++c) store16(flat + 16 * c, rq[c]);
       for (int e = 0; e < D; ++e) {
-        const int at = L.bits == 4 ? (e % 2 ? D / 2 + e / 2 : e / 2) : e;
-        ordered[at] = rq[e];
+        ordered[L.bits == 4 ? (e % 2 ? D / 2 + e / 2 : e / 2) : e] = flat[e];
+        sums[r][e / L.group] += flat[e];
       }
-      float sums[16] = {};
-      for (int e = 0; e < D; ++e) sums[e / L.group] += rq[e];
-      for (int c = 0; c < C; ++c) rot[c] = load16(ordered + 16 * c);
+      for (int c = 0; c < C; ++c) rot[r][c] = load16(ordered + 16 * c);
+    }
+  }
+
+  // scores
+  for (int64_t j = 0; j < qs; ++j) {
+    const int64_t row = h * L.cap + j;
+    f16x kv[C];
+    decode_row<D>(L.bits, p.kp + row * words, kv);
+    if (groups == 1) {
+      const float sk = half_to_float(p.ks[row]), bk = half_to_float(p.kb[row]);
+      for (int r = 0; r < NR; ++r) {
+        f16x acc = kv[0] * rot[r][0];
+        for (int c = 1; c < C; ++c) acc += kv[c] * rot[r][c];
+        scores[r * n_pad + j] = sk * hsum(acc) + bk * sums[r][0];
+      }
+    } else {
       float s[16], b[16];
-      for (int64_t j = 0; j < qs; ++j) {
-        const int64_t row = h * L.cap + j;
-        f16x kv[C];
-        decode_row<D>(L.bits, p.kp + row * words, kv);
-        for (int64_t k = 0; k < groups; ++k) {
-          s[k] = half_to_float(p.ks[row * groups + k]);
-          b[k] = half_to_float(p.kb[row * groups + k]);
-        }
+      for (int64_t k = 0; k < groups; ++k) {
+        s[k] = half_to_float(p.ks[row * groups + k]);
+        b[k] = half_to_float(p.kb[row * groups + k]);
+      }
+      for (int r = 0; r < NR; ++r) {
         float total = 0.f;
-        if (groups == 1) {
-          f16x acc = kv[0] * rot[0];
-          for (int c = 1; c < C; ++c) acc += kv[c] * rot[c];
-          total = s[0] * hsum(acc) + b[0] * sums[0];
-        } else {
-          for (int c = 0; c < C; ++c) total += s[group_of(L.bits, L.group, c, D)] * hsum(kv[c] * rot[c]);
-          for (int64_t k = 0; k < groups; ++k) total += b[k] * sums[k];
-        }
-        sr[j] = total;
+        for (int c = 0; c < C; ++c)
+          total += s[group_of(L.bits, L.group, c, D)] * hsum(kv[c] * rot[r][c]);
+        for (int64_t k = 0; k < groups; ++k) total += b[k] * sums[r][k];
+        scores[r * n_pad + j] = total;
       }
     }
-    for (int64_t j = qs; j < n; ++j) {
-      const uint16_t* kr = p.kt + (h * L.tail_cap + (j - L.tail_offset)) * D;
-      f16x acc = halves16(kr) * plain[0];
-      for (int c = 1; c < C; ++c) acc += halves16(kr + 16 * c) * plain[c];
-      sr[j] = hsum(acc);
+  }
+  for (int64_t j = qs; j < n; ++j) {
+    const uint16_t* kr = p.kt + (h * L.tail_cap + (j - L.tail_offset)) * D;
+    f16x kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = halves16(kr + 16 * c);
+    for (int r = 0; r < NR; ++r) {
+      f16x acc = kv[0] * plain[r][0];
+      for (int c = 1; c < C; ++c) acc += kv[c] * plain[r][c];
+      scores[r * n_pad + j] = hsum(acc);
     }
-    // softmax over sr[0..n): padding lanes are left out of the max and zeroed after exp
+  }
+
+  // softmax over each row's n scores: padding lanes are left out of the max, zeroed after exp
+  float inv[NR];
+  for (int r = 0; r < NR; ++r) {
+    float* sr = scores.data() + r * n_pad;
     for (int64_t j = n; j < n_pad; ++j) sr[j] = -INFINITY;
     f16x m = splat(-INFINITY);
     for (int64_t j = 0; j < n_pad; j += 16) m = vmax(m, load16(sr + j));
@@ -239,50 +265,78 @@ void attend_head(const Layout& L, const LayerPtrs& p, int64_t h, const float* q,
       store16(sr + j, e);
       total += e;
     }
-    const float inv = 1.0f / hsum(total);
+    inv[r] = 1.0f / hsum(total);
+  }
 
-    // weighted values: quantized part in the stored (rotated) domain, tail in the plain one
-    f16x acc[C] = {}, accp[C] = {};
-    float bias_acc[16] = {};
-    float s[16], b[16];
-    for (int64_t j = 0; j < qs; ++j) {
-      const int64_t row = h * L.cap + j;
-      f16x vv[C];
-      decode_row<D>(L.bits, p.vp + row * words, vv);
-      const float w = sr[j];
-      if (groups == 1) {
-        const float ws = w * half_to_float(p.vs[row]);
-        for (int c = 0; c < C; ++c) acc[c] += vv[c] * ws;
-        bias_acc[0] += w * half_to_float(p.vb[row]);
-      } else {
-        for (int64_t k = 0; k < groups; ++k) {
-          s[k] = w * half_to_float(p.vs[row * groups + k]);
-          b[k] = half_to_float(p.vb[row * groups + k]);
-          bias_acc[k] += w * b[k];
-        }
-        for (int c = 0; c < C; ++c) acc[c] += vv[c] * s[group_of(L.bits, L.group, c, D)];
+  // weighted values: quantized part in the stored (rotated) domain, tail in the plain one
+  f16x acc[NR][C] = {}, accp[NR][C] = {};
+  float bias_acc[NR][16] = {};
+  for (int64_t j = 0; j < qs; ++j) {
+    const int64_t row = h * L.cap + j;
+    f16x vv[C];
+    decode_row<D>(L.bits, p.vp + row * words, vv);
+    if (groups == 1) {
+      const float sv = half_to_float(p.vs[row]), bv = half_to_float(p.vb[row]);
+      for (int r = 0; r < NR; ++r) {
+        const float w = scores[r * n_pad + j];
+        const float ws = w * sv;
+        for (int c = 0; c < C; ++c) acc[r][c] += vv[c] * ws;
+        bias_acc[r][0] += w * bv;
+      }
+    } else {
+      float s[16], b[16];
+      for (int64_t k = 0; k < groups; ++k) {
+        s[k] = half_to_float(p.vs[row * groups + k]);
+        b[k] = half_to_float(p.vb[row * groups + k]);
+      }
+      for (int r = 0; r < NR; ++r) {
+        const float w = scores[r * n_pad + j];
+        for (int c = 0; c < C; ++c) acc[r][c] += vv[c] * (w * s[group_of(L.bits, L.group, c, D)]);
+        for (int64_t k = 0; k < groups; ++k) bias_acc[r][k] += w * b[k];
       }
     }
-    for (int64_t j = qs; j < n; ++j) {
-      const uint16_t* vr = p.vt + (h * L.tail_cap + (j - L.tail_offset)) * D;
-      const float w = sr[j];
-      for (int c = 0; c < C; ++c) accp[c] += halves16(vr + 16 * c) * w;
+  }
+  for (int64_t j = qs; j < n; ++j) {
+    const uint16_t* vr = p.vt + (h * L.tail_cap + (j - L.tail_offset)) * D;
+    f16x vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = halves16(vr + 16 * c);
+    for (int r = 0; r < NR; ++r) {
+      const float w = scores[r * n_pad + j];
+      for (int c = 0; c < C; ++c) accp[r][c] += vv[c] * w;
     }
-    // out = (acc in natural order + biases) @ R + accp, all over the softmax total
-    float* o = out + (h * g + r) * D;
-    for (int c = 0; c < C; ++c) store16(o + 16 * c, accp[c] * inv);
+  }
+
+  // out = (acc in natural order + biases) @ R + accp, all over the softmax total
+  for (int r = 0; r < NR; ++r) {
+    float* o = orows + r * D;
+    f16x res[C];
+    for (int c = 0; c < C; ++c) res[c] = accp[r][c] * inv[r];
     if (qs > 0) {
-      float stored[D], nat[D];
-      for (int c = 0; c < C; ++c) store16(stored + 16 * c, acc[c]);
+      float stored[D];
+      for (int c = 0; c < C; ++c) store16(stored + 16 * c, acc[r][c]);
       for (int e = 0; e < D; ++e) {
         const float v = L.bits == 4 ? (e % 2 ? stored[D / 2 + e / 2] : stored[e / 2]) : stored[e];
-        nat[e] = (v + bias_acc[e / L.group]) * inv;
+        const float x = (v + bias_acc[r][e / L.group]) * inv[r];
+        for (int c = 0; c < C; ++c) res[c] += load16(R + e * D + 16 * c) * x;
       }
-      for (int e = 0; e < D; ++e) {
-        const float v = nat[e];
-        const float* Re = R + e * D;
-        for (int d = 0; d < D; ++d) o[d] += v * Re[d];
-      }
+    }
+    for (int c = 0; c < C; ++c) store16(o + 16 * c, res[c]);
+  }
+}
+
+// One (sequence, kv head): its g query rows, NR at a time.
+template <int D>
+void attend_head(const Layout& L, const LayerPtrs& p, int64_t h, const float* q, const float* R,
+                 const float* Rt, float* out, std::vector<float>& scores) {
+  const int g = static_cast<int>(L.n_q / L.n_kv);
+  for (int r = 0; r < g;) {
+    const float* qr = q + (h * g + r) * D;
+    float* orow = out + (h * g + r) * D;
+    switch (std::min(g - r, 4)) {
+      case 4: attend_rows<D, 4>(L, p, h, qr, R, Rt, orow, scores); r += 4; break;
+      case 3: attend_rows<D, 3>(L, p, h, qr, R, Rt, orow, scores); r += 3; break;
+      case 2: attend_rows<D, 2>(L, p, h, qr, R, Rt, orow, scores); r += 2; break;
+      default: attend_rows<D, 1>(L, p, h, qr, R, Rt, orow, scores); r += 1; break;
     }
   }
 }
@@ -302,14 +356,21 @@ HeadFn head_fn(int64_t dim) {
 
 }  // namespace
 
-// q float32 [B, n_q, D]; ptrs [B * 8] (addresses of kp, ks, kb, vp, vs, vb, kt, vt per
+// One new token per sequence. q float32 [B, n_q, D] (rope applied); k, v float32
+// [B, n_kv, D]: the token's key and value, written (as float16) into the sequence's tail row
+// length-1 before attending; ptrs [B * 8] (addresses of kp, ks, kb, vp, vs, vb, kt, vt per
 // sequence); meta [B * 5] (cap, tail_cap, sealed, length, tail_offset); R and its transpose
-// float32 [D, D].
-torch::Tensor attend_one_token(torch::Tensor q, const std::vector<int64_t>& ptrs,
-                               const std::vector<int64_t>& meta, torch::Tensor R,
-                               torch::Tensor Rt, int64_t n_kv, int64_t bits, int64_t group) {
+// float32 [D, D]. Returns softmax(q K^T / sqrt(D)) V, float32 [B, n_q, D].
+torch::Tensor attend_new_token(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                               const std::vector<int64_t>& ptrs, const std::vector<int64_t>& meta,
+                               torch::Tensor R, torch::Tensor Rt, int64_t bits, int64_t group) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.dim() == 3 && q.is_contiguous(), "q");
   const int64_t B = q.size(0), n_q = q.size(1), D = q.size(2);
+  TORCH_CHECK(k.dtype() == torch::kFloat32 && k.is_contiguous() && k.dim() == 3 &&
+                  k.size(0) == B && k.size(2) == D && v.sizes() == k.sizes() &&
+                  v.dtype() == torch::kFloat32 && v.is_contiguous(),
+              "k, v");
+  const int64_t n_kv = k.size(1);
   TORCH_CHECK(static_cast<int64_t>(ptrs.size()) == 8 * B, "ptrs");
   TORCH_CHECK(static_cast<int64_t>(meta.size()) == 5 * B, "meta");
   TORCH_CHECK(R.dtype() == torch::kFloat32 && R.is_contiguous() && Rt.is_contiguous() &&
@@ -318,16 +379,22 @@ torch::Tensor attend_one_token(torch::Tensor q, const std::vector<int64_t>& ptrs
   HeadFn fn = head_fn(D);
   TORCH_CHECK(fn != nullptr && n_q % n_kv == 0, "head_dim must be 32, 64, 128 or 256");
   TORCH_CHECK(bits == 16 || (group % 32 == 0 && D % group == 0), "group size");
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* m = meta.data() + b * 5;
+    TORCH_CHECK(m[3] >= 1 && m[3] - 1 - m[4] >= 0 && m[3] - 1 - m[4] < m[1], "tail row");
+  }
   auto out = torch::empty_like(q);
   const int64_t* pp = ptrs.data();
   const int64_t* mm = meta.data();
   const float* qd = q.data_ptr<float>();
+  const float* kd = k.data_ptr<float>();
+  const float* vd = v.data_ptr<float>();
   const float* rd = R.data_ptr<float>();
   const float* rtd = Rt.data_ptr<float>();
   float* od = out.data_ptr<float>();
   int64_t work = 0;
   for (int64_t b = 0; b < B; ++b) work += mm[b * 5 + 3];
-  const int64_t grain = work * n_kv < 4096 ? B * n_kv : 1;  // tiny jobs stay on one thread
+  const int64_t grain = work * n_kv < 1024 ? B * n_kv : 1;  // tiny jobs stay on one thread
   at::parallel_for(0, B * n_kv, grain, [&](int64_t a, int64_t z) {
     std::vector<float> scores;
     for (int64_t item = a; item < z; ++item) {
@@ -339,6 +406,9 @@ torch::Tensor attend_one_token(torch::Tensor q, const std::vector<int64_t>& ptrs
                   reinterpret_cast<const uint16_t*>(x[2]), reinterpret_cast<const int32_t*>(x[3]),
                   reinterpret_cast<const uint16_t*>(x[4]), reinterpret_cast<const uint16_t*>(x[5]),
                   reinterpret_cast<const uint16_t*>(x[6]), reinterpret_cast<const uint16_t*>(x[7])};
+      const int64_t tail_row = (h * L.tail_cap + (L.length - 1 - L.tail_offset)) * D;
+      store_half_row(kd + (b * n_kv + h) * D, const_cast<uint16_t*>(p.kt) + tail_row, D);
+      store_half_row(vd + (b * n_kv + h) * D, const_cast<uint16_t*>(p.vt) + tail_row, D);
       fn(L, p, h, qd + b * n_q * D, rd, rtd, od + b * n_q * D, scores);
     }
   });
@@ -411,6 +481,6 @@ void dequantize_into(torch::Tensor packed, torch::Tensor scales, torch::Tensor b
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attend_one_token", &attend_one_token, "one-token attention over stored KV");
+  m.def("attend_new_token", &attend_new_token, "store one new token's K/V, attend over all");
   m.def("dequantize_into", &dequantize_into, "dequantize stored KV rows into float32");
 }
