@@ -4,9 +4,10 @@ float16 tail), without a float32 copy of the whole cache.
 * One new token per sequence (decoding, alone or batched): the CPU kernel stores the token's
   K/V and reads the 4/8-bit rows and the float16 tail directly (:mod:`edge_infer.kernels.cpu`),
   all sequences in one call.
-* Several new tokens (prefill chunks): the layer's rows are written, still rotated, into a
-  per-thread float32 scratch buffer and handed to torch's fused attention; the query is
-  rotated the same way and the output rotated back.
+* Several new tokens (prefill chunks): the layer's rows are written into a per-thread
+  float32 scratch buffer and handed to torch's fused attention, either as attention reads
+  them (sealed rows rotated back) or, when fewer rows need rotating that way, in the stored
+  rotated domain (the tail, the query and the output rotated instead).
 
 :func:`attend_reference` is the plain-torch computation both are tested against; where the
 kernel is not available (CUDA, no compiler, ``EDGE_INFER_KERNELS=off``, a head size it does
@@ -72,9 +73,12 @@ def attend_tokens(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.Ten
     start = cache.length
     end = start + T
     keys, values = _scratch_pair(cache.n_kv, end, D, cache.device)
-    cache.stored_rows(layer, end, keys, values, _dequantizer(cache))
+    # rows are rotated either way: the sealed ones back, or the tail, query and output
+    sealed = min(cache.sealed_length, end) if cache.quantized else 0
+    rotated = sealed > 0 and sealed * cache.n_kv > (end - sealed) * cache.n_kv + T * n_q
+    cache.stored_rows(layer, end, keys, values, _dequantizer(cache), rotated)
     rot = cache.rotation
-    qs = q @ rot.T if cache.quantized else q
+    qs = q @ rot.T if rotated else q
     mask = None
     if start > 0:
         mask = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(start)
@@ -86,7 +90,7 @@ def attend_tokens(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.Ten
         is_causal=start == 0,
         enable_gqa=n_q != cache.n_kv,
     )[0]
-    return out @ rot if cache.quantized else out
+    return out @ rot if rotated else out
 
 
 def attend_new_tokens(

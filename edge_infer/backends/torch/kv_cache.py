@@ -162,19 +162,29 @@ class TorchKVCache:
         return self._pointers[layer], meta
 
     def stored_rows(
-        self, layer: int, end: int, keys: torch.Tensor, values: torch.Tensor, dequantize_into
+        self,
+        layer: int,
+        end: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        dequantize_into,
+        rotated: bool = True,
     ) -> None:
-        """Write tokens ``0..end`` of the layer's K and V, in the stored (rotated) domain, as
-        float32 into ``keys``/``values`` [n_kv, >= end, D]: sealed rows dequantized (by
-        ``dequantize_into(packed, scales, biases, out)``), tail rows rotated."""
+        """Write tokens ``0..end`` of the layer's K and V as float32 into ``keys``/``values``
+        [n_kv, >= end, D], sealed rows dequantized by ``dequantize_into(packed, scales,
+        biases, out)``. ``rotated``: in the stored (rotated) domain, tail rows rotated;
+        else as attention reads them, sealed rows rotated back."""
         sealed = min(self._sealed, end) if self.quantized else 0
         for w, out in enumerate((keys, values)):
             if sealed:
                 dequantize_into(*(t[:, :sealed] for t in self._quant[layer][w]), out[:, :sealed])
-            tail = self._tail(layer, w, sealed, end).float()
-            if self.quantized:
-                tail = tail @ self._rotation.T
-            out[:, sealed:end] = tail
+                if not rotated:
+                    out[:, :sealed] = out[:, :sealed] @ self._rotation
+            tail = self._tail(layer, w, sealed, end)
+            if self.quantized and rotated:
+                out[:, sealed:end] = tail.float() @ self._rotation_t
+            else:
+                out[:, sealed:end] = tail
 
     def readable(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of tokens ``0..end`` exactly as attention reads them, float32
