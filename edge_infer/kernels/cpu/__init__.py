@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import sys
 import threading
 from pathlib import Path
@@ -18,7 +19,9 @@ from types import ModuleType
 import platformdirs
 
 SOURCE = Path(__file__).with_name("kv_attention.cpp")
-_FLAGS = ["-O3", "-march=native"]
+# OpenMP as torch uses it: parallel regions run on torch's own thread pool (the library it
+# ships has the same soname, so no second runtime is loaded)
+_FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 log = logging.getLogger(__name__)
@@ -37,11 +40,24 @@ def enabled() -> bool:
     return os.environ.get("EDGE_INFER_KERNELS", "on").lower() not in ("off", "0", "false", "no")
 
 
+def _cpu_features() -> str:
+    """What ``-march=native`` depends on: a build is only reused on the same kind of CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
 def _build_name() -> str:
     import torch
 
     digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(" ".join(_FLAGS).encode() + torch.__version__.encode())
+    for part in (" ".join(_FLAGS), torch.__version__, _cpu_features()):
+        digest.update(part.encode())
     return "edge_infer_kv_attention_" + digest.hexdigest()[:12]
 
 
@@ -73,6 +89,7 @@ def _build(verbose: bool) -> ModuleType | None:
             name=name,
             sources=[str(SOURCE)],
             extra_cflags=_FLAGS,
+            extra_ldflags=["-fopenmp"],
             build_directory=str(folder),
             verbose=verbose,
         )
