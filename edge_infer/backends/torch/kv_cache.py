@@ -349,11 +349,11 @@ class TorchKVCache:
                 f"blocks are not {self.bits}-bit group {self.group_size} K/V "
                 f"(got {getattr(kv, 'bits', 16)}-bit)"
             )
-        parts = [
-            _tensor(np.ascontiguousarray(kv.packed).view(np.int32)),
-            _tensor(np.ascontiguousarray(kv.scales)),
-            _tensor(np.ascontiguousarray(kv.biases)),
-        ]
+        parts = [kv.packed.view(np.int32), kv.scales, kv.biases]
         q = self._quant[i][w]
+        if self.device.type == "cpu":  # numpy copies: a restore makes thousands of them
+            for dst, src in zip(q, parts, strict=True):
+                dst.numpy()[:, a:b] = src
+            return
         for dst, src in zip(q, parts, strict=True):
-            dst[:, a:b] = src.to(self.device)
+            dst[:, a:b] = _tensor(np.ascontiguousarray(src)).to(self.device)
