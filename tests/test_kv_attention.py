@@ -105,7 +105,7 @@ def test_prefill_chunk_matches_reference(bits, n, T):
     )
 
 
-def test_without_the_kernel_the_reference_path_runs(monkeypatch):
+def test_without_the_kernel_one_token_takes_the_scratch_path(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "load", lambda verbose=False: None)
     cache = filled_cache(4, 300, 3, 64, 64)
     twin = filled_cache(4, 300, 3, 64, 64)
@@ -113,7 +113,8 @@ def test_without_the_kernel_the_reference_path_runs(monkeypatch):
     cache.reserve_next()
     out = attend_new_tokens([cache], 0, q[None], k[None], v[None])[0]
     twin.update(0, k[:, None], v[:, None])
-    assert torch.equal(out, attend_reference(twin, 0, q[:, None])[:, 0])
+    ref = attend_reference(twin, 0, q[:, None])[:, 0]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=5e-5)
 
 
 def test_kernels_can_be_turned_off(monkeypatch):

@@ -9,9 +9,9 @@ float16 tail), without a float32 copy of the whole cache.
   them (sealed rows rotated back) or, when fewer rows need rotating that way, in the stored
   rotated domain (the tail, the query and the output rotated instead).
 
-:func:`attend_reference` is the plain-torch computation both are tested against; where the
+:func:`attend_reference` is the plain-torch computation both are tested against. Where the
 kernel is not available (CUDA, no compiler, ``EDGE_INFER_KERNELS=off``, a head size it does
-not take) one-token attention runs it too.
+not take) one-token attention takes the scratch path too.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def attend_new_tokens(
         outs = []
         for b, cache in enumerate(caches):
             cache.update(layer, k[b, :, None], v[b, :, None])
-            outs.append(attend_reference(cache, layer, q[b, :, None])[:, 0])
+            outs.append(attend_tokens(cache, layer, q[b, :, None])[:, 0])
         return torch.stack(outs)
     pointers: list[int] = []
     metas: list[int] = []

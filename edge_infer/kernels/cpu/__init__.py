@@ -72,8 +72,23 @@ def load(verbose: bool = False) -> ModuleType | None:
         return module
 
 
+def _ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the pip package's copy sits next to the
+    interpreter, which is not on PATH when a virtualenv's python is run directly."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    folder = str(getattr(ninja, "BIN_DIR", ""))
+    path = os.environ.get("PATH", "")
+    if folder and folder not in path.split(os.pathsep):
+        os.environ["PATH"] = folder + os.pathsep + path
+
+
 def _build(verbose: bool) -> ModuleType | None:
     from torch.utils.cpp_extension import load as load_extension
+
+    _ninja_on_path()
 
     name = _build_name()
     folder = kernel_dir() / name
@@ -94,7 +109,7 @@ def _build(verbose: bool) -> ModuleType | None:
             verbose=verbose,
         )
     except Exception as exc:  # no compiler, no headers: the plain-torch path still works
-        log.warning("CPU attention kernel unavailable (%s); using plain torch", exc)
+        log.debug("CPU attention kernel unavailable: %s", exc)
         print(
             f"edge-infer: CPU attention kernel could not be built ({type(exc).__name__}); "
             "using the slower plain-torch path",
