@@ -4,8 +4,9 @@
 
 Each engine gets the same token ids (a 512-token slice of the Python docs), greedy decoding
 with end-of-sequence ignored, on the same GGUF file. llama-cpp-python is used when installed
-(``pip install 'edge-infer[bench]'``). Throughputs are medians (and bests) over the runs;
-ratios compare medians measured in this one run.
+(``pip install 'edge-infer[bench]'``). The engines take turns, one run each per round, so
+that a slow spell of a shared machine hits all of them. Throughputs are medians (and bests)
+over the runs; ratios compare medians measured in this one run.
 """
 
 from __future__ import annotations
@@ -24,61 +25,66 @@ from edge_infer.engine import Engine
 from edge_infer.models.loader import load_model
 
 
-def bench_edge(backend: str, model, ids: list[int], n_decode: int, runs: int) -> dict:
-    eng = Engine(model, create_backend(model, backend))
-    eng.generate_tokens(ids[:16], max_tokens=2)  # warm-up (lazy init, allocator)
-    list(eng.generate_tokens(ids[:16], max_tokens=2, temperature=0))
-    prefill, decode = [], []
-    for _ in range(runs):
+class EdgeRunner:
+    """One edge-infer backend: each :meth:`run` prefills the prompt and decodes."""
+
+    def __init__(self, backend: str, model, ids: list[int], n_decode: int) -> None:
+        self.eng = Engine(model, create_backend(model, backend))
+        self.ids, self.n_decode = ids, n_decode
+        self.eng.generate_tokens(ids[:16], max_tokens=2)  # warm-up (lazy init, allocator)
+        list(self.eng.generate_tokens(ids[:16], max_tokens=2, temperature=0))
+        self.name = f"edge-infer {backend} ({self.eng.backend.device})"
+
+    def run(self) -> tuple[float, float]:
+        """(prefill tok/s, decode tok/s) of one run."""
+        eng = self.eng
         cache = eng.backend.new_cache()
         t0 = time.perf_counter()
-        eng._prefill(ids, cache)
-        prefill.append(len(ids) / (time.perf_counter() - t0))
-        list(eng.generate_tokens(ids, max_tokens=n_decode, temperature=0, ignore_eos=True))
-        decode.append(eng.last_usage.decode_tokens_per_s)
-    return {
-        "engine": f"edge-infer {backend} ({eng.backend.device})",
-        "prefill": summarize(prefill),
-        "decode": summarize(decode),
-    }
+        eng._prefill(self.ids, cache)
+        prefill = len(self.ids) / (time.perf_counter() - t0)
+        list(
+            eng.generate_tokens(self.ids, max_tokens=self.n_decode, temperature=0, ignore_eos=True)
+        )
+        return prefill, eng.last_usage.decode_tokens_per_s
 
 
-def bench_llama_cpp(path: Path, ids: list[int], n_decode: int, runs: int) -> dict:
-    from llama_cpp import Llama
+class LlamaCppRunner:
+    """llama-cpp-python on the same GGUF file, greedy, all cores."""
 
-    threads = os.cpu_count() or 1
-    llm = Llama(
-        model_path=str(path),
-        n_ctx=2048,
-        n_batch=512,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
-    n_vocab = llm.n_vocab()
+    def __init__(self, path: Path, ids: list[int], n_decode: int) -> None:
+        from llama_cpp import Llama
 
-    def last_logits() -> np.ndarray:
-        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+        threads = os.cpu_count() or 1
+        self.llm = Llama(
+            model_path=str(path),
+            n_ctx=2048,
+            n_batch=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+        self.ids, self.n_decode = ids, n_decode
+        self.n_vocab = self.llm.n_vocab()
+        self.llm.reset()
+        self.llm.eval(ids[:16])  # warm-up
+        self.name = f"llama.cpp {_llama_cpp_version()} (cpu, {threads} threads)"
 
-    llm.reset()
-    llm.eval(ids[:16])  # warm-up
-    prefill, decode = [], []
-    for _ in range(runs):
+    def _last_logits(self) -> np.ndarray:
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
+
+    def run(self) -> tuple[float, float]:
+        """(prefill tok/s, decode tok/s) of one run."""
+        llm = self.llm
         llm.reset()
         t0 = time.perf_counter()
-        llm.eval(ids)
-        prefill.append(len(ids) / (time.perf_counter() - t0))
-        token = int(np.argmax(last_logits()))
+        llm.eval(self.ids)
+        prefill = len(self.ids) / (time.perf_counter() - t0)
+        token = int(np.argmax(self._last_logits()))
         t0 = time.perf_counter()
-        for _ in range(n_decode - 1):
+        for _ in range(self.n_decode - 1):
             llm.eval([token])
-            token = int(np.argmax(last_logits()))
-        decode.append((n_decode - 1) / (time.perf_counter() - t0))
-    return {
-        "engine": f"llama.cpp {_llama_cpp_version()} (cpu, {threads} threads)",
-        "prefill": summarize(prefill),
-        "decode": summarize(decode),
-    }
+            token = int(np.argmax(self._last_logits()))
+        return prefill, (self.n_decode - 1) / (time.perf_counter() - t0)
 
 
 def _llama_cpp_version() -> str:
@@ -100,15 +106,26 @@ def main() -> None:
 
     model = load_model(None)
     ids = model.tokenizer.encode(corpus_text())[: args.prompt_tokens]
-    results = []
+    runners: list = []
     for backend in [b for b in args.backends.split(",") if b]:
-        print(f"running edge-infer {backend} ...", flush=True)
-        results.append(bench_edge(backend, model, ids, args.decode_tokens, args.runs))
+        print(f"loading edge-infer {backend} ...", flush=True)
+        runners.append(EdgeRunner(backend, model, ids, args.decode_tokens))
     if importlib.util.find_spec("llama_cpp") is not None:
-        print("running llama.cpp ...", flush=True)
-        results.append(bench_llama_cpp(model.source, ids, args.decode_tokens, args.runs))
+        print("loading llama.cpp ...", flush=True)
+        runners.append(LlamaCppRunner(model.source, ids, args.decode_tokens))
     else:
         print("llama-cpp-python not installed: pip install 'edge-infer[bench]' to compare")
+    samples: dict[str, tuple[list[float], list[float]]] = {r.name: ([], []) for r in runners}
+    for i in range(args.runs):  # interleaved: a slow spell of the machine hits every engine
+        print(f"run {i + 1}/{args.runs} ...", flush=True)
+        for runner in runners:
+            prefill, decode = runner.run()
+            samples[runner.name][0].append(prefill)
+            samples[runner.name][1].append(decode)
+    results = [
+        {"engine": name, "prefill": summarize(p), "decode": summarize(d)}
+        for name, (p, d) in samples.items()
+    ]
 
     base = next((r for r in results if r["engine"].startswith("llama.cpp")), None)
     rows = []
