@@ -187,6 +187,15 @@ inline void decode_row(int64_t bits, const int32_t* packed, f16x* out) {
   }
 }
 
+// A stored row's per-group scales and biases, as floats.
+inline void group_params(const uint16_t* scales, const uint16_t* biases, int64_t row,
+                         int64_t groups, float* s, float* b) {
+  for (int64_t k = 0; k < groups; ++k) {
+    s[k] = half_to_float(scales[row * groups + k]);
+    b[k] = half_to_float(biases[row * groups + k]);
+  }
+}
+
 // Index, in decode_row's order, of the group holding vector c.
 inline int64_t group_of(int64_t bits, int64_t group, int c, int D) {
   const int64_t first = bits == 4 ? (c < D / 32 ? 32 * c : 32 * (c - D / 32)) : 16 * c;
@@ -277,10 +286,7 @@ void attend_rows(const Layout& L, const LayerPtrs& p, int64_t h, const float* qr
       }
     } else {
       float s[16], b[16];
-      for (int64_t k = 0; k < groups; ++k) {
-        s[k] = half_to_float(p.ks[row * groups + k]);
-        b[k] = half_to_float(p.kb[row * groups + k]);
-      }
+      group_params(p.ks, p.kb, row, groups, s, b);
       for (int r = 0; r < NR; ++r) {
         float total = 0.f;
         for (int c = 0; c < C; ++c)
@@ -354,10 +360,7 @@ void attend_rows(const Layout& L, const LayerPtrs& p, int64_t h, const float* qr
       }
     } else {
       float s[16], b[16];
-      for (int64_t k = 0; k < groups; ++k) {
-        s[k] = half_to_float(p.vs[row * groups + k]);
-        b[k] = half_to_float(p.vb[row * groups + k]);
-      }
+      group_params(p.vs, p.vb, row, groups, s, b);
       for (int r = 0; r < NR; ++r) {
         const float w = scores[r * n_pad + j];
         for (int c = 0; c < C; ++c) acc[r][c] += vv[c] * (w * s[group_of(L.bits, L.group, c, D)]);
