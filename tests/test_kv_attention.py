@@ -133,3 +133,17 @@ def test_a_failed_build_falls_back_with_a_message(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "module None" in proc.stdout
     assert "could not be built" in proc.stderr
+
+
+@pytest.mark.slow
+def test_an_unwritable_kernel_folder_falls_back(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    env = dict(os.environ, EDGE_INFER_KERNEL_DIR=str(blocker / "kernels"))
+    code = "from edge_infer.kernels.cpu import load; print('module', load())"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "module None" in proc.stdout
+    assert "could not be built" in proc.stderr

@@ -92,14 +92,14 @@ def _build(verbose: bool) -> ModuleType | None:
 
     name = _build_name()
     folder = kernel_dir() / name
-    folder.mkdir(parents=True, exist_ok=True)
-    if not any(folder.glob("*.so")):
-        print(
-            "edge-infer: building the CPU attention kernel (once per machine, about 30 s)...",
-            file=sys.stderr,
-            flush=True,
-        )
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not any(folder.glob("*.so")):
+            print(
+                "edge-infer: building the CPU attention kernel (once per machine, about 30 s)...",
+                file=sys.stderr,
+                flush=True,
+            )
         return load_extension(
             name=name,
             sources=[str(SOURCE)],
@@ -108,7 +108,7 @@ def _build(verbose: bool) -> ModuleType | None:
             build_directory=str(folder),
             verbose=verbose,
         )
-    except Exception as exc:  # no compiler, no headers: the plain-torch path still works
+    except Exception as exc:  # no compiler or headers, a read-only folder: plain torch works
         log.debug("CPU attention kernel unavailable: %s", exc)
         print(
             f"edge-infer: CPU attention kernel could not be built ({type(exc).__name__}); "
