@@ -24,6 +24,13 @@ DTYPES = {
 }
 
 
+_ITEMSIZES = {name: np.dtype(t).itemsize for name, t in DTYPES.items()}
+
+
+def _is_count(x: object) -> bool:
+    return type(x) is int and x >= 0
+
+
 def entry_problem(entry: object, data_size: int) -> str | None:
     """Why a header entry cannot describe a tensor inside ``data_size`` bytes, or None."""
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
@@ -32,18 +39,21 @@ def entry_problem(entry: object, data_size: int) -> str | None:
         return f"unsupported dtype {entry['dtype']}"
     shape, offsets = entry["shape"], entry["data_offsets"]
     if not (
-        isinstance(shape, list)
-        and all(isinstance(d, int) and d >= 0 for d in shape)
-        and isinstance(offsets, list)
+        type(shape) is list
+        and type(offsets) is list
         and len(offsets) == 2
-        and all(isinstance(o, int) for o in offsets)
-        and 0 <= offsets[0] <= offsets[1]
+        and _is_count(offsets[0])
+        and _is_count(offsets[1])
+        and offsets[0] <= offsets[1]
     ):
         return "corrupt shape or data_offsets in the header"
+    for d in shape:
+        if not _is_count(d):
+            return "corrupt shape or data_offsets in the header"
     if offsets[1] > data_size:
         return "truncated: the tensor runs past the end of the data"
     nbytes = offsets[1] - offsets[0]
-    if math.prod(shape) * np.dtype(DTYPES[entry["dtype"]]).itemsize != nbytes:
+    if math.prod(shape) * _ITEMSIZES[entry["dtype"]] != nbytes:
         return f"shape {shape} of {entry['dtype']} does not match its {nbytes} bytes"
     return None
 
