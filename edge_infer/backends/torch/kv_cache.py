@@ -191,13 +191,17 @@ class TorchKVCache:
         [n_kv, end, D] (plain torch, the reference of the fast paths): sealed rows
         dequantized and rotated back, tail rows as stored."""
         sealed = min(self._sealed, end) if self.quantized else 0
-        out = []
-        for w in range(2):
-            parts = [self._tail(layer, w, sealed, end).float()]
-            if sealed:
-                parts.insert(0, self._readable(*(t[:, :sealed] for t in self._quant[layer][w])))
-            out.append(torch.cat(parts, dim=1))
-        return out[0], out[1]
+        keys, values = (
+            torch.cat(
+                [
+                    self._readable_rows(layer, w, 0, sealed),
+                    self._tail(layer, w, sealed, end).float(),
+                ],
+                dim=1,
+            )
+            for w in range(2)
+        )
+        return keys, values
 
     def _tail(self, i: int, w: int, a: int, b: int) -> torch.Tensor:
         """The float16 values of tokens a..b (of the open block unless KV is float16)."""
@@ -273,17 +277,18 @@ class TorchKVCache:
             abstract = None
             if sealed:
                 abstract = [
-                    key_bounds(self._readable_keys(i, pos, end).cpu().numpy())
+                    key_bounds(self._readable_rows(i, 0, pos, end).cpu().numpy())
                     for i in range(self.num_layers)
                 ]
             out.append(KVBlock(pos, end - pos, layers, sealed=sealed, abstract=abstract))
             pos = end
         return out
 
-    def _readable_keys(self, i: int, a: int, b: int) -> torch.Tensor:
+    def _readable_rows(self, i: int, w: int, a: int, b: int) -> torch.Tensor:
+        """Sealed tokens a..b of layer ``i``'s keys (w=0) or values as attention reads them."""
         if not self.quantized:
-            return self._tail(i, 0, a, b).float()
-        return self._readable(*(t[:, a:b] for t in self._quant[i][0]))
+            return self._tail(i, w, a, b).float()
+        return self._readable(*(t[:, a:b] for t in self._quant[i][w]))
 
     def _export(self, i: int, w: int, a: int, b: int, sealed: bool) -> QuantizedKV | np.ndarray:
         # copies: the buffers are reused (the open block's for every block, all of them
@@ -307,30 +312,14 @@ class TorchKVCache:
                 )
             pos = block.end
         self._reserve(pos)
-        run: list[KVBlock] = []
-        for block in [*blocks, None]:
-            if block is not None and self.bits < 16 and block.sealed:
-                run.append(block)
-                continue
-            if run:
-                self._load_quantized_run(run)
-                run = []
-            if block is not None:
-                for i, lkv in enumerate(block.layers):
-                    for w, kv in enumerate((lkv.keys, lkv.values)):
-                        self._load(i, w, kv, block.start, block.end, False)
-                self._length = block.end
-                if block.sealed:
-                    self._sealed = block.end
-
-    def _load_quantized_run(self, run: list[KVBlock]) -> None:
-        for block in run:
+        for block in blocks:
+            quantized = self.quantized and block.sealed
             for i, lkv in enumerate(block.layers):
                 for w, kv in enumerate((lkv.keys, lkv.values)):
-                    if not isinstance(kv, QuantizedKV):
-                        raise ValueError(f"blocks are not {self.bits}-bit K/V (got float16)")
-                    self._load(i, w, kv, block.start, block.end, True)
-        self._length = self._sealed = run[-1].end
+                    self._load(i, w, kv, block.start, block.end, quantized)
+            self._length = block.end
+            if block.sealed:
+                self._sealed = block.end
 
     def _load(
         self, i: int, w: int, kv: QuantizedKV | np.ndarray, a: int, b: int, quantized: bool
