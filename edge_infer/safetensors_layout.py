@@ -51,7 +51,7 @@ def entry_problem(entry: object, data_size: int) -> str | None:
         if not _is_count(d):
             return "corrupt shape or data_offsets in the header"
     if offsets[1] > data_size:
-        return "truncated: the tensor runs past the end of the data"
+        return "truncated file: its data runs past the end"
     nbytes = offsets[1] - offsets[0]
     if math.prod(shape) * _ITEMSIZES[entry["dtype"]] != nbytes:
         return f"shape {shape} of {entry['dtype']} does not match its {nbytes} bytes"

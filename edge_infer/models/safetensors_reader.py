@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_infer.errors import ModelFormatError
-from edge_infer.safetensors_layout import DTYPES, entry_problem
+from edge_infer.safetensors_layout import entry_problem, tensor_view
 
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
@@ -45,16 +45,8 @@ class SafetensorsFile:
 
     def _check_entry(self, name: str, entry: object, data_size: int) -> None:
         problem = entry_problem(entry, data_size)
-        if problem is None:
-            return
-        if problem.startswith("truncated"):
-            raise ModelFormatError(
-                f"{self.path}: truncated file: tensor {name!r} runs past its end"
-            )
-        where = f"{self.path}: tensor {name!r}"
-        if problem.startswith("unsupported dtype"):
-            raise ModelFormatError(f"{where} has {problem}")
-        raise ModelFormatError(f"{where}: {problem}")
+        if problem is not None:
+            raise ModelFormatError(f"{self.path}: tensor {name!r}: {problem}")
 
     def names(self) -> list[str]:
         return list(self.header)
@@ -62,9 +54,7 @@ class SafetensorsFile:
     def get(self, name: str) -> np.ndarray:
         """The tensor; BF16/F16 become float32, integer tensors keep their type."""
         entry = self.header[name]
-        start, end = entry["data_offsets"]
-        raw = self._data[self._base + start : self._base + end]
-        arr = raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        arr = tensor_view(self._data, self._base, entry)
         if entry["dtype"] == "BF16":
             return bf16_to_f32(arr)
         if entry["dtype"] in ("F16", "F64"):
