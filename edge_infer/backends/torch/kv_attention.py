@@ -79,17 +79,7 @@ def attend_tokens(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.Ten
     cache.stored_rows(layer, end, keys, values, _dequantizer(cache), rotated)
     rot = cache.rotation
     qs = q @ rot.T if rotated else q
-    mask = None
-    if start > 0:
-        mask = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(start)
-    out = F.scaled_dot_product_attention(
-        qs[None],
-        keys[None, :, :end],
-        values[None, :, :end],
-        attn_mask=mask,
-        is_causal=start == 0,
-        enable_gqa=n_q != cache.n_kv,
-    )[0]
+    out = _causal_attention(qs, keys[:, :end], values[:, :end], start)
     return out @ rot if rotated else out
 
 
@@ -129,9 +119,17 @@ def attend_new_tokens(
 def attend_reference(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.Tensor:
     """Plain-torch attention of q [n_q, T, D] for the T tokens just stored after
     ``cache.length`` over :meth:`TorchKVCache.readable`: what the fast paths compute."""
-    n_q, T, _ = q.shape
     start = cache.length
-    keys, values = cache.readable(layer, start + T)
+    keys, values = cache.readable(layer, start + q.shape[1])
+    return _causal_attention(q, keys, values, start)
+
+
+def _causal_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
+) -> torch.Tensor:
+    """q [n_q, T, D] of the tokens at ``start..`` over keys/values [n_kv, start + T, D]:
+    each query sees the keys up to its own position."""
+    T = q.shape[1]
     mask = None
     if T > 1 and start > 0:
         mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
@@ -141,5 +139,5 @@ def attend_reference(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.
         values[None],
         attn_mask=mask,
         is_causal=T > 1 and start == 0,
-        enable_gqa=n_q != cache.n_kv,
+        enable_gqa=q.shape[0] != keys.shape[0],
     )[0]
