@@ -221,6 +221,22 @@ def test_corrupt_block_bytes_raise_clear_errors() -> None:
         block_from_bytes(garbled)
 
 
+def test_a_layout_seen_before_does_not_pass_a_changed_entry() -> None:
+    """Blocks of one layout are checked once; a block whose entries differ in any way is
+    checked again, entry by entry."""
+    fmt = KVFormat(4, 64, 16)
+    data = block_to_bytes(split_into_blocks(random_layers(fmt, 16), 0, 16)[0], fmt)
+    block_from_bytes(data)  # its layout is now known
+    n = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + n]
+    entry = b'"layers.0.keys.scales":{"dtype":"F16","shape":[2,16,1]'
+    assert entry in header
+    grown = header.replace(entry, entry.replace(b"[2,16,1]", b"[2,16,2]"))
+    with pytest.raises(CacheCorruptError, match="layers.0.keys.scales"):
+        block_from_bytes(data[:8] + grown + data[8 + n :])
+    assert_blocks_equal([block_from_bytes(data)], [block_from_bytes(bytearray(data))])
+
+
 def test_cache_store_never_imports_a_backend() -> None:
     pkg = Path(__file__).resolve().parents[1] / "edge_infer" / "cache_store"
     for path in pkg.glob("*.py"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+from collections import deque
 
 import numpy as np
 from safetensors.numpy import save as st_save
@@ -19,7 +20,7 @@ from safetensors.numpy import save as st_save
 from edge_infer.cache_store.blocks import KVBlock
 from edge_infer.cache_store.errors import CacheCorruptError
 from edge_infer.cache_store.kv_format import KVArray, KVFormat, LayerKV, QuantizedKV
-from edge_infer.safetensors_layout import entry_problem, tensor_view
+from edge_infer.safetensors_layout import DTYPES, entry_problem
 
 Buffer = bytes | bytearray | memoryview | mmap.mmap
 
@@ -100,15 +101,37 @@ def _read_header(data: Buffer) -> tuple[dict, dict[str, str], int]:
     return header, meta, 8 + n
 
 
+# Recently checked header entries, with the data size they were checked against and the
+# tensors they describe (name, dtype, offset, count, shape). The blocks of a cache share one
+# layout, so a restore checks it entry by entry once and compares whole headers after that.
+_LAYOUTS: deque[tuple[dict, int, list[tuple[str, np.dtype, int, int, tuple]]]] = deque(maxlen=4)
+
+
+def _layout(entries: dict, data_size: int) -> list[tuple[str, np.dtype, int, int, tuple]]:
+    """The tensors header ``entries`` describe in ``data_size`` bytes of tensor data;
+    CacheCorruptError naming the first bad entry."""
+    for known, size, layout in list(_LAYOUTS):
+        if size == data_size and known == entries:
+            return layout
+    layout = []
+    for name, entry in entries.items():
+        problem = entry_problem(entry, data_size)
+        if problem:
+            raise CacheCorruptError(f"block data is corrupt: tensor {name!r}: {problem}")
+        start, end = entry["data_offsets"]
+        dtype = np.dtype(DTYPES[entry["dtype"]])
+        layout.append((name, dtype, start, (end - start) // dtype.itemsize, tuple(entry["shape"])))
+    _LAYOUTS.append((entries, data_size, layout))
+    return layout
+
+
 def _tensor_views(data: Buffer) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The block's tensors as views of ``data`` (no copy), and its metadata."""
     header, meta, base = _read_header(data)
-    tensors = {}
-    for name, entry in header.items():
-        problem = entry_problem(entry, len(data) - base)
-        if problem:
-            raise CacheCorruptError(f"block data is corrupt: tensor {name!r}: {problem}")
-        tensors[name] = tensor_view(data, base, entry)
+    tensors = {
+        name: np.frombuffer(data, dtype, count, base + start).reshape(shape)
+        for name, dtype, start, count, shape in _layout(header, len(data) - base)
+    }
     return tensors, meta
 
 

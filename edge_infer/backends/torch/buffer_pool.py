@@ -1,10 +1,11 @@
 """Reuse of large CPU buffers between KV caches.
 
-A restored or newly created cache writes its whole working copy at once; on fresh memory that
-costs a page fault per 4 KiB, often more than the writing itself. Buffers of caches that were
-dropped are kept here (up to a byte budget, the most recently returned first) and handed to
-the next cache that asks for the same shape. Only CPU tensors are pooled: CUDA has its own
-caching allocator.
+A restored or newly created cache writes its whole stored form at once; on fresh memory that
+costs page faults, often more than the writing itself (new buffers of 2 MiB and more are on
+huge pages, :mod:`~edge_infer.backends.torch.host_memory`, which cuts most of them). Buffers
+of caches that were dropped are kept here (up to a byte budget, the most recently returned
+first) and handed to the next cache that asks for the same shape. Only CPU tensors are
+pooled: CUDA has its own caching allocator.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 
 import torch
+
+from edge_infer.backends.torch.host_memory import empty_host
 
 DEFAULT_POOL_MB = 512
 
@@ -79,6 +82,8 @@ class BufferPool:
                 return found
         # a normal tensor even inside inference mode: buffers are written in and out of it
         with torch.inference_mode(False):
+            if device.type == "cpu":
+                return empty_host(tuple(shape), dtype)
             return torch.empty(shape, dtype=dtype, device=device)
 
     def clear(self) -> None:

@@ -21,6 +21,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from edge_infer.backends.torch.host_memory import empty_host
 from edge_infer.backends.torch.kv_cache import TorchKVCache
 from edge_infer.backends.torch.kv_quant import dequantize_kv
 from edge_infer.kernels import cpu as cpu_kernels
@@ -47,7 +48,12 @@ def _scratch_pair(n_kv: int, length: int, dim: int, device: torch.device) -> tup
         or (have[0].shape[1] < length or have[0].shape[2] != dim)
     ):
         size = max(length, 2 * have[0].shape[1] if have is not None else 0, 512)
-        have = tuple(torch.empty(n_kv, size, dim, device=device) for _ in range(2))
+        have = tuple(
+            empty_host((n_kv, size, dim), torch.float32)
+            if device.type == "cpu"
+            else torch.empty(n_kv, size, dim, device=device)
+            for _ in range(2)
+        )
         _scratch.pair = have
     return have
 

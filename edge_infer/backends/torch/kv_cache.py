@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from edge_infer.backends.torch.buffer_pool import POOL
+from edge_infer.backends.torch.host_memory import carve, carved_nbytes
 from edge_infer.backends.torch.kv_quant import dequantize_kv, quantize_kv
 from edge_infer.cache_store.blocks import key_bounds, tokens_to_block_end, truncation
 from edge_infer.cache_store.kv_format import KVBlock, LayerKV, QuantizedKV
@@ -36,9 +37,8 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
 
-def _give_back(half: list, quant: list) -> None:
-    POOL.give([t for pair in half for t in pair])
-    POOL.give([t for layer in quant for parts in layer for t in parts])
+def _give_back(buffers: list) -> None:
+    POOL.give(buffers)
 
 
 class TorchKVCache:
@@ -67,13 +67,15 @@ class TorchKVCache:
         self._capacity = 0
         self._initial = initial_capacity
         # per layer: [keys, values] of float16 values, and of quantized parts
-        self._half: list[list[torch.Tensor]] = []
-        self._quant: list[list[list[torch.Tensor]]] = []
+        self._half: list[list] = [[None, None] for _ in range(num_layers)]
+        self._quant: list[list[list]] = [[[None] * 3, [None] * 3] for _ in range(num_layers)]
         self._pointers: list[list[int]] | None = None  # per layer, for the attention kernel
         self._length = 0
         self._sealed = 0
-        # when this cache is dropped, its buffers go back to the pool for the next one
-        weakref.finalize(self, _give_back, self._half, self._quant)
+        # the byte buffers the tensors above are carved from: [open block's, the rest];
+        # when this cache is dropped they go back to the pool for the next one
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        weakref.finalize(self, _give_back, self._buffers)
 
     @property
     def length(self) -> int:
@@ -92,34 +94,41 @@ class TorchKVCache:
         capacity = max(self._initial, self._capacity)
         while capacity < end:
             capacity *= 2
-        n, d, dev, keep = self.n_kv, self.head_dim, self.device, self._length
-
-        def grow(
-            old: torch.Tensor | None, tail: tuple[int, ...], dtype: torch.dtype
-        ) -> torch.Tensor:
-            new = POOL.take((n, capacity, *tail), dtype, dev)
-            if old is not None:
-                new[:, :keep] = old[:, :keep]  # the outgrown buffer is freed, not pooled
-            return new
-
-        first = not self._half
-        words, groups = d * self.bits // 32, d // self.group_size
+        n, d, keep = self.n_kv, self.head_dim, self._length
+        if self.quantized and self._buffers[0] is None:  # only the open block is float16
+            spec = ((n, self.block_size, d), torch.float16)
+            for i, tail in enumerate(self._carve(0, [spec] * 2 * self.num_layers)):
+                self._half[i // 2][i % 2] = tail
+        if self.quantized:
+            words, groups = d * self.bits // 32, d // self.group_size
+            specs = [
+                ((n, capacity, words), torch.int32),
+                ((n, capacity, groups), torch.float16),
+                ((n, capacity, groups), torch.float16),
+            ]
+        else:  # float16 is the stored form of every token
+            specs = [((n, capacity, d), torch.float16)]
+        new = self._carve(1, specs * 2 * self.num_layers)  # the outgrown buffer is freed
         for i in range(self.num_layers):
-            if first:
-                self._half.append([None, None])  # type: ignore[list-item]
-                self._quant.append([[None] * 3, [None] * 3])  # type: ignore[list-item]
             for w in range(2):
-                if self.bits == 16:  # float16 is the stored form of every token
-                    self._half[i][w] = grow(self._half[i][w], (d,), torch.float16)
-                elif self._half[i][w] is None:  # only the open block is float16
-                    self._half[i][w] = POOL.take((n, self.block_size, d), torch.float16, dev)
-                if self.bits < 16:
-                    q = self._quant[i][w]
-                    q[0] = grow(q[0], (words,), torch.int32)
-                    q[1] = grow(q[1], (groups,), torch.float16)
-                    q[2] = grow(q[2], (groups,), torch.float16)
+                k = (2 * i + w) * len(specs)
+                fresh = new[k : k + len(specs)]
+                old = self._quant[i][w] if self.quantized else [self._half[i][w]]
+                for f, o in zip(fresh, old, strict=True):
+                    if o is not None and keep:
+                        f[:, :keep] = o[:, :keep]
+                if self.quantized:
+                    self._quant[i][w] = fresh
+                else:
+                    self._half[i][w] = fresh[0]
         self._capacity = capacity
         self._pointers = None
+
+    def _carve(self, slot: int, specs: list) -> list[torch.Tensor]:
+        """Tensors of ``specs`` carved from one new buffer, held in ``_buffers[slot]``."""
+        buffer = POOL.take((carved_nbytes(specs),), torch.uint8, self.device)
+        self._buffers[slot] = buffer
+        return carve(buffer, specs)
 
     @property
     def rotation(self) -> torch.Tensor:
