@@ -92,9 +92,14 @@ def test_a_batch_computes_what_each_sequence_computes_alone():
         assert torch.equal(together[b], alone[0])
 
 
+@pytest.mark.parametrize("path", ["kernel", "scratch"])
 @pytest.mark.parametrize("bits", [4, 8, 16])
 @pytest.mark.parametrize(("n", "T"), [(0, 20), (100, 50), (256, 20), (300, 200), (1000, 24)])
-def test_prefill_chunk_matches_reference(bits, n, T):
+def test_prefill_chunk_matches_reference(bits, n, T, path, monkeypatch):
+    if path == "kernel" and cpu_kernels.load() is None:
+        pytest.skip("the CPU attention kernel cannot be built here")
+    if path == "scratch":
+        monkeypatch.setattr(cpu_kernels, "load", lambda verbose=False: None)
     cache = filled_cache(bits, n, 3, 64, 64)
     T = min(T, cache.max_tokens_in_one_call())
     gen = torch.Generator().manual_seed(7)
@@ -102,6 +107,24 @@ def test_prefill_chunk_matches_reference(bits, n, T):
     q = torch.randn(9, T, 64, generator=gen) * 2
     torch.testing.assert_close(
         attend_tokens(cache, 0, q), attend_reference(cache, 0, q), rtol=1e-4, atol=5e-5
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize(("n", "T"), [(0, 2), (255, 1), (256, 33), (600, 70)])
+def test_chunk_kernel_matches_reference_for_every_layout(layout, bits, n, T):
+    """Several groups per row, head sizes 32 to 128, rows that do not fill the lanes."""
+    n_q, n_kv, dim, group = layout
+    cache = filled_cache(bits, n, n_kv, dim, group)
+    T = min(T, cache.max_tokens_in_one_call())
+    gen = torch.Generator().manual_seed(5)
+    shape = (n_kv, T, dim)
+    cache.update(1, torch.randn(*shape, generator=gen), torch.randn(*shape, generator=gen))
+    q = torch.randn(n_q, T, dim, generator=gen) * 2
+    torch.testing.assert_close(
+        attend_tokens(cache, 1, q), attend_reference(cache, 1, q), rtol=1e-4, atol=5e-5
     )
 
 

@@ -4,14 +4,16 @@ float16 tail), without a float32 copy of the whole cache.
 * One new token per sequence (decoding, alone or batched): the CPU kernel stores the token's
   K/V and reads the 4/8-bit rows and the float16 tail directly (:mod:`edge_infer.kernels.cpu`),
   all sequences in one call.
-* Several new tokens (prefill chunks): the layer's rows are written into a per-thread
-  float32 scratch buffer and handed to torch's fused attention, either as attention reads
-  them (sealed rows rotated back) or, when fewer rows need rotating that way, in the stored
-  rotated domain (the tail, the query and the output rotated instead).
+* Several new tokens (prefill chunks): the kernel's chunk path, which decodes each key and
+  value once for 32 (token, query head) rows at a time. Without the kernel the layer's rows
+  are written into a per-thread float32 scratch buffer and handed to torch's fused
+  attention, either as attention reads them (sealed rows rotated back) or, when fewer rows
+  need rotating that way, in the stored rotated domain (the tail, the query and the output
+  rotated instead).
 
 :func:`attend_reference` is the plain-torch computation both are tested against. Where the
 kernel is not available (CUDA, no compiler, ``EDGE_INFER_KERNELS=off``, a head size it does
-not take) one-token attention takes the scratch path too.
+not take) all attention takes the scratch path.
 """
 
 from __future__ import annotations
@@ -78,6 +80,20 @@ def attend_tokens(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.Ten
     n_q, T, D = q.shape
     start = cache.length
     end = start + T
+    kernel = _kernel(cache)
+    if kernel is not None:
+        pointers, meta = cache.kernel_layout(layer, end)
+        return kernel.attend_chunk(
+            q.contiguous(),
+            pointers,
+            meta,
+            start,
+            cache.n_kv,
+            cache.rotation,
+            cache.rotation_t,
+            cache.bits,
+            cache.group_size,
+        )
     keys, values = _scratch_pair(cache.n_kv, end, D, cache.device)
     # rows are rotated either way: the sealed ones back, or the tail, query and output
     sealed = min(cache.sealed_length, end) if cache.quantized else 0

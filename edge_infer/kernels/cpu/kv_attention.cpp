@@ -487,6 +487,247 @@ torch::Tensor attend_new_token(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return out;
 }
 
+namespace {
+
+// Prefill chunks: the T new tokens of one sequence (already stored in its tail) attend over
+// all its tokens. The rows of one kv head (g query heads x T tokens) are taken LANES at a
+// time, one row per float lane, so that keys and values are decoded once per LANES rows, the
+// scores of a key are two vectors, and softmax runs down the lanes with no reductions.
+constexpr int LANES = 32;
+constexpr int KEYS = 8;  // keys per score micro-tile
+constexpr int VCHUNK = 8;  // output dims per value micro-tile
+
+// A stored key/value row as attention reads it in the stored domain: dequantized (rotated,
+// in decode_row's order) for a sealed row, the float16 row for a tail one; D floats.
+template <int D>
+inline void sealed_row(const Layout& L, const int32_t* packed, const uint16_t* scales,
+                       const uint16_t* biases, int64_t row, float* out) {
+  constexpr int C = D / 16;
+  const int64_t groups = D / L.group, words = D * L.bits / 32;
+  f16x raw[C];
+  decode_row<D>(L.bits, packed + row * words, raw);
+  float s[16], b[16];
+  group_params(scales, biases, row, groups, s, b);
+  for (int c = 0; c < C; ++c) {
+    const int64_t k = group_of(L.bits, L.group, c, D);
+    store16(out + 16 * c, raw[c] * s[k] + b[k]);
+  }
+}
+
+template <int D>
+inline void tail_row(const uint16_t* tail, float* out) {
+  for (int c = 0; c < D / 16; ++c) store16(out + 16 * c, halves16(tail + 16 * c));
+}
+
+// scores[j][lanes] = q[lanes] . key j for keys j0..j1, queries laid out [D][LANES].
+template <int D, bool SEALED>
+void chunk_scores(const Layout& L, const LayerPtrs& p, int64_t h, int64_t j0, int64_t j1,
+                  const float* qt, float* scores) {
+  alignas(64) float kd[KEYS][D];
+  for (int64_t j = j0; j < j1; j += KEYS) {
+    const int n = static_cast<int>(std::min<int64_t>(KEYS, j1 - j));
+    for (int u = 0; u < n; ++u) {
+      if (SEALED)
+        sealed_row<D>(L, p.kp, p.ks, p.kb, h * L.cap + j + u, kd[u]);
+      else
+        tail_row<D>(p.kt + (h * L.tail_cap + (j + u - L.tail_offset)) * D, kd[u]);
+    }
+    for (int u = n; u < KEYS; ++u) std::memset(kd[u], 0, sizeof(kd[u]));
+    f16x acc[KEYS][2] = {};
+    for (int d = 0; d < D; ++d) {
+      const f16x a0 = load16(qt + d * LANES), a1 = load16(qt + d * LANES + 16);
+      for (int u = 0; u < KEYS; ++u) {
+        acc[u][0] += a0 * kd[u][d];
+        acc[u][1] += a1 * kd[u][d];
+      }
+    }
+    for (int u = 0; u < n; ++u) {
+      store16(scores + (j + u) * LANES, acc[u][0]);
+      store16(scores + (j + u) * LANES + 16, acc[u][1]);
+    }
+  }
+}
+
+// out[D][lanes] += sum over keys j0..j1 of weights[j][lanes] * value j.
+template <int D, bool SEALED>
+void chunk_values(const Layout& L, const LayerPtrs& p, int64_t h, int64_t j0, int64_t j1,
+                  const float* weights, float* out) {
+  constexpr int TILE = 16;
+  alignas(64) float vd[TILE][D];
+  for (int64_t j = j0; j < j1; j += TILE) {
+    const int n = static_cast<int>(std::min<int64_t>(TILE, j1 - j));
+    for (int u = 0; u < n; ++u) {
+      if (SEALED)
+        sealed_row<D>(L, p.vp, p.vs, p.vb, h * L.cap + j + u, vd[u]);
+      else
+        tail_row<D>(p.vt + (h * L.tail_cap + (j + u - L.tail_offset)) * D, vd[u]);
+    }
+    for (int d0 = 0; d0 < D; d0 += VCHUNK) {
+      f16x acc[VCHUNK][2];
+      for (int i = 0; i < VCHUNK; ++i) {
+        acc[i][0] = load16(out + (d0 + i) * LANES);
+        acc[i][1] = load16(out + (d0 + i) * LANES + 16);
+      }
+      for (int u = 0; u < n; ++u) {
+        const f16x w0 = load16(weights + (j + u) * LANES);
+        const f16x w1 = load16(weights + (j + u) * LANES + 16);
+        for (int i = 0; i < VCHUNK; ++i) {
+          acc[i][0] += w0 * vd[u][d0 + i];
+          acc[i][1] += w1 * vd[u][d0 + i];
+        }
+      }
+      for (int i = 0; i < VCHUNK; ++i) {
+        store16(out + (d0 + i) * LANES, acc[i][0]);
+        store16(out + (d0 + i) * LANES + 16, acc[i][1]);
+      }
+    }
+  }
+}
+
+// Rows row0.. (at most LANES) of kv head h: row r is token r / g of query head h * g + r % g.
+// q, out float32 [n_q, T, D]; the tokens sit at positions start..start+T-1.
+template <int D>
+void chunk_rows(const Layout& L, const LayerPtrs& p, int64_t h, int64_t start, int64_t T,
+                int64_t row0, const float* q, const float* R, const float* Rt, float* out) {
+  constexpr int C = D / 16;
+  const int64_t g = L.n_q / L.n_kv, rows = g * T;
+  const int nr = static_cast<int>(std::min<int64_t>(LANES, rows - row0));
+  const int64_t first = start + row0 / g, last = start + (row0 + nr - 1) / g;
+  const int64_t n = last + 1;  // keys any of these rows sees
+  const int64_t qs = L.bits < 16 ? std::min(L.sealed, n) : 0;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  std::vector<float> plain(D * LANES, 0.f), rotated(D * LANES, 0.f), scores(n * LANES);
+  std::vector<float> acc_plain(D * LANES, 0.f), acc_rot(D * LANES, 0.f);
+  int64_t pos[LANES];
+  for (int lane = 0; lane < LANES; ++lane) {
+    const int64_t r = row0 + std::min(lane, nr - 1);  // padding lanes repeat the last row
+    pos[lane] = start + r / g;
+    const float* qv = q + ((h * g + r % g) * T + r / g) * D;
+    for (int d = 0; d < D; ++d) plain[d * LANES + lane] = qv[d] * scale;
+    if (qs > 0) {  // q @ R^T, in decode_row's order
+      f16x rq[C] = {};
+      for (int d = 0; d < D; ++d)
+        for (int c = 0; c < C; ++c) rq[c] += load16(Rt + d * D + 16 * c) * (qv[d] * scale);
+      float flat[D];
+      for (int c = 0; c < C; ++c) store16(flat + 16 * c, rq[c]);
+      for (int e = 0; e < D; ++e) {
+        const int at = L.bits == 4 ? (e % 2 ? D / 2 + e / 2 : e / 2) : e;
+        rotated[at * LANES + lane] = flat[e];
+      }
+    }
+  }
+
+  chunk_scores<D, true>(L, p, h, 0, qs, rotated.data(), scores.data());
+  chunk_scores<D, false>(L, p, h, qs, n, plain.data(), scores.data());
+
+  // softmax down each lane; a row sees the keys up to its own position
+  f16x mx[2] = {splat(-INFINITY), splat(-INFINITY)};
+  for (int64_t j = 0; j < n; ++j) {
+    float* sj = scores.data() + j * LANES;
+    if (j > first)
+      for (int lane = 0; lane < LANES; ++lane)
+        if (pos[lane] < j) sj[lane] = -INFINITY;
+    mx[0] = vmax(mx[0], load16(sj));
+    mx[1] = vmax(mx[1], load16(sj + 16));
+  }
+  f16x total[2] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    float* sj = scores.data() + j * LANES;
+    for (int k = 0; k < 2; ++k) {
+      f16x e = exp16(load16(sj + 16 * k) - mx[k]);
+      store16(sj + 16 * k, e);
+    }
+    if (j > first)
+      for (int lane = 0; lane < LANES; ++lane)
+        if (pos[lane] < j) sj[lane] = 0.f;
+    total[0] += load16(sj);
+    total[1] += load16(sj + 16);
+  }
+
+  chunk_values<D, true>(L, p, h, 0, qs, scores.data(), acc_rot.data());
+  chunk_values<D, false>(L, p, h, qs, n, scores.data(), acc_plain.data());
+
+  // out = (acc_rot in natural order) @ R + acc_plain, over the softmax total
+  for (int lane = 0; lane < nr; ++lane) {
+    const int64_t r = row0 + lane;
+    const float inv = 1.0f / (lane < 16 ? total[0][lane] : total[1][lane - 16]);
+    f16x res[C];
+    for (int c = 0; c < C; ++c) {
+      float col[16];
+      for (int i = 0; i < 16; ++i) col[i] = acc_plain[(16 * c + i) * LANES + lane];
+      res[c] = load16(col);
+    }
+    if (qs > 0) {
+      for (int e = 0; e < D; ++e) {
+        const int at = L.bits == 4 ? (e % 2 ? D / 2 + e / 2 : e / 2) : e;
+        const float x = acc_rot[at * LANES + lane];
+        for (int c = 0; c < C; ++c) res[c] += load16(R + e * D + 16 * c) * x;
+      }
+    }
+    float* o = out + ((h * g + r % g) * T + r / g) * D;
+    for (int c = 0; c < C; ++c) store16(o + 16 * c, res[c] * inv);
+  }
+}
+
+using ChunkFn = void (*)(const Layout&, const LayerPtrs&, int64_t, int64_t, int64_t, int64_t,
+                         const float*, const float*, const float*, float*);
+
+ChunkFn chunk_fn(int64_t dim) {
+  switch (dim) {
+    case 32: return chunk_rows<32>;
+    case 64: return chunk_rows<64>;
+    case 128: return chunk_rows<128>;
+    case 256: return chunk_rows<256>;
+    default: return nullptr;
+  }
+}
+
+LayerPtrs layer_ptrs(const int64_t* x) {
+  return LayerPtrs{reinterpret_cast<const int32_t*>(x[0]), reinterpret_cast<const uint16_t*>(x[1]),
+                   reinterpret_cast<const uint16_t*>(x[2]), reinterpret_cast<const int32_t*>(x[3]),
+                   reinterpret_cast<const uint16_t*>(x[4]), reinterpret_cast<const uint16_t*>(x[5]),
+                   reinterpret_cast<const uint16_t*>(x[6]), reinterpret_cast<const uint16_t*>(x[7])};
+}
+
+}  // namespace
+
+// The T tokens of a prefill chunk, stored (float16, in the tail) at positions start.. of one
+// sequence, attend causally over all its tokens. q float32 [n_q, T, D] (rope applied); ptrs
+// [8] and meta [5] as for attend_new_token (meta's length = start + T); R, Rt as there.
+// Returns float32 [n_q, T, D].
+torch::Tensor attend_chunk(torch::Tensor q, const std::vector<int64_t>& ptrs,
+                           const std::vector<int64_t>& meta, int64_t start, int64_t n_kv,
+                           torch::Tensor R, torch::Tensor Rt, int64_t bits, int64_t group) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && q.dim() == 3 && q.is_contiguous(), "q");
+  const int64_t n_q = q.size(0), T = q.size(1), D = q.size(2);
+  TORCH_CHECK(ptrs.size() == 8 && meta.size() == 5, "ptrs, meta");
+  TORCH_CHECK(R.dtype() == torch::kFloat32 && R.is_contiguous() && Rt.is_contiguous() &&
+                  R.numel() == D * D && Rt.numel() == D * D,
+              "rotation");
+  ChunkFn fn = chunk_fn(D);
+  TORCH_CHECK(fn != nullptr && n_kv > 0 && n_q % n_kv == 0, "head_dim must be 32, 64, 128 or 256");
+  TORCH_CHECK(bits == 16 || (group % 32 == 0 && D % group == 0), "group size");
+  Layout L{n_q, n_kv, bits, group, meta[0], meta[1], meta[2], meta[3], meta[4]};
+  TORCH_CHECK(T >= 1 && start >= 0 && L.length == start + T, "length must be start + T");
+  TORCH_CHECK(start + T - 1 - L.tail_offset < L.tail_cap && start - L.tail_offset >= 0 &&
+                  (bits == 16 || L.sealed <= start),
+              "the chunk must lie in the tail");
+  const LayerPtrs p = layer_ptrs(ptrs.data());
+  auto out = torch::empty_like(q);
+  const int64_t per_head = (n_q / n_kv * T + LANES - 1) / LANES;
+  const float* qd = q.data_ptr<float>();
+  const float* rd = R.data_ptr<float>();
+  const float* rtd = Rt.data_ptr<float>();
+  float* od = out.data_ptr<float>();
+  at::parallel_for(0, n_kv * per_head, 1, [&](int64_t a, int64_t z) {
+    for (int64_t task = a; task < z; ++task) {
+      const int64_t h = task / per_head, row0 = (task % per_head) * LANES;
+      fn(L, p, h, start, T, row0, qd, rd, rtd, od);
+    }
+  });
+  return out;
+}
+
 // packed int32 [H, N, W], scales/biases float16 [H, N, G] (strided along H) -> out float32
 // [H, N, D] (strided along H): the stored values, dequantized (still rotated).
 void dequantize_into(torch::Tensor packed, torch::Tensor scales, torch::Tensor biases,
@@ -555,4 +796,5 @@ void dequantize_into(torch::Tensor packed, torch::Tensor scales, torch::Tensor b
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_new_token", &attend_new_token, "store one new token's K/V, attend over all");
   m.def("dequantize_into", &dequantize_into, "dequantize stored KV rows into float32");
+  m.def("attend_chunk", &attend_chunk, "causal attention of a stored prefill chunk");
 }
