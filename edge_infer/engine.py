@@ -16,7 +16,7 @@ from edge_infer.backends.base import Backend, create_backend
 from edge_infer.config import default_backend
 from edge_infer.errors import ContextLengthError
 from edge_infer.generation import Generation
-from edge_infer.models.chat_template import render_chat
+from edge_infer.models.chat_template import compile_template, render_chat
 from edge_infer.models.loader import load_model
 from edge_infer.models.spec import LoadedModel
 from edge_infer.sampling import SamplingParams, log_softmax
@@ -55,6 +55,10 @@ class Engine:
         self.last_usage = Usage()
         self._agent_manager: AgentManager | None = None
         self._agent_manager_lock = threading.Lock()
+        try:  # ready for the first chat; an invalid template is reported when a chat uses it
+            compile_template(self.tokenizer.chat_template)
+        except ValueError:
+            pass
 
     @classmethod
     def load(

@@ -396,28 +396,33 @@ class AgentStore:
             self._check_identity(agent, m)
             blocks: list[KVBlock] = []
             quarantined: list[str] = []
-            # files are mapped and hashed on two threads (hashing releases the GIL)
+            # files are mapped and hashed on two threads (hashing releases the GIL) while
+            # this one parses those already hashed
+            unusable: tuple[int, str] | None = None
             with ThreadPoolExecutor(max_workers=2) as pool:
-                files = list(pool.map(_mapped_with_digest, [d / e.file for e in m.blocks]))
-            for i, entry in enumerate(m.blocks):
-                got = self._read_block(entry, *files[i])
-                if isinstance(got, str):
-                    later = [e.file for e in m.blocks[i:]]
-                    quarantined = self._quarantine(d, later)
-                    log.warning(
-                        "agent %r: block file %s is unusable (%s); dropping tokens %d.. "
-                        "(%d block(s)) and quarantining them in %s",
-                        agent,
-                        entry.file,
-                        got,
-                        entry.start,
-                        len(later),
-                        d / QUARANTINE_DIR,
-                    )
-                    break
-                blocks.append(got)
-                with self._known_lock:
-                    self._known[got] = (entry.file, entry.sha256)
+                files = pool.map(_mapped_with_digest, [d / e.file for e in m.blocks])
+                for i, entry in enumerate(m.blocks):
+                    got = self._read_block(entry, *next(files))
+                    if isinstance(got, str):
+                        unusable = (i, got)
+                        break
+                    blocks.append(got)
+                    with self._known_lock:
+                        self._known[got] = (entry.file, entry.sha256)
+            if unusable is not None:
+                i, why = unusable
+                later = [e.file for e in m.blocks[i:]]
+                quarantined = self._quarantine(d, later)
+                log.warning(
+                    "agent %r: block file %s is unusable (%s); dropping tokens %d.. "
+                    "(%d block(s)) and quarantining them in %s",
+                    agent,
+                    m.blocks[i].file,
+                    why,
+                    m.blocks[i].start,
+                    len(later),
+                    d / QUARANTINE_DIR,
+                )
         return AgentSnapshot(
             token_ids=m.token_ids,
             messages=m.messages,

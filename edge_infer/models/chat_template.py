@@ -12,7 +12,7 @@ import jinja2
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "render_chat", "validate_messages"]
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "compile_template", "render_chat", "validate_messages"]
 
 # ChatML, used when a model ships no template.
 DEFAULT_CHAT_TEMPLATE = (
@@ -73,6 +73,12 @@ def _compile(template: str) -> jinja2.Template:
         return _environment().from_string(template)
     except jinja2.TemplateSyntaxError as exc:
         raise ValueError(f"invalid chat template (line {exc.lineno}): {exc.message}") from exc
+
+
+def compile_template(template: str | None) -> None:
+    """Compile ``template`` (ChatML when None) now rather than at the first chat; raises
+    ValueError for an invalid one."""
+    _compile(template if template is not None else DEFAULT_CHAT_TEMPLATE)
 
 
 def validate_messages(messages: Any) -> None:
