@@ -17,11 +17,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import corpus_text, machine, print_table, write_results
+from benchmarks.common import corpus_text, machine, print_table, temporary_dir, write_results
 
 QUESTION = "Summarise that in one sentence."
 
@@ -152,7 +151,7 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.backend, args.kv_bits)
         return
-    os.environ.setdefault("EDGE_INFER_CACHE_DIR", tempfile.mkdtemp(prefix="edge-infer-bench-"))
+    os.environ.setdefault("EDGE_INFER_CACHE_DIR", str(temporary_dir("edge-infer-bench-")))
     disk = disk_read_mb_s(Path(os.environ["EDGE_INFER_CACHE_DIR"]))
     rows, results = [], []
     for n in [int(x) for x in args.contexts.split(",") if x]:

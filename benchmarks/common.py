@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from pydoc_data.topics import topics
 
 
@@ -47,3 +51,10 @@ def write_results(path, results: object) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+
+
+def temporary_dir(prefix: str) -> Path:
+    """A new temporary folder, removed (with what was written in it) when the process exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path

@@ -20,11 +20,10 @@ import argparse
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import corpus_text, machine, print_table, write_results
+from benchmarks.common import corpus_text, machine, print_table, temporary_dir, write_results
 
 QUESTION = "Summarise that in one sentence."
 TURN_TOKENS = 16
@@ -117,7 +116,7 @@ def bench_workflow(model, backend, n: int, context: int) -> dict:
         agent.chat(f"Read this:\n\n{text}", max_tokens=8, temperature=0)
         histories[name] = agent.messages
     setup.flush()
-    pristine = Path(tempfile.mkdtemp(prefix="edge-infer-bench-")) / "agents"
+    pristine = temporary_dir("edge-infer-bench-") / "agents"
     shutil.copytree(root / "agents", pristine)
 
     def restore_disk() -> None:
@@ -168,7 +167,7 @@ def main() -> None:
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
-    os.environ["EDGE_INFER_CACHE_DIR"] = tempfile.mkdtemp(prefix="edge-infer-bench-cache-")
+    os.environ["EDGE_INFER_CACHE_DIR"] = str(temporary_dir("edge-infer-bench-cache-"))
 
     from edge_infer import Engine
 
