@@ -164,6 +164,14 @@ struct LayerPtrs {
   const uint16_t* vt;
 };
 
+// The pointers listed for one sequence's layer (addresses as int64).
+LayerPtrs layer_ptrs(const int64_t* x) {
+  return LayerPtrs{reinterpret_cast<const int32_t*>(x[0]), reinterpret_cast<const uint16_t*>(x[1]),
+                   reinterpret_cast<const uint16_t*>(x[2]), reinterpret_cast<const int32_t*>(x[3]),
+                   reinterpret_cast<const uint16_t*>(x[4]), reinterpret_cast<const uint16_t*>(x[5]),
+                   reinterpret_cast<const uint16_t*>(x[6]), reinterpret_cast<const uint16_t*>(x[7])};
+}
+
 // A stored row decoded into D floats held in C = D/16 vectors. For 4 bits the vectors hold
 // the even elements first, then the odd ones (a byte holds element 2i in its low nibble and
 // 2i+1 in its high one); callers lay out their other operand the same way.
@@ -474,10 +482,7 @@ torch::Tensor attend_new_token(torch::Tensor q, torch::Tensor k, torch::Tensor v
       const int64_t* m = mm + b * 5;
       Layout L{n_q, n_kv, bits, group, m[0], m[1], m[2], m[3], m[4]};
       const int64_t* x = pp + b * 8;
-      LayerPtrs p{reinterpret_cast<const int32_t*>(x[0]), reinterpret_cast<const uint16_t*>(x[1]),
-                  reinterpret_cast<const uint16_t*>(x[2]), reinterpret_cast<const int32_t*>(x[3]),
-                  reinterpret_cast<const uint16_t*>(x[4]), reinterpret_cast<const uint16_t*>(x[5]),
-                  reinterpret_cast<const uint16_t*>(x[6]), reinterpret_cast<const uint16_t*>(x[7])};
+      const LayerPtrs p = layer_ptrs(x);
       const int64_t tail_row = (h * L.tail_cap + (L.length - 1 - L.tail_offset)) * D;
       store_half_row(kd + (b * n_kv + h) * D, const_cast<uint16_t*>(p.kt) + tail_row, D);
       store_half_row(vd + (b * n_kv + h) * D, const_cast<uint16_t*>(p.vt) + tail_row, D);
@@ -497,26 +502,35 @@ constexpr int LANES = 32;
 constexpr int KEYS = 8;  // keys per score micro-tile
 constexpr int VCHUNK = 8;  // output dims per value micro-tile
 
-// A stored key/value row as attention reads it in the stored domain: dequantized (rotated,
-// in decode_row's order) for a sealed row, the float16 row for a tail one; D floats.
-template <int D>
-inline void sealed_row(const Layout& L, const int32_t* packed, const uint16_t* scales,
-                       const uint16_t* biases, int64_t row, float* out) {
+// Rows j..j+n-1 of kv head h's keys (or values) as attention reads them in their domain:
+// sealed rows dequantized (still rotated, in decode_row's order), tail rows as stored.
+template <int D, bool SEALED>
+inline void read_rows(const Layout& L, const LayerPtrs& p, bool values, int64_t h, int64_t j,
+                      int n, float (*out)[D]) {
   constexpr int C = D / 16;
-  const int64_t groups = D / L.group, words = D * L.bits / 32;
-  f16x raw[C];
-  decode_row<D>(L.bits, packed + row * words, raw);
-  float s[16], b[16];
-  group_params(scales, biases, row, groups, s, b);
-  for (int c = 0; c < C; ++c) {
-    const int64_t k = group_of(L.bits, L.group, c, D);
-    store16(out + 16 * c, raw[c] * s[k] + b[k]);
+  if (!SEALED) {
+    const uint16_t* tail = values ? p.vt : p.kt;
+    for (int u = 0; u < n; ++u) {
+      const uint16_t* row = tail + (h * L.tail_cap + (j + u - L.tail_offset)) * D;
+      for (int c = 0; c < C; ++c) store16(out[u] + 16 * c, halves16(row + 16 * c));
+    }
+    return;
   }
-}
-
-template <int D>
-inline void tail_row(const uint16_t* tail, float* out) {
-  for (int c = 0; c < D / 16; ++c) store16(out + 16 * c, halves16(tail + 16 * c));
+  const int32_t* packed = values ? p.vp : p.kp;
+  const uint16_t* scales = values ? p.vs : p.ks;
+  const uint16_t* biases = values ? p.vb : p.kb;
+  const int64_t groups = D / L.group, words = D * L.bits / 32;
+  for (int u = 0; u < n; ++u) {
+    const int64_t row = h * L.cap + j + u;
+    f16x raw[C];
+    decode_row<D>(L.bits, packed + row * words, raw);
+    float s[16], b[16];
+    group_params(scales, biases, row, groups, s, b);
+    for (int c = 0; c < C; ++c) {
+      const int64_t k = group_of(L.bits, L.group, c, D);
+      store16(out[u] + 16 * c, raw[c] * s[k] + b[k]);
+    }
+  }
 }
 
 // scores[j][lanes] = q[lanes] . key j for keys j0..j1, queries laid out [D][LANES].
@@ -526,12 +540,7 @@ void chunk_scores(const Layout& L, const LayerPtrs& p, int64_t h, int64_t j0, in
   alignas(64) float kd[KEYS][D];
   for (int64_t j = j0; j < j1; j += KEYS) {
     const int n = static_cast<int>(std::min<int64_t>(KEYS, j1 - j));
-    for (int u = 0; u < n; ++u) {
-      if (SEALED)
-        sealed_row<D>(L, p.kp, p.ks, p.kb, h * L.cap + j + u, kd[u]);
-      else
-        tail_row<D>(p.kt + (h * L.tail_cap + (j + u - L.tail_offset)) * D, kd[u]);
-    }
+    read_rows<D, SEALED>(L, p, false, h, j, n, kd);
     for (int u = n; u < KEYS; ++u) std::memset(kd[u], 0, sizeof(kd[u]));
     f16x acc[KEYS][2] = {};
     for (int d = 0; d < D; ++d) {
@@ -556,12 +565,7 @@ void chunk_values(const Layout& L, const LayerPtrs& p, int64_t h, int64_t j0, in
   alignas(64) float vd[TILE][D];
   for (int64_t j = j0; j < j1; j += TILE) {
     const int n = static_cast<int>(std::min<int64_t>(TILE, j1 - j));
-    for (int u = 0; u < n; ++u) {
-      if (SEALED)
-        sealed_row<D>(L, p.vp, p.vs, p.vb, h * L.cap + j + u, vd[u]);
-      else
-        tail_row<D>(p.vt + (h * L.tail_cap + (j + u - L.tail_offset)) * D, vd[u]);
-    }
+    read_rows<D, SEALED>(L, p, true, h, j, n, vd);
     for (int d0 = 0; d0 < D; d0 += VCHUNK) {
       f16x acc[VCHUNK][2];
       for (int i = 0; i < VCHUNK; ++i) {
@@ -680,13 +684,6 @@ ChunkFn chunk_fn(int64_t dim) {
     case 256: return chunk_rows<256>;
     default: return nullptr;
   }
-}
-
-LayerPtrs layer_ptrs(const int64_t* x) {
-  return LayerPtrs{reinterpret_cast<const int32_t*>(x[0]), reinterpret_cast<const uint16_t*>(x[1]),
-                   reinterpret_cast<const uint16_t*>(x[2]), reinterpret_cast<const int32_t*>(x[3]),
-                   reinterpret_cast<const uint16_t*>(x[4]), reinterpret_cast<const uint16_t*>(x[5]),
-                   reinterpret_cast<const uint16_t*>(x[6]), reinterpret_cast<const uint16_t*>(x[7])};
 }
 
 }  // namespace
