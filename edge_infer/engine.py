@@ -6,10 +6,11 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from edge_infer.agent_manager import AgentManager
 from edge_infer.agent_turn import AgentTurn
 from edge_infer.agents import Agent, AgentInfo, as_messages
 from edge_infer.backends.base import Backend, create_backend
@@ -20,9 +21,6 @@ from edge_infer.models.chat_template import compile_template, render_chat
 from edge_infer.models.loader import load_model
 from edge_infer.models.spec import LoadedModel
 from edge_infer.sampling import SamplingParams, log_softmax
-
-if TYPE_CHECKING:
-    from edge_infer.agent_manager import AgentManager
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -90,8 +88,6 @@ class Engine:
     def _agents(self) -> AgentManager:
         with self._agent_manager_lock:
             if self._agent_manager is None:
-                from edge_infer.agent_manager import AgentManager
-
                 self._agent_manager = AgentManager(
                     self,
                     getattr(self.backend, "kv_bits", 4),
