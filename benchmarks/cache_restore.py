@@ -5,8 +5,9 @@ and hot (in memory), on the default model; bytes per token Q4 vs FP16; restore s
 
 Cold: the agent's context (a slice of the Python docs) is prefilled from scratch. Warm: a new
 process loads the engine, then restores the agent from disk and answers one more short
-question (the clock covers restore + prefill of the new turn + first token). Hot: the same
-question in the process that still holds the cache. Restore time is compared with the time
+question (the clock covers restore + prefill of the new turn + first token; the median of
+``--repeats`` such processes). Hot: the same question in the process that still holds the
+cache. Restore time is compared with the time
 the disk needs to read the agent's files (their size over its O_DIRECT sequential speed).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -89,33 +91,15 @@ def disk_read_mb_s(folder: Path, size: int = 256 << 20) -> float:
     return total / elapsed / 1e6
 
 
-def measure(n: int, backend: str, kv_bits: int) -> dict:
-    from edge_infer import Engine
-
-    eng = Engine.load(backend=backend, kv_bits=kv_bits)
-    name = f"bench-{n}-q{kv_bits}"
-    eng.delete_agent(name)
-    agent = eng.agent(name)
-    message = context_message(eng, n)
-    t0 = time.perf_counter()
-    cold = first_piece(agent, message) - t0
-    tokens = agent.tokens
-    t0 = time.perf_counter()
-    hot = first_piece(agent, QUESTION) - t0
-    hot_cached = agent.usage.cached_tokens
-    eng.flush()
-    disk = next(i.bytes_on_disk for i in eng.agents() if i.name == name)
-    eng.delete_agent(name + "-w")
-    # the warm run continues from the state after the cold turn: fork it and save
-    agent.fork(name + "-w")
-    eng.flush()
+def warm_run(name: str, backend: str, kv_bits: int) -> dict:
+    """One warm measurement, in a new process."""
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "benchmarks.cache_restore",
             "--worker",
-            name + "-w",
+            name,
             "--backend",
             backend,
             "--kv-bits",
@@ -127,7 +111,34 @@ def measure(n: int, backend: str, kv_bits: int) -> dict:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"warm-restore worker failed:\n{proc.stderr}")
-    warm = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(n: int, backend: str, kv_bits: int, repeats: int) -> dict:
+    from edge_infer import Engine
+
+    eng = Engine.load(backend=backend, kv_bits=kv_bits)
+    name = f"bench-{n}-q{kv_bits}"
+    eng.delete_agent(name)
+    agent = eng.agent(name)
+    message = context_message(eng, n)
+    t0 = time.perf_counter()
+    cold = first_piece(agent, message) - t0
+    tokens = agent.tokens
+    # each warm run continues from the state after the cold turn, in a copy of its own
+    copies = [f"{name}-w{i}" for i in range(repeats)]
+    for copy in copies:
+        eng.delete_agent(copy)
+        agent.fork(copy)
+    eng.flush()
+    disk = next(i.bytes_on_disk for i in eng.agents() if i.name == name)
+    t0 = time.perf_counter()
+    hot = first_piece(agent, QUESTION) - t0
+    hot_cached = agent.usage.cached_tokens
+    eng.flush()
+    runs = [warm_run(copy, backend, kv_bits) for copy in copies]
+    warm = {key: statistics.median(r[key] for r in runs) for key in ("ttft", "restore")}
+    warm.update(cached=runs[0]["cached"], bytes=runs[0]["bytes"], runs=runs)
     return {
         "n": tokens,
         "cold": cold,
@@ -145,6 +156,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="1024,2048,4096,8192")
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--kv-bits", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="warm runs per context (median)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -156,8 +168,8 @@ def main() -> None:
     rows, results = [], []
     for n in [int(x) for x in args.contexts.split(",") if x]:
         print(f"context {n} ...", flush=True)
-        r = measure(n, args.backend, args.kv_bits)
-        f16 = measure(min(n, 1024), args.backend, 16) if n == 1024 else None
+        r = measure(n, args.backend, args.kv_bits, args.repeats)
+        f16 = measure(n, args.backend, 16, args.repeats) if n == 1024 else None
         results.append({**r, "f16": f16})
         w = r["warm"]
         rows.append(
