@@ -75,10 +75,10 @@ def _compile(template: str) -> jinja2.Template:
         raise ValueError(f"invalid chat template (line {exc.lineno}): {exc.message}") from exc
 
 
-def compile_template(template: str | None) -> None:
-    """Compile ``template`` (ChatML when None) now rather than at the first chat; raises
-    ValueError for an invalid one."""
-    _compile(template if template is not None else DEFAULT_CHAT_TEMPLATE)
+def compile_template(template: str | None) -> jinja2.Template:
+    """``template`` (ChatML when None) compiled, once per template; ValueError for an
+    invalid one."""
+    return _compile(template if template is not None else DEFAULT_CHAT_TEMPLATE)
 
 
 def validate_messages(messages: Any) -> None:
@@ -112,7 +112,7 @@ def render_chat(
     for malformed messages, an invalid template, or an error the template raises itself.
     """
     validate_messages(messages)
-    compiled = _compile(template if template is not None else DEFAULT_CHAT_TEMPLATE)
+    compiled = compile_template(template)
     context: dict[str, Any] = dict(extra)
     context.update(
         messages=messages,

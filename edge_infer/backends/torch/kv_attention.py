@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from edge_infer.backends.torch.host_memory import empty_host
 from edge_infer.backends.torch.kv_cache import TorchKVCache
-from edge_infer.backends.torch.kv_quant import dequantize_kv
 from edge_infer.kernels import cpu as cpu_kernels
 
 _scratch = threading.local()
@@ -60,19 +59,6 @@ def _scratch_pair(n_kv: int, length: int, dim: int, device: torch.device) -> tup
     return have
 
 
-def _dequantizer(cache: TorchKVCache):
-    kernel = _kernel(cache)
-    if kernel is not None:
-        return lambda p, s, b, out: kernel.dequantize_into(
-            p, s, b, out, cache.bits, cache.group_size
-        )
-
-    def plain(p, s, b, out):
-        out.copy_(dequantize_kv(p, s, b, cache.bits, cache.group_size))
-
-    return plain
-
-
 def attend_tokens(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.Tensor:
     """q [n_q, T, D] (rope applied) for the T tokens just stored after ``cache.length``
     -> attention output [n_q, T, D]; each token sees the tokens before it and itself.
@@ -98,7 +84,7 @@ def attend_tokens(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.Ten
     # rows are rotated either way: the sealed ones back, or the tail, query and output
     sealed = min(cache.sealed_length, end) if cache.quantized else 0
     rotated = sealed > 0 and sealed * cache.n_kv > (end - sealed) * cache.n_kv + T * n_q
-    cache.stored_rows(layer, end, keys, values, _dequantizer(cache), rotated)
+    cache.stored_rows(layer, end, keys, values, rotated)
     rot = cache.rotation
     qs = q @ rot.T if rotated else q
     out = _causal_attention(qs, keys[:, :end], values[:, :end], start)

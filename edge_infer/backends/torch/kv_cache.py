@@ -176,17 +176,16 @@ class TorchKVCache:
         end: int,
         keys: torch.Tensor,
         values: torch.Tensor,
-        dequantize_into,
         rotated: bool = True,
     ) -> None:
         """Write tokens ``0..end`` of the layer's K and V as float32 into ``keys``/``values``
-        [n_kv, >= end, D], sealed rows dequantized by ``dequantize_into(packed, scales,
-        biases, out)``. ``rotated``: in the stored (rotated) domain, tail rows rotated;
+        [n_kv, >= end, D]. ``rotated``: in the stored (rotated) domain, tail rows rotated;
         else as attention reads them, sealed rows rotated back."""
         sealed = min(self._sealed, end) if self.quantized else 0
         for w, out in enumerate((keys, values)):
             if sealed:
-                dequantize_into(*(t[:, :sealed] for t in self._quant[layer][w]), out[:, :sealed])
+                parts = (t[:, :sealed] for t in self._quant[layer][w])
+                out[:, :sealed] = dequantize_kv(*parts, self.bits, self.group_size)
                 if not rotated:
                     out[:, :sealed] = out[:, :sealed] @ self._rotation
             tail = self._tail(layer, w, sealed, end)

@@ -1,7 +1,7 @@
-// Attention of single new tokens over KV caches held in the stored form: sealed blocks
-// quantized (4 or 8 bits, affine groups, rotated by a Hadamard matrix) and a float16 tail.
-// Nothing is dequantized into a full-size buffer: each key and value is decoded once, in
-// registers, as it is read. Also a fast dequantizer for the paths that want float32 rows.
+// Attention over KV caches held in the stored form: sealed blocks quantized (4 or 8 bits,
+// affine groups, rotated by a Hadamard matrix) and a float16 tail; for single new tokens
+// (decoding, several sequences at once) and for the tokens of a prefill chunk. Nothing is
+// dequantized into a full-size buffer: each key and value is decoded once as it is read.
 //
 // Layouts (all contiguous along the last dimension):
 //   packed  int32 [n_kv, cap, D*bits/32]  (element i of a row at bits i*bits, little endian)
@@ -725,73 +725,7 @@ torch::Tensor attend_chunk(torch::Tensor q, const std::vector<int64_t>& ptrs,
   return out;
 }
 
-// packed int32 [H, N, W], scales/biases float16 [H, N, G] (strided along H) -> out float32
-// [H, N, D] (strided along H): the stored values, dequantized (still rotated).
-void dequantize_into(torch::Tensor packed, torch::Tensor scales, torch::Tensor biases,
-                     torch::Tensor out, int64_t bits, int64_t group) {
-  const int64_t H = packed.size(0), N = packed.size(1), W = packed.size(2), D = out.size(2);
-  const int64_t G = scales.size(2);
-  TORCH_CHECK(packed.stride(2) == 1 && packed.stride(1) == W && scales.stride(1) == G &&
-                  biases.stride(1) == G && out.stride(2) == 1 && out.stride(1) == D,
-              "rows must be contiguous");
-  TORCH_CHECK(D * bits == W * 32 && D == G * group, "shapes");
-  const uint8_t* pk = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
-  const uint16_t* sc = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  const uint16_t* bi = reinterpret_cast<const uint16_t*>(biases.data_ptr<at::Half>());
-  float* od = out.data_ptr<float>();
-  const int64_t ps = packed.stride(0) * 4, ss = scales.stride(0), bs = biases.stride(0),
-                os = out.stride(0);
-  at::parallel_for(0, H * N, 256, [&](int64_t a, int64_t z) {
-    int64_t h = a / N, j = a % N;
-    for (int64_t item = a; item < z; ++item, ++j) {
-      if (j == N) {
-        j = 0;
-        ++h;
-      }
-      const uint8_t* bytes = pk + h * ps + j * W * 4;
-      const uint16_t* s = sc + h * ss + j * G;
-      const uint16_t* b = bi + h * bs + j * G;
-      float* o = od + h * os + j * D;
-      for (int64_t k = 0; k < G; ++k) {
-        const float sk = half_to_float(s[k]), bk = half_to_float(b[k]);
-        float* og = o + k * group;
-        if (bits == 4) {
-          const uint8_t* bg = bytes + k * group / 2;
-          int64_t i = 0;
-#if defined(__SSE2__)
-          for (; i + 16 <= group / 2; i += 16) {  // 16 bytes -> 32 values in natural order
-            __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bg + i));
-            __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(15));
-            __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(15));
-            u8x16 first, second;
-            __m128i a = _mm_unpacklo_epi8(lo, hi), z = _mm_unpackhi_epi8(lo, hi);
-            std::memcpy(&first, &a, 16);
-            std::memcpy(&second, &z, 16);
-            store16(og + 2 * i, bytes_to_float(first) * sk + bk);
-            store16(og + 2 * i + 16, bytes_to_float(second) * sk + bk);
-          }
-#endif
-          for (; i < group / 2; ++i) {
-            og[2 * i] = static_cast<float>(bg[i] & 15) * sk + bk;
-            og[2 * i + 1] = static_cast<float>(bg[i] >> 4) * sk + bk;
-          }
-        } else {
-          const uint8_t* bg = bytes + k * group;
-          int64_t i = 0;
-          for (; i + 16 <= group; i += 16) {
-            u8x16 raw;
-            std::memcpy(&raw, bg + i, 16);
-            store16(og + i, bytes_to_float(raw) * sk + bk);
-          }
-          for (; i < group; ++i) og[i] = static_cast<float>(bg[i]) * sk + bk;
-        }
-      }
-    }
-  });
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_new_token", &attend_new_token, "store one new token's K/V, attend over all");
-  m.def("dequantize_into", &dequantize_into, "dequantize stored KV rows into float32");
   m.def("attend_chunk", &attend_chunk, "causal attention of a stored prefill chunk");
 }
