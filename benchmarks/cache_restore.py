@@ -51,7 +51,7 @@ def worker(name: str, backend: str, kv_bits: int) -> None:
     agent = eng.agent(name)
     restored = time.perf_counter()
     t1 = first_piece(agent, QUESTION)
-    files = list(eng._agents.store.agent_dir(name).glob("*.safetensors"))
+    files = list(eng.agent_manager.store.agent_dir(name).glob("*.safetensors"))
     nbytes = sum(f.stat().st_size for f in files)
     result = {
         "ttft": t1 - t0,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import corpus_text, machine, print_table, summarize, write_results
-from edge_infer.backends.base import create_backend
+from edge_infer.backends.select import create_backend
 from edge_infer.engine import Engine
 from edge_infer.models.loader import load_model
 
@@ -38,9 +38,9 @@ class EdgeRunner:
     def run(self) -> tuple[float, float]:
         """(prefill tok/s, decode tok/s) of one run."""
         eng = self.eng
-        cache = eng.backend.new_cache()
+        cache = eng.runner.new_cache()
         t0 = time.perf_counter()
-        eng._prefill(self.ids, cache)
+        eng.runner.prefill(self.ids, cache)
         prefill = len(self.ids) / (time.perf_counter() - t0)
         list(
             eng.generate_tokens(self.ids, max_tokens=self.n_decode, temperature=0, ignore_eos=True)

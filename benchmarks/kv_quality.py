@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import corpus_text, machine, print_table
-from edge_infer.backends.base import create_backend
+from edge_infer.backends.select import create_backend
 from edge_infer.engine import Engine
 from edge_infer.errors import BackendUnavailableError
+from edge_infer.generation.sampling import log_softmax
 from edge_infer.models.loader import load_model
 from edge_infer.models.spec import LoadedModel
-from edge_infer.sampling import log_softmax
 
 KV_FORMATS = (16, 8, 4)  # 16 = float16, the baseline; it must come first
 TARGETS = {4: 3.0, 8: 0.5}  # max perplexity increase vs float16, in percent
@@ -61,7 +61,7 @@ def iter_logprobs(eng: Engine, ids: Sequence[int]) -> Iterator[np.ndarray]:
     tokens with all logits, ``log_softmax``), without concatenating the whole [N, vocab].
     """
     arr = np.asarray(ids, dtype=np.int64)
-    cache = eng.backend.new_cache()
+    cache = eng.runner.new_cache()
     for start in range(0, len(arr), eng.prefill_chunk):
         out = eng.backend.forward(arr[start : start + eng.prefill_chunk], cache, all_logits=True)
         yield log_softmax(out)

@@ -42,33 +42,32 @@ def contexts(eng, n: int, size: int) -> list[str]:
 
 
 def _generations(eng, prompts: list[list[int]], tokens: int):
-    from edge_infer.engine import Usage
-    from edge_infer.generation import Generation
-    from edge_infer.sampling import SamplingParams
+    from edge_infer.generation.sampling import SamplingParams
+    from edge_infer.generation.sequence import Generation, Usage
 
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    gens = [Generation(eng, p, params, eng.backend.new_cache(), Usage()) for p in prompts]
+    gens = [Generation(eng.runner, p, params, eng.runner.new_cache(), Usage()) for p in prompts]
     for g in gens:
         g.prefill()
     return gens
 
 
 def decode_sequential(eng, prompts: list[list[int]], tokens: int) -> tuple[float, list]:
-    from edge_infer.batching import forward_step
+    from edge_infer.generation.batch import forward_step
 
     elapsed, outs = 0.0, []
     for g in _generations(eng, prompts, tokens):
         t0 = time.perf_counter()
         while not g.finished:
             g.sample()
-            forward_step(eng.backend, [g])
+            forward_step(eng.runner, [g])
         elapsed += time.perf_counter() - t0
         outs.append(g.generated)
     return elapsed, outs
 
 
 def decode_batched(eng, prompts: list[list[int]], tokens: int) -> tuple[float, list]:
-    from edge_infer.batching import forward_step
+    from edge_infer.generation.batch import forward_step
 
     gens = _generations(eng, prompts, tokens)
     t0 = time.perf_counter()
@@ -76,7 +75,7 @@ def decode_batched(eng, prompts: list[list[int]], tokens: int) -> tuple[float, l
         for g in gens:
             if not g.finished:
                 g.sample()
-        forward_step(eng.backend, gens)
+        forward_step(eng.runner, gens)
     return time.perf_counter() - t0, [g.generated for g in gens]
 
 

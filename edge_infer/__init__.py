@@ -5,7 +5,7 @@
 >>> eng.chat([{"role": "user", "content": "Hi"}], max_tokens=32)
 """
 
-from edge_infer.engine import Engine, Usage
+from edge_infer.engine import Engine
 from edge_infer.errors import (
     BackendUnavailableError,
     ContextLengthError,
@@ -14,7 +14,8 @@ from edge_infer.errors import (
     ModelNotFoundError,
     UnsupportedModelError,
 )
-from edge_infer.sampling import SamplingParams
+from edge_infer.generation.sampling import SamplingParams
+from edge_infer.generation.sequence import Usage
 
 __version__ = "0.1.0"
 

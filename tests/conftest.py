@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-HAS_MLX = (
-    importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx_lm") is not None
-)
-HAS_TORCH = importlib.util.find_spec("torch") is not None
+from tests.support.installed import HAS_MLX, HAS_TORCH
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edge_infer import ContextLengthError, Engine
-from edge_infer.sampling import SamplingParams
+from edge_infer.generation.sampling import SamplingParams
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -6,13 +6,13 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.server_process import running_server
+from tests.support import REPO
+from tests.support.server_process import running_server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 pytestmark = pytest.mark.slow
 

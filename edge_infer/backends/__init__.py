@@ -1,5 +1,2 @@
-"""Backends: one subpackage per framework behind the protocol in :mod:`.base`."""
-
-from edge_infer.backends.base import Backend, KVCache, create_backend, resolve_backend_name
-
-__all__ = ["Backend", "KVCache", "create_backend", "resolve_backend_name"]
+"""Backends: one subpackage per framework behind the protocols in :mod:`.base`; choice and
+construction in :mod:`.select`."""

@@ -1,117 +1,80 @@
-"""The Backend protocol every backend implements, and backend selection."""
+"""The protocols every backend and its KV caches implement: all that callers may use."""
 
 from __future__ import annotations
 
-import importlib.util
-import platform
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from edge_infer.errors import BackendUnavailableError, UnsupportedModelError
-from edge_infer.models.spec import LoadedModel, ModelConfig
-
-BACKENDS = ("torch", "mlx")
+from edge_infer.cache_store.blocks import KVBlock
+from edge_infer.models.spec import ModelConfig
 
 
 @runtime_checkable
 class KVCache(Protocol):
-    """A backend's per-sequence KV cache; ``length`` is the number of tokens it holds."""
+    """A backend's per-sequence KV cache, in the store's block form at its boundary."""
 
     @property
-    def length(self) -> int: ...
+    def length(self) -> int:
+        """Tokens whose keys and values the cache holds."""
+        ...
+
+    @property
+    def sealed_length(self) -> int:
+        """Tokens held in sealed (full, immutable) blocks."""
+        ...
+
+    @property
+    def max_tokens_in_one_call(self) -> int:
+        """The most tokens one ``forward`` may append."""
+        ...
+
+    def truncate(self, n: int) -> int:
+        """Keep at most the first ``n`` tokens; returns how many are kept (fewer than ``n``
+        when ``n`` falls inside a sealed block that cannot be cut exactly)."""
+        ...
+
+    def blocks(self, start: int = 0) -> list[KVBlock]:
+        """The cache as blocks, from the one holding token ``start`` on (the tail included)."""
+        ...
+
+    def append_blocks(self, blocks: list[KVBlock]) -> None:
+        """Append blocks (as ``blocks`` gives them, starting at ``length``) to the cache."""
+        ...
 
 
 @runtime_checkable
 class Backend(Protocol):
-    """Runs a Llama-family decoder: ``forward`` appends to ``cache`` and returns logits."""
+    """Runs a decoder: ``forward`` appends to ``cache`` and returns logits."""
 
     name: str
     device: str
     config: ModelConfig
+    kv_bits: int
+    kv_group_size: int
 
     def new_cache(self) -> KVCache:
         """An empty KV cache for one sequence."""
         ...
 
-    def forward(self, inputs: np.ndarray, cache: Any, *, all_logits: bool = False) -> np.ndarray:
+    def forward(
+        self, inputs: np.ndarray, cache: KVCache, *, all_logits: bool = False
+    ) -> np.ndarray:
         """Run ``inputs`` (token ids [T] or embeddings [T, hidden]) after what ``cache`` holds.
 
         Returns float32 logits: [T, vocab] when ``all_logits`` else [1, vocab] (last position).
         """
         ...
 
+    def forward_batch(self, tokens: Sequence[int], caches: Sequence[KVCache]) -> np.ndarray:
+        """One token for each of several distinct caches in one pass: logits [len, vocab]."""
+        ...
 
-def check_batch(tokens: Sequence[int], caches: Sequence[Any]) -> None:
+
+def check_batch(tokens: Sequence[int], caches: Sequence[KVCache]) -> None:
     """``forward_batch`` takes one token per cache, and each cache once."""
     if len(tokens) != len(caches):
         raise ValueError("forward_batch needs one token per cache")
     if len({id(c) for c in caches}) != len(caches):
         raise ValueError("forward_batch needs distinct caches")
-
-
-def is_apple_silicon() -> bool:
-    return platform.system() == "Darwin" and platform.machine() == "arm64"
-
-
-def has_cuda() -> bool:
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
-def resolve_backend_name(requested: str = "auto") -> str:
-    """Auto: MLX on Apple Silicon, torch (CUDA if present, else CPU) elsewhere."""
-    requested = (requested or "auto").lower()
-    if requested == "auto":
-        if is_apple_silicon() and importlib.util.find_spec("mlx") is not None:
-            return "mlx"
-        if importlib.util.find_spec("torch") is not None:
-            return "torch"
-        if importlib.util.find_spec("mlx") is not None:
-            return "mlx"
-        raise BackendUnavailableError(
-            "no backend installed: pip install 'edge-infer[torch]' (or [mlx] on Apple Silicon)"
-        )
-    if requested not in BACKENDS:
-        raise BackendUnavailableError(
-            f"unknown backend {requested!r} (supported: auto, {', '.join(BACKENDS)})"
-        )
-    module = "mlx" if requested == "mlx" else "torch"
-    if importlib.util.find_spec(module) is None:
-        raise BackendUnavailableError(
-            f"backend {requested!r} needs the {module} package: pip install 'edge-infer[{module}]'"
-        )
-    return requested
-
-
-def create_backend(
-    model: LoadedModel,
-    requested: str = "auto",
-    device: str | None = None,
-    kv_bits: int = 4,
-    kv_group_size: int = 64,
-) -> Backend:
-    """Build the backend named ``requested`` (or the automatic choice) for ``model``.
-
-    Its KV caches store keys and values with ``kv_bits`` (4, 8, or 16 = float16).
-    """
-    name = resolve_backend_name(requested)
-    if kv_bits not in (4, 8, 16):
-        raise ValueError(f"kv_bits must be 4, 8 or 16 (got {kv_bits})")
-    head_dim = model.config.head_dim
-    if kv_bits < 16 and (head_dim % kv_group_size or head_dim & (head_dim - 1)):
-        raise UnsupportedModelError(
-            f"{kv_bits}-bit KV needs a power-of-two head_dim that groups of {kv_group_size} "
-            f"divide; this model has head_dim {head_dim} (use kv_bits=16 or another group size)"
-        )
-    if name == "mlx":
-        from edge_infer.backends.mlx.backend import MLXBackend
-
-        return MLXBackend(model, kv_bits=kv_bits, kv_group_size=kv_group_size)
-    from edge_infer.backends.torch.backend import TorchBackend
-
-    return TorchBackend(model, device=device, kv_bits=kv_bits, kv_group_size=kv_group_size)

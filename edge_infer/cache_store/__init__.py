@@ -21,18 +21,13 @@ from edge_infer.cache_store.errors import (
     InvalidAgentName,
 )
 from edge_infer.cache_store.kv_format import KVArray, KVFormat, LayerKV, QuantizedKV
+from edge_infer.cache_store.layout import validate_agent_name
 from edge_infer.cache_store.manifest import Manifest
 from edge_infer.cache_store.pool import BlockPool, default_budget_bytes
 from edge_infer.cache_store.prefix import blocks_for_prefix, common_prefix_len
-from edge_infer.cache_store.store import (
-    AgentInfo,
-    AgentSnapshot,
-    AgentStore,
-    validate_agent_name,
-)
+from edge_infer.cache_store.store import AgentSnapshot, AgentStore, StoredAgent
 
 __all__ = [
-    "AgentInfo",
     "AgentSnapshot",
     "AgentStore",
     "BlockPool",
@@ -48,6 +43,7 @@ __all__ = [
     "LayerKV",
     "Manifest",
     "QuantizedKV",
+    "StoredAgent",
     "block_from_bytes",
     "block_to_bytes",
     "blocks_for_prefix",

@@ -20,7 +20,7 @@ from safetensors.numpy import save as st_save
 from edge_infer.cache_store.blocks import KVBlock
 from edge_infer.cache_store.errors import CacheCorruptError
 from edge_infer.cache_store.kv_format import KVArray, KVFormat, LayerKV, QuantizedKV
-from edge_infer.safetensors_layout import DTYPES, entry_problem
+from edge_infer.formats.safetensors import DTYPES, entry_problem
 
 Buffer = bytes | bytearray | memoryview | mmap.mmap
 

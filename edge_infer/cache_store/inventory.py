@@ -1,6 +1,6 @@
 """What the cache root holds, read without loading a model: list, describe, verify, remove, gc.
 
-Works on the on-disk layout of :mod:`.store` for every fingerprint at once. Reading (scan,
+Works on the on-disk layout of :mod:`.layout` for every fingerprint at once. Reading (scan,
 describe, verify, a gc dry run) creates or changes no file; removal takes the agent's lock, as
 the store does, so it is safe while an engine runs.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -21,22 +20,27 @@ from typing import Any
 from edge_infer.cache_store.atomic_io import TEMP_PREFIX
 from edge_infer.cache_store.errors import CacheCorruptError, CacheError, CacheVersionError
 from edge_infer.cache_store.kv_format import KVFormat
-from edge_infer.cache_store.manifest import BLOCK_FILE_RE, MANIFEST_NAME, Manifest
-from edge_infer.cache_store.store import (
+from edge_infer.cache_store.layout import (
     AGENT_NAME_RE,
     DELETING_PREFIX,
+    DELETING_RE,
     LOCKS_DIR,
     MODEL_RECORD_NAME,
     QUARANTINE_DIR,
-    AgentStore,
+    agent_dirs,
+    agent_lock,
+    agents_root,
     delete_dir,
     dir_bytes,
+    fingerprint_dirs,
+    is_agent_dir,
+    lock_file,
     validate_agent_name,
 )
-from edge_infer.cache_store.store import agent_lock as store_agent_lock
+from edge_infer.cache_store.manifest import BLOCK_FILE_RE, MANIFEST_NAME, Manifest
+from edge_infer.cache_store.store import AgentStore
 from edge_infer.models.fingerprint import Fingerprint
 
-_DELETING_RE = re.compile(r"^\.deleting-(.+)-[0-9a-f]{8}$")
 LOCK_TIMEOUT_S = 30.0
 # Temp files outside an agent folder (model.json being written) are not guarded by any
 # agent's lock: gc removes them only once they are this old.
@@ -49,11 +53,6 @@ PREVIEW_CHARS = 80
 # -- small helpers ------------------------------------------------------------------------
 
 
-def agents_root(root: Path) -> Path:
-    """Folder holding one sub-folder per model fingerprint."""
-    return Path(root) / "agents"
-
-
 def _entry_bytes(path: Path) -> int:
     try:
         if path.is_dir() and not path.is_symlink():
@@ -63,39 +62,14 @@ def _entry_bytes(path: Path) -> int:
         return 0
 
 
-def _fingerprint_dirs(root: Path) -> list[Path]:
-    base = agents_root(root)
-    if not base.is_dir():
-        return []
-    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _is_agent_dir(path: Path) -> bool:
-    return bool(AGENT_NAME_RE.match(path.name)) and path.is_dir() and not path.is_symlink()
-
-
-def _agent_dirs(fp_dir: Path) -> list[Path]:
-    try:
-        return sorted(p for p in fp_dir.iterdir() if _is_agent_dir(p))
-    except FileNotFoundError:  # removed meanwhile
-        return []
-
-
-def agent_lock(
-    fp_dir: Path, agent: str, timeout: float | None = None
-) -> AbstractContextManager[None]:
-    """The inter-process lock :meth:`AgentStore.lock` takes (default wait: LOCK_TIMEOUT_S)."""
-    return store_agent_lock(fp_dir, agent, LOCK_TIMEOUT_S if timeout is None else timeout)
-
-
 @contextmanager
 def existing_lock(fp_dir: Path, agent: str) -> Iterator[None]:
     """``agent_lock`` if its lock file exists (anyone writing the agent made it), else nothing.
 
     For readers that must not create files: no lock file means no writer has started.
     """
-    if (fp_dir / LOCKS_DIR / f"{agent}.lock").is_file():
-        with agent_lock(fp_dir, agent):
+    if lock_file(fp_dir, agent).is_file():
+        with agent_lock(fp_dir, agent, LOCK_TIMEOUT_S):
             yield
     else:
         yield
@@ -288,9 +262,9 @@ def read_agent(fp_dir: Path, agent_dir: Path, model: dict[str, Any] | None = Non
 def scan(root: Path) -> list[AgentRecord]:
     """Every agent folder under every fingerprint, sorted by agent name then digest."""
     out = []
-    for fp_dir in _fingerprint_dirs(root):
+    for fp_dir in fingerprint_dirs(root):
         model = read_model_record(fp_dir)
-        out.extend(read_agent(fp_dir, d, model) for d in _agent_dirs(fp_dir))
+        out.extend(read_agent(fp_dir, d, model) for d in agent_dirs(fp_dir))
     return sorted(out, key=lambda r: (r.agent, r.digest))
 
 
@@ -303,8 +277,8 @@ def describe(root: Path, name: str) -> list[AgentRecord]:
     validate_agent_name(name)
     out = [
         read_agent(fp_dir, fp_dir / name)
-        for fp_dir in _fingerprint_dirs(root)
-        if _is_agent_dir(fp_dir / name)
+        for fp_dir in fingerprint_dirs(root)
+        if is_agent_dir(fp_dir / name)
     ]
     if not out:
         raise _unknown_agent(root, name)
@@ -399,10 +373,10 @@ def verify(root: Path, name: str | None = None) -> list[VerifyResult]:
     if name is not None:
         validate_agent_name(name)
     out = []
-    for fp_dir in _fingerprint_dirs(root):
-        dirs = [fp_dir / name] if name is not None else _agent_dirs(fp_dir)
+    for fp_dir in fingerprint_dirs(root):
+        dirs = [fp_dir / name] if name is not None else agent_dirs(fp_dir)
         for d in dirs:
-            if _is_agent_dir(d):
+            if is_agent_dir(d):
                 with existing_lock(fp_dir, d.name):
                     out.append(verify_agent(fp_dir, d))
     if name is not None and not out:
@@ -434,7 +408,7 @@ class Removed:
 
 
 def _matching_dirs(root: Path, name: str, digest: str | None) -> list[Path]:
-    found = [d for d in _fingerprint_dirs(root) if _is_agent_dir(d / name)]
+    found = [d for d in fingerprint_dirs(root) if is_agent_dir(d / name)]
     if not found:
         raise _unknown_agent(root, name)
     if digest is None:
@@ -455,8 +429,8 @@ def remove_agent(root: Path, name: str, digest: str | None = None) -> list[Remov
     out = []
     for fp_dir in _matching_dirs(root, name, digest):
         d = fp_dir / name
-        with agent_lock(fp_dir, name):
-            if not _is_agent_dir(d):
+        with agent_lock(fp_dir, name, LOCK_TIMEOUT_S):
+            if not is_agent_dir(d):
                 continue  # removed meanwhile
             size = dir_bytes(d)
             delete_dir(d)
@@ -523,7 +497,9 @@ class _Collector:
 
     def lock(self, fp_dir: Path, agent: str) -> AbstractContextManager[None]:
         """The agent's lock; a dry run creates no lock file (it removes nothing)."""
-        return existing_lock(fp_dir, agent) if self.report.dry_run else agent_lock(fp_dir, agent)
+        if self.report.dry_run:
+            return existing_lock(fp_dir, agent)
+        return agent_lock(fp_dir, agent, LOCK_TIMEOUT_S)
 
     def skip(self, path: Path, reason: str) -> None:
         self.report.skipped.append((path, reason))
@@ -562,7 +538,7 @@ def _gc_agent_dir(d: Path, gc: _Collector) -> None:
 
 def _gc_deleting_dir(fp_dir: Path, path: Path, gc: _Collector) -> None:
     """A ``.deleting-<agent>-<hex>`` folder, under that agent's lock (the store may be at it)."""
-    match = _DELETING_RE.match(path.name)
+    match = DELETING_RE.match(path.name)
     agent = match.group(1) if match else ""
     if not AGENT_NAME_RE.match(agent):
         gc.remove(path, "interrupted delete")
@@ -577,7 +553,7 @@ def _gc_deleting_dir(fp_dir: Path, path: Path, gc: _Collector) -> None:
 def _gc_locked_agent(fp_dir: Path, d: Path, gc: _Collector) -> None:
     try:
         with gc.lock(fp_dir, d.name):
-            if _is_agent_dir(d):
+            if is_agent_dir(d):
                 _gc_agent_dir(d, gc)
     except CacheError as e:  # lock timeout: an engine is busy with it
         gc.skip(d, str(e))
@@ -622,11 +598,11 @@ def _gc_loose_temps(fp_dir: Path, gc: _Collector) -> None:
 def collect_garbage(root: Path, dry_run: bool = False) -> GcReport:
     """Remove what no agent needs; never a valid manifest or a block its manifest lists."""
     gc = _Collector(dry_run)
-    for fp_dir in _fingerprint_dirs(root):
+    for fp_dir in fingerprint_dirs(root):
         for entry in sorted(os.scandir(fp_dir), key=lambda e: e.name):
             if entry.name.startswith(DELETING_PREFIX) and entry.is_dir(follow_symlinks=False):
                 _gc_deleting_dir(fp_dir, Path(entry.path), gc)
-        for d in _agent_dirs(fp_dir):
+        for d in agent_dirs(fp_dir):
             _gc_locked_agent(fp_dir, d, gc)
         if _only_metadata_left(fp_dir, gc):
             _gc_fingerprint_dir(fp_dir, gc)

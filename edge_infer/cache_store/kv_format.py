@@ -1,7 +1,7 @@
 """In-memory KV tensors: MLX-affine quantized (4/8-bit) or plain float16, numpy only.
 
 One layer's keys (or values) are ``[n_kv_heads, T, head_dim]``, quantized along ``head_dim``
-in groups (see :mod:`edge_infer.models.affine` for the bit layout). ``KVBlock`` and the
+in groups (see :mod:`edge_infer.formats.affine` for the bit layout). ``KVBlock`` and the
 block helpers live in :mod:`.blocks`, byte encoding in :mod:`.block_codec`; both are also
 reachable from this module for convenience.
 """
@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-from edge_infer.models.affine import SUPPORTED_GROUP_SIZES, quantize, unpack
+from edge_infer.formats.affine import SUPPORTED_GROUP_SIZES, quantize, unpack
 
 KV_BITS = (4, 8, 16)
 
@@ -251,23 +251,3 @@ class LayerKV:
     @classmethod
     def concat(cls, parts: Sequence[LayerKV]) -> LayerKV:
         return cls(kv_concat([p.keys for p in parts]), kv_concat([p.values for p in parts]))
-
-
-_LAZY = {
-    "KVBlock": "blocks",
-    "compute_abstract": "blocks",
-    "split_into_blocks": "blocks",
-    "merge_blocks": "blocks",
-    "extend_blocks": "blocks",
-    "block_to_bytes": "block_codec",
-    "block_from_bytes": "block_codec",
-}
-
-
-def __getattr__(name: str) -> Any:
-    """Re-export the block helpers lazily (they import this module)."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__package__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,15 +1,8 @@
 """Per-agent KV caches on disk, keyed by (model fingerprint, agent name).
 
-Layout under ``root``::
-
-    agents/<fingerprint digest>/<agent>/manifest.json
-    agents/<fingerprint digest>/<agent>/b{start:08d}-{sha256[:16]}.safetensors
-    agents/<fingerprint digest>/<agent>/quarantine/         (files that failed verification)
-    agents/<fingerprint digest>/.locks/<agent>.lock         (inter-process lock)
-    agents/<fingerprint digest>/model.json                  (which model: name, source, parts)
-
-Block files are named by content and written once; the manifest is replaced atomically last,
-then unreferenced files are removed, so a crash leaves the old or the new state loadable.
+Paths follow :mod:`.layout`. Block files are named by content and written once; the
+manifest is replaced atomically last, then unreferenced files are removed, so a crash leaves
+the old or the new state loadable.
 """
 
 from __future__ import annotations
@@ -19,10 +12,7 @@ import json
 import logging
 import mmap
 import os
-import re
-import shutil
 import threading
-import uuid
 import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,10 +28,19 @@ from edge_infer.cache_store.errors import (
     CacheCorruptError,
     CacheVersionError,
     FingerprintMismatch,
-    InvalidAgentName,
 )
 from edge_infer.cache_store.kv_format import KVFormat
-from edge_infer.cache_store.locking import path_lock
+from edge_infer.cache_store.layout import (
+    AGENT_NAME_RE,
+    MODEL_RECORD_NAME,
+    QUARANTINE_DIR,
+    agent_lock,
+    agents_root,
+    delete_dir,
+    dir_bytes,
+    fingerprint_dir,
+    validate_agent_name,
+)
 from edge_infer.cache_store.manifest import (
     BLOCK_FILE_RE,
     MANIFEST_NAME,
@@ -53,23 +52,6 @@ from edge_infer.cache_store.manifest import (
 from edge_infer.models.fingerprint import Fingerprint
 
 log = logging.getLogger("edge_infer.cache")
-
-AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-QUARANTINE_DIR = "quarantine"
-LOCKS_DIR = ".locks"
-MODEL_RECORD_NAME = "model.json"
-DELETING_PREFIX = ".deleting-"  # an agent folder being removed
-
-
-def validate_agent_name(agent: str) -> str:
-    """Return ``agent`` if it is a safe folder name, else raise InvalidAgentName."""
-    if not isinstance(agent, str) or not AGENT_NAME_RE.match(agent):
-        raise InvalidAgentName(
-            f"invalid agent name {agent!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return agent
-
 
 @dataclass(frozen=True)
 class AgentSnapshot:
@@ -86,8 +68,8 @@ class AgentSnapshot:
 
 
 @dataclass(frozen=True)
-class AgentInfo:
-    """One line of :meth:`AgentStore.list_agents`."""
+class StoredAgent:
+    """One agent as :meth:`AgentStore.list_agents` finds it on disk."""
 
     name: str
     tokens: int
@@ -120,40 +102,12 @@ def _mapped_with_digest(path: Path) -> tuple[mmap.mmap | bytes | str, str | None
     return data, None if isinstance(data, str) else _sha256(data)
 
 
-@contextmanager
-def agent_lock(fp_dir: Path, agent: str, timeout: float | None = None) -> Iterator[None]:
-    """The inter-process lock of ``agent`` under fingerprint folder ``fp_dir`` (re-entrant)."""
-    locks = private_dir(fp_dir / LOCKS_DIR)
-    with path_lock(locks / f"{validate_agent_name(agent)}.lock", timeout):
-        yield
-
-
-def delete_dir(path: Path) -> None:
-    """Rename to ``.deleting-*`` (one atomic step readers see), then remove the tree."""
-    doomed = path.with_name(f"{DELETING_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
-    os.rename(path, doomed)
-    fsync_dir(path.parent)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
 def _stamp(path: Path) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_mtime_ns)
-
-
-def dir_bytes(path: Path) -> int:
-    """Bytes of every file under ``path`` (links not followed; vanished files skipped)."""
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 class AgentStore:
@@ -186,7 +140,7 @@ class AgentStore:
     @property
     def base_dir(self) -> Path:
         """Folder of every agent under this store's fingerprint."""
-        return self.root / "agents" / self.fingerprint.digest
+        return fingerprint_dir(self.root, self.fingerprint.digest)
 
     def agent_dir(self, agent: str) -> Path:
         return self.base_dir / validate_agent_name(agent)
@@ -455,7 +409,7 @@ class AgentStore:
             delete_dir(d)
         return True
 
-    def list_agents(self) -> list[AgentInfo]:
+    def list_agents(self) -> list[StoredAgent]:
         """Agents cached under this fingerprint, by name (unreadable manifests skipped)."""
         if not self.base_dir.is_dir():
             return []
@@ -467,7 +421,7 @@ class AgentStore:
             if m is None:
                 continue
             out.append(
-                AgentInfo(
+                StoredAgent(
                     d.name,
                     len(m.token_ids),
                     dir_bytes(d),
@@ -481,11 +435,11 @@ class AgentStore:
     def find_mismatched(self, agent: str) -> list[tuple[str, list[str]]]:
         """Caches of ``agent`` under other fingerprints: (digest, names of differing parts)."""
         validate_agent_name(agent)
-        agents_root = self.root / "agents"
-        if not agents_root.is_dir():
+        base = agents_root(self.root)
+        if not base.is_dir():
             return []
         out = []
-        for fp_dir in sorted(agents_root.iterdir()):
+        for fp_dir in sorted(base.iterdir()):
             mpath = fp_dir / agent / MANIFEST_NAME
             if fp_dir.name == self.fingerprint.digest or not mpath.is_file():
                 continue

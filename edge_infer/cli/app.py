@@ -74,7 +74,7 @@ def run(
             if sys.stdin.isatty():
                 raise ValueError("no prompt given (pass it as an argument or on stdin)")
             prompt = sys.stdin.read()
-        from edge_infer.sampling import SamplingParams
+        from edge_infer.generation.sampling import SamplingParams
 
         params = SamplingParams(
             max_tokens=max_tokens,

@@ -284,7 +284,7 @@ class ChatSession:
 
     def cmd_stats(self, arg: str) -> None:
         eng, agent, be = self.eng, self.agent, self.eng.backend
-        kv_bits = getattr(be, "kv_bits", None)
+        kv_bits = be.kv_bits
         rows = [
             ("model", eng.model.name),
             ("backend", f"{be.name}/{be.device}" + (f", {kv_bits}-bit KV" if kv_bits else "")),
@@ -341,7 +341,7 @@ def chat(
 ) -> None:
     """Chat with an agent whose KV cache persists between runs."""
     with user_errors():
-        from edge_infer.sampling import SamplingParams
+        from edge_infer.generation.sampling import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
         interactive = sys.stdin.isatty()

@@ -9,8 +9,8 @@ from pathlib import Path
 from edge_infer.config import models_dirs
 from edge_infer.errors import EdgeInferError
 from edge_infer.models.default_model import DEFAULT_MODEL_NAME, default_model_path
-from edge_infer.models.gguf_reader import GGUFFile
-from edge_infer.models.hf_loader import read_config
+from edge_infer.models.gguf.reader import GGUFFile
+from edge_infer.models.hf.loader import read_config
 
 
 @dataclass(frozen=True)

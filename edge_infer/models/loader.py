@@ -7,8 +7,8 @@ from pathlib import Path
 
 from edge_infer.errors import ModelFormatError, ModelNotFoundError
 from edge_infer.models.default_model import DEFAULT_MODEL_NAME, default_model_path
-from edge_infer.models.gguf_loader import load_gguf
-from edge_infer.models.hf_loader import load_hf_dir
+from edge_infer.models.gguf.loader import load_gguf
+from edge_infer.models.hf.loader import load_hf_dir
 from edge_infer.models.spec import LoadedModel
 
 

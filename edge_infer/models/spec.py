@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge_infer.models.affine import QuantizedWeight
-
-if TYPE_CHECKING:
-    from edge_infer.models.tokenizer import Tokenizer
+from edge_infer.formats.affine import QuantizedWeight
+from edge_infer.models.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -68,3 +65,29 @@ class LoadedModel:
     def weight_bytes(self) -> int:
         """Bytes the weights take in memory."""
         return sum(w.nbytes for w in self.weights.values())
+
+
+# Per-layer tensors every decoder needs (Hugging Face names under ``model.layers.{i}.``).
+LAYER_WEIGHTS = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
+
+
+def required_weights(config: ModelConfig) -> list[str]:
+    """Tensor names a decoder of this config cannot run without."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for i in range(config.num_layers):
+        names += [f"model.layers.{i}.{n}" for n in LAYER_WEIGHTS]
+        if config.attention_bias:
+            names += [f"model.layers.{i}.self_attn.{p}_proj.bias" for p in "qkv"]
+    return names

@@ -17,9 +17,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge_infer.cache_store import InvalidAgentName, validate_agent_name
-from edge_infer.engine import Engine, Usage
+from edge_infer.engine import Engine
 from edge_infer.errors import ContextLengthError, EdgeInferError
-from edge_infer.sampling import SamplingParams
+from edge_infer.generation.sampling import SamplingParams
+from edge_infer.generation.sequence import Usage
 from edge_infer.server import protocol
 from edge_infer.server.prefix_pool import PrefixPool
 from edge_infer.server.scheduler import Cancelled, Job, Scheduler, ShuttingDown, Task
@@ -81,8 +82,8 @@ class Service:
     def __init__(self, engine: Engine, model_id: str, max_active: int = 8) -> None:
         self.engine = engine
         self.model_id = model_id
-        self.scheduler = Scheduler(engine.backend, max_active=max_active)
-        self.prefix_pool = PrefixPool(engine.backend.new_cache, max_slots=2)
+        self.scheduler = Scheduler(engine.runner, max_active=max_active)
+        self.prefix_pool = PrefixPool(engine.runner.new_cache, max_slots=2)
 
     def submit(self, key: str, make: Callable[[], Task]) -> Job:
         job = Job(key=key, make=make, loop=asyncio.get_running_loop())
@@ -99,7 +100,7 @@ class Service:
     def submit_stateless(self, ids: list[int], params: SamplingParams) -> Job:
         return self.submit(
             protocol.new_id("stateless"),
-            lambda: StatelessTask(self.engine, self.prefix_pool, ids, params),
+            lambda: StatelessTask(self.engine.runner, self.prefix_pool, ids, params),
         )
 
 

@@ -12,7 +12,11 @@ from edge_infer.cache_store import common_prefix_len
 
 @dataclass(eq=False)
 class Slot:
-    """A live cache and the token ids it holds."""
+    """A live cache and the token ids it holds.
+
+    Between requests ``cache.length == len(token_ids)`` always holds, and the cache holds
+    exactly the KV of ``token_ids``: the next request reuses it only by matching those ids.
+    """
 
     cache: Any
     token_ids: list[int] = field(default_factory=list)
@@ -30,7 +34,9 @@ class PrefixPool:
         self._lock = threading.Lock()
 
     def acquire(self, ids: Sequence[int]) -> Slot:
-        """A slot whose cache holds a prefix of ``ids`` (cut to it; at least one id left)."""
+        """A slot whose cache holds a prefix of ``ids`` (cut to it; at least one id left).
+
+        Give it back with :meth:`release`, whatever way the request ends."""
         with self._lock:
             free = [s for s in self._slots if not s.in_use]
             best = max(free, key=lambda s: common_prefix_len(s.token_ids, ids), default=None)
@@ -41,15 +47,25 @@ class PrefixPool:
             elif best is None:  # every pooled cache is busy: use a private one
                 best = Slot(self._new_cache(), pooled=False)
             best.in_use = True
-        kept = best.cache.truncate(min(shared, len(ids) - 1)) if best.token_ids else 0
+        # always cut: whatever the cache holds beyond the shared ids is another request's KV
+        kept = best.cache.truncate(max(0, min(shared, len(ids) - 1)))
         best.token_ids = list(ids[:kept])
         return best
 
     def release(self, slot: Slot, token_ids: Sequence[int]) -> None:
-        """Give ``slot`` back; its cache now holds ``token_ids``."""
+        """Give ``slot`` back; its cache holds the KV of ``token_ids[:cache.length]``.
+
+        KV the ids do not account for is cut off, so the slot never offers it again.
+        """
         with self._lock:
-            slot.token_ids = list(token_ids[: slot.cache.length])
+            kept = slot.cache.truncate(min(len(token_ids), slot.cache.length))
+            slot.token_ids = list(token_ids[:kept])
             slot.in_use = False
+
+    def slots(self) -> list[Slot]:
+        """The pooled slots (a copy of the list)."""
+        with self._lock:
+            return list(self._slots)
 
     def clear(self) -> None:
         with self._lock:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from edge_infer.sampling import SamplingParams
+from edge_infer.generation.sampling import SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 

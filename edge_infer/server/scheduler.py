@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from edge_infer.batching import forward_step
-from edge_infer.generation import Generation, Piece
+from edge_infer.generation.batch import forward_step
+from edge_infer.generation.runner import Runner
+from edge_infer.generation.sequence import Generation, Piece
 
 log = logging.getLogger("edge_infer.server")
 
@@ -73,14 +74,14 @@ class Scheduler:
 
     def __init__(
         self,
-        backend: Any,
+        runner: Runner,
         max_active: int = 8,
         prefill_step: int = PREFILL_STEP,
         start: bool = True,
     ) -> None:
         if max_active < 1:
             raise ValueError("max_active must be >= 1")
-        self.backend = backend
+        self.runner = runner
         self.max_active = max_active
         self.prefill_step = prefill_step
         self._waiting: deque[Job] = deque()
@@ -184,7 +185,7 @@ class Scheduler:
         live = [j for j in jobs if j not in done and j.task is not None]
         gens = [j.task.generation for j in live if j.task.generation.next_input is not None]
         try:
-            forward_step(self.backend, gens)
+            forward_step(self.runner, gens)
         except Exception as exc:
             log.exception("batched forward pass failed")
             for job in live:

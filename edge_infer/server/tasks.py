@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge_infer.agent_turn import AgentTurn
-from edge_infer.engine import Engine, Usage
-from edge_infer.generation import Generation, Piece
-from edge_infer.sampling import SamplingParams
+from edge_infer.agents.turn import AgentTurn
+from edge_infer.engine import Engine
+from edge_infer.generation.runner import Runner
+from edge_infer.generation.sampling import SamplingParams
+from edge_infer.generation.sequence import Generation, Piece, Usage
 from edge_infer.server.conversation import split_request_messages
-from edge_infer.server.prefix_pool import PrefixPool
+from edge_infer.server.prefix_pool import PrefixPool, Slot
 
 
 def agent_task(
@@ -24,31 +25,29 @@ def agent_task(
 
 
 class StatelessTask:
-    """A generation on a borrowed prefix cache, given back when it ends."""
+    """A generation on a borrowed prefix cache, given back when it ends, however it ends."""
 
     def __init__(
-        self, engine: Engine, pool: PrefixPool, ids: list[int], params: SamplingParams
+        self, runner: Runner, pool: PrefixPool, ids: list[int], params: SamplingParams
     ) -> None:
-        engine._check_fits(len(ids))
+        runner.check_fits(len(ids))
         self._pool = pool
-        self._slot = pool.acquire(ids)
-        self._released = False
+        slot = pool.acquire(ids)
         try:
-            self.generation = Generation(engine, ids, params, self._slot.cache, Usage())
+            self.generation = Generation(runner, ids, params, slot.cache, Usage())
         except BaseException:
-            self.finish()
+            pool.release(slot, slot.token_ids)  # untouched: it holds what it held
             raise
+        self._slot: Slot | None = slot
 
     def record(self, pieces: list[Piece]) -> list[str]:
         return [text for _, text in pieces if text]
 
-    def finish(self) -> Usage | None:
-        gen = getattr(self, "generation", None)
-        if not self._released:
-            self._released = True
-            ids = gen.prompt_ids + gen.generated if gen is not None else []
-            self._pool.release(self._slot, ids)
-        if gen is None:
-            return None
+    def finish(self) -> Usage:
+        """Stop the generation and give the cache back with the ids whose KV it holds."""
+        gen = self.generation
         gen.cancel()
+        if self._slot is not None:
+            slot, self._slot = self._slot, None
+            self._pool.release(slot, gen.prompt_ids + gen.generated)
         return gen.usage

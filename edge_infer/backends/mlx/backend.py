@@ -20,7 +20,7 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from edge_infer.backends.base import check_batch
 from edge_infer.backends.mlx.kv_cache import MLXCache
 from edge_infer.errors import ModelFormatError, UnsupportedModelError
-from edge_infer.models.affine import QuantizedWeight
+from edge_infer.formats.affine import QuantizedWeight
 from edge_infer.models.spec import LoadedModel, ModelConfig, Weight
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}

@@ -13,8 +13,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from edge_infer.cache_store.blocks import key_bounds, tokens_to_block_end, truncation
-from edge_infer.cache_store.kv_format import KVBlock, LayerKV, QuantizedKV
+from edge_infer.cache_store.blocks import KVBlock, key_bounds, tokens_to_block_end, truncation
+from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV
 from edge_infer.cache_store.rotation import hadamard
 
 DEFAULT_BLOCK_SIZE = 256

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from edge_infer.backends.torch.kv_attention import attend_new_tokens, attend_tokens
 from edge_infer.backends.torch.kv_cache import TorchKVCache
 from edge_infer.backends.torch.linear import COMPUTE_DTYPE, concat_weights, make_linear
-from edge_infer.models.affine import QuantizedWeight
+from edge_infer.formats.affine import QuantizedWeight
 from edge_infer.models.spec import LoadedModel, Weight
 
 # Candidates of the output head recomputed exactly in float32 per position.

@@ -20,8 +20,8 @@ import torch
 from edge_infer.backends.torch.buffer_pool import POOL
 from edge_infer.backends.torch.host_memory import carve, carved_nbytes
 from edge_infer.backends.torch.kv_quant import dequantize_kv, quantize_kv
-from edge_infer.cache_store.blocks import key_bounds, tokens_to_block_end, truncation
-from edge_infer.cache_store.kv_format import KVBlock, LayerKV, QuantizedKV
+from edge_infer.cache_store.blocks import KVBlock, key_bounds, tokens_to_block_end, truncation
+from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV
 from edge_infer.cache_store.rotation import hadamard
 
 DEFAULT_BLOCK_SIZE = 256

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from edge_infer.models.affine import QuantizedWeight
+from edge_infer.formats.affine import QuantizedWeight
 from edge_infer.models.spec import Weight
 
 COMPUTE_DTYPE = torch.bfloat16

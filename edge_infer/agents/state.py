@@ -1,0 +1,68 @@
+"""What an agent holds between turns, and fitting its conversation into the context."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_infer.backends.base import KVCache
+from edge_infer.cache_store import KVBlock
+from edge_infer.errors import ContextLengthError
+
+OVERFLOW_POLICIES = ("error", "drop_oldest")
+
+
+@dataclass
+class AgentInfo:
+    """One agent as listed by :meth:`Engine.agents`."""
+
+    name: str
+    tokens: int
+    bytes_in_memory: int
+    bytes_on_disk: int
+    last_used: float
+    messages: int
+
+
+@dataclass
+class AgentState:
+    """What the engine holds for one agent between turns."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    token_ids: list[int] = field(default_factory=list)  # ids the blocks/cache hold
+    blocks: list[KVBlock] = field(default_factory=list)  # exported form of the cache
+    cache: KVCache | None = None  # live backend cache (hot), or None
+    last_used: float = 0.0
+    busy: int = 0  # turns in progress (guarded by ``lock``)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
+def fit_messages(
+    render: Callable[[list[dict[str, Any]]], list[int]],
+    messages: list[dict[str, Any]],
+    limit: int,
+    policy: str,
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Drop the oldest turns after the system prompt until the rendered ids fit ``limit``."""
+    ids = render(messages)
+    if len(ids) < limit:
+        return messages, ids
+    if policy != "drop_oldest":
+        raise ContextLengthError(
+            f"the conversation needs {len(ids)} tokens but the model's context is {limit} "
+            "(to drop the oldest turns instead: overflow='drop_oldest' in Python, "
+            "--drop-oldest for edge-infer chat, or /reset)"
+        )
+    head = 1 if messages and messages[0]["role"] == "system" else 0
+    kept = list(messages)
+    while len(ids) >= limit and len(kept) - head > 1:
+        del kept[head]
+        ids = render(kept)
+    if len(ids) >= limit:
+        raise ContextLengthError(
+            f"the last message alone needs {len(ids)} tokens; the model's context is {limit}"
+        )
+    return kept, ids

@@ -1,0 +1,1 @@
+"""Byte layouts shared by model loading and the cache store (affine 4-bit, safetensors)."""

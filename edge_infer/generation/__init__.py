@@ -1,0 +1,1 @@
+"""Generating tokens: the runner (prefill, fits-check, logits), sequences, batches, sampling."""

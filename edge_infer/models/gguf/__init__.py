@@ -1,0 +1,1 @@
+"""GGUF model files: the container reader, ggml quant types, and the loader."""

@@ -1,0 +1,1 @@
+"""Hugging Face / MLX model folders: safetensors files, config and tokenizer files."""

@@ -1,0 +1,181 @@
+"""Load a Hugging Face (fp16/bf16) or MLX-quantized model directory into a LoadedModel."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_infer.errors import ModelFormatError, UnsupportedModelError
+from edge_infer.formats.affine import QuantizedWeight, quantize
+from edge_infer.models.fingerprint import file_digest, files_digest, text_digest
+from edge_infer.models.hf.safetensors import SafetensorsFile
+from edge_infer.models.spec import LoadedModel, ModelConfig, Weight, required_weights
+from edge_infer.models.tokenizer import Tokenizer
+
+HF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+DEFAULT_BITS, DEFAULT_GROUP = 4, 64
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json of a model directory, with a clear error when absent or broken."""
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelFormatError(f"{path}: not a model directory (no config.json)")
+    try:
+        return json.loads(cfg_path.read_text())
+    except ValueError as exc:
+        raise ModelFormatError(f"{cfg_path}: not valid JSON ({exc})") from None
+
+
+def llama3_factors(inv_freq: np.ndarray, scaling: dict[str, Any]) -> np.ndarray:
+    """Per-frequency divisors of Llama 3's rope scaling."""
+    factor = float(scaling["factor"])
+    low, high = (
+        float(scaling.get("low_freq_factor", 1.0)),
+        float(scaling.get("high_freq_factor", 4.0)),
+    )
+    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    smooth = np.clip((old_ctx / wavelen - low) / (high - low), 0.0, 1.0)
+    new_inv = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq / new_inv
+
+
+def config_from_hf(raw: dict[str, Any], path: Path) -> ModelConfig:
+    """Our ModelConfig from a Hugging Face config.json."""
+    arch = raw.get("model_type", "")
+    if arch not in HF_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{path}: model_type {arch or '(none)'!r} is not supported "
+            f"(supported: {', '.join(HF_ARCHITECTURES)})"
+        )
+    try:
+        hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+        cfg = ModelConfig(
+            arch="llama" if arch == "mistral" else arch,
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            context_length=int(raw.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", arch == "qwen2" and False)),
+            attention_bias=bool(raw.get("attention_bias", arch == "qwen2")),
+        )
+    except KeyError as exc:
+        raise ModelFormatError(f"{path}/config.json: missing key {exc}") from None
+    scaling = raw.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("rope_type") or scaling.get("type")
+        half = cfg.head_dim // 2
+        if kind == "linear":
+            factors = np.full(half, float(scaling["factor"]))
+        elif kind == "llama3":
+            factors = llama3_factors(cfg.rope_inv_freq(), scaling)
+        elif kind == "default":
+            factors = None
+        else:
+            raise UnsupportedModelError(
+                f"{path}: rope scaling {kind!r} is not supported (linear, llama3)"
+            )
+        if factors is not None:
+            from dataclasses import replace
+
+            cfg = replace(cfg, rope_freq_factors=tuple(float(f) for f in factors))
+    return cfg
+
+
+def _quant_settings(raw: dict[str, Any], module: str) -> tuple[int, int] | None:
+    q = raw.get("quantization") or raw.get("quantization_config")
+    if not q:
+        return None
+    layer = q.get(module)
+    if layer is False:
+        return None
+    if isinstance(layer, dict):
+        return int(layer["bits"]), int(layer["group_size"])
+    return int(q.get("bits", DEFAULT_BITS)), int(q.get("group_size", DEFAULT_GROUP))
+
+
+def load_hf_dir(
+    path: Path,
+    progress: Callable[[int, int], None] | None = None,
+    bits: int = DEFAULT_BITS,
+    group_size: int = DEFAULT_GROUP,
+) -> LoadedModel:
+    """Load a directory of config.json + *.safetensors + tokenizer files."""
+    raw = read_config(path)
+    config = config_from_hf(raw, path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelFormatError(f"{path}: no .safetensors weight files")
+    try:
+        tokenizer = Tokenizer.from_hf_dir(path)
+    except (OSError, ValueError) as exc:
+        raise ModelFormatError(f"{path}: tokenizer: {exc}") from None
+    tensors: dict[str, tuple[SafetensorsFile, str]] = {}
+    for f in files:
+        st = SafetensorsFile(f)
+        for name in st.names():
+            tensors[name] = (st, name)
+    weights: dict[str, Weight] = {}
+    matrices = [n for n in tensors if n.endswith(".weight")]
+    for i, name in enumerate(matrices):
+        st, _ = tensors[name]
+        module = name[: -len(".weight")]
+        arr = st.get(name)
+        if arr.dtype == np.uint32:  # MLX-quantized: weight (packed) + scales + biases
+            settings = _quant_settings(raw, module)
+            if settings is None or f"{module}.scales" not in tensors:
+                raise ModelFormatError(f"{path}: {name} is packed but has no quantization settings")
+            q_bits, q_group = settings
+            scales = tensors[f"{module}.scales"][0].get(f"{module}.scales")
+            biases = tensors[f"{module}.biases"][0].get(f"{module}.biases")
+            weights[name] = QuantizedWeight(
+                np.ascontiguousarray(arr),
+                scales.astype(np.float16),
+                biases.astype(np.float16),
+                q_bits,
+                q_group,
+            )
+        elif arr.ndim == 2 and bits < 16:
+            group = group_size if arr.shape[1] % group_size == 0 else 32
+            weights[name] = quantize(np.asarray(arr, dtype=np.float32), bits=bits, group_size=group)
+        else:
+            weights[name] = np.asarray(arr, dtype=np.float32)
+        if progress:
+            progress(i + 1, len(matrices))
+    for name in tensors:
+        if name.endswith(".bias"):
+            weights[name] = np.asarray(tensors[name][0].get(name), dtype=np.float32)
+    if "lm_head.weight" not in weights and not config.tie_word_embeddings:
+        from dataclasses import replace
+
+        config = replace(config, tie_word_embeddings=True)
+    missing = [n for n in required_weights(config) if n not in weights]
+    if missing:
+        raise ModelFormatError(f"{path}: missing tensors: {', '.join(missing[:5])}")
+    tok_file = path / "tokenizer.json"
+    q = raw.get("quantization")
+    return LoadedModel(
+        config=config,
+        weights=weights,
+        tokenizer=tokenizer,
+        source=path,
+        name=str(raw.get("_name_or_path") or path.name),
+        quantization=f"MLX {q.get('bits')}-bit" if q else f"{bits}-bit (quantized on load)",
+        fingerprint_parts={
+            "weights": files_digest(files),
+            "tokenizer": file_digest(tok_file) if tok_file.is_file() else "",
+            "chat_template": text_digest(tokenizer.chat_template or ""),
+        },
+    )

@@ -1,0 +1,271 @@
+"""The daemon's pure parts: message merging, request parsing, the fair scheduler, prefix reuse."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pydantic import ValidationError
+
+from edge_infer.cli.serve import is_loopback
+from edge_infer.generation.sampling import SamplingParams
+from edge_infer.server.conversation import split_request_messages
+from edge_infer.server.prefix_pool import PrefixPool
+from edge_infer.server.protocol import ChatCompletionRequest, CompletionRequest
+from edge_infer.server.scheduler import Cancelled, Job, Scheduler, ShuttingDown
+from edge_infer.server.tasks import StatelessTask
+
+
+def u(text):
+    return {"role": "user", "content": text}
+
+
+def a(text):
+    return {"role": "assistant", "content": text}
+
+
+SYS = {"role": "system", "content": "Be brief."}
+
+
+# -- conversation ------------------------------------------------------------------------
+
+
+def test_new_messages_only():
+    assert split_request_messages([u("hi"), a("hello")], [u("next")]) == (None, [u("next")])
+
+
+def test_full_history_is_not_repeated():
+    stored = [SYS, u("hi"), a("hello")]
+    assert split_request_messages(stored, [SYS, u("hi"), a("hello"), u("next")]) == (
+        "Be brief.",
+        [u("next")],
+    )
+
+
+def test_diverging_history_is_appended_whole():
+    stored = [u("hi"), a("hello")]
+    got = split_request_messages(stored, [u("hi"), a("HELLO"), u("next")])
+    assert got == (None, [u("hi"), a("HELLO"), u("next")])
+
+
+def test_system_only_request_is_refused():
+    with pytest.raises(ValueError, match="no new message"):
+        split_request_messages([], [SYS])
+
+
+# -- protocol ------------------------------------------------------------------------------
+
+
+def test_request_options_become_sampling_params():
+    req = ChatCompletionRequest.model_validate(
+        {
+            "messages": [u("x")],
+            "max_tokens": 5,
+            "temperature": 0,
+            "top_p": 0.5,
+            "stop": "END",
+            "seed": 3,
+            "unknown_field": 1,
+        }
+    )
+    p = req.sampling(default_max_tokens=99)
+    assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.seed) == (5, 0, 0.5, ("END",), 3)
+    assert (
+        ChatCompletionRequest.model_validate({"messages": [u("x")]}).sampling(99).max_tokens == 99
+    )
+
+
+def test_content_parts_and_developer_role():
+    req = ChatCompletionRequest.model_validate(
+        {
+            "messages": [
+                {"role": "developer", "content": "rules"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                },
+            ]
+        }
+    )
+    assert req.message_dicts() == [{"role": "system", "content": "rules"}, u("ab")]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": []},
+        {"messages": [u("x")], "n": 3},
+        {"messages": [u("x")], "top_p": 0},
+        {"messages": [u("x")], "stop": [""]},
+        {"messages": [{"role": "robot", "content": "x"}]},
+    ],
+)
+def test_bad_requests_are_refused(body):
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate(body)
+
+
+def test_completion_prompt_list_of_one():
+    assert CompletionRequest.model_validate({"prompt": ["hi"]}).prompt_text() == "hi"
+    with pytest.raises(ValueError, match="one string"):
+        CompletionRequest.model_validate({"prompt": ["a", "b"]}).prompt_text()
+
+
+def test_loopback_hosts():
+    assert all(map(is_loopback, ["127.0.0.1", "localhost", "::1", "[::1]", "127.1.2.3"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "192.168.1.4", "::", "example.com"]))
+
+
+# -- scheduler (real generations on the default model) ---------------------------------------
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6)
+
+
+class Logged:
+    """A stateless task that also notes (key, text) in a shared log as it goes."""
+
+    def __init__(self, key, eng, prompt, log, params=GREEDY):
+        self.key, self.log = key, log
+        self.inner = StatelessTask(
+            eng.runner, PrefixPool(eng.runner.new_cache, 0), eng.tokenize(prompt), params
+        )
+        self.generation = self.inner.generation
+
+    def record(self, pieces):
+        texts = self.inner.record(pieces)
+        self.log += [(self.key, t) for t in texts]
+        return texts
+
+    def finish(self):
+        self.log.append((self.key, "<done>"))
+        return self.inner.finish()
+
+
+def run_jobs(scheduler, specs, start=True):
+    """Submit (key, make) jobs together; return each job's events."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        jobs = [scheduler.submit(Job(key, make, loop)) for key, make in specs]
+        scheduler.start()
+        out = []
+        for job in jobs:
+            events = []
+            while True:
+                kind, value = await job.events.get()
+                events.append((kind, value))
+                if kind != "text":
+                    break
+            out.append(events)
+        return out
+
+    try:
+        return asyncio.run(main())
+    finally:
+        scheduler.stop()
+
+
+def texts(events):
+    return "".join(v for k, v in events if k == "text")
+
+
+def test_different_agents_decode_together_and_match_running_alone(torch_engine):
+    eng, log = torch_engine, []
+    prompts = {"A": "The capital of France is", "B": "One, two, three,"}
+    s = Scheduler(eng.runner, max_active=4, start=False)
+    out = run_jobs(s, [(k, lambda k=k, p=p: Logged(k, eng, p, log)) for k, p in prompts.items()])
+    for prompt, events in zip(prompts.values(), out, strict=True):
+        assert texts(events) == eng.generate(prompt, GREEDY)
+        assert events[-1][0] == "done" and events[-1][1].completion_tokens == 6
+    keys = [k for k, _ in log]
+    assert keys.index("B") < keys.index("A", keys.index("A") + 1)  # interleaved, not one by one
+
+
+def test_one_agent_runs_one_job_at_a_time(torch_engine):
+    eng, log = torch_engine, []
+    s = Scheduler(eng.runner, max_active=4, start=False)
+    specs = [
+        ("A", lambda: Logged("A1", eng, "Hello", log)),
+        ("A", lambda: Logged("A2", eng, "Goodbye", log)),
+        ("B", lambda: Logged("B", eng, "Cats are", log)),
+    ]
+    run_jobs(s, specs)
+    names = [k for k, _ in log]
+    assert names.index("A2") > names.index("A1") and log.index(("A1", "<done>")) < names.index("A2")
+    assert names.index("B") < log.index(("A1", "<done>"))  # B did not wait behind A's queue
+
+
+def test_max_active_one_runs_jobs_one_after_another(torch_engine):
+    eng, log = torch_engine, []
+    s = Scheduler(eng.runner, max_active=1, start=False)
+    run_jobs(
+        s, [("A", lambda: Logged("A", eng, "Hi", log)), ("B", lambda: Logged("B", eng, "Yo", log))]
+    )
+    names = [k for k, _ in log]
+    assert names == sorted(names) and names[-1] == "B"
+
+
+def test_a_failing_request_is_reported_and_the_others_go_on(torch_engine):
+    eng, log = torch_engine, []
+
+    def bad():
+        raise ValueError("boom")
+
+    s = Scheduler(eng.runner, start=False)
+    out = run_jobs(s, [("A", bad), ("B", lambda: Logged("B", eng, "Hello", log))])
+    assert out[0] == [("error", out[0][0][1])] and str(out[0][0][1]) == "boom"
+    assert out[1][-1][0] == "done"
+
+
+def test_cancel_finishes_the_task_and_stop_refuses_new_work(torch_engine):
+    eng, log = torch_engine, []
+    tasks = []
+
+    def make():
+        t = Logged(
+            "A", eng, "Tell me a story", log, SamplingParams(max_tokens=500, ignore_eos=True)
+        )
+        tasks.append(t)
+        return t
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = Scheduler(eng.runner)
+        job = s.submit(Job("A", make, loop))
+        await job.events.get()
+        job.cancel()
+        last = None
+        while (last := await job.events.get())[0] == "text":
+            pass
+        s.stop()
+        with pytest.raises(ShuttingDown):
+            s.submit(Job("B", make, loop))
+        return last
+
+    last = asyncio.run(main())
+    assert last[0] == "error" and isinstance(last[1], Cancelled)
+    usage = tasks[0].generation.usage
+    assert usage.finish_reason == "cancelled" and usage.completion_tokens < 500
+
+
+# -- prefix pool on a real cache ----------------------------------------------------------------
+
+
+def test_prefix_pool_reuses_the_longest_prefix(torch_engine):
+    eng = torch_engine
+    pool = PrefixPool(eng.runner.new_cache, max_slots=2)
+    ids = eng.tokenize("The quick brown fox jumps over the lazy dog")
+    slot = pool.acquire(ids)
+    assert slot.cache.length == 0
+    eng.runner.prefill(ids, slot.cache)
+    pool.release(slot, ids)
+    longer = ids + eng.tokenize(" and runs away", add_bos=False)
+    again = pool.acquire(longer)
+    assert again is slot and again.cache.length == len(ids) == len(again.token_ids)
+    other = pool.acquire(eng.tokenize("Completely different"))
+    assert other is not slot and other.cache.length == 0
+    pool.release(other, [])
+    # the same prompt again keeps all but the last token, which must be recomputed
+    pool.release(again, ids)
+    third = pool.acquire(ids)
+    assert third is slot and third.cache.length == len(ids) - 1
