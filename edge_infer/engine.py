@@ -44,7 +44,9 @@ class Engine:
         self.model = model
         self.backend = backend
         self.tokenizer = model.tokenizer
-        self.runner = Runner(backend, model.tokenizer, prefill_chunk)
+        self.runner = Runner(
+            backend, model.tokenizer, model.config.context_length, prefill_chunk
+        )
         self.agent_manager = AgentManager(self.runner, agent_store(model, backend))
         self.last_usage = Usage()
 

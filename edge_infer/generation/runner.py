@@ -20,21 +20,22 @@ class Runner:
     """Runs prompts through one backend: chunked prefill, single steps, chat-template ids."""
 
     def __init__(
-        self, backend: Backend, tokenizer: Tokenizer, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+        self,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        context_length: int,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
         self.backend = backend
         self.tokenizer = tokenizer
+        self.context_length = context_length  # the model's: prompt and reply together
         self.prefill_chunk = prefill_chunk
         try:  # ready for the first chat; an invalid template is reported when a chat uses it
             compile_template(tokenizer.chat_template)
         except ValueError:
             pass
-
-    @property
-    def context_length(self) -> int:
-        return self.backend.config.context_length
 
     def new_cache(self) -> KVCache:
         """An empty KV cache for one sequence."""
