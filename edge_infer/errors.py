@@ -25,3 +25,7 @@ class ContextLengthError(EdgeInferError):
 
 class BackendUnavailableError(EdgeInferError):
     """The requested backend cannot run on this machine (package or device missing)."""
+
+
+class GrammarError(EdgeInferError):
+    """A JSON schema, regex or grammar that constrained decoding cannot use."""

@@ -67,6 +67,10 @@ def run(
     raw: Annotated[bool, typer.Option("--raw", help="Plain completion: no chat template.")] = False,
     stats: Annotated[bool, typer.Option(help="Print token counts and speed to stderr.")] = True,
     kv_bits: Annotated[int, typer.Option(help="KV cache precision: 4, 8 or 16 (float16).")] = 4,
+    json_schema: Annotated[
+        Path | None,
+        typer.Option(help="Answer with JSON valid against the schema in this file."),
+    ] = None,
 ) -> None:
     """Answer one prompt, streaming the reply to stdout."""
     with user_errors():
@@ -74,8 +78,19 @@ def run(
             if sys.stdin.isatty():
                 raise ValueError("no prompt given (pass it as an argument or on stdin)")
             prompt = sys.stdin.read()
+        from edge_infer.generation.constraint import Grammar
         from edge_infer.generation.sampling import SamplingParams
 
+        grammar = None
+        if json_schema is not None:
+            try:
+                text = json_schema.read_text()
+            except OSError as exc:
+                raise ValueError(
+                    f"cannot read the JSON schema {json_schema}: {exc.strerror}"
+                ) from None
+            grammar = Grammar.json_schema(text)
+            grammar.compiled()  # an unusable schema fails here, before the model loads
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -86,6 +101,7 @@ def run(
             seed=seed,
             stop=tuple(stop or ()),
             ignore_eos=ignore_eos,
+            grammar=grammar,
         )
         eng = load_engine(model, backend, kv_bits)
         if raw:

@@ -37,6 +37,11 @@ class Runner:
         except ValueError:
             pass
 
+    @property
+    def vocab_size(self) -> int:
+        """Logits per position (may exceed the tokenizer's vocabulary)."""
+        return self.backend.config.vocab_size
+
     def new_cache(self) -> KVCache:
         """An empty KV cache for one sequence."""
         return self.backend.new_cache()

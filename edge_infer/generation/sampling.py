@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_infer.generation.constraint import Grammar, response_format_grammar, schema_grammar
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -23,6 +25,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    grammar: Grammar | None = None  # the output must match it (JSON schema, regex, Lark)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -45,7 +48,17 @@ class SamplingParams:
 
     @classmethod
     def from_kwargs(cls, params: SamplingParams | None = None, **kwargs: Any) -> SamplingParams:
-        """``params`` (or the defaults) with the non-None keyword overrides applied."""
+        """``params`` (or the defaults) with the non-None keyword overrides applied.
+
+        Besides the fields, ``json_schema=`` (a dict, JSON text or pydantic model) and
+        ``response_format=`` (OpenAI's shape) set ``grammar``.
+        """
+        schema = kwargs.pop("json_schema", None)
+        if schema is not None:
+            kwargs["grammar"] = schema_grammar(schema)
+        response_format = kwargs.pop("response_format", None)
+        if response_format is not None:
+            kwargs["grammar"] = response_format_grammar(response_format)
         known = {f.name for f in fields(cls)}
         unknown = set(kwargs) - known
         if unknown:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_infer.backends.base import KVCache
+from edge_infer.generation.constraint import TokenConstraint
 from edge_infer.generation.detokenize import IncrementalDetokenizer, StopMatcher
 from edge_infer.generation.runner import Runner
 from edge_infer.generation.sampling import Sampler, SamplingParams
@@ -58,6 +59,11 @@ class Generation:
         self.next_input: int | None = None  # the token whose forward pass comes next
         self._logits: np.ndarray | None = None
         self._sampler = Sampler(params)
+        self._constraint = (
+            TokenConstraint(params.grammar, runner.tokenizer, runner.vocab_size)
+            if params.grammar is not None
+            else None
+        )
         self._history = list(self.prompt_ids)
         self._detok = IncrementalDetokenizer(runner.tokenizer)
         self._stops = StopMatcher(params.stop)
@@ -100,9 +106,16 @@ class Generation:
         logits, self._logits, self.next_input = self._logits, None, None
         if usage.completion_tokens >= p.max_tokens:
             return self._finish("length")
+        constraint = self._constraint
+        if constraint is not None:
+            if constraint.done:
+                return self._finish("stop")
+            logits = constraint.apply(logits)  # EOS stays allowed once the output is complete
         token = self._sampler(logits, self._history)
         if token in self.runner.tokenizer.eos_ids and not p.ignore_eos:
             return self._finish("stop")
+        if constraint is not None:
+            constraint.accept(token)
         self._history.append(token)
         self.generated.append(token)
         usage.completion_tokens += 1
@@ -110,6 +123,8 @@ class Generation:
         pieces: list[Piece] = [(token, text)]
         if stopped:
             return pieces + self._finish("stop", stopped=True)
+        if constraint is not None and constraint.done:
+            return pieces + self._finish("stop")
         room = self.cache.length + 1 < self.runner.context_length
         if usage.completion_tokens >= p.max_tokens or not room:
             return pieces + self._finish("length")

@@ -193,3 +193,22 @@ def test_debug_shows_the_traceback():
     proc = run_cli("--debug", "run", "--model", "/no/such/model.gguf", "hi")
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "ModelNotFoundError" in proc.stderr
+
+
+def test_run_answers_in_json_with_a_schema_file(tmp_path):
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    proc = run_cli("run", "--temperature", "0", "--json-schema", str(path), "Name a city.")
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(proc.stdout)) == {"city"}
+    path.write_text(json.dumps({"type": "object", "$dynamicRef": "#x"}))
+    bad = run_cli("run", "--json-schema", str(path), "Name a city.")
+    assert_one_line_error(bad, "$dynamicRef")
+    missing = run_cli("run", "--json-schema", str(tmp_path / "nope.json"), "Name a city.")
+    assert_one_line_error(missing, "nope.json")
