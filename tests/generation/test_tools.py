@@ -1,0 +1,138 @@
+"""Tool calls: parsing each family's format, and grammars that only allow valid calls."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from edge_infer.errors import GrammarError
+from edge_infer.generation.constraint import TokenConstraint
+from edge_infer.generation.sampling import SamplingParams
+from edge_infer.generation.tools import (
+    Tool,
+    call_format,
+    call_grammar,
+    parse_tool_calls,
+    parse_tools,
+    tool_prompt,
+)
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 30},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+
+
+def test_parse_tools_names_the_bad_entry():
+    tools = parse_tools([WEATHER, TIME])
+    assert [t.name for t in tools] == ["get_weather", "get_time"]
+    assert tools[0].openai() == WEATHER
+    for bad, where in (
+        ("x", "list"),
+        ([{"type": "retrieval"}], "tools[0]"),
+        ([{"type": "function", "function": {}}], "tools[0].function"),
+        ([WEATHER, WEATHER], "same name"),
+    ):
+        with pytest.raises(ValueError, match=where.replace("[", r"\[").replace("]", r"\]")):
+            parse_tools(bad)
+
+
+def test_formats_from_templates():
+    assert call_format(None) == "hermes"
+    assert call_format("{{ '[TOOL_CALLS]' }}") == "mistral"
+    assert call_format("{% if ipython %}<|python_tag|>{% endif %}") == "llama3"
+    assert call_format("{% for t in tools %}<tool_call>{% endfor %}") == "hermes"
+
+
+@pytest.mark.parametrize(
+    "fmt, text, rest, calls",
+    [
+        (
+            "hermes",
+            'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": '
+            '{"city": "Lisbon", "unit": "celsius"}}\n</tool_call>',
+            "Let me check.",
+            [("get_weather", {"city": "Lisbon", "unit": "celsius"})],
+        ),
+        (
+            "hermes",
+            '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+            '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}'
+            "</tool_call>",
+            "",
+            [("get_time", {}), ("get_weather", {"city": "Oslo"})],
+        ),
+        ("hermes", "<tool_call>{not json}</tool_call>", None, []),
+        ("hermes", "no call here", None, []),
+        (
+            "llama3",
+            '<|python_tag|>{"name": "get_time", "parameters": {"tz": "UTC"}}',
+            "",
+            [("get_time", {"tz": "UTC"})],
+        ),
+        ("llama3", 'It is {"name": "x"} maybe', None, []),
+        (
+            "mistral",
+            'Sure [TOOL_CALLS] [{"name": "get_time", "arguments": {}}]',
+            "Sure",
+            [("get_time", {})],
+        ),
+        ("mistral", "[TOOL_CALLS] nothing", None, []),
+    ],
+)
+def test_parse_calls(fmt, text, rest, calls):
+    got_text, got = parse_tool_calls(text, fmt)
+    assert got_text == (text if rest is None else rest)
+    assert [(c.name, json.loads(c.arguments)) for c in got] == calls
+    assert len({c.id for c in got}) == len(got)
+
+
+def test_the_generic_prompt_lists_every_tool():
+    prompt = tool_prompt(parse_tools([WEATHER, TIME]))
+    assert "get_weather" in prompt and "get_time" in prompt and "<tool_call>" in prompt
+
+
+def test_call_grammar_refuses_an_unknown_named_tool():
+    with pytest.raises(GrammarError, match="nope"):
+        call_grammar(parse_tools([WEATHER]), "hermes", only="nope")
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "llama3", "mistral"])
+def test_grammar_compiles_for_every_format(torch_engine, fmt):
+    grammar = call_grammar(parse_tools([WEATHER, TIME]), fmt)
+    TokenConstraint(grammar, torch_engine.tokenizer, torch_engine.runner.vocab_size)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_even_the_small_model_makes_a_valid_call_under_the_grammar(torch_engine, seed):
+    tools = parse_tools([WEATHER])
+    messages = [
+        {"role": "system", "content": tool_prompt(tools)},
+        {"role": "user", "content": "What is the weather like in Paris?"},
+    ]
+    grammar = call_grammar(tools, "hermes", parallel=False)
+    params = SamplingParams(temperature=0.7, seed=seed, max_tokens=80, grammar=grammar)
+    text = torch_engine.chat(messages, params)
+    rest, calls = parse_tool_calls(text, "hermes")
+    assert rest == "" and [c.name for c in calls] == ["get_weather"]
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER["function"]["parameters"])
+
+
+def test_tool_is_plain_data():
+    t = Tool("f", "", {"type": "object"})
+    assert t.openai()["function"]["name"] == "f"
