@@ -70,5 +70,8 @@ def run_bounded(
         chunks.append(chunk)
     os.close(read_end)
     if not chunks:
-        return {"outcome": "killed", "reason": f"child ended without a result (status {status})"}
+        return {
+            "outcome": "killed",
+            "reason": f"child ended without a result (status {status}; out of memory?)",
+        }
     return json.loads(b"".join(chunks))
