@@ -194,3 +194,13 @@ def test_templates_without_tools_get_the_hermes_form():
     _, calls = parse_tool_calls(messages[2]["content"], "hermes")
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Oslo"})]
     assert messages[3]["content"] == "<tool_response>\n3 C\n</tool_response>"
+
+
+def test_the_runner_renders_a_tool_conversation_on_the_default_model(torch_engine):
+    runner = torch_engine.runner
+    tools = parse_tools([WEATHER])
+    text = runner.render_chat(CONVERSATION, tools=tools)
+    assert "<tools>" in text and "<tool_call>" in text and "<tool_response>\n3 C" in text
+    assert runner.chat_ids(CONVERSATION, tools=tools) == torch_engine.tokenize(text)
+    plain = [{"role": "user", "content": "Hi"}]
+    assert runner.chat_ids(plain) == torch_engine.chat_ids(plain)
