@@ -133,6 +133,17 @@ def render_chat(
         raise ValueError(f"chat template rendering failed: {exc}") from exc
 
 
+def _strings(value: Any) -> list[str]:
+    """Every string in ``value`` (nested dicts, lists and tuples), keys included."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
 def _marker(texts: Sequence[str]) -> str:
     """A private-use character that occurs in none of ``texts``."""
     for code in range(0xE000, 0xF900):
@@ -156,9 +167,10 @@ def render_chat_parts(
     one of the ``special`` token texts, written by the template itself; the other pieces are
     text, in which special-token text that came from the messages stays plain text.
 
-    Special-token text inside the messages' strings is swapped for placeholders before
-    rendering and restored after the prompt is split at the template's own special tokens,
-    so the template sees (and transforms) it as text; joining every piece gives exactly what
+    Special-token text in every string of the messages and of ``extra`` (tool definitions,
+    tool-call arguments, at any depth) is swapped for placeholders before rendering and
+    restored after the prompt is split at the template's own special tokens, so the template
+    sees (and transforms) it as text; joining every piece gives exactly what
     :func:`render_chat` gives.
     """
     validate_messages(messages)
@@ -174,25 +186,30 @@ def render_chat_parts(
         )
         return [(text, False)] if text else []
     finder = re.compile("|".join(re.escape(s) for s in specials))
-    strings = [v for m in messages for v in m.values() if isinstance(v, str)]
+    strings = _strings([messages, extra])
     mark = _marker([*strings, template or DEFAULT_CHAT_TEMPLATE, *specials])
     literal: list[str] = []
 
-    def hide(match: re.Match) -> str:
+    def placeholder_of(match: re.Match) -> str:
         literal.append(match.group(0))
         return f"{mark}{len(literal) - 1}{mark}"
 
-    hidden = [
-        {k: finder.sub(hide, v) if isinstance(v, str) else v for k, v in m.items()}
-        for m in messages
-    ]
+    def hide(value: Any) -> Any:
+        if isinstance(value, str):
+            return finder.sub(placeholder_of, value)
+        if isinstance(value, Mapping):
+            return {k: hide(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [hide(v) for v in value]
+        return value
+
     rendered = render_chat(
         template,
-        hidden,
+        hide(messages),
         add_generation_prompt=add_generation_prompt,
         bos_token=bos_token,
         eos_token=eos_token,
-        **extra,
+        **hide(extra),
     )
     placeholder = re.compile(f"{re.escape(mark)}([0-9]+){re.escape(mark)}")
 

@@ -714,6 +714,19 @@ def test_a_template_that_transforms_content_still_sees_text() -> None:
     assert parts[1] == ("\ue0000\ue000 <|im_end|>", False)
 
 
+def test_special_token_text_in_nested_values_and_extra_is_plain_text() -> None:
+    template = (
+        "{% for t in tools %}<|im_start|>tool {{ t['description'] }}<|im_end|>{% endfor %}"
+        "{% for m in messages %}<|im_start|>{{ m['content'] }}"
+        "{% for c in m.get('calls', []) %} {{ c['args'] }}{% endfor %}<|im_end|>{% endfor %}"
+    )
+    messages = [{"role": "user", "content": "x", "calls": [{"args": "<|im_start|>"}]}]
+    tools = [{"description": "a <|im_end|> b"}]
+    parts = render_chat_parts(template, messages, ["<|im_start|>", "<|im_end|>"], tools=tools)
+    assert [p for p, markup in parts if markup] == ["<|im_start|>", "<|im_end|>"] * 2
+    assert ("tool a <|im_end|> b", False) in parts and ("x <|im_start|>", False) in parts
+
+
 def test_hf_tokenizer_with_stripping_special_tokens(tmp_path: Path) -> None:
     """A tokenizer.json written here: special tokens that strip whitespace around them split
     the same way, and content cannot forge them."""
