@@ -249,7 +249,9 @@ class Tokenizer:
 
         BOS is not doubled when the text itself already starts with the BOS token string.
         """
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL (encode holds it throughout): tokenizing a long text
+        # on a worker thread does not stall the others, such as the server's event loop
+        ids = self._backend.encode_batch([text], add_special_tokens=False)[0].ids
         if add_bos is None:
             add_bos = self.add_bos
         if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -13,7 +12,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge_infer.cache_store import InvalidAgentName, validate_agent_name
@@ -22,6 +22,7 @@ from edge_infer.errors import ContextLengthError, EdgeInferError
 from edge_infer.generation.sampling import SamplingParams
 from edge_infer.generation.sequence import Usage
 from edge_infer.server import protocol
+from edge_infer.server.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
 from edge_infer.server.prefix_pool import PrefixPool
 from edge_infer.server.scheduler import Cancelled, Job, Scheduler, ShuttingDown, Task
 from edge_infer.server.tasks import StatelessTask, agent_task
@@ -32,6 +33,26 @@ AGENT_HEADER = "x-agent-id"
 DEFAULT_MAX_TOKENS = 512
 DISCONNECT_POLL_S = 0.25
 PUBLIC_PATHS = ("/health",)
+
+# What each error status means, as the OpenAPI schema documents it.
+ERROR_MEANING = {
+    400: "Invalid request: malformed JSON or fields, a prompt longer than the context, a bad "
+    "agent id (the error names the field)",
+    401: "Missing or wrong API key",
+    403: "The request's Host or Origin is not this machine (served without an API key)",
+    404: "No such agent",
+    409: "An agent of that name already exists",
+    413: "The request body is larger than the server's limit",
+    503: "The server is shutting down",
+}
+SSE_RESPONSE = {
+    200: {
+        "description": "The completion as JSON, or with `stream: true` as server-sent events: "
+        '`data: {chunk JSON}` lines, an error chunk `data: {"error": ...}` if generation '
+        "fails, and `data: [DONE]` at the end",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
 
 
 class ApiError(Exception):
@@ -54,6 +75,11 @@ def _error_response(
     status: int, message: str, kind: str, code: str | None, param: str | None = None
 ) -> JSONResponse:
     return JSONResponse(protocol.error_json(message, kind, code, param), status_code=status)
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses a route answers."""
+    return {s: {"model": protocol.ErrorResponse, "description": ERROR_MEANING[s]} for s in statuses}
 
 
 def _as_api_error(exc: BaseException) -> ApiError:
@@ -84,6 +110,22 @@ class Service:
         self.model_id = model_id
         self.scheduler = Scheduler(engine.runner, max_active=max_active)
         self.prefix_pool = PrefixPool(engine.runner.new_cache, max_slots=2)
+        self.preparing = 0  # requests whose prompt is being rendered and tokenized
+
+    async def prepare(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` (rendering, tokenizing) on a worker thread: a long prompt takes
+        seconds, and the event loop must keep answering other requests meanwhile."""
+        self.preparing += 1
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except Exception as exc:
+            raise _as_api_error(exc) from None
+        finally:
+            self.preparing -= 1
+
+    def stats(self) -> dict[str, int]:
+        """Requests being prepared, decoding (active) and queued (waiting)."""
+        return {"preparing": self.preparing, **self.scheduler.stats()}
 
     def submit(self, key: str, make: Callable[[], Task]) -> Job:
         job = Job(key=key, make=make, loop=asyncio.get_running_loop())
@@ -193,8 +235,11 @@ def create_app(
     api_key: str | None = None,
     model_id: str | None = None,
     max_active: int = 8,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
-    """The FastAPI app serving ``engine``; with ``api_key`` every route but /health needs it."""
+    """The FastAPI app serving ``engine``; with ``api_key`` every route but /health needs it,
+    without one only requests addressed to this machine are served (see :class:`RequestGuard`).
+    Request bodies over ``max_body_bytes`` are refused."""
     service = Service(engine, model_id or engine.model.name, max_active=max_active)
 
     @asynccontextmanager
@@ -207,21 +252,11 @@ def create_app(
     app = FastAPI(title="edge-infer", lifespan=lifespan)
     app.state.service = service
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next: Callable) -> Response:
-        if api_key and request.url.path not in PUBLIC_PATHS:
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(
-                token.strip().encode(), api_key.encode()
-            ):
-                return _error_response(
-                    401,
-                    "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                    "authentication_error",
-                    "invalid_api_key",
-                )
-        return await call_next(request)
+    app.add_middleware(
+        RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes, public_paths=PUBLIC_PATHS
+    )
+    guarded = (401,) if api_key else (403,)
+    public = () if api_key else (403,)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -239,7 +274,8 @@ def create_app(
             elif not loc and e.get("type") in ("model_attributes_type", "dict_type"):
                 problems.append("the body must be a JSON object")
             else:
-                problems.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+                msg = str(e.get("msg")).removeprefix("Value error, ")
+                problems.append(f"{loc}: {msg}" if loc else msg)
         message = "invalid request: " + "; ".join(problems)
         body = protocol.error_json(message, "invalid_request_error", None, param)
         return JSONResponse(body, status_code=400)
@@ -247,7 +283,8 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(exc.status_code, str(exc.detail), kind, None)
+        code = "request_too_large" if exc.status_code == 413 else None
+        return _error_response(exc.status_code, str(exc.detail), kind, code)
 
     async def _mapped(request: Request, exc: Exception) -> JSONResponse:
         e = _as_api_error(exc)
@@ -255,18 +292,36 @@ def create_app(
 
     app.add_exception_handler(EdgeInferError, _mapped)
     app.add_exception_handler(ValueError, _mapped)
+    # anything else is our fault: still an error JSON, never a plain-text page
+    app.add_exception_handler(Exception, _mapped)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, less the 422 it assumes: validation errors are 400s here."""
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, routes=app.routes, description=app.description
+            )
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     # -- info --------------------------------------------------------------------------------
-    @app.get("/health")
+    @app.get("/health", responses=_errors(*public))
     async def health() -> dict[str, Any]:
         return {
             "status": "ok",
             "model": service.model_id,
             "backend": f"{engine.backend.name}/{engine.backend.device}",
-            **service.scheduler.stats(),
+            **service.stats(),
         }
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors(*guarded))
     async def list_models() -> dict[str, Any]:
         return {
             "object": "list",
@@ -282,7 +337,11 @@ def create_app(
         }
 
     # -- completions --------------------------------------------------------------------
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses={**SSE_RESPONSE, **_errors(400, *guarded, 413, 503)},
+    )
     async def chat_completions(
         req: protocol.ChatCompletionRequest, request: Request
     ) -> JSONResponse | StreamingResponse:
@@ -292,7 +351,7 @@ def create_app(
         if agent is not None:
             job = service.submit_agent(agent, messages, params)
         else:
-            job = service.submit_stateless(engine.chat_ids(messages), params)
+            job = service.submit_stateless(await service.prepare(engine.chat_ids, messages), params)
         rid = protocol.new_id("chatcmpl")
         first = await _first_event(job, request)
         if not req.stream:
@@ -318,7 +377,11 @@ def create_app(
             _stream_events(job, first, on_text, on_done), media_type="text/event-stream"
         )
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post(
+        "/v1/completions",
+        response_model=None,
+        responses={**SSE_RESPONSE, **_errors(400, *guarded, 413, 503)},
+    )
     async def completions(
         req: protocol.CompletionRequest, request: Request
     ) -> JSONResponse | StreamingResponse:
@@ -330,7 +393,7 @@ def create_app(
                 param="agent",
             )
         params = req.sampling(DEFAULT_MAX_TOKENS)
-        ids = engine.tokenize(req.prompt_text())
+        ids = await service.prepare(engine.tokenize, req.prompt_text())
         job = service.submit_stateless(ids, params)
         rid = protocol.new_id("cmpl")
         model = service.model_id
@@ -368,23 +431,27 @@ def create_app(
             raise ApiError(404, f"agent {name!r} not found", "not_found_error", "agent_not_found")
         return name
 
-    @app.get("/v1/agents")
+    @app.get("/v1/agents", responses=_errors(*guarded))
     def list_agents() -> dict[str, Any]:
         return {"object": "list", "data": [_agent_json(a) for a in engine.agents()]}
 
-    @app.get("/v1/agents/{agent_id}")
+    @app.get("/v1/agents/{agent_id}", responses=_errors(400, *guarded, 404))
     def get_agent(agent_id: str) -> dict[str, Any]:
         name = _existing(agent_id)
         agent = engine.agent(name)
         return {**_info(name), "system": agent.system, "conversation": agent.messages}
 
-    @app.delete("/v1/agents/{agent_id}")
+    @app.delete("/v1/agents/{agent_id}", responses=_errors(400, *guarded, 404))
     def delete_agent(agent_id: str) -> dict[str, Any]:
         name = _existing(agent_id)
         engine.delete_agent(name)
         return {"id": name, "object": "agent.deleted", "deleted": True}
 
-    @app.post("/v1/agents/{agent_id}/fork", status_code=201)
+    @app.post(
+        "/v1/agents/{agent_id}/fork",
+        status_code=201,
+        responses=_errors(400, *guarded, 404, 409, 413),
+    )
     def fork_agent(agent_id: str, req: protocol.ForkRequest) -> dict[str, Any]:
         name = _existing(agent_id)
         try:

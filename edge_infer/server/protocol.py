@@ -13,6 +13,19 @@ from edge_infer.generation.sampling import SamplingParams
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
+def check_text(text: str) -> str:
+    """``text`` if it is valid Unicode; JSON's ``\\ud800`` escapes can make lone surrogates,
+    which no tokenizer (and no UTF-8 encoder) accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"the text holds a lone UTF-16 surrogate ({text[exc.start]!r} at character "
+            f"{exc.start}), which is not valid Unicode"
+        ) from None
+    return text
+
+
 class ContentPart(BaseModel):
     """One part of a message's content; only text parts are understood."""
 
@@ -25,6 +38,16 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _valid_content(cls, content: str | list[ContentPart] | None) -> Any:
+        # checked here, not in ContentPart: an error inside one member of the union would be
+        # reported once per member
+        for text in [content] if isinstance(content, str) else [p.text for p in content or []]:
+            if text is not None:
+                check_text(text)
+        return content
 
     def text(self) -> str:
         """The content as one string (text parts joined; other parts refused)."""
@@ -86,11 +109,16 @@ class _Generation(BaseModel):
             raise ValueError("at most 16 stop strings")
         if stop == "" or (isinstance(stop, list) and any(s == "" for s in stop)):
             raise ValueError("stop strings must not be empty")
+        for s in [stop] if isinstance(stop, str) else stop or []:
+            check_text(s)
         return stop
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """The request's options as SamplingParams (our defaults where it is silent)."""
-        max_tokens = self.max_completion_tokens or self.max_tokens
+        # max_completion_tokens replaces max_tokens in OpenAI's API; 0 is a valid bound
+        max_tokens = self.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = self.max_tokens
         return SamplingParams.from_kwargs(
             None,
             max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
@@ -117,6 +145,13 @@ class ChatCompletionRequest(_Generation):
 
 class CompletionRequest(_Generation):
     prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _valid_prompt(cls, prompt: str | list[str]) -> str | list[str]:
+        for text in [prompt] if isinstance(prompt, str) else prompt:
+            check_text(text)
+        return prompt
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, list):
@@ -211,3 +246,16 @@ def error_json(
 ) -> dict[str, Any]:
     """An OpenAI-style error body."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error the server answers (OpenAI's shape)."""
+
+    error: ErrorDetail

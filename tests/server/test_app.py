@@ -4,6 +4,8 @@ and raw HTTP."""
 from __future__ import annotations
 
 import json
+import select
+import socket
 import subprocess
 import time
 
@@ -16,6 +18,7 @@ from tests.support.server_process import EXE, running_server
 pytestmark = pytest.mark.slow
 
 GREEDY = {"temperature": 0, "max_tokens": 12}
+MAX_BODY_MB = 1  # the module's server refuses bodies over 1 MiB
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(cache_dir):
-    with running_server(cache_dir) as srv:
+    with running_server(cache_dir, "--max-body-mb", str(MAX_BODY_MB)) as srv:
         yield srv
 
 
@@ -244,7 +247,7 @@ def test_client_disconnect_mid_stream_stops_and_keeps_the_cache_consistent(serve
         "agent": "leo",
     }
     seen = 0
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 seen += 1
@@ -319,7 +322,7 @@ def test_sigterm_mid_generation_saves_a_consistent_cache(tmp_path):
         "agent": "olga",
     }
     with running_server(cache) as srv:
-        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body) as r:
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=120) as r:
             for n, _ in enumerate(r.iter_lines()):
                 if n > 10:
                     srv.proc.send_signal(15)
@@ -360,6 +363,15 @@ def test_api_key_is_checked(tmp_path):
         assert ok.models.list().data
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{srv.url}/v1", api_key="nope", max_retries=0).models.list()
+        # with a key any name may address the server (it may listen beyond this machine)
+        key = {"Authorization": "Bearer s3cret"}
+        far = {**key, "Host": "box.example:8741", "Origin": "http://app.example"}
+        assert httpx.get(url, headers=far).status_code == 200
+        spec = httpx.get(f"{srv.url}/openapi.json", headers=key).json()
+        assert "401" in spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+        assert "401" not in spec["paths"]["/health"]["get"]["responses"]
+        # the key was given on the command line, where `ps` shows it
+        assert "warning:" in srv.output() and "EDGE_INFER_API_KEY" in srv.output()
 
 
 def test_refuses_a_public_host_without_a_key():
@@ -382,3 +394,162 @@ def test_sse_lines_are_json(server):
     assert lines[-1] == "data: [DONE]"
     for ln in lines[:-1]:
         assert json.loads(ln.removeprefix("data: "))["object"] == "text_completion"
+
+
+# -- hardening: bad text, big bodies, foreign hosts, the schema ------------------------------
+
+
+def post_ascii_json(url: str, body: dict) -> httpx.Response:
+    """POST ``body`` as ASCII JSON: a lone surrogate travels as its ``\\ud800`` escape."""
+    return httpx.post(
+        url, content=json.dumps(body), headers={"content-type": "application/json"}, timeout=120
+    )
+
+
+def test_text_no_tokenizer_accepts_is_a_400_naming_the_field(server):
+    lone = "a\ud800b"
+    chat, completions = f"{server.url}/v1/chat/completions", f"{server.url}/v1/completions"
+    cases = [
+        (chat, {"messages": [{"role": "user", "content": lone}]}, "messages.0.content"),
+        (
+            chat,
+            {"messages": [{"role": "user", "content": lone}], "agent": "una"},
+            "messages.0.content",
+        ),
+        (
+            chat,
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": lone}]}]},
+            "messages.0.content",
+        ),
+        (chat, {"messages": [{"role": "user", "content": "hi"}], "stop": [lone]}, "stop"),
+        (completions, {"prompt": lone}, "prompt"),
+        (completions, {"prompt": [lone]}, "prompt"),
+    ]
+    for url, body, field in cases:
+        err = assert_error(post_ascii_json(url, body), 400, "surrogate", field)
+        assert err["param"] == field
+
+
+def test_max_completion_tokens_zero_generates_nothing(client):
+    r = client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        max_completion_tokens=0,
+    )
+    assert r.choices[0].message.content == "" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens > 0
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """Status and body of one HTTP/1.1 response with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(int(ln.split(":")[1]) for ln in lines if ln.lower().startswith("content-length"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, body
+        body += chunk
+    return int(lines[0].split()[1]), body
+
+
+def send_request(server, path: str, body: bytes, length: int | None = None) -> socket.socket:
+    """A POST written straight to the socket, ``length`` declared (the body's by default)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=120)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length or len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
+    limit = MAX_BODY_MB * 2**20
+    # declared larger than the limit: answered at once, though almost none of it was sent
+    with send_request(server, "/v1/completions", b'{"prompt": "', length=50 * limit) as sock:
+        status, body = read_response(sock)
+    assert status == 413
+    assert json.loads(body)["error"]["code"] == "request_too_large"
+
+    # sent without a length (chunked): refused once what was read passes the limit
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(3 * limit // 65536):
+            yield b"x" * 65536
+        yield b'"}'
+
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+        timeout=120,
+    )
+    assert_error(r, 413, "limit", code="request_too_large")
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_health_answers_while_a_long_prompt_is_tokenized(server):
+    # just under the body limit; far over the context once tokenized (a token per digit)
+    body = json.dumps({"prompt": "1" * (MAX_BODY_MB * 2**20 - 100), "max_tokens": 1}).encode()
+    answered_meanwhile = 0
+    with send_request(server, "/v1/completions", body) as sock:
+        while not select.select([sock], [], [], 0)[0]:  # until the long request is answered
+            health = httpx.get(f"{server.url}/health", timeout=60).json()
+            answered_meanwhile += health.get("preparing", 0) > 0
+        status, answer = read_response(sock)
+    # /health kept answering while the prompt was tokenized (a tokenizer holding the
+    # interpreter lock lets one answer through at most, at its start or end)
+    assert answered_meanwhile >= 5
+    assert status == 400 and json.loads(answer)["error"]["code"] == "context_length_exceeded"
+
+
+def test_foreign_host_or_origin_is_refused_without_a_key(server, client):
+    client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "My PIN is 2580."}],
+        extra_body={"agent": "pat"},
+        **GREEDY,
+    )
+    # a page whose domain now resolves to 127.0.0.1 (DNS rebinding) reads nothing
+    r = httpx.get(f"{server.url}/v1/agents/pat", headers={"Host": "attacker.example:8741"})
+    err = assert_error(r, 403, "attacker.example", "API key", code="host_not_allowed")
+    assert "2580" not in r.text
+    chat = {"messages": [{"role": "user", "content": "hi"}], "agent": "pat", **GREEDY}
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json=chat,
+        headers={"Origin": "http://attacker.example"},
+    )
+    assert_error(r, 403, "attacker.example", code="origin_not_allowed")
+    assert err["type"] == "permission_error"
+    # the names of this machine are served, and so are its pages
+    port = server.port
+    for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
+        assert httpx.get(f"{server.url}/v1/models", headers={"Host": host}).status_code == 200
+    origin = {"Origin": f"http://localhost:{port}"}
+    assert httpx.get(f"{server.url}/v1/models", headers=origin).status_code == 200
+    assert httpx.get(f"{server.url}/v1/agents/pat").json()["messages"] == 2
+
+
+def test_openapi_documents_the_statuses_the_server_answers(server):
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    ops = {(p, m): op["responses"] for p, item in spec["paths"].items() for m, op in item.items()}
+    for key, responses in ops.items():
+        assert "422" not in responses, key
+        assert "403" in responses, key  # Host/Origin refused (no API key on this server)
+        if key[1] == "post":
+            assert {"400", "413"} <= set(responses), key
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        responses = ops[(path, "post")]
+        assert "text/event-stream" in responses["200"]["content"]
+        error = responses["400"]["content"]["application/json"]["schema"]
+        assert error["$ref"].endswith("/ErrorResponse")
+    assert "409" in ops[("/v1/agents/{agent_id}/fork", "post")]
+    for method in ("get", "delete"):
+        assert {"400", "404"} <= set(ops[("/v1/agents/{agent_id}", method)])
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
