@@ -3,7 +3,8 @@ float16 tail), without a float32 copy of the whole cache.
 
 * One new token per sequence (decoding, alone or batched): the CPU kernel stores the token's
   K/V and reads the 4/8-bit rows and the float16 tail directly (:mod:`edge_infer.kernels.cpu`),
-  all sequences in one call.
+  all sequences in one call; on CUDA the Triton kernel does the same
+  (:mod:`edge_infer.kernels.triton`).
 * Several new tokens (prefill chunks): the kernel's chunk path, which decodes each key and
   value once for 32 (token, query head) rows at a time. Without the kernel the layer's rows
   are written into a per-thread float32 scratch buffer and handed to torch's fused
@@ -11,9 +12,9 @@ float16 tail), without a float32 copy of the whole cache.
   need rotating that way, in the stored rotated domain (the tail, the query and the output
   rotated instead).
 
-:func:`attend_reference` is the plain-torch computation both are tested against. Where the
-kernel is not available (CUDA, no compiler, ``EDGE_INFER_KERNELS=off``, a head size it does
-not take) all attention takes the scratch path.
+:func:`attend_reference` is the plain-torch computation both are tested against. Where no
+kernel is available (no compiler or no Triton, ``EDGE_INFER_KERNELS=off``, a head size it does
+not take) attention takes the scratch path; on CUDA prefill chunks always do.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from edge_infer.backends.torch.host_memory import empty_host
 from edge_infer.backends.torch.kv_cache import TorchKVCache
 from edge_infer.kernels import cpu as cpu_kernels
+from edge_infer.kernels import triton as triton_kernels
 
 _scratch = threading.local()
 
@@ -37,6 +39,16 @@ def _kernel(cache: TorchKVCache):
     if cache.quantized and (cache.group_size % 32 or cache.head_dim // cache.group_size > 16):
         return None
     return cpu_kernels.load()
+
+
+def _one_token_kernel(cache: TorchKVCache):
+    """The kernel module for one new token per sequence (C++ on the CPU, Triton on CUDA)
+    when it can serve this cache's layout, else None."""
+    if cache.device.type == "cuda":
+        if not triton_kernels.accepts(cache.head_dim, cache.bits, cache.group_size):
+            return None
+        return triton_kernels.load()
+    return _kernel(cache)
 
 
 def _scratch_pair(n_kv: int, length: int, dim: int, device: torch.device) -> tuple:
@@ -98,7 +110,7 @@ def attend_new_tokens(
     with q [B, n_q, D] over all of them -> output [B, n_q, D]. The caller commits the token
     (``cache.advance(1)``) after the last layer; ``cache.reserve_next()`` comes first."""
     first = caches[0]
-    kernel = _kernel(first)
+    kernel = _one_token_kernel(first)
     if kernel is None:
         outs = []
         for b, cache in enumerate(caches):
