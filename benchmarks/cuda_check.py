@@ -649,6 +649,7 @@ def main() -> int:
         print("no CUDA device: nothing to check here (the GPU tests skip on this machine)")
         write(out, {"cuda": False})
         return 0
+    deadline = time.perf_counter() + args.budget
     site = Path(tempfile.mkdtemp(prefix="edge-infer-site-"))
     results: dict = {"cuda": True}
     try:
@@ -668,7 +669,6 @@ def main() -> int:
     results["environment"] = environment()
     print(json.dumps(results["environment"]), flush=True)
     write(out, results)
-    deadline = time.perf_counter() + args.budget
     if not args.skip_tests:
         results["tests"] = run_tests(out, min(LIMITS["tests"], deadline - time.perf_counter()))
         print(f"GPU tests: {results['tests']['summary']}", flush=True)
