@@ -93,6 +93,24 @@ def test_a_batch_computes_what_each_sequence_computes_alone(bits):
         torch.testing.assert_close(together[b], ref, rtol=1e-4, atol=5e-5)
 
 
+@needs_triton
+def test_a_sequence_gets_the_same_bits_in_any_batch():
+    """Its runs depend on its own length only (a longer sequence beside it adds runs without
+    tokens for it), so batching never changes a result."""
+    lengths = [40, 300, 600]
+    caches = [filled_cache(4, n, 3, 64, 64, seed=n, device=DEVICE) for n in lengths]
+    tokens = [one_token(c, 9, seed=i) for i, c in enumerate(caches)]
+    for c in caches:
+        c.reserve_next()
+    q, k, v = (torch.stack([t[i] for t in tokens]) for i in range(3))
+    together = run_kernel(caches, 0, q, k, v, tokens_per_run=256)
+    for b, n in enumerate(lengths):
+        cache = filled_cache(4, n, 3, 64, 64, seed=n, device=DEVICE)
+        cache.reserve_next()
+        alone = run_kernel([cache], 0, q[b : b + 1], k[b : b + 1], v[b : b + 1], 256)
+        assert torch.equal(together[b], alone[0])
+
+
 def test_the_kernel_takes_power_of_two_heads_only():
     assert triton_kernels.accepts(64, 4, 64) and triton_kernels.accepts(128, 16, 128)
     assert not triton_kernels.accepts(96, 4, 32)  # tl.arange needs a power of two
