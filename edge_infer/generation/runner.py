@@ -10,7 +10,7 @@ import numpy as np
 from edge_infer.backends.base import Backend, KVCache
 from edge_infer.errors import ContextLengthError
 from edge_infer.generation.sampling import log_softmax
-from edge_infer.models.chat_template import compile_template, render_chat
+from edge_infer.models.chat_template import compile_template, render_chat, render_chat_parts
 from edge_infer.models.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -76,9 +76,21 @@ class Runner:
         """Token ids of ``messages`` rendered with the chat template (ready for a reply unless
         ``add_generation_prompt`` is False).
 
-        BOS is added when the model asks for it and the template did not write it already.
+        Only the template's own markup yields special tokens: special-token text inside the
+        messages (``"<|im_start|>"`` in a user's content) is encoded as plain text, so no
+        message can open or close a turn. BOS is added when the model asks for it and the
+        template did not write it already.
         """
-        return self.tokenizer.encode(self.render_chat(messages, add_generation_prompt))
+        tok = self.tokenizer
+        parts = render_chat_parts(
+            tok.chat_template,
+            messages,
+            tok.special_texts,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+        )
+        return tok.encode_parts(parts)
 
     # -- forward passes ---------------------------------------------------------------------
     def prefill(self, ids: Sequence[int], cache: KVCache, all_logits: bool = False) -> np.ndarray:

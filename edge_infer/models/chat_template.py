@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, ClassVar
@@ -12,7 +13,13 @@ import jinja2
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "compile_template", "render_chat", "validate_messages"]
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
+    "compile_template",
+    "render_chat",
+    "render_chat_parts",
+    "validate_messages",
+]
 
 # ChatML, used when a model ships no template.
 DEFAULT_CHAT_TEMPLATE = (
@@ -124,3 +131,81 @@ def render_chat(
         return compiled.render(**context)
     except jinja2.TemplateError as exc:
         raise ValueError(f"chat template rendering failed: {exc}") from exc
+
+
+def _marker(texts: Sequence[str]) -> str:
+    """A private-use character that occurs in none of ``texts``."""
+    for code in range(0xE000, 0xF900):
+        ch = chr(code)
+        if not any(ch in t for t in texts):
+            return ch
+    raise ValueError("no free private-use character to mark special-token text with")
+
+
+def render_chat_parts(
+    template: str | None,
+    messages: list[dict],
+    special: Sequence[str],
+    *,
+    add_generation_prompt: bool = True,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    **extra: Any,
+) -> list[tuple[str, bool]]:
+    """The rendered prompt as pieces ``(text, is_markup)``: ``is_markup`` pieces are exactly
+    one of the ``special`` token texts, written by the template itself; the other pieces are
+    text, in which special-token text that came from the messages stays plain text.
+
+    Special-token text inside the messages' strings is swapped for placeholders before
+    rendering and restored after the prompt is split at the template's own special tokens,
+    so the template sees (and transforms) it as text; joining every piece gives exactly what
+    :func:`render_chat` gives.
+    """
+    validate_messages(messages)
+    specials = sorted({s for s in special if s}, key=len, reverse=True)
+    if not specials:
+        text = render_chat(
+            template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            **extra,
+        )
+        return [(text, False)] if text else []
+    finder = re.compile("|".join(re.escape(s) for s in specials))
+    strings = [v for m in messages for v in m.values() if isinstance(v, str)]
+    mark = _marker([*strings, template or DEFAULT_CHAT_TEMPLATE, *specials])
+    literal: list[str] = []
+
+    def hide(match: re.Match) -> str:
+        literal.append(match.group(0))
+        return f"{mark}{len(literal) - 1}{mark}"
+
+    hidden = [
+        {k: finder.sub(hide, v) if isinstance(v, str) else v for k, v in m.items()}
+        for m in messages
+    ]
+    rendered = render_chat(
+        template,
+        hidden,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        **extra,
+    )
+    placeholder = re.compile(f"{re.escape(mark)}([0-9]+){re.escape(mark)}")
+
+    def restore(text: str) -> str:
+        return placeholder.sub(lambda m: literal[int(m.group(1))], text)
+
+    parts: list[tuple[str, bool]] = []
+    pos = 0
+    for m in finder.finditer(rendered):
+        if m.start() > pos:
+            parts.append((restore(rendered[pos : m.start()]), False))
+        parts.append((m.group(0), True))
+        pos = m.end()
+    if pos < len(rendered):
+        parts.append((restore(rendered[pos:]), False))
+    return parts

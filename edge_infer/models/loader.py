@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from edge_infer.errors import ModelFormatError, ModelNotFoundError
+from edge_infer.errors import EdgeInferError, ModelFormatError, ModelNotFoundError
 from edge_infer.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 from edge_infer.models.gguf.loader import load_gguf
 from edge_infer.models.hf.loader import load_hf_dir
@@ -31,7 +31,12 @@ def load_model(
     """Load a GGUF file or a Hugging Face / MLX safetensors directory."""
     path = resolve_model_path(model)
     if path.is_dir():
-        return load_hf_dir(path, progress=progress)
+        try:
+            return load_hf_dir(path, progress=progress)
+        except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
+            if isinstance(exc, EdgeInferError):
+                raise
+            raise ModelFormatError(f"{path}: {exc}") from None
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF" or path.suffix.lower() == ".gguf":

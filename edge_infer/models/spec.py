@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,14 @@ from edge_infer.formats.affine import QuantizedWeight
 from edge_infer.models.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+# Sane bounds for hyper-parameters read from a model file: larger values are corruption,
+# and none of them may size an allocation unchecked.
+MAX_CONTEXT = 1 << 24
+MAX_DIM = 1 << 16
+MAX_HEADS = 1 << 12
+MAX_LAYERS = 1 << 12
+MAX_VOCAB = 1 << 22
 
 Weight = np.ndarray | QuantizedWeight
 
@@ -34,6 +43,32 @@ class ModelConfig:
     attention_bias: bool = False
     # Per-frequency divisors (len head_dim/2) for scaled RoPE (linear, llama3); None = plain RoPE.
     rope_freq_factors: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        """ValueError naming the first field out of its sane range (nothing sized by it yet)."""
+        bounds = {
+            "vocab_size": MAX_VOCAB,
+            "hidden_size": MAX_DIM,
+            "intermediate_size": MAX_DIM * 16,
+            "num_layers": MAX_LAYERS,
+            "num_heads": MAX_HEADS,
+            "num_kv_heads": self.num_heads,
+            "head_dim": MAX_DIM,
+            "context_length": MAX_CONTEXT,
+        }
+        for name, hi in bounds.items():
+            value = getattr(self, name)
+            if not (isinstance(value, int) and 1 <= value <= hi):
+                raise ValueError(f"{name} = {value!r} is outside 1..{hi}")
+        if self.num_heads % self.num_kv_heads or self.head_dim % 2:
+            raise ValueError(
+                f"num_heads {self.num_heads} / num_kv_heads {self.num_kv_heads} / head_dim "
+                f"{self.head_dim}: heads must group evenly and head_dim must be even"
+            )
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} = {value!r} is not a finite positive number")
 
     def rope_inv_freq(self) -> np.ndarray:
         """Inverse RoPE frequencies [head_dim/2] as float64, scaling applied."""
@@ -91,3 +126,31 @@ def required_weights(config: ModelConfig) -> list[str]:
         if config.attention_bias:
             names += [f"model.layers.{i}.self_attn.{p}_proj.bias" for p in "qkv"]
     return names
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of each tensor of a decoder of this config (Hugging Face names, [out, in])."""
+    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (v, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (v, h),
+    }
+    per_layer = {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "mlp.gate_proj.weight": (f, h),
+        "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
+    }
+    for i in range(config.num_layers):
+        shapes.update({f"model.layers.{i}.{n}": s for n, s in per_layer.items()})
+    return shapes

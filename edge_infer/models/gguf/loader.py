@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -15,7 +16,18 @@ from edge_infer.formats.affine import quantize
 from edge_infer.models.fingerprint import file_digest, text_digest
 from edge_infer.models.gguf.quants import UnsupportedTensorType, dequantize, to_affine
 from edge_infer.models.gguf.reader import GGUFFile
-from edge_infer.models.spec import LoadedModel, ModelConfig, Weight, required_weights
+from edge_infer.models.spec import (
+    MAX_CONTEXT,
+    MAX_DIM,
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_VOCAB,
+    LoadedModel,
+    ModelConfig,
+    Weight,
+    expected_shapes,
+    required_weights,
+)
 from edge_infer.models.tokenizer import Tokenizer
 
 GGUF_ARCHITECTURES = ("llama", "qwen2")
@@ -64,101 +76,188 @@ def unpermute_rows(n_heads: int, rows: int) -> np.ndarray:
     return np.arange(rows).reshape(n_heads, head_dim // 2, 2).transpose(0, 2, 1).reshape(-1)
 
 
+def _short(value: Any, chars: int = 40) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= chars else text[: chars - 1] + "…"
+
+
+class _Metadata:
+    """Typed, bounded access to GGUF metadata: a missing key or a value of the wrong type or
+    out of range is a one-line ModelFormatError naming the file and the key."""
+
+    def __init__(self, meta: dict[str, Any], path: Path, arch: str) -> None:
+        self.meta, self.path, self.arch = meta, path, arch
+
+    def _raw(self, key: str, default: Any) -> tuple[str, Any]:
+        full = f"{self.arch}.{key}"
+        value = self.meta.get(full, default)
+        if value is None:
+            raise ModelFormatError(f"{self.path}: metadata key {full} is missing")
+        return full, value
+
+    def bad(self, key: str, value: Any, want: str) -> ModelFormatError:
+        return ModelFormatError(f"{self.path}: metadata {key} = {_short(value)}: expected {want}")
+
+    def count(self, key: str, hi: int, default: Any = None, lo: int = 1) -> int:
+        full, value = self._raw(key, default)
+        if isinstance(value, list) and value and all(v == value[0] for v in value):
+            value = value[0]  # a per-layer list with one value for every layer
+        if not (isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi):
+            raise self.bad(full, value, f"an integer from {lo} to {hi}")
+        return value
+
+    def positive(self, key: str, default: float, hi: float = math.inf) -> float:
+        full, value = self._raw(key, default)
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (ok and math.isfinite(value) and 0 < value < hi):
+            raise self.bad(
+                full, value, "a finite positive number" + ("" if hi == math.inf else f" below {hi}")
+            )
+        return float(value)
+
+
 def config_from_metadata(meta: dict[str, Any], path: Path, gguf: GGUFFile) -> ModelConfig:
-    """Model hyper-parameters from GGUF metadata."""
+    """Model hyper-parameters from GGUF metadata, each checked against sane bounds and the
+    tensors the file holds."""
     arch = str(meta.get("general.architecture", ""))
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
-            f"{path}: architecture {arch or '(none)'!r} is not supported "
+            f"{path}: architecture {_short(arch) if arch else '(none)'} is not supported "
             f"(supported: {', '.join(GGUF_ARCHITECTURES)})"
         )
-
-    def get(key: str, default: Any = None) -> Any:
-        value = meta.get(f"{arch}.{key}", default)
-        if value is None:
-            raise ModelFormatError(f"{path}: metadata key {arch}.{key} is missing")
-        return value
-
-    if get("expert_count", 0):
+    m = _Metadata(meta, path, arch)
+    if meta.get(f"{arch}.expert_count", 0):
         raise UnsupportedModelError(f"{path}: mixture-of-experts models are not supported")
-    hidden = int(get("embedding_length"))
-    n_heads = int(get("attention.head_count"))
-    n_kv = get("attention.head_count_kv", n_heads)
-    if isinstance(n_kv, list):
-        if len(set(n_kv)) != 1:
-            raise UnsupportedModelError(f"{path}: per-layer KV head counts are not supported")
-        n_kv = n_kv[0]
-    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // n_heads))
-    rope_dims = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+    hidden = m.count("embedding_length", MAX_DIM)
+    n_heads = m.count("attention.head_count", MAX_HEADS)
+    n_kv = m.count("attention.head_count_kv", n_heads, default=n_heads)
+    if n_heads % n_kv:
+        raise m.bad(f"{arch}.attention.head_count_kv", n_kv, f"a divisor of head_count {n_heads}")
+    head_dim = m.count("attention.key_length", MAX_DIM, default=hidden // n_heads or None)
+    if head_dim % 2:
+        raise m.bad(f"{arch}.attention.key_length", head_dim, "an even head size (RoPE)")
+    rope_dims = m.count("rope.dimension_count", MAX_DIM, default=head_dim)
     if rope_dims != head_dim:
         raise UnsupportedModelError(f"{path}: partial rotary embeddings are not supported")
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
-    factors = _rope_factors(meta, arch, head_dim, gguf)
-    return ModelConfig(
-        arch=arch,
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
-        num_heads=n_heads,
-        num_kv_heads=int(n_kv),
-        head_dim=head_dim,
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        context_length=int(get("context_length", 4096)),
-        tie_word_embeddings="output.weight" not in gguf.tensors,
-        attention_bias="blk.0.attn_q.bias" in gguf.tensors,
-        rope_freq_factors=factors,
+    n_tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = m.count(
+        "vocab_size", MAX_VOCAB, default=len(n_tokens) if isinstance(n_tokens, list) else None
     )
+    # every layer has at least its norms and projections: no more layers than tensors
+    n_layers = m.count("block_count", min(MAX_LAYERS, max(1, len(gguf.tensors))))
+    factors = _rope_factors(m, head_dim, gguf)
+    try:  # ModelConfig checks its own bounds too
+        return ModelConfig(
+            arch=arch,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=m.count("feed_forward_length", MAX_DIM * 16),
+            num_layers=n_layers,
+            num_heads=n_heads,
+            num_kv_heads=n_kv,
+            head_dim=head_dim,
+            rms_norm_eps=m.positive("attention.layer_norm_rms_epsilon", 1e-5, hi=1.0),
+            rope_theta=m.positive("rope.freq_base", 10000.0),
+            context_length=m.count("context_length", MAX_CONTEXT, default=4096),
+            tie_word_embeddings="output.weight" not in gguf.tensors,
+            attention_bias="blk.0.attn_q.bias" in gguf.tensors,
+            rope_freq_factors=factors,
+        )
+    except ValueError as exc:
+        raise ModelFormatError(f"{path}: {exc}") from None
 
 
-def _rope_factors(meta: dict, arch: str, head_dim: int, gguf: GGUFFile) -> tuple[float, ...] | None:
+def _rope_factors(m: _Metadata, head_dim: int, gguf: GGUFFile) -> tuple[float, ...] | None:
     if "rope_freqs.weight" in gguf.tensors:
         info = gguf.tensors["rope_freqs.weight"]
-        factors = dequantize(gguf.raw(info.name), info.ggml_type, info.shape)
+        if info.shape != (head_dim // 2,):
+            raise ModelFormatError(
+                f"{gguf.path}: tensor 'rope_freqs.weight' has shape {info.shape}, "
+                f"expected ({head_dim // 2},)"
+            )
+        try:
+            factors = dequantize(gguf.raw(info.name), info.ggml_type, info.shape)
+        except UnsupportedTensorType as exc:
+            raise UnsupportedModelError(f"{gguf.path}: tensor 'rope_freqs.weight': {exc}") from None
+        if not (np.isfinite(factors).all() and (factors > 0).all()):
+            raise ModelFormatError(
+                f"{gguf.path}: tensor 'rope_freqs.weight' is not finite and positive"
+            )
         return tuple(float(x) for x in factors.reshape(-1))
-    kind = meta.get(f"{arch}.rope.scaling.type")
-    factor = meta.get(f"{arch}.rope.scaling.factor")
-    if kind == "linear" and factor:
-        return (float(factor),) * (head_dim // 2)
+    kind = m.meta.get(f"{m.arch}.rope.scaling.type")
+    if kind == "linear" and m.meta.get(f"{m.arch}.rope.scaling.factor"):
+        return (m.positive("rope.scaling.factor", 1.0),) * (head_dim // 2)
     if kind not in (None, "none", "linear"):
-        raise UnsupportedModelError(f"rope scaling {kind!r} is not supported (linear, llama3)")
+        raise UnsupportedModelError(
+            f"{m.path}: rope scaling {_short(kind)} is not supported (linear, llama3)"
+        )
     return None
 
 
+def _finite(w: Weight) -> bool:
+    if isinstance(w, np.ndarray):
+        return bool(np.isfinite(w).all())
+    return bool(np.isfinite(w.scales).all() and np.isfinite(w.biases).all())
+
+
 def _convert(gguf: GGUFFile, name: str, is_matrix: bool) -> Weight:
+    w = _convert_unchecked(gguf, name, is_matrix)
+    if not _finite(w):  # NaN or inf would reach the logits and the sampler
+        raise ModelFormatError(f"{gguf.path}: tensor {name!r} holds NaN or infinite values")
+    return w
+
+
+def _convert_unchecked(gguf: GGUFFile, name: str, is_matrix: bool) -> Weight:
     info = gguf.tensors[name]
-    raw = gguf.raw(name)
     try:
+        raw = gguf.raw(name)
         if not is_matrix:
             return dequantize(raw, info.ggml_type, info.shape).astype(np.float32)
         direct = to_affine(raw, info.ggml_type, info.shape)
         if direct is not None:
             return direct
         dense = dequantize(raw, info.ggml_type, info.shape)
+        bits, group = REQUANT_FLOAT if info.ggml_type in _FLOAT_TYPES else REQUANT_BLOCKS
+        if dense.shape[1] % group:
+            group = 32
+        if dense.shape[1] % group:
+            raise UnsupportedModelError(
+                f"{gguf.path}: tensor {name!r}: rows of {dense.shape[1]} values cannot be "
+                f"quantized in groups of {group}"
+            )
+        return quantize(dense, bits=bits, group_size=group)
     except UnsupportedTensorType as exc:
         raise UnsupportedModelError(f"{gguf.path}: tensor {name!r}: {exc}") from None
-    bits, group = REQUANT_FLOAT if info.ggml_type in _FLOAT_TYPES else REQUANT_BLOCKS
-    if dense.shape[1] % group:
-        group = 32
-    return quantize(dense, bits=bits, group_size=group)
+    except ValueError as exc:  # values the format cannot hold (NaN, inf)
+        raise ModelFormatError(f"{gguf.path}: tensor {name!r}: {exc}") from None
+
+
+def checked_config(gguf: GGUFFile) -> ModelConfig:
+    """The config of an opened GGUF file, checked against the tensors it holds (names and
+    shapes), without reading any tensor data but RoPE factors."""
+    path = gguf.path
+    config = config_from_metadata(gguf.metadata, path, gguf)
+    targets = {n: hf_name(n) for n in gguf.tensors if n not in _IGNORED}
+    unexpected = [n for n, t in targets.items() if t is None]
+    if unexpected:
+        raise UnsupportedModelError(
+            f"{path}: unexpected tensor {_short(unexpected[0])} for {config.arch}"
+        )
+    _check_shapes(gguf, {t: n for n, t in targets.items() if t is not None}, config, path)
+    return config
 
 
 def load_gguf(path: Path, progress: Callable[[int, int], None] | None = None) -> LoadedModel:
     """Read ``path`` and convert every tensor to our formats (lossless where the type allows)."""
     gguf = GGUFFile(path)
     meta = gguf.metadata
-    config = config_from_metadata(meta, path, gguf)
-    try:
-        tokenizer = Tokenizer.from_gguf_metadata(meta)
-    except ValueError as exc:
-        raise ModelFormatError(f"{path}: tokenizer: {exc}") from None
-    weights: dict[str, Weight] = {}
+    config = checked_config(gguf)
     names = [n for n in gguf.tensors if n not in _IGNORED]
+    tokenizer = _tokenizer(meta, config, path)
+    weights: dict[str, Weight] = {}
     for i, name in enumerate(names):
         target = hf_name(name)
-        if target is None:
-            raise UnsupportedModelError(f"{path}: unexpected tensor {name!r} for {config.arch}")
+        assert target is not None  # checked_config refused unknown names
         is_matrix = len(gguf.tensors[name].shape) == 2
         w = _convert(gguf, name, is_matrix)
         if config.arch == "llama" and name.endswith(_PERMUTED):
@@ -168,7 +267,6 @@ def load_gguf(path: Path, progress: Callable[[int, int], None] | None = None) ->
         weights[target] = w
         if progress:
             progress(i + 1, len(names))
-    _check_complete(weights, config, path)
     types = Counter(gguf.tensor_type_name(n) for n in names if len(gguf.tensors[n].shape) == 2)
     return LoadedModel(
         config=config,
@@ -185,10 +283,32 @@ def load_gguf(path: Path, progress: Callable[[int, int], None] | None = None) ->
     )
 
 
-def _check_complete(weights: dict[str, Weight], config: ModelConfig, path: Path) -> None:
-    missing = [n for n in required_weights(config) if n not in weights]
+def _tokenizer(meta: dict[str, Any], config: ModelConfig, path: Path) -> Tokenizer:
+    """The tokenizer the metadata describes; whatever it cannot build from is one line."""
+    try:
+        tokenizer = Tokenizer.from_gguf_metadata(meta)
+    except Exception as exc:  # untrusted input meets a native library: any failure is the file's
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelFormatError(f"{path}: tokenizer: {first[:200]}") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelFormatError(
+            f"{path}: tokenizer.ggml.tokens has {tokenizer.vocab_size} tokens but the model "
+            f"only {config.vocab_size} embeddings"
+        )
+    return tokenizer
+
+
+def _check_shapes(gguf: GGUFFile, present: dict[str, str], config: ModelConfig, path: Path) -> None:
+    """Every tensor the config needs is there, with the shape the config implies."""
+    missing = [n for n in required_weights(config) if n not in present]
     if missing:
         raise ModelFormatError(f"{path}: missing tensors: {', '.join(missing[:5])}")
+    for hf, shape in expected_shapes(config).items():
+        if hf in present and gguf.tensors[present[hf]].shape != shape:
+            raise ModelFormatError(
+                f"{path}: tensor {present[hf]!r} has shape {gguf.tensors[present[hf]].shape}, "
+                f"the metadata implies {shape}"
+            )
 
 
 def _tokenizer_digest(meta: dict[str, Any]) -> str:
