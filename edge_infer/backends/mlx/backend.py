@@ -49,6 +49,10 @@ class FreqsRoPE(nn.Module):
 
 def _build_model(config: ModelConfig) -> nn.Module:
     """An mlx-lm model (random, unevaluated parameters) shaped like ``config``."""
+    if config.qk_norm or config.sandwich_norms or config.local_layers:
+        raise UnsupportedModelError(
+            f"{config.arch} models do not run on the mlx backend yet (use --backend torch)"
+        )
     common = {
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_layers,

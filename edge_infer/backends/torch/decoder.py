@@ -1,4 +1,4 @@
-"""A compact Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) on our quantized weights."""
+"""A compact decoder (Llama, Mistral, Qwen2/3, SmolLM, Gemma 3) on our quantized weights."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from edge_infer.backends.torch.kv_attention import attend_new_tokens, attend_tokens
 from edge_infer.backends.torch.kv_cache import TorchKVCache
+from edge_infer.backends.torch.layers import RopeTable, gate_activation, norm_heads, query_factor
 from edge_infer.backends.torch.linear import COMPUTE_DTYPE, concat_weights, make_linear
 from edge_infer.formats.affine import QuantizedWeight
 from edge_infer.models.spec import LoadedModel, Weight
@@ -32,6 +33,11 @@ class _Layer:
     o: object
     gate_up: object
     down: object
+    local: bool = False  # a sliding-window layer (its own RoPE base)
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None  # Gemma's norms of the attention and MLP
+    mlp_out_norm: torch.Tensor | None = None  # outputs (post_norm is then pre-MLP)
 
 
 class TorchDecoder:
@@ -51,10 +57,13 @@ class TorchDecoder:
                 bias = torch.cat(
                     [_vector(w[p + f"self_attn.{n}_proj.bias"], device) for n in "qkv"]
                 )
+            pre_mlp = (
+                "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
+            )
             self.layers.append(
                 _Layer(
                     input_norm=_vector(w[p + "input_layernorm.weight"], device),
-                    post_norm=_vector(w[p + "post_attention_layernorm.weight"], device),
+                    post_norm=_vector(w[p + pre_mlp + ".weight"], device),
                     qkv=make_linear(concat_weights(attn), device),
                     qkv_bias=bias,
                     o=make_linear(w[p + "self_attn.o_proj.weight"], device),
@@ -65,8 +74,16 @@ class TorchDecoder:
                         device,
                     ),
                     down=make_linear(w[p + "mlp.down_proj.weight"], device),
+                    local=cfg.is_local(i),
                 )
             )
+            layer = self.layers[-1]
+            if cfg.qk_norm:
+                layer.q_norm = _vector(w[p + "self_attn.q_norm.weight"], device)
+                layer.k_norm = _vector(w[p + "self_attn.k_norm.weight"], device)
+            if cfg.sandwich_norms:
+                layer.attn_out_norm = _vector(w[p + "post_attention_layernorm.weight"], device)
+                layer.mlp_out_norm = _vector(w[p + "post_feedforward_layernorm.weight"], device)
         self.norm = _vector(w["model.norm.weight"], device)
         head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
         self.lm_head = make_linear(head, device)
@@ -75,6 +92,8 @@ class TorchDecoder:
             device=device, dtype=torch.float64
         )
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope_local = RopeTable(cfg.rope_local_inv_freq(), cfg.context_length, device)
+        self._q_factor = query_factor(cfg)
 
     def new_cache(self, kv_bits: int = 4, group_size: int = 64) -> TorchKVCache:
         cfg = self.config
@@ -85,13 +104,15 @@ class TorchDecoder:
             self.device,
             kv_bits=kv_bits,
             group_size=group_size,
+            windows=cfg.layer_windows(),
         )
 
     def embed(self, ids: np.ndarray) -> torch.Tensor:
         """Embedding rows for token ids, float32 [T, hidden]."""
         w = self.embed_weight
         rows = w.take_rows(ids).dequantize() if isinstance(w, QuantizedWeight) else w[ids]
-        return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+        h = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+        return h * self.config.embedding_scale if self.config.embedding_scale != 1.0 else h
 
     def _rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope_cache is None or self._rope_cache[0].shape[0] < end:
@@ -119,12 +140,15 @@ class TorchDecoder:
         cfg = self.config
         h = h.to(torch.float32, copy=True)  # the residual stream is updated in place
         T, start = h.shape[0], cache.length
-        cos, sin = self._rope(start, start + T)
+        ropes = {False: self._rope(start, start + T)}
+        if cfg.local_layers:
+            ropes[True] = self._rope_local.get(start, start + T)
         n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         if T == 1:
             cache.reserve_next()
         for i, layer in enumerate(self.layers):
             qk, v = self._qkv(layer, h)
+            cos, sin = ropes[layer.local]
             qk = self._apply_rope(qk.view(T, n_q + n_kv, d).transpose(0, 1), cos, sin)
             v = v.view(T, n_kv, d).transpose(0, 1)
             if T == 1:  # the same computation as one row of forward_batch
@@ -135,7 +159,7 @@ class TorchDecoder:
             else:
                 cache.update(i, qk[n_q:], v)
                 attn = attend_tokens(cache, i, qk[:n_q])
-            h.add_(layer.o(attn.transpose(0, 1).reshape(T, n_q * d).to(COMPUTE_DTYPE)))
+            self._add_attention(layer, h, attn.transpose(0, 1).reshape(T, n_q * d))
             self._add_mlp(layer, h)
         cache.advance(T)
         if not all_logits:
@@ -154,17 +178,21 @@ class TorchDecoder:
         h = h.to(torch.float32, copy=True)
         B = h.shape[0]
         starts = [c.length for c in caches]
-        cos_all, sin_all = self._rope(0, max(starts) + 1)
         pos = torch.tensor(starts, device=self.device)
-        cos, sin = cos_all[pos][:, None], sin_all[pos][:, None]  # [B, 1, D/2]
+        tables = {False: self._rope(0, max(starts) + 1)}
+        if cfg.local_layers:
+            tables[True] = self._rope_local.get(0, max(starts) + 1)
+        # [B, 1, D/2] per kind of layer
+        ropes = {k: (c[pos][:, None], s[pos][:, None]) for k, (c, s) in tables.items()}
         n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         for cache in caches:
             cache.reserve_next()
         for i, layer in enumerate(self.layers):
             qk, v = self._qkv(layer, h)
+            cos, sin = ropes[layer.local]
             qk = self._apply_rope(qk.view(B, n_q + n_kv, d), cos, sin)  # [B, heads, D]
             attn = attend_new_tokens(caches, i, qk[:, :n_q], qk[:, n_q:], v.view(B, n_kv, d))
-            h.add_(layer.o(attn.reshape(B, n_q * d).to(COMPUTE_DTYPE)))
+            self._add_attention(layer, h, attn.reshape(B, n_q * d))
             self._add_mlp(layer, h)
         for cache in caches:
             cache.advance(1)
@@ -177,15 +205,33 @@ class TorchDecoder:
         qkv = layer.qkv(x.to(COMPUTE_DTYPE))
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
-        d = cfg.head_dim
-        return qkv.float().split([(cfg.num_heads + cfg.num_kv_heads) * d, cfg.num_kv_heads * d], -1)
+        d, n_q, n_kv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        qk, v = qkv.float().split([(n_q + n_kv) * d, n_kv * d], -1)
+        if layer.q_norm is not None and layer.k_norm is not None:
+            heads = qk.reshape(-1, n_q + n_kv, d)
+            qk = norm_heads(heads, n_q, layer.q_norm, layer.k_norm, cfg.rms_norm_eps)
+            qk = qk.reshape(-1, (n_q + n_kv) * d)
+        if self._q_factor is not None:  # the kernels scale scores by 1/sqrt(head_dim)
+            qk = torch.cat([qk[:, : n_q * d] * self._q_factor, qk[:, n_q * d :]], dim=-1)
+        return qk, v
+
+    def _add_attention(self, layer: _Layer, h: torch.Tensor, attn: torch.Tensor) -> None:
+        """h += o(attn) (normed first where the model has output norms), in place."""
+        out = layer.o(attn.to(COMPUTE_DTYPE))
+        if layer.attn_out_norm is not None:
+            cfg = self.config
+            out = F.rms_norm(out.float(), (cfg.hidden_size,), layer.attn_out_norm, cfg.rms_norm_eps)
+        h.add_(out)
 
     def _add_mlp(self, layer: _Layer, h: torch.Tensor) -> None:
         """h += MLP(norm(h)), in place."""
         cfg = self.config
         x = F.rms_norm(h, (cfg.hidden_size,), layer.post_norm, cfg.rms_norm_eps)
         gate, up = layer.gate_up(x.to(COMPUTE_DTYPE)).chunk(2, dim=-1)
-        h.add_(layer.down(F.silu(gate) * up))
+        out = layer.down(gate_activation(cfg, gate) * up)
+        if layer.mlp_out_norm is not None:
+            out = F.rms_norm(out.float(), (cfg.hidden_size,), layer.mlp_out_norm, cfg.rms_norm_eps)
+        h.add_(out)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output head (top candidates rescored): float32 [N, vocab]."""

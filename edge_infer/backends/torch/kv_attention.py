@@ -73,8 +73,9 @@ def _scratch_pair(n_kv: int, length: int, dim: int, device: torch.device) -> tup
 
 def attend_tokens(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.Tensor:
     """q [n_q, T, D] (rope applied) for the T tokens just stored after ``cache.length``
-    -> attention output [n_q, T, D]; each token sees the tokens before it and itself.
-    The caller has stored the T tokens (``cache.update``) but not yet committed them."""
+    -> attention output [n_q, T, D]; each token sees the tokens before it and itself (only
+    the layer's window of them on a sliding-window layer). The caller has stored the T
+    tokens (``cache.update``) but not yet committed them."""
     n_q, T, D = q.shape
     start = cache.length
     end = start + T
@@ -92,6 +93,7 @@ def attend_tokens(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.Ten
             cache.bits,
             cache.group_size,
         )
+    window = cache.windows[layer]
     keys, values = _scratch_pair(cache.n_kv, end, D, cache.device)
     # rows are rotated either way: the sealed ones back, or the tail, query and output
     sealed = min(cache.sealed_length, end) if cache.quantized else 0
@@ -99,7 +101,7 @@ def attend_tokens(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.Ten
     cache.stored_rows(layer, end, keys, values, rotated)
     rot = cache.rotation
     qs = q @ rot.T if rotated else q
-    out = _causal_attention(qs, keys[:, :end], values[:, :end], start)
+    out = _causal_attention(qs, keys[:, :end], values[:, :end], start, window)
     return out @ rot if rotated else out
 
 
@@ -141,23 +143,30 @@ def attend_reference(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.
     ``cache.length`` over :meth:`TorchKVCache.readable`: what the fast paths compute."""
     start = cache.length
     keys, values = cache.readable(layer, start + q.shape[1])
-    return _causal_attention(q, keys, values, start)
+    return _causal_attention(q, keys, values, start, cache.windows[layer])
 
 
 def _causal_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, window: int = 0
 ) -> torch.Tensor:
     """q [n_q, T, D] of the tokens at ``start..`` over keys/values [n_kv, start + T, D]:
-    each query sees the keys up to its own position."""
+    each query sees the keys up to its own position, and with a ``window`` only the
+    ``window`` latest of them. Keys no query of the chunk sees are not read."""
     T = q.shape[1]
+    lo = max(0, start - window + 1) if window else 0
+    keys, values = keys[:, lo:], values[:, lo:]
     mask = None
-    if T > 1 and start > 0:
-        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
+    if window and start + T - lo > window:  # some query's window starts after lo
+        pos = torch.arange(start, start + T, device=q.device)[:, None]
+        key_pos = torch.arange(lo, start + T, device=q.device)[None, :]
+        mask = (key_pos <= pos) & (key_pos > pos - window)
+    elif T > 1 and start > lo:
+        mask = torch.ones(T, start + T - lo, dtype=torch.bool, device=q.device).tril(start - lo)
     return F.scaled_dot_product_attention(
         q[None],
         keys[None],
         values[None],
         attn_mask=mask,
-        is_causal=T > 1 and start == 0,
+        is_causal=mask is None and T > 1,
         enable_gqa=q.shape[0] != keys.shape[0],
     )[0]

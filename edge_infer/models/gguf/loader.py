@@ -1,4 +1,4 @@
-"""Load a Llama-family GGUF file into a :class:`LoadedModel`."""
+"""Load a Llama-, Qwen- or Gemma-3-family GGUF file into a :class:`LoadedModel`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from edge_infer.errors import ModelFormatError, UnsupportedModelError
 from edge_infer.formats.affine import quantize
+from edge_infer.models.chat_template import GEMMA_CHAT_TEMPLATE
 from edge_infer.models.fingerprint import file_digest, text_digest
 from edge_infer.models.gguf.quants import UnsupportedTensorType, dequantize, to_affine
 from edge_infer.models.gguf.reader import GGUFFile
@@ -25,15 +26,20 @@ from edge_infer.models.spec import (
     LoadedModel,
     ModelConfig,
     Weight,
+    attention_tag,
     expected_shapes,
     required_weights,
 )
 from edge_infer.models.tokenizer import Tokenizer
 
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 # Re-quantization of types we cannot convert losslessly: (bits, group size).
 REQUANT_FLOAT = (4, 64)
-REQUANT_BLOCKS = (4, 32)  # K-quants, Q5_0, Q5_1: 4-bit, groups of 32 like their sub-blocks
+REQUANT_BLOCKS = (4, 32)  # Q2_K, Q3_K: 4-bit, groups of 32 like their sub-blocks
+# 5- and 6-bit types (Q5_0, Q5_1, Q5_K, Q6_K) keep their precision in 8 bits: at 4 bits
+# they lose most of it (Gemma 3 files hold their attention and MLP matrices in them).
+REQUANT_WIDE = (8, 32)
+_WIDE_TYPES = {6, 7, 13, 14}
 _FLOAT_TYPES = {0, 1, 30}
 
 _LAYER_NAMES = {
@@ -50,6 +56,27 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Gemma 3 names its norms differently: ffn_norm is the norm before the MLP, and the
+# attention and MLP outputs have norms of their own (Hugging Face's Gemma 3 names).
+_GEMMA3_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+_QWEN3_NAMES = {
+    **_LAYER_NAMES,
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+_NAMES_BY_ARCH = {"gemma3": _GEMMA3_NAMES, "qwen3": _QWEN3_NAMES}
+# Gemma 3: every 6th layer attends globally, the others in a sliding window with RoPE base
+# 10000 (llama.cpp's and transformers' fixed values; GGUF files do not carry them).
+GEMMA3_GLOBAL_EVERY = 6
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
+GEMMA3_27B_LAYERS = 62
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -60,13 +87,14 @@ _IGNORED = {"rope_freqs.weight"}
 _PERMUTED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """Hugging Face name of a GGUF tensor, or None when we do not know it."""
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """Hugging Face name of a GGUF tensor of ``arch``, or None when we do not know it."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _NAMES_BY_ARCH.get(arch, _LAYER_NAMES)
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
     return None
 
 
@@ -146,6 +174,7 @@ def config_from_metadata(meta: dict[str, Any], path: Path, gguf: GGUFFile) -> Mo
     # every layer has at least its norms and projections: no more layers than tensors
     n_layers = m.count("block_count", min(MAX_LAYERS, max(1, len(gguf.tensors))))
     factors = _rope_factors(m, head_dim, gguf)
+    family = _family_settings(m, arch, n_layers, gguf)
     try:  # ModelConfig checks its own bounds too
         return ModelConfig(
             arch=arch,
@@ -162,9 +191,39 @@ def config_from_metadata(meta: dict[str, Any], path: Path, gguf: GGUFFile) -> Mo
             tie_word_embeddings="output.weight" not in gguf.tensors,
             attention_bias="blk.0.attn_q.bias" in gguf.tensors,
             rope_freq_factors=factors,
+            **family,
         )
     except ValueError as exc:
         raise ModelFormatError(f"{path}: {exc}") from None
+
+
+def _family_settings(m: _Metadata, arch: str, n_layers: int, gguf: GGUFFile) -> dict[str, Any]:
+    """The ModelConfig fields that set Qwen3 and Gemma 3 apart from Llama."""
+    if arch == "qwen3":
+        return {"qk_norm": True}
+    if arch != "gemma3":
+        return {}
+    hidden = m.count("embedding_length", MAX_DIM)
+    window = m.count("attention.sliding_window", MAX_CONTEXT)
+    settings: dict[str, Any] = {
+        "qk_norm": True,
+        "sandwich_norms": True,
+        "hidden_act": "gelu_tanh",
+        "embedding_scale": math.sqrt(hidden),
+        "sliding_window": window,
+        "local_layers": tuple(i for i in range(n_layers) if (i + 1) % GEMMA3_GLOBAL_EVERY),
+        "rope_local_theta": GEMMA3_LOCAL_ROPE_BASE,
+    }
+    # Scores are scaled by 1/sqrt(query_pre_attn_scalar): head_dim, except on the 27B model
+    # (62 layers), where it is hidden/heads; the converter does not write it, so llama.cpp
+    # tells the 27B by its layer count, and so do we.
+    if f"{arch}.attention.query_pre_attn_scalar" in m.meta:
+        scalar = m.positive("attention.query_pre_attn_scalar", 1.0)
+        settings["attention_scale"] = 1.0 / math.sqrt(scalar)
+    elif n_layers == GEMMA3_27B_LAYERS:
+        heads = m.count("attention.head_count", MAX_HEADS)
+        settings["attention_scale"] = 1.0 / math.sqrt(hidden // heads)
+    return settings
 
 
 def _rope_factors(m: _Metadata, head_dim: int, gguf: GGUFFile) -> tuple[float, ...] | None:
@@ -217,7 +276,10 @@ def _convert_unchecked(gguf: GGUFFile, name: str, is_matrix: bool) -> Weight:
         if direct is not None:
             return direct
         dense = dequantize(raw, info.ggml_type, info.shape)
-        bits, group = REQUANT_FLOAT if info.ggml_type in _FLOAT_TYPES else REQUANT_BLOCKS
+        if info.ggml_type in _FLOAT_TYPES:
+            bits, group = REQUANT_FLOAT
+        else:
+            bits, group = REQUANT_WIDE if info.ggml_type in _WIDE_TYPES else REQUANT_BLOCKS
         if dense.shape[1] % group:
             group = 32
         if dense.shape[1] % group:
@@ -237,7 +299,7 @@ def checked_config(gguf: GGUFFile) -> ModelConfig:
     shapes), without reading any tensor data but RoPE factors."""
     path = gguf.path
     config = config_from_metadata(gguf.metadata, path, gguf)
-    targets = {n: hf_name(n) for n in gguf.tensors if n not in _IGNORED}
+    targets = {n: hf_name(n, config.arch) for n in gguf.tensors if n not in _IGNORED}
     unexpected = [n for n, t in targets.items() if t is None]
     if unexpected:
         raise UnsupportedModelError(
@@ -256,7 +318,7 @@ def load_gguf(path: Path, progress: Callable[[int, int], None] | None = None) ->
     tokenizer = _tokenizer(meta, config, path)
     weights: dict[str, Weight] = {}
     for i, name in enumerate(names):
-        target = hf_name(name)
+        target = hf_name(name, config.arch)
         assert target is not None  # checked_config refused unknown names
         is_matrix = len(gguf.tensors[name].shape) == 2
         w = _convert(gguf, name, is_matrix)
@@ -275,12 +337,22 @@ def load_gguf(path: Path, progress: Callable[[int, int], None] | None = None) ->
         source=path,
         name=str(meta.get("general.name") or path.stem),
         quantization=types.most_common(1)[0][0] if types else "F32",
-        fingerprint_parts={
-            "weights": file_digest(path),
-            "tokenizer": _tokenizer_digest(meta),
-            "chat_template": text_digest(tokenizer.chat_template or ""),
-        },
+        fingerprint_parts=_fingerprint_parts(path, meta, tokenizer, config),
     )
+
+
+def _fingerprint_parts(
+    path: Path, meta: dict[str, Any], tokenizer: Tokenizer, config: ModelConfig
+) -> dict[str, str]:
+    parts = {
+        "weights": file_digest(path),
+        "tokenizer": _tokenizer_digest(meta),
+        "chat_template": text_digest(tokenizer.chat_template or ""),
+    }
+    tag = attention_tag(config)
+    if tag:  # settings we derive rather than read from the file (window, pattern, bases)
+        parts["attention"] = text_digest(tag)
+    return parts
 
 
 def _tokenizer(meta: dict[str, Any], config: ModelConfig, path: Path) -> Tokenizer:
@@ -290,6 +362,8 @@ def _tokenizer(meta: dict[str, Any], config: ModelConfig, path: Path) -> Tokeniz
     except Exception as exc:  # untrusted input meets a native library: any failure is the file's
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelFormatError(f"{path}: tokenizer: {first[:200]}") from None
+    if tokenizer.chat_template is None and config.arch == "gemma3":
+        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE  # files converted without one
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelFormatError(
             f"{path}: tokenizer.ggml.tokens has {tokenizer.vocab_size} tokens but the model "
