@@ -293,12 +293,16 @@ class MLXCache:
         if quant:
             self._load_sealed(quant)
         for block in rest:
-            for i, lkv in enumerate(block.layers):
+            for lkv in block.layers:
                 for kv in (lkv.keys, lkv.values):
                     if not isinstance(kv, np.ndarray):
                         raise ValueError("expected float16 K/V for an unsealed or float16 block")
+        if rest:
+            for i in range(self.num_layers):  # room for all of them at once
+                self._reserve_tail(i, rest[-1].end - self.tail_start)
+        for block in rest:
+            for i, lkv in enumerate(block.layers):
                 a = block.start - self.tail_start
-                self._reserve_tail(i, a + block.length)
                 for w, kv in enumerate((lkv.keys, lkv.values)):
                     half = mx.array(np.asarray(kv, dtype=np.float16))[:, None]
                     buf = self._tail[i][w]
