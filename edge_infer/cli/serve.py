@@ -9,13 +9,16 @@ import socket
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from edge_infer.cli.common import BackendOpt, ModelOpt, err, load_engine, user_errors
 from edge_infer.errors import EdgeInferError
 from edge_infer.server.guard import DEFAULT_MAX_BODY_BYTES, is_loopback
+
+if TYPE_CHECKING:  # the engine (and torch) load when the server starts, not with the CLI
+    from edge_infer.engine import Engine
 
 DEFAULT_PORT = 8741
 KEY_ENV = "EDGE_INFER_API_KEY"
@@ -123,13 +126,29 @@ def serve(
 
         from edge_infer.server.app import create_app
 
-        eng = load_engine(model, backend, kv_bits)
-        app = create_app(eng, api_key=api_key, max_active=parallel, max_body_bytes=max_body_bytes)
         shown = f"[{host}]" if ":" in host else host
-        err.print(
-            f"edge-infer: {eng.model.name} on {eng.backend.name}/{eng.backend.device} at "
-            f"http://{shown}:{port}/v1 (pid {os.getpid()}; Ctrl-C to stop)",
-            highlight=False,
+        failed: list[BaseException] = []
+
+        def load() -> Engine:
+            eng = load_engine(model, backend, kv_bits)
+            err.print(
+                f"edge-infer: {eng.model.name} on {eng.backend.name}/{eng.backend.device} at "
+                f"http://{shown}:{port}/v1 (pid {os.getpid()}; Ctrl-C to stop)",
+                highlight=False,
+            )
+            return eng
+
+        def load_failed(exc: BaseException) -> None:
+            failed.append(exc)
+            server.should_exit = True
+
+        # the port is bound first and the model loaded meanwhile: /health says "loading"
+        app = create_app(
+            load,
+            api_key=api_key,
+            max_active=parallel,
+            max_body_bytes=max_body_bytes,
+            on_load_error=load_failed,
         )
         config = uvicorn.Config(
             app,
@@ -138,9 +157,12 @@ def serve(
             log_level=log_level,
             timeout_graceful_shutdown=10,
         )
+        server = uvicorn.Server(config)
         # uvicorn re-raises the stop signal after its graceful shutdown; land it in a no-op so
         # a stop by SIGTERM or Ctrl-C ends with exit code 0 once the caches are saved
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: None)
-        uvicorn.Server(config).run()
+        server.run()
+        if failed:
+            raise failed[0]
         err.print("edge-infer: stopped; agents' caches are saved", highlight=False)

@@ -291,17 +291,24 @@ def test_requests_to_one_agent_are_serialized(server):
 # -- lifecycle: restart, shutdown, keys ------------------------------------------------------
 
 
-def test_restart_restores_the_agent_from_disk(tmp_path):
+def test_restart_restores_agents_and_prompt_caches_from_disk(tmp_path):
     cache = tmp_path / "cache"
     ask = {"model": "m", "extra_body": {"agent": "nora"}, **GREEDY}
+    first_turn = [{"role": "user", "content": "I live in Lisbon."}]
     with running_server(cache) as srv:
         c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
-        first = c.chat.completions.create(
-            messages=[{"role": "user", "content": "I live in Lisbon."}], **ask
+        first = c.chat.completions.create(messages=first_turn, **ask)
+        check_regenerate_and_edit(srv, c, "rose")
+        # a stock client naming a cache with OpenAI's own field, and nothing else
+        keyed = c.chat.completions.create(
+            model="m", messages=first_turn, prompt_cache_key="s1", **GREEDY
         )
+        assert keyed.usage.prompt_tokens_details.cached_tokens == 0
         assert srv.stop() == 0  # SIGTERM: graceful, caches flushed
         assert "Traceback" not in srv.output()
     with running_server(cache) as srv:
+        # the port answered while the model was loading
+        assert srv.starting[0] == 503 and 200 in srv.starting
         c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
         again = c.chat.completions.create(
             messages=[{"role": "user", "content": "Where do I live?"}], **ask
@@ -310,6 +317,17 @@ def test_restart_restores_the_agent_from_disk(tmp_path):
         assert cached >= first.usage.prompt_tokens
         conv = httpx.get(f"{srv.url}/v1/agents/nora").json()["conversation"]
         assert conv[0]["content"] == "I live in Lisbon." and len(conv) == 4
+        check_regenerate_and_edit(srv, c, "rose")
+        # the prompt cache came back from disk; another key shares nothing with it
+        answer = {"role": "assistant", "content": keyed.choices[0].message.content}
+        nxt = [*first_turn, answer, {"role": "user", "content": "And the weather there?"}]
+        second = c.chat.completions.create(model="m", messages=nxt, prompt_cache_key="s1", **GREEDY)
+        assert second.usage.prompt_tokens_details.cached_tokens >= keyed.usage.prompt_tokens
+        other = c.chat.completions.create(model="m", messages=nxt, prompt_cache_key="s2", **GREEDY)
+        assert other.usage.prompt_tokens_details.cached_tokens == 0
+        # no conversation is kept for a prompt cache, only its KV
+        names = {a["id"]: a for a in httpx.get(f"{srv.url}/v1/agents").json()["data"]}
+        assert names["prompt-cache.s1"]["messages"] == 0 and names["prompt-cache.s1"]["tokens"]
 
 
 def test_sigterm_mid_generation_saves_a_consistent_cache(tmp_path):
@@ -553,3 +571,190 @@ def test_openapi_documents_the_statuses_the_server_answers(server):
     for method in ("get", "delete"):
         assert {"400", "404"} <= set(ops[("/v1/agents/{agent_id}", method)])
     assert "HTTPValidationError" not in spec["components"]["schemas"]
+
+
+# -- every field honoured or refused; history for agents; introspection ---------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("tool_choice", "auto"),
+        ("response_format", {"type": "json_object"}),
+        ("logit_bias", {"42": 5}),
+        ("frequency_penalty", 0.5),
+        ("presence_penalty", 0.5),
+        ("user", "u-1"),
+        ("temprature", 0.2),  # a typo is refused, not ignored
+    ],
+)
+def test_fields_not_honoured_are_refused_by_name(server, client, field, value):
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, field: value}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=60)
+    err = assert_error(r, 400, field, "messages", code="unsupported_parameter")
+    assert err["param"] == field
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", field: value}, timeout=60)
+    assert assert_error(r, 400, field, code="unsupported_parameter")["param"] == field
+    with pytest.raises(openai.BadRequestError, match=field):
+        client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], extra_body={field: value}
+        )
+
+
+def test_readme_lists_the_honoured_fields():
+    from edge_infer.server.app import HONOURED
+    from tests.support import REPO
+
+    serve = (REPO / "README.md").read_text().split("### Serve", 1)[1].split("### Cache", 1)[0]
+    for route, fields in HONOURED.items():
+        row = next(line for line in serve.splitlines() if line.startswith(f"| `POST {route}`"))
+        for field in fields:
+            assert f"`{field}`" in row, (route, field)
+
+
+def conversation(server, agent: str) -> list[dict]:
+    """The agent's stored conversation (none for an unknown agent)."""
+    r = httpx.get(f"{server.url}/v1/agents/{agent}")
+    return [] if r.status_code == 404 else r.json()["conversation"]
+
+
+def chat_tokens(server, messages: list[dict], add_generation_prompt: bool = True) -> int:
+    """How many tokens ``messages`` render to, asked over HTTP."""
+    prompt = httpx.post(
+        f"{server.url}/apply-template",
+        json={"messages": messages, "add_generation_prompt": add_generation_prompt},
+    ).json()["prompt"]
+    return len(httpx.post(f"{server.url}/tokenize", json={"content": prompt}).json()["tokens"])
+
+
+def say(client, agent: str, messages: list[dict]):
+    r = client.chat.completions.create(
+        model="m", messages=messages, extra_body={"agent": agent}, **GREEDY
+    )
+    return {"role": "assistant", "content": r.choices[0].message.content}, r.usage
+
+
+def check_regenerate_and_edit(server, client, agent: str) -> None:
+    """Regenerate, then edit an earlier turn, resending the whole history each time."""
+    u1 = {"role": "user", "content": "Pick a fruit."}
+    u2 = {"role": "user", "content": "And a colour?"}
+    history = [*conversation(server, agent)]
+    if not history:
+        a1, _ = say(client, agent, [u1])
+        a2, _ = say(client, agent, [u1, a1, u2])
+        history = [u1, a1, u2, a2]
+        assert conversation(server, agent) == history
+    u1, a1, u2 = history[:3]
+    # regenerate the last answer: history without it, resent
+    sent = [u1, a1, u2]
+    again, usage = say(client, agent, sent)
+    assert conversation(server, agent) == [*sent, again]
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+    # edit the second question: what followed it is replaced, nothing duplicated
+    sent = [u1, a1, {"role": "user", "content": "And a number?"}]
+    edited, usage = say(client, agent, sent)
+    assert conversation(server, agent) == [*sent, edited]
+    assert usage.prompt_tokens_details.cached_tokens >= chat_tokens(server, [u1, a1], False)
+
+
+def test_regenerate_and_edit_on_an_agent_never_duplicate(server, client):
+    check_regenerate_and_edit(server, client, "rita")
+
+
+def test_tool_call_fields_are_kept_in_the_conversation(server, client):
+    call = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+        ],
+    }
+    result = {"role": "tool", "content": "42", "tool_call_id": "c1"}
+    sent = [{"role": "user", "content": "Add 40 and 2."}, call, result]
+    reply, _ = say(client, "tia", sent)
+    assert conversation(server, "tia") == [*sent, reply]
+
+
+def test_tokenize_detokenize_apply_template(server, client, torch_engine):
+    text = "Tokens, please: naïve café ☕"
+    r = httpx.post(f"{server.url}/tokenize", json={"content": text}).json()
+    assert r["tokens"] == torch_engine.tokenize(text)
+    pieces = httpx.post(f"{server.url}/tokenize", json={"content": text, "with_pieces": True})
+    assert [p["id"] for p in pieces.json()["tokens"]] == r["tokens"]
+    back = httpx.post(f"{server.url}/detokenize", json={"tokens": r["tokens"]}).json()
+    assert back["content"] == text
+    assert_error(httpx.post(f"{server.url}/detokenize", json={"tokens": [-1]}), 400, "tokens.0")
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": text}]
+    used = client.chat.completions.create(model="m", messages=messages, max_tokens=1)
+    assert chat_tokens(server, messages) == used.usage.prompt_tokens
+
+
+def test_logprobs_chat_and_completions_streamed_and_not(server, client, torch_engine):
+    # a prompt no earlier request began with: read whole, as Engine.logits reads it
+    prompt = "Zebras in the savanna"
+    r = client.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0, logprobs=5)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
+    for token, top in zip(lp.tokens, lp.top_logprobs, strict=True):
+        assert max(top, key=top.get) == token  # greedy: the chosen token is the most likely
+    expected = torch_engine.logits(torch_engine.tokenize(prompt))[-1]
+    first = torch_engine.tokenize(prompt + lp.tokens[0], add_bos=False)[-1]
+    assert abs(lp.token_logprobs[0] - expected[first]) < 1e-4
+    streamed = client.completions.create(
+        model="m", prompt=prompt, max_tokens=4, temperature=0, logprobs=5, stream=True
+    )
+    tokens = [
+        t for c in streamed for t in (c.choices[0].logprobs.tokens if c.choices[0].logprobs else [])
+    ]
+    assert tokens == lp.tokens
+
+    messages = [{"role": "user", "content": "Name a planet."}]
+    whole = client.chat.completions.create(
+        model="m", messages=messages, logprobs=True, top_logprobs=3, **GREEDY
+    )
+    content = whole.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == whole.choices[0].message.content
+    for t in content:
+        assert t.top_logprobs[0].token == t.token and len(t.top_logprobs) == 3
+        assert bytes(t.bytes).decode("utf-8", "replace") == t.token and t.logprob <= 0
+    stream = client.chat.completions.create(
+        model="m", messages=messages, logprobs=True, top_logprobs=3, stream=True, **GREEDY
+    )
+    got = [
+        t
+        for c in stream
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content
+    ]
+    assert [t.token for t in got] == [t.token for t in content]
+    # the second request read its prompt from the prefix cache (decode-step numerics): close
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(got, content, strict=True)) < 0.1
+    plain = client.chat.completions.create(model="m", messages=messages, **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
+def test_metrics_parse_and_move(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[tuple[str, tuple], float]:
+        text = httpx.get(f"{server.url}/metrics", timeout=60).text
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    before = scrape()
+    client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Count to three."}], **GREEDY
+    )
+    after = scrape()
+    ok = ("edge_infer_requests_total", (("route", "/v1/chat/completions"), ("status", "200")))
+    assert after[ok] == before.get(ok, 0) + 1
+    for counter in ("edge_infer_prompt_tokens_total", "edge_infer_generated_tokens_total"):
+        assert after[(counter, ())] > before.get((counter, ()), 0)
+    ttft = ("edge_infer_time_to_first_token_seconds_count", ())
+    assert after[ttft] == before.get(ttft, 0) + 1
+    assert after[("edge_infer_batch_size_count", ())] > 0
+    assert after[("edge_infer_agents_on_disk", ())] >= 0

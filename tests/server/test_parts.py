@@ -11,7 +11,7 @@ from starlette.datastructures import Headers
 from edge_infer.cli.serve import KEY_ENV, resolve_api_key
 from edge_infer.errors import EdgeInferError
 from edge_infer.generation.sampling import SamplingParams
-from edge_infer.server.conversation import split_request_messages
+from edge_infer.server.conversation import plan_turn, split_system
 from edge_infer.server.guard import RequestGuard, host_name, is_loopback
 from edge_infer.server.prefix_pool import PrefixPool
 from edge_infer.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -33,27 +33,58 @@ SYS = {"role": "system", "content": "Be brief."}
 # -- conversation ------------------------------------------------------------------------
 
 
-def test_new_messages_only():
-    assert split_request_messages([u("hi"), a("hello")], [u("next")]) == (None, [u("next")])
+def apply(stored, incoming):
+    """The conversation after a request (before the reply), as the agent keeps it."""
+    system, rest = split_system(incoming)
+    keep, new = plan_turn(stored, rest)
+    return system, stored[:keep] + new
+
+
+def test_new_messages_are_appended():
+    assert apply([u("hi"), a("hello")], [u("next")]) == (None, [u("hi"), a("hello"), u("next")])
+    assert apply([], [u("first")]) == (None, [u("first")])
 
 
 def test_full_history_is_not_repeated():
     stored = [SYS, u("hi"), a("hello")]
-    assert split_request_messages(stored, [SYS, u("hi"), a("hello"), u("next")]) == (
+    assert apply(stored, [SYS, u("hi"), a("hello"), u("next")]) == (
         "Be brief.",
-        [u("next")],
+        [SYS, u("hi"), a("hello"), u("next")],
     )
+    assert plan_turn(stored, [u("hi"), a("hello"), u("next")]) == (3, [u("next")])
 
 
-def test_diverging_history_is_appended_whole():
-    stored = [u("hi"), a("hello")]
-    got = split_request_messages(stored, [u("hi"), a("HELLO"), u("next")])
-    assert got == (None, [u("hi"), a("HELLO"), u("next")])
+def test_regenerate_replaces_the_last_answer():
+    stored = [SYS, u("hi"), a("hello"), u("more"), a("sure")]
+    assert apply(stored, [u("hi"), a("hello"), u("more")]) == (None, stored[:4])
+    # the same history resent in full (a retry): answered again, nothing added twice
+    assert apply(stored, [u("hi"), a("hello"), u("more"), a("sure")]) == (None, stored)
+
+
+def test_edited_turn_replaces_what_followed():
+    stored = [u("hi"), a("hello"), u("more"), a("sure")]
+    assert apply(stored, [u("hi"), a("HELLO"), u("next")]) == (
+        None,
+        [u("hi"), a("HELLO"), u("next")],
+    )
+    assert apply(stored, [u("hi")]) == (None, [u("hi")])
+
+
+def test_tool_call_fields_tell_messages_apart():
+    call = {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function"}]}
+    other = {**call, "tool_calls": [{"id": "c2", "type": "function"}]}
+    result = {"role": "tool", "content": "42", "tool_call_id": "c1"}
+    stored = [u("hi"), call, result, a("it is 42")]
+    assert apply(stored, [u("hi"), call, result, a("it is 42"), u("thanks")])[1] == [
+        *stored,
+        u("thanks"),
+    ]
+    assert apply(stored, [u("hi"), other])[1] == [u("hi"), other]
 
 
 def test_system_only_request_is_refused():
-    with pytest.raises(ValueError, match="no new message"):
-        split_request_messages([], [SYS])
+    with pytest.raises(ValueError, match="no message"):
+        apply([], [SYS])
 
 
 # -- protocol ------------------------------------------------------------------------------
@@ -68,7 +99,6 @@ def test_request_options_become_sampling_params():
             "top_p": 0.5,
             "stop": "END",
             "seed": 3,
-            "unknown_field": 1,
         }
     )
     p = req.sampling(default_max_tokens=99)
@@ -91,6 +121,27 @@ def test_content_parts_and_developer_role():
         }
     )
     assert req.message_dicts() == [{"role": "system", "content": "rules"}, u("ab")]
+
+
+@pytest.mark.parametrize("field", ["tools", "response_format", "logit_bias", "temprature"])
+def test_fields_not_honoured_are_refused(field):
+    with pytest.raises(ValidationError, match="Extra inputs") as e:
+        ChatCompletionRequest.model_validate({"messages": [u("x")], field: None})
+    assert e.value.errors()[0]["loc"] == (field,)
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        CompletionRequest.model_validate({"prompt": "x", field: 1})
+
+
+def test_logprobs_options():
+    chat = {"messages": [u("x")]}
+    assert ChatCompletionRequest.model_validate(chat).logprobs_top() is None
+    assert ChatCompletionRequest.model_validate({**chat, "logprobs": True}).logprobs_top() == 0
+    req = ChatCompletionRequest.model_validate({**chat, "logprobs": True, "top_logprobs": 20})
+    assert req.logprobs_top() == 20
+    for bad in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate({**chat, **bad})
+    assert CompletionRequest.model_validate({"prompt": "x", "logprobs": 3}).logprobs_top() == 3
 
 
 @pytest.mark.parametrize(
