@@ -45,6 +45,8 @@ def _one_token_kernel(cache: TorchKVCache):
     """The kernel module for one new token per sequence (C++ on the CPU, Triton on CUDA)
     when it can serve this cache's layout, else None."""
     if cache.device.type == "cuda":
+        if any(cache.windows):  # the Triton kernel attends every token: no sliding windows
+            return None
         if not triton_kernels.accepts(cache.head_dim, cache.bits, cache.group_size):
             return None
         return triton_kernels.load()

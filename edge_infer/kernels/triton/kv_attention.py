@@ -27,6 +27,7 @@ import triton.language as tl
 # per sequence: the addresses kp, ks, kb, vp, vs, vb, kt, vt, then
 # cap, tail_cap, sealed, length, tail_offset (as the CPU kernel takes them)
 _POINTERS, _META = 8, 5
+_LAYOUT = 6  # TorchKVCache.kernel_layout's values per sequence: _META, then the window
 _FIELDS = _POINTERS + _META
 # tokens per run: a sequence's runs (and so its result, to the bit) depend on its own length
 # only, never on the batch it is decoded in; 16K tokens over 32 kv heads make 1024 programs
@@ -249,7 +250,7 @@ def attend_new_token(
 ) -> torch.Tensor:
     """q float32 [B, n_q, D] (rope applied); k, v float32 [B, n_kv, D]: each sequence's new
     token, written as float16 into its tail row ``length - 1`` before attending. ``pointers``
-    [8 B] and ``metas`` [5 B] as ``TorchKVCache.kernel_layout`` gives them; ``rotation`` (R)
+    [8 B] and ``metas`` [6 B] as ``TorchKVCache.kernel_layout`` gives them; ``rotation`` (R)
     and its transpose float32 [D, D] on q's device. Returns softmax(q K^T / sqrt(D)) V,
     float32 [B, n_q, D]. ``tokens_per_run`` overrides how the tokens are split (tests)."""
     B, n_q, D = q.shape
@@ -259,8 +260,11 @@ def attend_new_token(
     for name, x in (("k", k), ("v", v)):
         if x.dtype != torch.float32 or not x.is_contiguous() or x.shape != (B, n_kv, D):
             raise ValueError(f"{name} must be contiguous float32 [B, n_kv, D]")
-    if n_q % n_kv or len(pointers) != _POINTERS * B or len(metas) != _META * B:
-        raise ValueError("pointers, metas: 8 and 5 values per sequence")
+    if n_q % n_kv or len(pointers) != _POINTERS * B or len(metas) != _LAYOUT * B:
+        raise ValueError("pointers, metas: 8 and 6 values per sequence")
+    if any(metas[_LAYOUT - 1 :: _LAYOUT]):
+        raise ValueError("sliding-window layers are not supported by this kernel")
+    metas = [x for b in range(B) for x in metas[_LAYOUT * b : _LAYOUT * b + _META]]
     rows = [
         pointers[_POINTERS * b : _POINTERS * (b + 1)] + metas[_META * b : _META * (b + 1)]
         for b in range(B)
