@@ -1,8 +1,11 @@
-"""MLX backend: mlx-lm's Llama/Qwen2 model classes fed with edge_infer weights.
+"""MLX backend: mlx-lm's Llama/Qwen2 modules fed with edge_infer weights, run layer by layer
+over our own KV cache.
 
 The weights arrive in Hugging Face naming and MLX's affine quantization layout, so they load
 into mlx-lm modules as they are: a :class:`QuantizedWeight` becomes an ``nn.QuantizedLinear``
-(or ``nn.QuantizedEmbedding``) with that tensor's own bits and group size.
+(or ``nn.QuantizedEmbedding``) with that tensor's own bits and group size. The layer loop is
+ours so that attention reads the stored KV form (:mod:`.kv_cache`, :mod:`.kv_attention`)
+instead of an mlx-lm cache.
 """
 
 from __future__ import annotations
