@@ -13,6 +13,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "config"),
     ("formats",),
     ("models", "kernels"),
+    ("vision",),  # preprocessing, dropping, towers: below cache_store so image keys can use it
     ("cache_store",),
     ("backends",),
     ("generation",),
