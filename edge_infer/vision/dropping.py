@@ -158,6 +158,10 @@ def allocate_hired(
     b_total = total_budget(n_partitions, n, budget.rate)
     b_full = min(int(b_total * budget.alpha), n)
     b_sub = min(b_total - b_full, n_tiles * n)
+    if mode not in HIRED_MODES:
+        raise ValueError(f"unknown HiRED mode {mode!r}; expected one of {HIRED_MODES}")
+    if n_tiles == 0:  # a single view (LLaVA-1.5): one top-k over the whole budget
+        return Allocation(min(b_total, n), np.zeros(0, dtype=np.int64))
     marked = np.zeros(first_base.shape[-1], dtype=bool)
     marked[top_k(first_base, int(n * (1 - budget.alpha)))] = True
     if mode == "reference":
@@ -170,10 +174,6 @@ def allocate_hired(
                 ratio = counts.astype(np.float32) / np.float32(counts.sum())
                 tiles = np.minimum((ratio * np.float32(b_sub)).astype(np.int64), n)
         return Allocation(b_full, tiles)
-    if mode != "spatial":
-        raise ValueError(f"unknown HiRED mode {mode!r}; expected one of {HIRED_MODES}")
-    if n_tiles == 0:
-        return Allocation(min(b_total, n), np.zeros(0, dtype=np.int64))
     if tile_of_token is None:
         raise ValueError("spatial HiRED needs the tile covering each base-view token")
     tile_of_token = np.asarray(tile_of_token)

@@ -10,13 +10,17 @@ from edge_infer.vision.dropping import Budget
 
 
 def official_hired(first: np.ndarray, final: np.ndarray, rate: float, alpha: float) -> np.ndarray:
-    """HiRED_token_selection + HiRED_sub_img_budgets of the authors' LLaVA-NeXT, in numpy.
+    """HiRED_token_selection + HiRED_sub_img_budgets of the authors' LLaVA-NeXT (LLaVA-1.5 for a
+    single view), in numpy.
 
     ``first``/``final``: head-summed CLS rows [N_p, n] at the first and the final feature layer,
     base view first. Returns the boolean keep mask [N_p, n].
     """
     num_patch, n = final.shape
     mask = np.zeros((num_patch, n), dtype=bool)
+    if num_patch == 1:  # the LLaVA-1.5 version: one top-k
+        mask[0, np.argsort(-final[0])[: int(n * rate)]] = True
+        return mask
     num_total_budget = int(num_patch * n * rate)
     full_img_budget = min(int(num_total_budget * alpha), n)
     total_sub_img_budget = min(num_total_budget - full_img_budget, (num_patch - 1) * n)

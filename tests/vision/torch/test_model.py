@@ -1,0 +1,169 @@
+"""Our torch towers and projectors against transformers' forward (fp32, eager) on tiny VLMs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edge_infer.vision.dropping import Budget
+from edge_infer.vision.preprocess import Pixels
+from tests.support.vision_models import tiny_idefics3, tiny_llava
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from edge_infer.vision.torch.model import VisionModel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llava")
+    hf = tiny_llava(path)
+    hf.set_attn_implementation("eager")
+    return path, hf
+
+
+@pytest.fixture(scope="module")
+def idefics3(tmp_path_factory):
+    path = tmp_path_factory.mktemp("idefics3")
+    hf = tiny_idefics3(path)
+    hf.set_attn_implementation("eager")
+    return path, hf
+
+
+def image_features(out) -> torch.Tensor:
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+
+def views(n: int, side: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def test_llava_features_equal_transformers(llava):
+    path, hf = llava
+    ours = VisionModel.load(path)
+    x = views(3, 28)
+    with torch.no_grad():
+        ref = image_features(
+            hf.get_image_features(
+                pixel_values=x, vision_feature_layer=-2, vision_feature_select_strategy="default"
+            )
+        )
+    got = ours.features(x)
+    assert got.shape == ref.shape == (3, 16, 48)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cls_row_scores_equal_transformers_attentions(llava):
+    path, hf = llava
+    ours = VisionModel.load(path)
+    x = views(2, 28, seed=1)
+    with torch.no_grad():
+        att = hf.model.vision_tower(pixel_values=x, output_attentions=True).attentions
+        _, scores = ours.run(x, (0, 1))
+    for layer in (0, 1):
+        ref = att[layer][:, :, 0, 1:].sum(dim=1)
+        torch.testing.assert_close(scores[layer], ref, rtol=1e-5, atol=1e-6)
+    # the rows are far from uniform, so a wrong layer or column would show
+    assert float(scores[1].std()) > 0.05
+
+
+def test_idefics3_features_equal_transformers(idefics3):
+    path, hf = idefics3
+    ours = VisionModel.load(path)
+    x = views(3, 32, seed=2)
+    with torch.no_grad():
+        ref = image_features(hf.get_image_features(pixel_values=x[None])).reshape(3, 16, 48)
+    got = ours.features(x)
+    assert got.shape == ref.shape == (3, 16, 48)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_received_scores_equal_transformers_attentions(idefics3):
+    path, hf = idefics3
+    ours = VisionModel.load(path)
+    x = views(2, 32, seed=3)
+    mask = torch.ones(2, 8, 8, dtype=torch.bool)
+    with torch.no_grad():
+        att = hf.model.vision_model(
+            pixel_values=x, patch_attention_mask=mask, output_attentions=True
+        ).attentions
+        _, scores = ours.run(x, (0, 2))
+    for layer in (0, 2):
+        torch.testing.assert_close(scores[layer], att[layer].mean(dim=(1, 2)), rtol=1e-5, atol=1e-7)
+    grouped = ours.scores_of(scores[2])
+    assert grouped.shape == (2, 16)
+    np.testing.assert_allclose(grouped.sum(axis=1), scores[2].sum(dim=1).numpy(), rtol=1e-5)
+
+
+def test_both_transformers_layouts_load_the_same_weights(llava, tmp_path):
+    """transformers 4.x wrote ``vision_tower.vision_model.*``; 5.x in memory ``model.*``."""
+    from safetensors.torch import load_file, save_file
+
+    path, _ = llava
+    tensors = load_file(str(path / "model.safetensors"))
+    renamed = {}
+    for k, v in tensors.items():
+        k = k.replace("vision_tower.", "model.vision_tower.vision_model.")
+        renamed[k.replace("multi_modal_projector.", "model.multi_modal_projector.")] = v
+    save_file(renamed, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    x = views(1, 28)
+    torch.testing.assert_close(
+        VisionModel.load(tmp_path).features(x), VisionModel.load(path).features(x)
+    )
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["vision_feature_select_strategy"] = "full"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json.*vision_feature_select_strategy"):
+        VisionModel.load(tmp_path)
+
+
+def smol_pixels(grid: tuple[int, int], side: int = 32, seed: int = 4) -> Pixels:
+    n = grid[0] * grid[1] + 1
+    values = views(n, side, seed).numpy()
+    return Pixels(values, (side * grid[0], side * grid[1]), grid, n - 1)
+
+
+def test_full_and_rate_one_give_every_projected_feature_in_order(idefics3):
+    path, _ = idefics3
+    ours = VisionModel.load(path)
+    px = smol_pixels((2, 2))
+    every = ours.features(torch.from_numpy(px.values)).reshape(-1, 48)
+    full = ours.encode(px, "full")
+    assert full.total == 80 and full.skipped == 0
+    assert torch.equal(full.embeds, every)
+    hired = ours.encode(px, "hired", Budget(1.0, 0.5))
+    assert torch.equal(hired.embeds, every)
+
+
+def test_hired_skips_tiles_without_budget_and_keeps_order(idefics3):
+    path, _ = idefics3
+    ours = VisionModel.load(path)
+    px = smol_pixels((2, 3))
+    every = ours.features(torch.from_numpy(px.values))
+    for rate in (0.05, 0.2):
+        enc = ours.encode(px, "hired", Budget(rate, 0.5))
+        assert sum(len(k) for k in enc.kept) == int(7 * 16 * rate)
+        assert enc.skipped == sum(1 for k in enc.kept[:-1] if len(k) == 0)
+        expected = torch.cat([every[i, torch.from_numpy(k)] for i, k in enumerate(enc.kept)])
+        torch.testing.assert_close(enc.embeds, expected)
+    assert ours.encode(px, "hired", Budget(0.05, 0.5)).skipped > 0
+    for method in ("uniform", "cls-topk"):
+        enc = ours.encode(px, method, Budget(0.2))
+        assert enc.embeds.shape == (int(7 * 16 * 0.2), 48) and enc.skipped == 0
+
+
+def test_llava_hired_is_one_top_k_by_final_cls_attention(llava):
+    path, _ = llava
+    ours = VisionModel.load(path)
+    px = Pixels(views(1, 28, seed=5).numpy(), (28, 28), (0, 0), 0)
+    enc = ours.encode(px, "hired", Budget(0.25))
+    _, scores = ours.run(torch.from_numpy(px.values), (1,))
+    top = np.sort(np.argsort(-scores[1][0].numpy())[:4])
+    assert enc.kept[0].tolist() == top.tolist()
+    with pytest.raises(ValueError, match="unknown dropping method"):
+        ours.encode(px, "random")
