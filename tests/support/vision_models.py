@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+IMAGE_TOKEN = 271
 TEXT = dict(
-    hidden_size=48,
-    intermediate_size=96,
+    hidden_size=64,
+    intermediate_size=128,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
-    vocab_size=160,
+    vocab_size=272,  # the test tokenizer's 268 tokens, then the image token
 )
 
 
@@ -33,7 +34,7 @@ def tiny_llava(path: Path, seed: int = 0, image_size: int = 28, patch: int = 7):
     cfg = LlavaConfig(
         vision_config=vision,
         text_config=LlamaConfig(**TEXT),
-        image_token_index=159,
+        image_token_index=IMAGE_TOKEN,
         image_seq_length=(image_size // patch) ** 2,
     )
     model = Llava(cfg).eval()
@@ -61,7 +62,7 @@ def tiny_idefics3(path: Path, seed: int = 0, image_size: int = 32, patch: int = 
     cfg = Idefics3Config(
         vision_config=vision.to_dict(),
         text_config=LlamaConfig(**TEXT).to_dict(),
-        image_token_id=159,
+        image_token_id=IMAGE_TOKEN,
         scale_factor=scale,
     )
     model = Idefics3(cfg).eval()
@@ -71,12 +72,30 @@ def tiny_idefics3(path: Path, seed: int = 0, image_size: int = 32, patch: int = 
 
 
 def scale_up(model) -> None:
-    """Random init is near zero (std 0.02): widen it so attention is far from uniform and a
-    wrong index or layer shows in the numbers."""
+    """Random init is near zero (std 0.02): widen the image side so attention is far from
+    uniform and a wrong index or layer shows, and sharpen the output head so greedy choices
+    have margins wider than our bfloat16 decoder's rounding."""
     import torch
 
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" not in name and p.dim() >= 1:
+            if name.startswith("lm_head"):
+                p.mul_(50.0)
+            elif "norm" not in name and "language_model" not in name and "text_model" not in name:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.1))
+
+
+def text_model_dir(hf, path: Path) -> Path:
+    """The VLM's language model alone as a Llama directory (with the test tokenizer)."""
+    from transformers import LlamaForCausalLM
+
+    from tests.support.model_files import build_hf_tokenizer
+
+    text = LlamaForCausalLM(hf.config.text_config).eval()
+    state = {f"model.{k}": v for k, v in hf.model.language_model.state_dict().items()}
+    state["lm_head.weight"] = hf.lm_head.weight
+    text.load_state_dict(state)
+    text.save_pretrained(path)
+    build_hf_tokenizer().save(str(path / "tokenizer.json"))
+    return path

@@ -53,7 +53,7 @@ def test_llava_features_equal_transformers(llava):
             )
         )
     got = ours.features(x)
-    assert got.shape == ref.shape == (3, 16, 48)
+    assert got.shape == ref.shape == (3, 16, 64)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -76,9 +76,9 @@ def test_idefics3_features_equal_transformers(idefics3):
     ours = VisionModel.load(path)
     x = views(3, 32, seed=2)
     with torch.no_grad():
-        ref = image_features(hf.get_image_features(pixel_values=x[None])).reshape(3, 16, 48)
+        ref = image_features(hf.get_image_features(pixel_values=x[None])).reshape(3, 16, 64)
     got = ours.features(x)
-    assert got.shape == ref.shape == (3, 16, 48)
+    assert got.shape == ref.shape == (3, 16, 64)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -132,7 +132,7 @@ def test_full_and_rate_one_give_every_projected_feature_in_order(idefics3):
     path, _ = idefics3
     ours = VisionModel.load(path)
     px = smol_pixels((2, 2))
-    every = ours.features(torch.from_numpy(px.values)).reshape(-1, 48)
+    every = ours.features(torch.from_numpy(px.values)).reshape(-1, 64)
     full = ours.encode(px, "full")
     assert full.total == 80 and full.skipped == 0
     assert torch.equal(full.embeds, every)
@@ -154,7 +154,7 @@ def test_hired_skips_tiles_without_budget_and_keeps_order(idefics3):
     assert ours.encode(px, "hired", Budget(0.05, 0.5)).skipped > 0
     for method in ("uniform", "cls-topk"):
         enc = ours.encode(px, method, Budget(0.2))
-        assert enc.embeds.shape == (int(7 * 16 * 0.2), 48) and enc.skipped == 0
+        assert enc.embeds.shape == (int(7 * 16 * 0.2), 64) and enc.skipped == 0
 
 
 def test_llava_hired_is_one_top_k_by_final_cls_attention(llava):
@@ -167,3 +167,56 @@ def test_llava_hired_is_one_top_k_by_final_cls_attention(llava):
     assert enc.kept[0].tolist() == top.tolist()
     with pytest.raises(ValueError, match="unknown dropping method"):
         ours.encode(px, "random")
+
+
+def test_llava_prompt_through_our_runner_agrees_with_transformers(tmp_path):
+    """Image features at the placeholder positions: prefill logits and 16 greedy tokens.
+
+    Our decoder computes in bfloat16, so the seed is one whose greedy choices all win by more
+    than that rounding (checked below, so a change of transformers' init shows as such).
+    """
+    from edge_infer.backends.torch.backend import TorchBackend
+    from edge_infer.generation.runner import Runner
+    from edge_infer.models.hf.loader import load_hf_dir
+    from edge_infer.vision.preprocess import ImageSpec, preprocess
+    from tests.support.vision_images import synthetic
+    from tests.support.vision_models import IMAGE_TOKEN, text_model_dir
+
+    hf = tiny_llava(tmp_path / "vlm", seed=2)
+    hf.set_attn_implementation("eager")
+    ours = VisionModel.load(tmp_path / "vlm")
+    spec = ImageSpec(size={"shortest_edge": 28}, crop=(28, 28))
+    px = preprocess(synthetic(41, 57, seed=9), spec)
+    enc = ours.encode(px, "full")
+    before, after = [5, 17, 42], [60, 61, 99, 7]
+    ids = torch.tensor([before + [IMAGE_TOKEN] * enc.total + after])
+    pixels = torch.from_numpy(px.values)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pixels).logits[0, -1].numpy()
+        gen = hf.generate(
+            input_ids=ids,
+            pixel_values=pixels,
+            max_new_tokens=16,
+            min_new_tokens=16,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    expected = gen.sequences[0, ids.shape[1] :].tolist()
+    margins = [float(torch.topk(step[0], 2).values.diff().abs()) for step in gen.logits]
+    assert min(margins) > 0.25
+
+    text = load_hf_dir(text_model_dir(hf, tmp_path / "text"), bits=16)
+    runner = Runner(TorchBackend(text, device="cpu", kv_bits=16), text.tokenizer, 2048)
+    cache = runner.new_cache()
+    segments = [np.array(before), enc.embeds.numpy(), np.array(after)]
+    logits = runner.prefill_segments(segments, cache)
+    assert cache.length == ids.shape[1]
+    np.testing.assert_allclose(logits, ref, atol=0.1 + 0.01 * np.abs(ref).max())
+    tokens = []
+    for _ in range(16):
+        tokens.append(int(np.argmax(logits)))
+        logits = runner.step(tokens[-1], cache)
+    assert tokens == expected
+    every = runner.prefill_segments(segments, runner.new_cache(), all_logits=True)
+    assert every.shape == (ids.shape[1], 272) and int(every[-1].argmax()) == expected[0]
