@@ -7,8 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ARCHS = ("llava", "idefics3")
-_ARCH_OF_TYPE = {"llava": "llava", "idefics3": "idefics3", "smolvlm": "idefics3"}
+ARCHS = ("llava", "llava_next", "idefics3")
+_ARCH_OF_TYPE = {
+    "llava": "llava",
+    "llava_next": "llava_next",
+    "idefics3": "idefics3",
+    "smolvlm": "idefics3",
+}
 
 # leading parts of a weight's name that transformers 4.x and 5.x put before the same tensor
 _TOWER_PREFIXES = ("model.", "vision_tower.", "vision_model.")
@@ -48,6 +53,7 @@ class VisionSpec:
     feature_layer: int = -1  # index into hidden states (0: embeddings); -1: the last layer
     projector_act: str = "gelu"
     scale_factor: int = 1  # Idefics3's pixel shuffle
+    pinpoints: tuple[tuple[int, int], ...] = ()  # LLaVA-NeXT's tile canvases (height, width)
 
     @property
     def layers_run(self) -> int:
@@ -68,6 +74,7 @@ class VisionSpec:
         v, t = raw.get("vision_config"), raw.get("text_config")
         if not isinstance(v, dict) or not isinstance(t, dict):
             raise ValueError(f"{where}: needs vision_config and text_config")
+        siglip = arch == "idefics3"
         try:
             tower = TowerSpec(
                 hidden=int(v["hidden_size"]),
@@ -76,16 +83,14 @@ class VisionSpec:
                 intermediate=int(v["intermediate_size"]),
                 patch=int(v["patch_size"]),
                 image_size=int(v["image_size"]),
-                eps=float(v.get("layer_norm_eps", 1e-5 if arch == "llava" else 1e-6)),
-                act=str(
-                    v.get("hidden_act", "quick_gelu" if arch == "llava" else "gelu_pytorch_tanh")
-                ),
-                has_cls=arch == "llava",
+                eps=float(v.get("layer_norm_eps", 1e-6 if siglip else 1e-5)),
+                act=str(v.get("hidden_act", "gelu_pytorch_tanh" if siglip else "quick_gelu")),
+                has_cls=not siglip,
             )
             text_hidden = int(t["hidden_size"])
         except KeyError as e:
             raise ValueError(f"{where}: vision_config or text_config lacks {e.args[0]}") from e
-        if arch == "llava":
+        if arch in ("llava", "llava_next"):
             layer = raw.get("vision_feature_layer", -2)
             if not isinstance(layer, int):
                 raise ValueError(
@@ -102,6 +107,9 @@ class VisionSpec:
                 int(raw.get("image_token_index", raw.get("image_token_id", 32000))),
                 feature_layer=layer,
                 projector_act=str(raw.get("projector_hidden_act", "gelu")),
+                pinpoints=tuple(
+                    (int(h), int(w)) for h, w in raw.get("image_grid_pinpoints", ()) or ()
+                ),
             )
         return cls(
             arch,
@@ -123,11 +131,14 @@ class VisionSpec:
 
 
 def vision_key(name: str) -> str | None:
-    """A weight's name without its version-dependent prefix: ``tower.*`` or ``projector.*``.
+    """A weight's name without its version-dependent prefix: ``tower.*``, ``projector.*`` or
+    ``newline``.
 
     Returns None for the text model's weights.
     """
     rest = name.removeprefix("model.")
+    if rest == "image_newline":
+        return "newline"
     for old, new in _PROJECTOR_NAMES.items():
         if rest.startswith(old):
             return new + rest[len(old) :]

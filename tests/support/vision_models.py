@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 IMAGE_TOKEN = 271
+# LLaVA-NeXT's five canvases, scaled from 336-px tiles to 28-px ones
+NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
 TEXT = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -38,6 +40,34 @@ def tiny_llava(path: Path, seed: int = 0, image_size: int = 28, patch: int = 7):
         image_seq_length=(image_size // patch) ** 2,
     )
     model = Llava(cfg).eval()
+    scale_up(model)
+    model.save_pretrained(path)
+    return model
+
+
+def tiny_llava_next(path: Path, seed: int = 0):
+    """A LLaVA-NeXT (CLIP, anyres tiles of 28 px, 4x4 tokens each, image_newline)."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+    from transformers import LlavaNextForConditionalGeneration as LlavaNext
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=7,
+        projection_dim=16,
+    )
+    cfg = LlavaNextConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**TEXT),
+        image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=NEXT_PINPOINTS,
+    )
+    model = LlavaNext(cfg).eval()
     scale_up(model)
     model.save_pretrained(path)
     return model

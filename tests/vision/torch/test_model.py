@@ -220,3 +220,73 @@ def test_llava_prompt_through_our_runner_agrees_with_transformers(tmp_path):
     assert tokens == expected
     every = runner.prefill_segments(segments, runner.new_cache(), all_logits=True)
     assert every.shape == (ids.shape[1], 272) and int(every[-1].argmax()) == expected[0]
+
+
+@pytest.fixture(scope="module")
+def llava_next(tmp_path_factory):
+    from tests.support.vision_models import tiny_llava_next
+
+    path = tmp_path_factory.mktemp("llava_next")
+    hf = tiny_llava_next(path)
+    hf.set_attn_implementation("eager")
+    return path, hf
+
+
+def next_spec():
+    from edge_infer.vision.preprocess import ImageSpec
+    from tests.support.vision_models import NEXT_PINPOINTS
+
+    return ImageSpec(
+        kind="llava_next",
+        size={"shortest_edge": 28},
+        crop=(28, 28),
+        pinpoints=tuple(tuple(p) for p in NEXT_PINPOINTS),
+    )
+
+
+@pytest.mark.parametrize("hw", [(40, 47), (30, 90), (61, 20), (50, 50)])
+def test_llava_next_packed_features_equal_transformers(llava_next, hw):
+    """Base view, then the tiles unpadded row by row, each row ending in image_newline."""
+    from edge_infer.vision.preprocess import image_token_count, preprocess
+    from tests.support.vision_images import synthetic
+
+    path, hf = llava_next
+    ours = VisionModel.load(path)
+    px = preprocess(synthetic(*hw, seed=hw[0]), next_spec())
+    with torch.no_grad():
+        ref = hf.model.get_image_features(
+            pixel_values=torch.from_numpy(px.values)[None],
+            image_sizes=torch.tensor([hw]),
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+    ref = ref.pooler_output if hasattr(ref, "pooler_output") else ref
+    ref = torch.cat(list(ref)) if isinstance(ref, (list, tuple)) else ref
+    enc = ours.encode(px, "full")
+    assert enc.embeds.shape == ref.shape
+    assert enc.total == ref.shape[0] == image_token_count(px, next_spec(), patch=7)
+    # float32 sums in another order: features here reach ~10, so 1e-5 relative
+    torch.testing.assert_close(enc.embeds, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert torch.equal(ours.encode(px, "hired", Budget(1.0)).embeds, enc.embeds)
+
+
+def test_llava_next_dropping_keeps_order_and_skips_padding(llava_next):
+    from edge_infer.vision.preprocess import preprocess
+    from tests.support.vision_images import synthetic
+
+    path, _ = llava_next
+    ours = VisionModel.load(path)
+    px = preprocess(synthetic(30, 70, seed=3), next_spec())  # 1x3 tiles, columns padded
+    assert px.grid == (1, 3)
+    valid = ours.valid_tokens(px)
+    assert valid[0].all() and not valid[1:].all()
+    full = ours.encode(px, "full").embeds
+    for method in ("hired", "cls-topk"):
+        enc = ours.encode(px, method, Budget(0.5))
+        # every kept tile token is inside the image, and packed tokens appear in full's order
+        for v, k in zip(valid[1:], enc.kept[1:], strict=True):
+            assert v[k].all()
+        tokens = [e for e in enc.embeds if not torch.equal(e, ours.newline)]
+        assert len(tokens) == sum(len(k) for k in enc.kept)
+        rows = [int(torch.nonzero((full == e).all(dim=1))[0]) for e in tokens]
+        assert rows == sorted(rows) and len(set(rows)) == len(rows)
