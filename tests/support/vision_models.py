@@ -123,7 +123,8 @@ def text_model_dir(hf, path: Path) -> Path:
     from tests.support.model_files import build_hf_tokenizer
 
     text = LlamaForCausalLM(hf.config.text_config).eval()
-    state = {f"model.{k}": v for k, v in hf.model.language_model.state_dict().items()}
+    inner = hf.model.text_model if hasattr(hf.model, "text_model") else hf.model.language_model
+    state = {f"model.{k}": v for k, v in inner.state_dict().items()}
     state["lm_head.weight"] = hf.lm_head.weight
     text.load_state_dict(state)
     text.save_pretrained(path)

@@ -290,3 +290,54 @@ def test_llava_next_dropping_keeps_order_and_skips_padding(llava_next):
         assert len(tokens) == sum(len(k) for k in enc.kept)
         rows = [int(torch.nonzero((full == e).all(dim=1))[0]) for e in tokens]
         assert rows == sorted(rows) and len(set(rows)) == len(rows)
+
+
+def test_smolvlm_prompt_through_our_runner_agrees_with_transformers(tmp_path):
+    """Tiles and the global image between their marker tokens: prefill and 16 greedy tokens
+    (a seed whose greedy choices win by more than our bfloat16 decoder's rounding)."""
+    from edge_infer.backends.torch.backend import TorchBackend
+    from edge_infer.generation.runner import Runner
+    from edge_infer.models.hf.loader import load_hf_dir
+    from tests.support.vision_models import IMAGE_TOKEN, text_model_dir
+
+    hf = tiny_idefics3(tmp_path / "vlm", seed=4)
+    hf.set_attn_implementation("eager")
+    ours = VisionModel.load(tmp_path / "vlm")
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    enc = ours.encode(Pixels(x.numpy(), (64, 64), (2, 2), 4), "full")
+    # stand-ins for <fake_token_around_image>, <row_r_col_c> and <global-img>
+    pieces: list[list[int]] = [[5, 17]]
+    for t in range(5):
+        pieces += [[10, 20 + t] if t < 4 else [11, 12], [IMAGE_TOKEN] * 16]
+    pieces.append([10, 60, 61, 99, 7])
+    ids = torch.tensor([[i for p in pieces for i in p]])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=x[None]).logits[0, -1].numpy()
+        gen = hf.generate(
+            input_ids=ids,
+            pixel_values=x[None],
+            max_new_tokens=16,
+            min_new_tokens=16,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    expected = gen.sequences[0, ids.shape[1] :].tolist()
+    assert min(float(torch.topk(s[0], 2).values.diff().abs()) for s in gen.logits) > 0.25
+
+    text = load_hf_dir(text_model_dir(hf, tmp_path / "text"), bits=16)
+    runner = Runner(TorchBackend(text, device="cpu", kv_bits=16), text.tokenizer, 2048)
+    cache = runner.new_cache()
+    feats = enc.embeds.numpy().reshape(5, 16, -1)
+    # the placeholder runs are pieces 2, 4, ...: the views in Pixels order (tiles, then global)
+    segments = [
+        feats[i // 2 - 1] if i % 2 == 0 and 0 < i < 11 else np.array(p)
+        for i, p in enumerate(pieces)
+    ]
+    logits = runner.prefill_segments(segments, cache)
+    np.testing.assert_allclose(logits, ref, atol=0.1 + 0.01 * np.abs(ref).max())
+    tokens = []
+    for _ in range(16):
+        tokens.append(int(np.argmax(logits)))
+        logits = runner.step(tokens[-1], cache)
+    assert tokens == expected
