@@ -16,6 +16,7 @@ Peak memory is the process's resident set high-water mark during the run, sample
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 import time
 from pathlib import Path
@@ -170,6 +171,7 @@ def main() -> None:
             )
             full = full or r
             results[f"{name}/{label}"] = r
+            print(f"{name} {label}: {r}", file=sys.stderr, flush=True)  # progress of a long run
             rows.append(
                 [
                     label,
