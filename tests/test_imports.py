@@ -14,6 +14,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("formats",),
     ("models", "kernels"),
     ("cache_store",),
+    ("offload",),  # numpy only: page abstracts, bounds, selection
     ("backends",),
     ("generation",),
     ("agents",),
