@@ -91,9 +91,9 @@ def attend_sparse(
     [B, n_kv, D] -> [B, n_q, D]; a cache with a :class:`SparseState` attends (past its dense
     layers) only the pages its policy selects, plus the float16 tail."""
     first = caches[0]
-    kernel = cpu_kernels.load()
-    if kernel is None or first.device.type != "cpu" or not first.quantized:
-        raise ValueError("sparse attention needs the CPU kernel and a quantized cache")
+    if not first.quantized:
+        raise ValueError("sparse attention needs a quantized cache (kv_bits 4 or 8)")
+    kernel = cpu_kernels.load() if first.device.type == "cpu" else None
     B, n_q, D = q.shape
     n_kv = k.shape[1]
     g = n_q // n_kv
@@ -103,21 +103,26 @@ def attend_sparse(
     metas: list[int] = []
     gathered: list[torch.Tensor] = []  # alive until the kernel has run
     records: list[tuple[int, StepRecord, np.ndarray]] = []
+    plans: list[tuple[np.ndarray | None, int]] = []
+    q_np, k_np = q32.cpu().numpy(), k32.cpu().numpy()
     for b, cache in enumerate(caches):
         parts, tails = cache.stored_parts(layer)
         length, sealed, window = cache.length, cache.sealed_length, cache.windows[layer]
         state = cache.sparse
         selected, page = None, 0
         if state is not None and sealed and not window and layer >= state.policy.dense_layers:
-            qb, page = q32[b].numpy(), state.policy.page
-            selected, bounds, rounds = _select(cache, state, layer, qb, k32[b].numpy())
+            qb, page = q_np[b], state.policy.page
+            selected, bounds, rounds = _select(cache, state, layer, qb, k_np[b])
             if state.record or state.measure:
                 rec = StepRecord(length, layer, selected, qb.copy() if state.record else None)
                 rec.rounds = rounds
                 records.append((b, rec, bounds))
         elif state is not None and state.record and sealed:
-            rec = StepRecord(length, layer, np.ones((n_kv, 0), bool), q32[b].numpy().copy())
+            rec = StepRecord(length, layer, np.ones((n_kv, 0), bool), q_np[b].copy())
             state.log.append(rec)
+        plans.append((selected, page))
+        if kernel is None:
+            continue
         for h in range(n_kv):
             tail_ptrs = [tails[0][h].data_ptr(), tails[1][h].data_ptr()]
             if selected is None or selected[h].all():
@@ -130,25 +135,60 @@ def attend_sparse(
             n = rows.numel()
             ptrs += [t.data_ptr() for t in part] + tail_ptrs
             metas += [n, cache.block_size, n, n + length - sealed + 1, n, 0]
-    out = kernel.attend_new_token(
-        q32.view(B * n_kv, g, D),
-        k32.view(B * n_kv, 1, D),
-        v32.view(B * n_kv, 1, D),
-        ptrs,
-        metas,
-        first.rotation,
-        first.rotation_t,
-        first.bits,
-        first.group_size,
-    )
+    if kernel is None:
+        out = _attend_plain(caches, layer, q32, k32, v32, plans)
+    else:
+        out = kernel.attend_new_token(
+            q32.view(B * n_kv, g, D),
+            k32.view(B * n_kv, 1, D),
+            v32.view(B * n_kv, 1, D),
+            ptrs,
+            metas,
+            first.rotation,
+            first.rotation_t,
+            first.bits,
+            first.group_size,
+        )
     for b, rec, bounds in records:
         cache = caches[b]
         state = cache.sparse
         assert state is not None
         if state.measure:
-            _measure(cache, layer, q32[b].numpy(), bounds, rec, state.policy.page)
+            _measure(cache, layer, q_np[b], bounds, rec, state.policy.page)
         state.log.append(rec)
     return out.view(B, n_q, D)
+
+
+def _attend_plain(
+    caches: list[TorchKVCache],
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plans: list[tuple[np.ndarray | None, int]],
+) -> torch.Tensor:
+    """Plain torch where the kernel is not available: each cache stores its new token, then
+    each of its KV heads attends its selected sealed rows (all if None), the tail and it."""
+    outs = []
+    for b, (cache, (selected, page)) in enumerate(zip(caches, plans, strict=True)):
+        cache.update(layer, k[b, :, None], v[b, :, None])
+        end = cache.length + 1
+        keys, values = cache.readable(layer, end)
+        n_q, d = q.shape[1:]
+        g = n_q // cache.n_kv
+        window = cache.windows[layer]
+        out = torch.empty_like(q[b])
+        for h in range(cache.n_kv):
+            keep = torch.ones(end, dtype=torch.bool)
+            if window:
+                keep[: max(0, end - window)] = False
+            if selected is not None:
+                keep[: cache.sealed_length] = torch.from_numpy(np.repeat(selected[h], page))
+            keep = keep.to(keys.device)
+            s = q[b, h * g : (h + 1) * g] @ keys[h, keep].T / d**0.5
+            out[h * g : (h + 1) * g] = torch.softmax(s, dim=-1) @ values[h, keep]
+        outs.append(out)
+    return torch.stack(outs)
 
 
 def _measure(

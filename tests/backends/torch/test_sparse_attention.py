@@ -74,6 +74,17 @@ def test_all_pages_is_dense_bit_for_bit_and_a_budget_attends_its_pages(n):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_without_the_kernel_plain_torch_attends_the_same_pages(monkeypatch):
+    monkeypatch.setenv("EDGE_INFER_KERNELS", "off")
+    cache = filled_cache(4, 1100, 3, 64, 64, seed=3)
+    q, k, v = one_token(cache, 9)
+    state = _sparse(cache, page=64, budget=0.25, dense_layers=0)
+    got = attend_new_tokens([cache], 1, q[None], k[None], v[None])[0]
+    (rec,) = state.log
+    assert not rec.selected.all()
+    torch.testing.assert_close(got, _reference(cache, 1, q, k, v, rec.selected, 64))
+
+
 @needs_kernel
 def test_truncating_a_cache_drops_the_pages_past_the_cut():
     cache = filled_cache(4, 800, 3, 64, 64)
