@@ -2,7 +2,7 @@
 what attending only them costs in quality, on the default model over real English text.
 
     python -m benchmarks.offload [--tokens 8192] [--steps 256] [--pages 256,64,32]
-                                 [--budget 0.25] [--record 32] [--json PATH]
+                                 [--budget 0.25[,0.5...]] [--record 32] [--json PATH]
 
 One prefill of ``--tokens - --steps`` tokens of the Python docs (4-bit KV, torch CPU); every
 run after it starts from a copy of that cache (restored from its blocks).
@@ -161,10 +161,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--record", type=int, default=32)
     ap.add_argument("--pages", default="256,64,32")
-    ap.add_argument("--budget", type=float, default=0.25)
+    ap.add_argument("--budget", default="0.25", help="share of pages; a list runs each")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     pages = [int(p) for p in args.pages.split(",")]
+    budgets = [float(b) for b in args.budget.split(",")]
     model = load_model(default_model_path())
     n_layers = model.config.num_layers
     backend = TorchBackend(model, device="cpu", kv_bits=4)
@@ -176,14 +177,14 @@ def main() -> None:
     blocks = cache.blocks()
     del cache
     print(f"prefill {len(prefix)} tokens: {time.perf_counter() - t0:.0f} s", flush=True)
-    results: dict = {"tokens": args.tokens, "budget": args.budget}
+    results: dict = {"tokens": args.tokens, "budgets": budgets}
 
     t0 = time.perf_counter()
     start, qs, keys = record_queries(backend, blocks, rest[: args.record], n_layers)
     rows = []
     results["recall"] = []
     for page in pages:
-        r = page_recall(start, qs, keys, page, args.budget, 256)
+        r = page_recall(start, qs, keys, page, budgets[0], 256)
         results["recall"].append(r)
         rows.append(
             [
@@ -197,7 +198,7 @@ def main() -> None:
             ]
         )
     print_table(
-        f"Page selection at {args.tokens} tokens, budget {args.budget:.0%}, layers >= "
+        f"Page selection at {args.tokens} tokens, budget {budgets[0]:.0%}, layers >= "
         f"{DENSE_LAYERS}, {args.record} steps x {n_layers - DENSE_LAYERS} layers x KV heads "
         f"({time.perf_counter() - t0:.0f} s)",
         [
@@ -220,8 +221,8 @@ def main() -> None:
     ]
     results["quality"] = []
     print(f"dense: {np.median(dense_ms):.0f} ms/token", flush=True)
-    for page in pages:
-        policy = SparsePolicy(page=page, budget=args.budget, dense_layers=DENSE_LAYERS)
+    for page, budget in ((p, b) for b in budgets for p in pages):
+        policy = SparsePolicy(page=page, budget=budget, dense_layers=DENSE_LAYERS)
         out, ms = decode_run(backend, blocks, rest, n_layers, policy)
         lp = log_softmax(out).astype(np.float64)
         kl = (np.exp(ref) * (ref - lp)).sum(axis=1)
@@ -236,10 +237,10 @@ def main() -> None:
                 "ms_p90": float(np.percentile(ms, 90)),
             }
         )
-        print(f"sparse P={page}: top-1 {agree:.3f}, KL {kl.mean():.4f}", flush=True)
+        print(f"sparse P={page} {budget:.0%}: top-1 {agree:.3f}, KL {kl.mean():.4f}", flush=True)
         rows.append(
             [
-                f"sparse P={page}",
+                f"sparse P={page} {budget:.0%}",
                 f"{100 * agree:.1f}%",
                 f"{kl.mean():.4f}",
                 f"{np.percentile(kl, 99):.4f}",
@@ -250,8 +251,8 @@ def main() -> None:
     full, _ = decode_run(backend, blocks, rest, n_layers, SparsePolicy(page=pages[-1], budget=1.0))
     results["all_pages_bit_identical"] = bool(np.array_equal(full, dense))
     print_table(
-        f"Teacher-forced decode, {args.steps} steps after {len(prefix)} tokens, budget "
-        f"{args.budget:.0%} (all-pages budget bit-identical to dense: "
+        f"Teacher-forced decode, {args.steps} steps after {len(prefix)} tokens "
+        f"(all-pages budget bit-identical to dense: "
         f"{results['all_pages_bit_identical']})",
         ["mode", "top-1 vs dense", "KL mean", "KL p99", "ms/tok p50", "ms/tok p90"],
         rows,
