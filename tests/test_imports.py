@@ -15,6 +15,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models", "kernels"),
     ("vision",),  # preprocessing, dropping, towers: below cache_store so image keys can use it
     ("cache_store",),
+    ("offload",),  # numpy only: page abstracts, bounds, selection
     ("backends",),
     ("generation",),
     ("agents",),
