@@ -42,6 +42,14 @@ class Grammar:
         return cls("json_schema", json.dumps(schema))
 
     @classmethod
+    def gbnf(cls, text: str) -> Grammar:
+        """A grammar in llama.cpp's GBNF (converted to llguidance's Lark form)."""
+        try:
+            return cls("lark", llguidance.gbnf_to_lark(text))
+        except ValueError as exc:
+            raise GrammarError(f"unsupported GBNF grammar: {exc}") from None
+
+    @classmethod
     def json_object(cls) -> Grammar:
         """Any JSON object."""
         return cls.json_schema({"type": "object"})
@@ -61,6 +69,20 @@ class Grammar:
         if problem:
             raise GrammarError(f"unsupported {self.format.replace('_', ' ')}: {problem}")
         return grammar
+
+
+# llguidance's JSON options: one way to write the whitespace (json.dumps' separators), so a
+# small model cannot wander off into indentation, and a reply reads as its re-rendering does
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def compact(schema: Mapping[str, Any] | bool) -> dict[str, Any]:
+    """``schema`` with JSON written one way (``json.dumps``' separators, no extra spaces)."""
+    out = {} if schema is True else dict(schema) if isinstance(schema, Mapping) else None
+    if out is None:
+        raise GrammarError("a JSON schema must be an object or true")
+    out.setdefault("x-guidance", COMPACT_JSON)
+    return out
 
 
 def _pydantic_schema(model: Any) -> dict[str, Any] | None:

@@ -39,8 +39,8 @@ class ToolResultBlock(BaseModel):
     cache_control: dict[str, Any] | None = None
 
     def text(self) -> str:
-        body = self.content if isinstance(self.content, str) else "".join(
-            b.text for b in self.content
+        body = (
+            self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
         )
         return f"Error: {body}" if self.is_error else body
 
@@ -119,8 +119,10 @@ class MessagesRequest(BaseModel):
         if system:
             out.append({"role": "system", "content": system})
         for m in self.messages:
-            blocks = [TextBlock(type="text", text=m.content)] if isinstance(m.content, str) else (
-                m.content
+            blocks = (
+                [TextBlock(type="text", text=m.content)]
+                if isinstance(m.content, str)
+                else (m.content)
             )
             if m.role == "assistant":
                 text = "".join(b.text for b in blocks if isinstance(b, TextBlock))
