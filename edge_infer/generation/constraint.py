@@ -11,6 +11,7 @@ from typing import Any
 
 import llguidance
 import numpy as np
+from llguidance.gbnf_to_lark import GbnfToLarkError, gbnf_to_lark
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 from edge_infer.errors import GrammarError
@@ -45,8 +46,8 @@ class Grammar:
     def gbnf(cls, text: str) -> Grammar:
         """A grammar in llama.cpp's GBNF (converted to llguidance's Lark form)."""
         try:
-            return cls("lark", llguidance.gbnf_to_lark(text))
-        except ValueError as exc:
+            return cls("lark", gbnf_to_lark(text))
+        except (GbnfToLarkError, ValueError) as exc:
             raise GrammarError(f"unsupported GBNF grammar: {exc}") from None
 
     @classmethod

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge_infer.generation.tools import ToolCall
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+TOOL_USE_PREFIX, CALL_PREFIX = "toolu_", "call_"
 
 
 class TextBlock(BaseModel):
@@ -127,13 +128,13 @@ class MessagesRequest(BaseModel):
             if m.role == "assistant":
                 text = "".join(b.text for b in blocks if isinstance(b, TextBlock))
                 calls = [
-                    ToolCall(b.id, b.name, json.dumps(b.input, ensure_ascii=False)).openai()
+                    ToolCall(call_id(b.id), b.name, json.dumps(b.input, ensure_ascii=False))
                     for b in blocks
                     if isinstance(b, ToolUseBlock)
                 ]
                 msg: dict[str, Any] = {"role": "assistant", "content": text}
                 if calls:
-                    msg["tool_calls"] = calls
+                    msg["tool_calls"] = [c.openai() for c in calls]
                 out.append(msg)
                 continue
             text: list[str] = []
@@ -142,7 +143,8 @@ class MessagesRequest(BaseModel):
                     if text:
                         out.append({"role": "user", "content": "".join(text)})
                         text = []
-                    out.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": b.text()})
+                    result = {"role": "tool", "tool_call_id": call_id(b.tool_use_id)}
+                    out.append({**result, "content": b.text()})
                 elif isinstance(b, TextBlock):
                     text.append(b.text)
                 else:
@@ -181,7 +183,14 @@ def new_message_id() -> str:
 
 def tool_use_id(call: ToolCall) -> str:
     """Anthropic's id form for a call (ours start with "call_")."""
-    return "toolu_" + call.id.removeprefix("call_")
+    return TOOL_USE_PREFIX + call.id.removeprefix(CALL_PREFIX)
+
+
+def call_id(tool_use_id: str) -> str:
+    """Our id form of an Anthropic ``tool_use`` id (so an agent's stored calls match)."""
+    if tool_use_id.startswith(TOOL_USE_PREFIX):
+        return CALL_PREFIX + tool_use_id.removeprefix(TOOL_USE_PREFIX)
+    return tool_use_id
 
 
 def usage_json(usage: Any) -> dict[str, int]:
