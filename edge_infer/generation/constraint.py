@@ -11,7 +11,7 @@ from typing import Any
 
 import llguidance
 import numpy as np
-from llguidance.gbnf_to_lark import GbnfToLarkError, gbnf_to_lark
+from llguidance.gbnf_to_lark import gbnf_to_lark
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 from edge_infer.errors import GrammarError
@@ -47,7 +47,7 @@ class Grammar:
         """A grammar in llama.cpp's GBNF (converted to llguidance's Lark form)."""
         try:
             return cls("lark", gbnf_to_lark(text))
-        except (GbnfToLarkError, ValueError) as exc:
+        except Exception as exc:  # GbnfToLarkError, or a bare Exception (no root rule)
             raise GrammarError(f"unsupported GBNF grammar: {exc}") from None
 
     @classmethod

@@ -81,7 +81,9 @@ WEATHER = {
 def test_a_tool_call_turn_is_kept_and_its_result_extends_the_cache(torch_engine):
     tools = parse_tools([WEATHER])
     fmt = call_format(torch_engine.tokenizer.chat_template)
-    forced = SamplingParams.from_kwargs(GREEDY, max_tokens=40, grammar=call_grammar(tools, fmt))
+    forced = SamplingParams.from_kwargs(
+        GREEDY, max_tokens=40, grammar=call_grammar(tools, fmt, parallel=False)
+    )
     agent = torch_engine.agent("caller")
     ask = {"role": "user", "content": "Weather in Rome?"}
     with agent.start_turn([ask], forced, tools=tools, tool_format=fmt) as turn:

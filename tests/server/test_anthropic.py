@@ -101,6 +101,7 @@ def test_reply_and_stream_events():
 
 LONG_SYSTEM = "You are a careful assistant who answers briefly and checks every fact. " * 150
 HI = [{"role": "user", "content": "Hi"}]
+GREEDY = {"temperature": 0}  # sampling options are extra fields in the current anthropic SDK
 WEATHER = {
     "name": "get_weather",
     "description": "Current weather in a city",
@@ -134,10 +135,10 @@ def client_of(server, agent: str | None = None) -> anthropic.Anthropic:
 @pytest.mark.slow
 def test_create_and_stream_return_text(server):
     client = client_of(server)
-    r = client.messages.create(model="m", max_tokens=6, messages=HI, temperature=0)
+    r = client.messages.create(model="m", max_tokens=6, messages=HI, extra_body=GREEDY)
     assert r.content[0].type == "text" and r.content[0].text
     assert r.stop_reason in ("end_turn", "max_tokens") and r.usage.output_tokens <= 6
-    with client.messages.stream(model="m", max_tokens=6, messages=HI, temperature=0) as stream:
+    with client.messages.stream(model="m", max_tokens=6, messages=HI, extra_body=GREEDY) as stream:
         pieces = list(stream.text_stream)
         final = stream.get_final_message()
     assert "".join(pieces) == final.content[0].text == r.content[0].text
@@ -147,10 +148,10 @@ def test_create_and_stream_return_text(server):
 def test_stop_sequences_and_errors_in_anthropic_shape(server):
     client = client_of(server)
     r = client.messages.create(
-        model="m", max_tokens=16, messages=HI, temperature=0, stop_sequences=["!"]
+        model="m", max_tokens=16, messages=HI, extra_body=GREEDY, stop_sequences=["!"]
     )
-    if r.stop_reason == "stop_sequence":
-        assert r.stop_sequence == "!" and "!" not in r.content[0].text
+    assert r.stop_reason == "stop_sequence" and r.stop_sequence == "!"  # "Hello! ..."
+    assert r.content[0].text and "!" not in r.content[0].text
     bad = httpx.post(
         f"{server.url}/v1/messages", json={"max_tokens": 1, "messages": HI, "thinking": {}}
     )
@@ -180,7 +181,7 @@ def test_a_tools_request_yields_a_valid_tool_use_block(server):
     follow = client.messages.create(
         model="m",
         max_tokens=6,
-        temperature=0,
+        extra_body=GREEDY,
         tools=[WEATHER],
         messages=[
             *kw["messages"],
@@ -209,7 +210,7 @@ def test_a_repeated_long_system_prompt_is_read_from_the_prefix_cache(server):
 def test_a_named_agent_reads_its_cache_after_a_restart(server, cache_dir):
     """Last in the module: it stops the module's server."""
     client = client_of(server, agent="coder")
-    kw = dict(model="m", max_tokens=2, system=LONG_SYSTEM, messages=HI, temperature=0)
+    kw = dict(model="m", max_tokens=2, system=LONG_SYSTEM, messages=HI, extra_body=GREEDY)
     counted = client.messages.count_tokens(model="m", system=LONG_SYSTEM, messages=HI)
     first = client.messages.create(**kw)
     assert first.usage.cache_read_input_tokens == 0  # a new agent holds nothing yet
