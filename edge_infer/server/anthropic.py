@@ -7,9 +7,10 @@ import uuid
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge_infer.generation.tools import ToolCall
+from edge_infer.server.protocol import check_text
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 TOOL_USE_PREFIX, CALL_PREFIX = "toolu_", "call_"
@@ -89,7 +90,28 @@ class ToolChoice(BaseModel):
         return {"auto": "auto", "any": "required", "none": "none"}[self.type]
 
 
-class MessagesRequest(BaseModel):
+def _valid_strings(value: Any) -> None:
+    """Every string in a request body is valid Unicode (no lone surrogates from JSON)."""
+    if isinstance(value, str):
+        check_text(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _valid_strings(k)
+            _valid_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            _valid_strings(v)
+
+
+class _Request(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        _valid_strings(data)
+        return data
+
+
+class MessagesRequest(_Request):
     """``POST /v1/messages``: what we take (other fields get a 400 naming them)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -105,6 +127,13 @@ class MessagesRequest(BaseModel):
     tools: list[AnthropicTool] | None = None
     tool_choice: ToolChoice | None = None
     metadata: dict[str, Any] | None = None
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _no_empty_stop(cls, stops: list[str] | None) -> list[str] | None:
+        if stops and any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
 
     def system_text(self) -> str | None:
         if self.system is None:
@@ -157,7 +186,7 @@ class MessagesRequest(BaseModel):
         return [t.openai() for t in self.tools] if self.tools else None
 
 
-class CountTokensRequest(BaseModel):
+class CountTokensRequest(_Request):
     """``POST /v1/messages/count_tokens``."""
 
     model_config = ConfigDict(extra="forbid")
@@ -239,6 +268,18 @@ def message(
         "stop_sequence": stopped_by,
         "usage": usage_json(usage),
     }
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error the Messages routes answer (Anthropic's shape)."""
+
+    type: Literal["error"]
+    error: ErrorDetail
 
 
 def error_json(message_text: str, kind: str = "invalid_request_error") -> dict[str, Any]:

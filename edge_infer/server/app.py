@@ -81,6 +81,14 @@ SSE_RESPONSE = {
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
     }
 }
+ANTHROPIC_SSE_RESPONSE = {
+    200: {
+        "description": "The message as JSON, or with `stream: true` as Anthropic's server-sent "
+        "events (`event: message_start`, `content_block_start`, `content_block_delta`, "
+        "`content_block_stop`, `message_delta`, `message_stop`; `error` if generation fails)",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
 
 
 class ApiError(Exception):
@@ -114,9 +122,9 @@ def _error_response(
     return JSONResponse(protocol.error_json(message, kind, code, param), status_code=status)
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for error statuses a route answers."""
-    return {s: {"model": protocol.ErrorResponse, "description": ERROR_MEANING[s]} for s in statuses}
+def _errors(*statuses: int, model: Any = protocol.ErrorResponse) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses a route answers (``model``: the body)."""
+    return {s: {"model": model, "description": ERROR_MEANING[s]} for s in statuses}
 
 
 def _as_api_error(exc: BaseException) -> ApiError:
@@ -621,7 +629,10 @@ def create_app(
     @app.post(
         "/v1/messages",
         response_model=None,
-        responses={**SSE_RESPONSE, **_errors(400, *guarded, 413, 503)},
+        responses={
+            **ANTHROPIC_SSE_RESPONSE,
+            **_errors(400, *guarded, 413, 503, model=anthropic.ErrorResponse),
+        },
     )
     async def messages(
         req: anthropic.MessagesRequest, request: Request
@@ -680,7 +691,10 @@ def create_app(
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/messages/count_tokens", responses=_errors(400, *guarded, 413, 503))
+    @app.post(
+        "/v1/messages/count_tokens",
+        responses=_errors(400, *guarded, 413, 503, model=anthropic.ErrorResponse),
+    )
     async def count_tokens(req: anthropic.CountTokensRequest) -> dict[str, Any]:
         """How many input tokens a Messages request would read."""
         service = ready()

@@ -61,6 +61,18 @@ def test_unknown_fields_and_bad_choices_are_refused():
         MessagesRequest.model_validate(
             {"max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "thinking": {}}
         )
+    with pytest.raises(pydantic.ValidationError, match="surrogate"):
+        MessagesRequest.model_validate(
+            {"max_tokens": 1, "messages": [{"role": "user", "content": "\ud800"}]}
+        )
+    with pytest.raises(pydantic.ValidationError, match="empty"):
+        MessagesRequest.model_validate(
+            {
+                "max_tokens": 1,
+                "messages": [{"role": "user", "content": "x"}],
+                "stop_sequences": [""],
+            }
+        )
     with pytest.raises(ValueError, match="name"):
         ToolChoice(type="tool").openai()
     assert ToolChoice(type="any").openai() == "required"
