@@ -16,15 +16,27 @@ STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_
 TOOL_USE_PREFIX, CALL_PREFIX = "toolu_", "call_"
 
 
-class TextBlock(BaseModel):
+class _Block(BaseModel):
+    """A content block. Fields the current SDK adds to blocks it returns (``caller``...)
+    are taken when null, so a reply's blocks can be sent back as they came."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
+        return data
+
+
+class TextBlock(_Block):
     type: Literal["text"]
     text: str
     cache_control: dict[str, Any] | None = None  # a hint for Anthropic's servers; ours caches
 
 
-class ToolUseBlock(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ToolUseBlock(_Block):
     type: Literal["tool_use"]
     id: str
     name: str
@@ -32,8 +44,7 @@ class ToolUseBlock(BaseModel):
     cache_control: dict[str, Any] | None = None
 
 
-class ToolResultBlock(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ToolResultBlock(_Block):
     type: Literal["tool_result"]
     tool_use_id: str
     content: str | list[TextBlock] = ""

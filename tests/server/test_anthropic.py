@@ -56,6 +56,29 @@ def test_a_conversation_with_tool_use_becomes_chat_messages():
     assert req.openai_tools()[0]["function"]["name"] == "w"
 
 
+def test_blocks_sent_back_as_the_sdk_returned_them_are_taken():
+    blocks = [
+        anthropic.types.TextBlock(type="text", text="Checking.").model_dump(),
+        anthropic.types.ToolUseBlock(
+            type="tool_use", id="toolu_9", name="w", input={}
+        ).model_dump(),
+    ]
+    assert any(v is None for b in blocks for v in b.values())  # caller, citations...
+    req = MessagesRequest.model_validate(
+        {"max_tokens": 1, "messages": [{"role": "assistant", "content": blocks}]}
+    )
+    assert req.chat_messages()[0]["tool_calls"][0]["id"] == "call_9"
+    with pytest.raises(pydantic.ValidationError, match="caller"):
+        MessagesRequest.model_validate(
+            {
+                "max_tokens": 1,
+                "messages": [
+                    {"role": "assistant", "content": [{**blocks[1], "caller": {"type": "direct"}}]}
+                ],
+            }
+        )
+
+
 def test_unknown_fields_and_bad_choices_are_refused():
     with pytest.raises(pydantic.ValidationError, match="thinking"):
         MessagesRequest.model_validate(
