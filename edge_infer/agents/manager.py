@@ -15,7 +15,13 @@ from typing import Any
 
 from edge_infer.agents.agent import Agent, as_messages
 from edge_infer.agents.saver import BackgroundSaver
-from edge_infer.agents.state import OVERFLOW_POLICIES, AgentInfo, AgentState, fit_messages
+from edge_infer.agents.state import (
+    OVERFLOW_POLICIES,
+    AgentInfo,
+    AgentState,
+    fit_messages,
+    reuse_cached_spelling,
+)
 from edge_infer.agents.turn import AgentTurn
 from edge_infer.backends.base import KVCache
 from edge_infer.cache_store import (
@@ -183,6 +189,7 @@ class AgentManager:
             st.extra.get("overflow", "error"),
         )
         cache = self._live_cache(name, st)
+        ids = reuse_cached_spelling(st.token_ids, ids, self.runner.tokenizer.token_bytes)
         keep = common_prefix_len(st.token_ids, ids)
         keep = cache.truncate(min(keep, len(ids) - 1))
         st.token_ids = st.token_ids[:keep]
