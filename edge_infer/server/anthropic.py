@@ -281,16 +281,16 @@ def message(
     }
 
 
-class ErrorDetail(BaseModel):
+class AnthropicErrorDetail(BaseModel):
     type: str
     message: str
 
 
-class ErrorResponse(BaseModel):
+class AnthropicErrorResponse(BaseModel):
     """The body of every error the Messages routes answer (Anthropic's shape)."""
 
     type: Literal["error"]
-    error: ErrorDetail
+    error: AnthropicErrorDetail
 
 
 def error_json(message_text: str, kind: str = "invalid_request_error") -> dict[str, Any]:

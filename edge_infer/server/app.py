@@ -631,7 +631,7 @@ def create_app(
         response_model=None,
         responses={
             **ANTHROPIC_SSE_RESPONSE,
-            **_errors(400, *guarded, 413, 503, model=anthropic.ErrorResponse),
+            **_errors(400, *guarded, 413, 503, model=anthropic.AnthropicErrorResponse),
         },
     )
     async def messages(
@@ -693,7 +693,7 @@ def create_app(
 
     @app.post(
         "/v1/messages/count_tokens",
-        responses=_errors(400, *guarded, 413, 503, model=anthropic.ErrorResponse),
+        responses=_errors(400, *guarded, 413, 503, model=anthropic.AnthropicErrorResponse),
     )
     async def count_tokens(req: anthropic.CountTokensRequest) -> dict[str, Any]:
         """How many input tokens a Messages request would read."""
