@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from edge_infer.agents.state import AgentState
 from edge_infer.agents.turn import AgentTurn
 from edge_infer.generation.sampling import SamplingParams
 from edge_infer.generation.sequence import Usage
+from edge_infer.generation.tools import Tool
 
 
 class AgentHost(Protocol):
@@ -33,6 +34,8 @@ class AgentHost(Protocol):
         params: SamplingParams | None,
         kwargs: dict[str, Any],
         keep_messages: int | None = None,
+        tools: Sequence[Tool] = (),
+        tool_format: str | None = None,
     ) -> AgentTurn: ...
 
     def append(self, name: str, messages: list[dict[str, Any]], prefill: bool) -> None: ...
@@ -101,13 +104,17 @@ class Agent:
         params: SamplingParams | None = None,
         *,
         keep_messages: int | None = None,
+        tools: Sequence[Tool] = (),
+        tool_format: str | None = None,
         **kwargs: Any,
     ) -> AgentTurn:
         """Begin a turn to drive step by step (batched decoding does this); the agent stays
         locked until the turn's ``finish()``. With ``keep_messages`` the new messages follow
-        only the first that many stored ones (the rest are replaced)."""
+        only the first that many stored ones (the rest are replaced). ``tools`` go into the
+        prompt; with ``tool_format`` (see :func:`~edge_infer.generation.tools.call_format`)
+        the reply's calls are parsed and kept with the assistant message."""
         return self._manager.begin_turn(
-            self.name, as_messages(content), params, kwargs, keep_messages
+            self.name, as_messages(content), params, kwargs, keep_messages, tools, tool_format
         )
 
     def add_messages(self, messages: list[dict[str, Any]], prefill: bool = True) -> None:

@@ -162,6 +162,12 @@ class ChatCompletionRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # the reply's shape: OpenAI's response_format, or a llama.cpp GBNF grammar
+    response_format: dict[str, Any] | None = None
+    grammar: str | None = Field(default=None, min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
@@ -307,8 +313,24 @@ def completion_logprobs(
 
 
 def chat_completion(
-    rid: str, model: str, text: str, usage: Any, logprobs: dict[str, Any] | None = None
+    rid: str,
+    model: str,
+    text: str,
+    usage: Any,
+    logprobs: dict[str, Any] | None = None,
+    tool_calls: Sequence[Any] = (),
 ) -> dict[str, Any]:
+    """A whole chat completion; with ``tool_calls`` (ToolCall) the message carries them and
+    the finish reason is "tool_calls"."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    reason = usage.finish_reason or "stop"
+    if tool_calls:
+        message = {
+            "role": "assistant",
+            "content": text or None,
+            "tool_calls": [c.openai() for c in tool_calls],
+        }
+        reason = "tool_calls"
     return {
         "id": rid,
         "object": "chat.completion",
@@ -317,8 +339,8 @@ def chat_completion(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": usage.finish_reason or "stop",
+                "message": message,
+                "finish_reason": reason,
                 "logprobs": logprobs,
             }
         ],

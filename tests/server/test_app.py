@@ -579,9 +579,6 @@ def test_openapi_documents_the_statuses_the_server_answers(server):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("tool_choice", "auto"),
-        ("response_format", {"type": "json_object"}),
         ("logit_bias", {"42": 5}),
         ("frequency_penalty", 0.5),
         ("presence_penalty", 0.5),
