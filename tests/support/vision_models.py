@@ -116,17 +116,14 @@ def scale_up(model) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.1))
 
 
-def text_model_dir(hf, path: Path) -> Path:
-    """The VLM's language model alone as a Llama directory (with the test tokenizer)."""
-    from transformers import LlamaForCausalLM
+def add_tokenizer(path: Path, template: str | None = None) -> Path:
+    """The test tokenizer (and a chat template as a processor saves it) in a VLM directory,
+    so it is one directory as users have it."""
+    import json
 
     from tests.support.model_files import build_hf_tokenizer
 
-    text = LlamaForCausalLM(hf.config.text_config).eval()
-    inner = hf.model.text_model if hasattr(hf.model, "text_model") else hf.model.language_model
-    state = {f"model.{k}": v for k, v in inner.state_dict().items()}
-    state["lm_head.weight"] = hf.lm_head.weight
-    text.load_state_dict(state)
-    text.save_pretrained(path)
     build_hf_tokenizer().save(str(path / "tokenizer.json"))
+    if template is not None:
+        (path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
     return path

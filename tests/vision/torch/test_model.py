@@ -12,6 +12,7 @@ from edge_infer.vision.preprocess import Pixels
 from tests.support.vision_models import tiny_idefics3, tiny_llava
 
 torch = pytest.importorskip("torch")
+TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
 pytest.importorskip("transformers")
 
 from edge_infer.vision.torch.model import VisionModel  # noqa: E402
@@ -180,7 +181,7 @@ def test_llava_prompt_through_our_runner_agrees_with_transformers(tmp_path):
     from edge_infer.models.hf.loader import load_hf_dir
     from edge_infer.vision.preprocess import ImageSpec, preprocess
     from tests.support.vision_images import synthetic
-    from tests.support.vision_models import IMAGE_TOKEN, text_model_dir
+    from tests.support.vision_models import IMAGE_TOKEN, add_tokenizer
 
     hf = tiny_llava(tmp_path / "vlm", seed=2)
     hf.set_attn_implementation("eager")
@@ -206,7 +207,9 @@ def test_llava_prompt_through_our_runner_agrees_with_transformers(tmp_path):
     margins = [float(torch.topk(step[0], 2).values.diff().abs()) for step in gen.logits]
     assert min(margins) > 0.25
 
-    text = load_hf_dir(text_model_dir(hf, tmp_path / "text"), bits=16)
+    # the text model from the same directory as the vision side, as users have it
+    text = load_hf_dir(add_tokenizer(tmp_path / "vlm", TEMPLATE), bits=16)
+    assert text.tokenizer.chat_template == TEMPLATE
     runner = Runner(TorchBackend(text, device="cpu", kv_bits=16), text.tokenizer, 2048)
     cache = runner.new_cache()
     segments = [np.array(before), enc.embeds.numpy(), np.array(after)]
@@ -298,7 +301,7 @@ def test_smolvlm_prompt_through_our_runner_agrees_with_transformers(tmp_path):
     from edge_infer.backends.torch.backend import TorchBackend
     from edge_infer.generation.runner import Runner
     from edge_infer.models.hf.loader import load_hf_dir
-    from tests.support.vision_models import IMAGE_TOKEN, text_model_dir
+    from tests.support.vision_models import IMAGE_TOKEN, add_tokenizer
 
     hf = tiny_idefics3(tmp_path / "vlm", seed=4)
     hf.set_attn_implementation("eager")
@@ -325,7 +328,9 @@ def test_smolvlm_prompt_through_our_runner_agrees_with_transformers(tmp_path):
     expected = gen.sequences[0, ids.shape[1] :].tolist()
     assert min(float(torch.topk(s[0], 2).values.diff().abs()) for s in gen.logits) > 0.25
 
-    text = load_hf_dir(text_model_dir(hf, tmp_path / "text"), bits=16)
+    # the text model from the same directory as the vision side, as users have it
+    text = load_hf_dir(add_tokenizer(tmp_path / "vlm", TEMPLATE), bits=16)
+    assert text.tokenizer.chat_template == TEMPLATE
     runner = Runner(TorchBackend(text, device="cpu", kv_bits=16), text.tokenizer, 2048)
     cache = runner.new_cache()
     feats = enc.embeds.numpy().reshape(5, 16, -1)
