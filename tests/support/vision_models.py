@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 IMAGE_TOKEN = 271
 # LLaVA-NeXT's five canvases, scaled from 336-px tiles to 28-px ones
 NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
@@ -127,3 +129,94 @@ def add_tokenizer(path: Path, template: str | None = None) -> Path:
     if template is not None:
         (path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
     return path
+
+
+# transformers' tower names -> llama.cpp's mmproj names (blocks handled apart)
+_MMPROJ_NAMES = {
+    "embeddings.class_embedding": "v.class_embd",
+    "embeddings.patch_embedding.weight": "v.patch_embd.weight",
+    "embeddings.patch_embedding.bias": "v.patch_embd.bias",
+    "embeddings.position_embedding.weight": "v.position_embd.weight",
+    "pre_layrnorm.weight": "v.pre_ln.weight",
+    "pre_layrnorm.bias": "v.pre_ln.bias",
+    "post_layernorm.weight": "v.post_ln.weight",
+    "post_layernorm.bias": "v.post_ln.bias",
+}
+_MMPROJ_BLOCK = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.out_proj": "attn_out",
+    "layer_norm1": "ln1",
+    "layer_norm2": "ln2",
+    "mlp.fc1": "ffn_up",
+    "mlp.fc2": "ffn_down",
+}
+
+
+def write_mmproj(vlm_dir: Path, out: Path, legacy: bool = False) -> Path:
+    """A VLM directory's tower and projector as llama.cpp's mmproj GGUF.
+
+    LLaVA's file holds every layer (llama.cpp reads the last but one); ``legacy`` writes it as
+    old exports did: without the last layer's tensors and with FFN up/down names swapped.
+    """
+    import json
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    from edge_infer.vision.spec import vision_key
+
+    cfg = json.loads((vlm_dir / "config.json").read_text())
+    v = cfg["vision_config"]
+    idefics3 = cfg["model_type"] in ("idefics3", "smolvlm")
+    w = gguf.GGUFWriter(str(out), arch="clip")
+    w.add_string("clip.projector_type", "idefics3" if idefics3 else "mlp")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.use_gelu", idefics3)
+    w.add_uint32("clip.vision.embedding_length", v["hidden_size"])
+    w.add_uint32("clip.vision.feed_forward_length", v["intermediate_size"])
+    w.add_uint32("clip.vision.block_count", v["num_hidden_layers"])
+    w.add_uint32("clip.vision.attention.head_count", v["num_attention_heads"])
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", v["layer_norm_eps"])
+    w.add_uint32("clip.vision.image_size", v["image_size"])
+    w.add_uint32("clip.vision.patch_size", v["patch_size"])
+    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    if idefics3:
+        w.add_uint32("clip.vision.projector.scale_factor", cfg["scale_factor"])
+    last = v["num_hidden_layers"] - 1
+    for name, arr in sorted(load_file(str(vlm_dir / "model.safetensors")).items()):
+        key = vision_key(name)
+        if key is None:
+            continue
+        rest = key.split(".", 1)[1]
+        if key.startswith("projector."):
+            gg = {
+                "linear_1.weight": "mm.0.weight",
+                "linear_1.bias": "mm.0.bias",
+                "linear_2.weight": "mm.2.weight",
+                "linear_2.bias": "mm.2.bias",
+                "proj.weight": "mm.model.fc.weight",
+            }[rest]
+        elif rest.startswith("encoder.layers."):
+            layer, tail = rest[len("encoder.layers.") :].split(".", 1)
+            module, kind = tail.rsplit(".", 1)
+            part = _MMPROJ_BLOCK[module]
+            if legacy:
+                if int(layer) == last:
+                    continue
+                part = {"ffn_up": "ffn_down", "ffn_down": "ffn_up"}.get(part, part)
+            gg = f"v.blk.{layer}.{part}.{kind}"
+        elif rest.startswith("post_layernorm."):
+            if not idefics3:  # LLaVA never reads the tower's post-norm
+                continue
+            gg = _MMPROJ_NAMES[rest]
+        else:
+            gg = _MMPROJ_NAMES[rest]
+        w.add_tensor(gg, arr.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from edge_infer.models.gguf.mmproj import read_mmproj
 from edge_infer.vision import dropping
 from edge_infer.vision.dropping import Budget
 from edge_infer.vision.preprocess import Pixels
@@ -81,20 +82,42 @@ class VisionModel(nn.Module):
     def load(
         cls, path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
     ) -> VisionModel:
-        """From a Hugging Face directory (config.json + safetensors, 4.x or 5.x names)."""
+        """From a Hugging Face directory (config.json + safetensors, 4.x or 5.x names) or a
+        llama.cpp mmproj ``.gguf`` file."""
         path = Path(path)
-        model = cls(VisionSpec.from_dir(path))
-        want = model.state_dict()
-        found: dict[str, torch.Tensor] = {}
+        if path.suffix == ".gguf":
+            mm = read_mmproj(path)
+            spec = VisionSpec.from_config(mm.config, str(path))
+            tensors = {k: torch.from_numpy(v) for k, v in mm.tensors.items()}
+            return cls.from_tensors(spec, tensors, path, dtype, device)
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise ValueError(f"{path}: no .safetensors weights")
+        tensors = {}
         for f in files:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():
-                    key = vision_key(name)
-                    if key is not None and key in want:
-                        found[key] = st.get_tensor(name)
+                    if vision_key(name) is not None:
+                        tensors[name] = st.get_tensor(name)
+        return cls.from_tensors(VisionSpec.from_dir(path), tensors, path, dtype, device)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        spec: VisionSpec,
+        tensors: dict[str, torch.Tensor],
+        path: Path,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+    ) -> VisionModel:
+        """A model of ``spec`` over weights under transformers' names (either version's)."""
+        model = cls(spec)
+        want = model.state_dict()
+        found: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            key = vision_key(name)
+            if key is not None and key in want:
+                found[key] = t
         missing = sorted(set(want) - set(found))
         if missing:
             raise ValueError(f"{path}: vision weights missing, e.g. {missing[0]}")

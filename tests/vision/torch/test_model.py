@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -346,3 +347,45 @@ def test_smolvlm_prompt_through_our_runner_agrees_with_transformers(tmp_path):
         tokens.append(int(np.argmax(logits)))
         logits = runner.step(tokens[-1], cache)
     assert tokens == expected
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_llava_mmproj_gives_the_directory_features(llava, tmp_path, legacy):
+    """llama.cpp's mmproj of the same weights; old exports drop the last layer and swap the
+    FFN's up and down names, which the reader detects from the shapes."""
+    from edge_infer.models.gguf.mmproj import read_mmproj
+    from tests.support.vision_models import write_mmproj
+
+    path, hf = llava
+    gguf = write_mmproj(path, tmp_path / "mmproj.gguf", legacy=legacy)
+    assert read_mmproj(gguf).ffn_swapped is legacy
+    ours = VisionModel.load(gguf)
+    assert ours.spec.tower.layers == ours.spec.layers_run == 2
+    x = views(2, 28, seed=6)
+    torch.testing.assert_close(ours.features(x), VisionModel.load(path).features(x))
+    with torch.no_grad():
+        ref = image_features(
+            hf.get_image_features(
+                pixel_values=x, vision_feature_layer=-2, vision_feature_select_strategy="default"
+            )
+        )
+    # float32 sums in another order (features reach ~10)
+    torch.testing.assert_close(ours.features(x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    _, ours_scores = ours.run(x, (0, 1))
+    _, dir_scores = VisionModel.load(path).run(x, (0, 1))
+    torch.testing.assert_close(ours_scores[1], dir_scores[1])
+
+
+def test_idefics3_mmproj_gives_the_directory_features(idefics3, tmp_path):
+    from edge_infer.models.gguf.mmproj import read_mmproj
+    from tests.support.vision_models import write_mmproj
+
+    path, _ = idefics3
+    gguf = write_mmproj(path, tmp_path / "mmproj.gguf")
+    mm = read_mmproj(gguf)
+    assert mm.projector == "idefics3" and not mm.ffn_swapped
+    assert mm.image_mean == mm.image_std == (0.5, 0.5, 0.5)
+    ours, ref = VisionModel.load(gguf), VisionModel.load(path)
+    assert ours.spec == dataclasses.replace(ref.spec, image_token_id=-1)
+    x = views(3, 32, seed=7)
+    torch.testing.assert_close(ours.features(x), ref.features(x))
