@@ -220,3 +220,86 @@ def write_mmproj(vlm_dir: Path, out: Path, legacy: bool = False) -> Path:
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+_TEXT_LAYER_NAMES = (
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+)
+
+
+def write_text_gguf(vlm_dir: Path, out: Path) -> Path:
+    """A VLM directory's language model as llama.cpp's text GGUF (F32, Q/K rows permuted as
+    its converter does; the test tokenizer padded to the vocabulary with ``<image>`` last)."""
+    import json
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    from tests.support.model_files import (
+        BOS_ID,
+        EOS_ID,
+        MERGES,
+        SPECIAL_TOKENS,
+        permute_qk,
+        tiny_vocab,
+    )
+
+    t = json.loads((vlm_dir / "config.json").read_text())["text_config"]
+    prefixes = ("language_model.model.", "model.language_model.", "model.text_model.")
+    names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
+    for i in range(t["num_hidden_layers"]):
+        for g, h in _TEXT_LAYER_NAMES:
+            names[f"layers.{i}.{h}"] = f"blk.{i}.{g}"
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_vocab_size(t["vocab_size"])
+    w.add_context_length(t["max_position_embeddings"])
+    w.add_embedding_length(t["hidden_size"])
+    w.add_feed_forward_length(t["intermediate_size"])
+    w.add_block_count(t["num_hidden_layers"])
+    w.add_head_count(t["num_attention_heads"])
+    w.add_head_count_kv(t["num_key_value_heads"])
+    w.add_rope_freq_base(t["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(t["rms_norm_eps"])
+    w.add_rope_dimension_count(t["head_dim"])
+    tokens = tiny_vocab()
+    pads = [f"<pad{i}>" for i in range(t["vocab_size"] - len(tokens) - 1)]
+    tokens = [*tokens, *pads, "<image>"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types(
+        [
+            gguf.TokenType.CONTROL if tok in SPECIAL_TOKENS or i >= 268 else gguf.TokenType.NORMAL
+            for i, tok in enumerate(tokens)
+        ]
+    )
+    w.add_token_merges(list(MERGES))
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+    w.add_add_bos_token(False)
+    for name, arr in sorted(load_file(str(vlm_dir / "model.safetensors")).items()):
+        if name.endswith("lm_head.weight"):
+            w.add_tensor("output.weight", arr.astype(np.float32))
+            continue
+        inner = next((name[len(p) :] for p in prefixes if name.startswith(p)), None)
+        if inner is None:
+            continue
+        g = names[inner]
+        if g.endswith("attn_q.weight"):
+            arr = permute_qk(arr, t["num_attention_heads"])
+        elif g.endswith("attn_k.weight"):
+            arr = permute_qk(arr, t["num_key_value_heads"])
+        w.add_tensor(g, arr.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

@@ -389,3 +389,47 @@ def test_idefics3_mmproj_gives_the_directory_features(idefics3, tmp_path):
     assert ours.spec == dataclasses.replace(ref.spec, image_token_id=-1)
     x = views(3, 32, seed=7)
     torch.testing.assert_close(ours.features(x), ref.features(x))
+
+
+def image_prompt_logits(text, embeds: np.ndarray, before, after, steps: int = 16):
+    """Prefill logits of ``before`` + image + ``after`` and the greedy tokens after them."""
+    from edge_infer.backends.torch.backend import TorchBackend
+    from edge_infer.generation.runner import Runner
+
+    runner = Runner(TorchBackend(text, device="cpu", kv_bits=16), text.tokenizer, 2048)
+    cache = runner.new_cache()
+    logits = runner.prefill_segments([np.array(before), embeds, np.array(after)], cache)
+    first, tokens = logits, []
+    for _ in range(steps):
+        tokens.append(int(np.argmax(logits)))
+        logits = runner.step(tokens[-1], cache)
+    return first, tokens
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava-legacy", "idefics3"])
+def test_text_gguf_and_mmproj_give_the_directory_logits(tmp_path, arch):
+    """The same weights as llama.cpp's text GGUF + mmproj and as one HF directory: equal
+    image features, prefill logits and 16 greedy tokens (the directory's text model is
+    quantized on load as the GGUF's float matrices are, so both run the same numbers)."""
+    from edge_infer.models.gguf.loader import load_gguf
+    from edge_infer.models.hf.loader import load_hf_dir
+    from tests.support.vision_models import add_tokenizer, write_mmproj, write_text_gguf
+
+    vlm = tmp_path / "vlm"
+    (tiny_idefics3 if arch == "idefics3" else tiny_llava)(vlm, seed=3)
+    add_tokenizer(vlm)
+    mmproj = write_mmproj(vlm, tmp_path / "mmproj.gguf", legacy=arch == "llava-legacy")
+    side = 32 if arch == "idefics3" else 28
+    x = views(1, side, seed=8)
+    from_dir = VisionModel.load(vlm).features(x)[0].numpy()
+    from_gguf = VisionModel.load(mmproj).features(x)[0].numpy()
+    np.testing.assert_allclose(from_gguf, from_dir, rtol=1e-6, atol=1e-6)
+
+    text_dir = load_hf_dir(vlm)
+    text_gguf = load_gguf(write_text_gguf(vlm, tmp_path / "text.gguf"))
+    assert text_gguf.config.vocab_size == text_dir.config.vocab_size == 272
+    before, after = [5, 17, 42], [60, 61, 99, 7]
+    ref, ref_tokens = image_prompt_logits(text_dir, from_dir, before, after)
+    got, tokens = image_prompt_logits(text_gguf, from_gguf, before, after)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert tokens == ref_tokens and len(set(tokens)) > 1
