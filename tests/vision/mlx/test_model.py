@@ -1,0 +1,109 @@
+"""Our MLX towers and projectors against the torch ones and transformers (fp32) on tiny VLMs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.support.vision_models import tiny_idefics3, tiny_llava, tiny_llava_next, write_mmproj
+
+mx = pytest.importorskip("mlx.core")
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from edge_infer.vision.mlx.model import VisionModel  # noqa: E402
+from edge_infer.vision.torch.model import VisionModel as TorchVisionModel  # noqa: E402
+
+BUILDERS = {
+    "llava": (tiny_llava, 28),
+    "llava_next": (tiny_llava_next, 28),
+    "idefics3": (tiny_idefics3, 32),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def vlm(request, tmp_path_factory):
+    build, side = BUILDERS[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    hf = build(path)
+    hf.set_attn_implementation("eager")
+    return request.param, path, hf, side
+
+
+def views(n: int, side: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, side, side)).astype(np.float32)
+
+
+def close(got, ref, rel: float = 1e-5) -> None:
+    got, ref = np.asarray(got), np.asarray(ref)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=rel, atol=rel * float(np.abs(ref).max()))
+
+
+def test_features_and_scores_equal_the_torch_tower(vlm):
+    arch, path, _, side = vlm
+    ours, ref = VisionModel.load(path), TorchVisionModel.load(path)
+    assert ours.spec == ref.spec
+    x = views(3, side, seed=1)
+    close(ours.features(mx.array(x)), ref.features(torch.from_numpy(x)))
+    layers = (0, ours.spec.layers_run - 1)
+    _, got = ours.run(mx.array(x), layers)
+    _, want = ref.run(torch.from_numpy(x), layers)
+    for layer in layers:
+        close(got[layer], want[layer])
+    if arch == "llava_next":
+        close(ours.w["newline"], ref.newline)
+
+
+def test_features_equal_transformers(vlm):
+    arch, path, hf, side = vlm
+    ours = VisionModel.load(path)
+    x = views(2, side, seed=2)
+    with torch.no_grad():
+        if arch == "idefics3":
+            out = hf.get_image_features(pixel_values=torch.from_numpy(x)[None])
+        else:
+            out = hf.model.vision_tower(pixel_values=torch.from_numpy(x), output_hidden_states=True)
+            out = hf.model.multi_modal_projector(out.hidden_states[-2][:, 1:])
+    out = out.pooler_output if hasattr(out, "pooler_output") else out
+    close(ours.features(mx.array(x)), np.asarray(out).reshape(2, 16, 64))
+
+
+def test_cls_and_received_scores_equal_transformers_attentions(vlm):
+    arch, path, hf, side = vlm
+    ours = VisionModel.load(path)
+    x = views(2, side, seed=3)
+    with torch.no_grad():
+        if arch == "idefics3":
+            mask = torch.ones(2, 8, 8, dtype=torch.bool)
+            att = hf.model.vision_model(
+                pixel_values=torch.from_numpy(x), patch_attention_mask=mask, output_attentions=True
+            ).attentions
+        else:
+            att = hf.model.vision_tower(
+                pixel_values=torch.from_numpy(x), output_attentions=True
+            ).attentions
+    _, got = ours.run(mx.array(x), (0, 1))
+    for layer in (0, 1):
+        a = att[layer]
+        want = a.mean(dim=(1, 2)) if arch == "idefics3" else a[:, :, 0, 1:].sum(dim=1)
+        close(got[layer], want.numpy(), rel=1e-4)
+
+
+def test_idefics3_positions_of_a_smaller_view_equal_the_torch_tower(tmp_path):
+    path = tmp_path / "vlm"
+    tiny_idefics3(path)
+    ours, ref = VisionModel.load(path), TorchVisionModel.load(path)
+    x = views(1, 32, seed=4)[:, :, :24, :16]  # a 6 x 4 patch grid: bucketed positions
+    hidden, _ = ours.run(mx.array(x))
+    want, _ = ref.run(torch.from_numpy(np.ascontiguousarray(x)))
+    close(hidden, want.numpy())
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_mmproj_loads_the_same_tower(tmp_path, legacy):
+    path = tmp_path / "vlm"
+    tiny_llava(path)
+    gguf = write_mmproj(path, tmp_path / "mmproj.gguf", legacy=legacy)
+    x = mx.array(views(2, 28, seed=5))
+    close(VisionModel.load(gguf).features(x), VisionModel.load(path).features(x), rel=1e-6)
