@@ -4,12 +4,17 @@ the torch ones (Hugging Face directory or llama.cpp mmproj)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from edge_infer.models.gguf.mmproj import read_mmproj
+from edge_infer.vision import dropping
+from edge_infer.vision import plan as vision_plan
+from edge_infer.vision.dropping import Budget
+from edge_infer.vision.preprocess import Pixels
 from edge_infer.vision.spec import TowerSpec, VisionSpec, vision_key
 
 QUERY_CHUNK = 256  # queries per softmax block when scoring received attention
@@ -165,6 +170,54 @@ class VisionModel:
         """Projected features of every view, no dropping: [P, tokens, text_hidden]."""
         hidden, _ = self.run(views)
         return self.project(hidden)
+
+    def scores_of(self, raw: mx.array) -> np.ndarray:
+        """Per-token scores of one layer as numpy, grouped per LLM token for pixel shuffle."""
+        s = np.array(raw.astype(mx.float32))
+        f, g = self.spec.scale_factor, self.spec.tower.grid
+        return dropping.group_scores(s, g, g, f) if f > 1 else s
+
+    def encode(
+        self,
+        px: Pixels,
+        method: str = "full",
+        budget: Budget | None = None,
+        mode: str = "spatial",
+    ) -> Encoded:
+        """Encode an image's views and keep the tokens ``method`` picks, in prompt order (see
+        ``vision.plan``: tiles without budget never run)."""
+        views = mx.array(px.values)
+        dtype = self.w[
+            "projector." + ("proj" if self.spec.arch == "idefics3" else "linear_2") + ".weight"
+        ].dtype
+        feats: dict[int, mx.array] = {}
+
+        def run_views(idx: list[int], layers: tuple[int, ...]) -> dict[int, np.ndarray]:
+            hidden, scores = self.run(views[mx.array(idx)].astype(dtype), layers)
+            f = self.project(hidden)
+            for j, i in enumerate(idx):
+                feats[i] = f[j]
+            return {k: self.scores_of(v) for k, v in scores.items()}
+
+        p = vision_plan.plan(self.spec, px, run_views, method, budget, mode)
+        n, d = self.spec.tokens_per_view, self.spec.text_hidden
+        zeros = mx.zeros((n, d), dtype=dtype)  # views never run: none of their tokens is kept
+        table = mx.concatenate([feats.get(i, zeros) for i in range(px.values.shape[0])])
+        if self.spec.arch == "llava_next":
+            table = mx.concatenate([table, self.w["newline"].astype(dtype)[None]])
+        embeds = table[mx.array(p.order.astype(np.int32))]
+        return Encoded(embeds, p.kept, p.total, p.skipped)
+
+
+@dataclass
+class Encoded:
+    """An image's embeddings for the language model [kept, text_hidden] and what dropping kept
+    (as ``vision.plan.Plan`` describes)."""
+
+    embeds: mx.array
+    kept: list[np.ndarray]
+    total: int
+    skipped: int
 
 
 def cls_row(q: mx.array, k: mx.array, scale: float) -> mx.array:

@@ -107,3 +107,45 @@ def test_mmproj_loads_the_same_tower(tmp_path, legacy):
     gguf = write_mmproj(path, tmp_path / "mmproj.gguf", legacy=legacy)
     x = mx.array(views(2, 28, seed=5))
     close(VisionModel.load(gguf).features(x), VisionModel.load(path).features(x), rel=1e-6)
+
+
+def image_pixels(arch: str, seed: int = 6):
+    """A synthetic image preprocessed for ``arch`` (tiles for LLaVA-NeXT and Idefics3)."""
+    from edge_infer.vision.preprocess import ImageSpec, Pixels, preprocess
+    from tests.support.vision_images import synthetic
+    from tests.support.vision_models import NEXT_PINPOINTS
+
+    if arch == "idefics3":
+        x = views(7, 32, seed)
+        return Pixels(x, (64, 96), (2, 3), 6)
+    if arch == "llava_next":
+        spec = ImageSpec(
+            kind="llava_next",
+            size={"shortest_edge": 28},
+            crop=(28, 28),
+            pinpoints=tuple(tuple(p) for p in NEXT_PINPOINTS),
+        )
+        return preprocess(synthetic(30, 70, seed=seed), spec)
+    return preprocess(
+        synthetic(41, 57, seed=seed), ImageSpec(size={"shortest_edge": 28}, crop=(28, 28))
+    )
+
+
+@pytest.mark.parametrize(
+    "method, rate",
+    [("full", 1.0), ("hired", 1.0), ("hired", 0.2), ("uniform", 0.2), ("cls-topk", 0.2)],
+)
+def test_encode_keeps_what_the_torch_tower_keeps(vlm, method, rate):
+    from edge_infer.vision.dropping import Budget
+
+    arch, path, _, _ = vlm
+    ours, ref = VisionModel.load(path), TorchVisionModel.load(path)
+    px = image_pixels(arch)
+    got, want = ours.encode(px, method, Budget(rate)), ref.encode(px, method, Budget(rate))
+    assert (got.total, got.skipped) == (want.total, want.skipped)
+    assert [k.tolist() for k in got.kept] == [k.tolist() for k in want.kept]
+    close(got.embeds, want.embeds.numpy())
+    if rate == 1.0:
+        np.testing.assert_array_equal(
+            np.asarray(got.embeds), np.asarray(ours.encode(px, "full").embeds)
+        )
