@@ -15,7 +15,7 @@ from edge_infer.vision import dropping
 from edge_infer.vision import plan as vision_plan
 from edge_infer.vision.dropping import Budget
 from edge_infer.vision.preprocess import Pixels
-from edge_infer.vision.spec import TowerSpec, VisionSpec, vision_key
+from edge_infer.vision.spec import TowerSpec, VisionSpec, channels_last_patch_kernel, vision_key
 
 QUERY_CHUNK = 256  # queries per softmax block when scoring received attention
 
@@ -69,7 +69,12 @@ class VisionModel:
                 tensors.update(
                     {k: v for k, v in mx.load(str(f)).items() if vision_key(k) is not None}
                 )
-        w = {vision_key(k): v.astype(dtype) for k, v in tensors.items()}
+        w = {}
+        for name, v in tensors.items():
+            key = vision_key(name)
+            w[key] = (
+                v.transpose(0, 3, 1, 2) if channels_last_patch_kernel(key, v.shape) else v
+            ).astype(dtype)
         missing = [k for k in required_keys(spec) if k not in w]
         if missing:
             raise ValueError(f"{path}: vision weights missing, e.g. {missing[0]}")

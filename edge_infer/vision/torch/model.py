@@ -15,7 +15,7 @@ from edge_infer.vision import dropping
 from edge_infer.vision import plan as vision_plan
 from edge_infer.vision.dropping import Budget
 from edge_infer.vision.preprocess import Pixels
-from edge_infer.vision.spec import VisionSpec, vision_key
+from edge_infer.vision.spec import VisionSpec, channels_last_patch_kernel, vision_key
 from edge_infer.vision.torch.encoder import Encoder, activation
 
 
@@ -118,7 +118,9 @@ class VisionModel(nn.Module):
         for name, t in tensors.items():
             key = vision_key(name)
             if key is not None and key in want:
-                found[key] = t
+                found[key] = (
+                    t.permute(0, 3, 1, 2) if channels_last_patch_kernel(key, t.shape) else t
+                )
         missing = sorted(set(want) - set(found))
         if missing:
             raise ValueError(f"{path}: vision weights missing, e.g. {missing[0]}")

@@ -195,3 +195,24 @@ def test_image_prompt_through_mlx_agrees_with_transformers(tmp_path, arch):
         tokens.append(int(np.argmax(logits)))
         logits = runner.step(tokens[-1], cache)
     assert tokens == expected
+
+
+def test_mlx_vlm_directory_with_channels_last_patch_kernel_loads_the_same(vlm, tmp_path):
+    """mlx-vlm's converted directories keep the patch convolution as [out, p, p, 3]."""
+    from safetensors.numpy import load_file, save_file
+
+    arch, path, _, side = vlm
+    tensors = load_file(str(path / "model.safetensors"))
+    for k in tensors:
+        if k.endswith("patch_embedding.weight"):
+            tensors[k] = np.ascontiguousarray(tensors[k].transpose(0, 2, 3, 1))
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    x = views(2, side, seed=10)
+    close(
+        VisionModel.load(tmp_path).features(mx.array(x)),
+        VisionModel.load(path).features(mx.array(x)),
+        rel=1e-6,
+    )
+    ref = TorchVisionModel.load(path).features(torch.from_numpy(x))
+    torch.testing.assert_close(TorchVisionModel.load(tmp_path).features(torch.from_numpy(x)), ref)
