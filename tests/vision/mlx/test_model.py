@@ -151,35 +151,38 @@ def test_encode_keeps_what_the_torch_tower_keeps(vlm, method, rate):
         )
 
 
-@pytest.mark.parametrize("arch", ["llava", "idefics3"])
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "idefics3"])
 def test_image_prompt_through_mlx_agrees_with_transformers(tmp_path, arch):
     """MLX tower, projector and decoder (float32) from one HF directory: prefill logits and
     16 greedy tokens of an image prompt equal transformers' full VLM forward."""
     from edge_infer.backends.mlx.backend import MLXBackend
     from edge_infer.generation.runner import Runner
     from edge_infer.models.hf.loader import load_hf_dir
-    from edge_infer.vision.preprocess import Pixels
     from tests.support.vision_models import IMAGE_TOKEN, add_tokenizer
 
-    build, side = BUILDERS[arch]
+    build, _ = BUILDERS[arch]
     hf = build(tmp_path, seed=2 if arch == "llava" else 4)
     hf.set_attn_implementation("eager")
     add_tokenizer(tmp_path)
-    n_views = 5 if arch == "idefics3" else 1
-    x = views(n_views, side, seed=9)
-    px = Pixels(x, (64, 64), (2, 2), 4) if arch == "idefics3" else Pixels(x, (28, 28), (0, 0), 0)
+    px = image_pixels(arch, seed=9)
     enc = VisionModel.load(tmp_path).encode(px, "full")
     before, after = [5, 17, 42], [60, 61, 99, 7]
     ids = torch.tensor([before + [IMAGE_TOKEN] * enc.total + after])
-    pixels = torch.from_numpy(x)[None] if arch == "idefics3" else torch.from_numpy(x)
+    pixels = torch.from_numpy(px.values)
+    extra = {}
+    if arch == "idefics3":
+        pixels = pixels[None]
+    elif arch == "llava_next":
+        pixels, extra = pixels[None], {"image_sizes": torch.tensor([px.image_hw])}
     with torch.no_grad():
-        ref = hf(input_ids=ids, pixel_values=pixels).logits[0, -1].numpy()
+        ref = hf(input_ids=ids, pixel_values=pixels, **extra).logits[0, -1].numpy()
         gen = hf.generate(
             input_ids=ids,
             pixel_values=pixels,
             max_new_tokens=16,
             min_new_tokens=16,
             do_sample=False,
+            **extra,
         )
     expected = gen[0, ids.shape[1] :].tolist()
 
