@@ -147,3 +147,14 @@ def vision_key(name: str) -> str | None:
     for prefix in _TOWER_PREFIXES:
         rest = rest.removeprefix(prefix)
     return "tower." + rest
+
+
+def channels_last_patch_kernel(key: str, shape: tuple[int, ...]) -> bool:
+    """Whether a patch-embedding kernel is stored [out, p, p, 3] as MLX's convolutions (and
+    mlx-vlm's converted directories) keep it, not transformers' [out, 3, p, p]."""
+    return (
+        key.endswith("patch_embedding.weight")
+        and len(shape) == 4
+        and shape[-1] == 3
+        and shape[1] != 3
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ from edge_infer.vision.preprocess import Pixels
 from tests.support.vision_models import tiny_idefics3, tiny_llava
 
 torch = pytest.importorskip("torch")
+TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
 pytest.importorskip("transformers")
 
 from edge_infer.vision.torch.model import VisionModel  # noqa: E402
@@ -180,7 +182,7 @@ def test_llava_prompt_through_our_runner_agrees_with_transformers(tmp_path):
     from edge_infer.models.hf.loader import load_hf_dir
     from edge_infer.vision.preprocess import ImageSpec, preprocess
     from tests.support.vision_images import synthetic
-    from tests.support.vision_models import IMAGE_TOKEN, text_model_dir
+    from tests.support.vision_models import IMAGE_TOKEN, add_tokenizer
 
     hf = tiny_llava(tmp_path / "vlm", seed=2)
     hf.set_attn_implementation("eager")
@@ -206,7 +208,9 @@ def test_llava_prompt_through_our_runner_agrees_with_transformers(tmp_path):
     margins = [float(torch.topk(step[0], 2).values.diff().abs()) for step in gen.logits]
     assert min(margins) > 0.25
 
-    text = load_hf_dir(text_model_dir(hf, tmp_path / "text"), bits=16)
+    # the text model from the same directory as the vision side, as users have it
+    text = load_hf_dir(add_tokenizer(tmp_path / "vlm", TEMPLATE), bits=16)
+    assert text.tokenizer.chat_template == TEMPLATE
     runner = Runner(TorchBackend(text, device="cpu", kv_bits=16), text.tokenizer, 2048)
     cache = runner.new_cache()
     segments = [np.array(before), enc.embeds.numpy(), np.array(after)]
@@ -298,7 +302,7 @@ def test_smolvlm_prompt_through_our_runner_agrees_with_transformers(tmp_path):
     from edge_infer.backends.torch.backend import TorchBackend
     from edge_infer.generation.runner import Runner
     from edge_infer.models.hf.loader import load_hf_dir
-    from tests.support.vision_models import IMAGE_TOKEN, text_model_dir
+    from tests.support.vision_models import IMAGE_TOKEN, add_tokenizer
 
     hf = tiny_idefics3(tmp_path / "vlm", seed=4)
     hf.set_attn_implementation("eager")
@@ -325,7 +329,9 @@ def test_smolvlm_prompt_through_our_runner_agrees_with_transformers(tmp_path):
     expected = gen.sequences[0, ids.shape[1] :].tolist()
     assert min(float(torch.topk(s[0], 2).values.diff().abs()) for s in gen.logits) > 0.25
 
-    text = load_hf_dir(text_model_dir(hf, tmp_path / "text"), bits=16)
+    # the text model from the same directory as the vision side, as users have it
+    text = load_hf_dir(add_tokenizer(tmp_path / "vlm", TEMPLATE), bits=16)
+    assert text.tokenizer.chat_template == TEMPLATE
     runner = Runner(TorchBackend(text, device="cpu", kv_bits=16), text.tokenizer, 2048)
     cache = runner.new_cache()
     feats = enc.embeds.numpy().reshape(5, 16, -1)
@@ -341,3 +347,89 @@ def test_smolvlm_prompt_through_our_runner_agrees_with_transformers(tmp_path):
         tokens.append(int(np.argmax(logits)))
         logits = runner.step(tokens[-1], cache)
     assert tokens == expected
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_llava_mmproj_gives_the_directory_features(llava, tmp_path, legacy):
+    """llama.cpp's mmproj of the same weights; old exports drop the last layer and swap the
+    FFN's up and down names, which the reader detects from the shapes."""
+    from edge_infer.models.gguf.mmproj import read_mmproj
+    from tests.support.vision_models import write_mmproj
+
+    path, hf = llava
+    gguf = write_mmproj(path, tmp_path / "mmproj.gguf", legacy=legacy)
+    assert read_mmproj(gguf).ffn_swapped is legacy
+    ours = VisionModel.load(gguf)
+    assert ours.spec.tower.layers == ours.spec.layers_run == 2
+    x = views(2, 28, seed=6)
+    torch.testing.assert_close(ours.features(x), VisionModel.load(path).features(x))
+    with torch.no_grad():
+        ref = image_features(
+            hf.get_image_features(
+                pixel_values=x, vision_feature_layer=-2, vision_feature_select_strategy="default"
+            )
+        )
+    # float32 sums in another order (features reach ~10)
+    torch.testing.assert_close(ours.features(x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    _, ours_scores = ours.run(x, (0, 1))
+    _, dir_scores = VisionModel.load(path).run(x, (0, 1))
+    torch.testing.assert_close(ours_scores[1], dir_scores[1])
+
+
+def test_idefics3_mmproj_gives_the_directory_features(idefics3, tmp_path):
+    from edge_infer.models.gguf.mmproj import read_mmproj
+    from tests.support.vision_models import write_mmproj
+
+    path, _ = idefics3
+    gguf = write_mmproj(path, tmp_path / "mmproj.gguf")
+    mm = read_mmproj(gguf)
+    assert mm.projector == "idefics3" and not mm.ffn_swapped
+    assert mm.image_mean == mm.image_std == (0.5, 0.5, 0.5)
+    ours, ref = VisionModel.load(gguf), VisionModel.load(path)
+    assert ours.spec == dataclasses.replace(ref.spec, image_token_id=-1)
+    x = views(3, 32, seed=7)
+    torch.testing.assert_close(ours.features(x), ref.features(x))
+
+
+def image_prompt_logits(text, embeds: np.ndarray, before, after, steps: int = 16):
+    """Prefill logits of ``before`` + image + ``after`` and the greedy tokens after them."""
+    from edge_infer.backends.torch.backend import TorchBackend
+    from edge_infer.generation.runner import Runner
+
+    runner = Runner(TorchBackend(text, device="cpu", kv_bits=16), text.tokenizer, 2048)
+    cache = runner.new_cache()
+    logits = runner.prefill_segments([np.array(before), embeds, np.array(after)], cache)
+    first, tokens = logits, []
+    for _ in range(steps):
+        tokens.append(int(np.argmax(logits)))
+        logits = runner.step(tokens[-1], cache)
+    return first, tokens
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava-legacy", "idefics3"])
+def test_text_gguf_and_mmproj_give_the_directory_logits(tmp_path, arch):
+    """The same weights as llama.cpp's text GGUF + mmproj and as one HF directory: equal
+    image features, prefill logits and 16 greedy tokens (the directory's text model is
+    quantized on load as the GGUF's float matrices are, so both run the same numbers)."""
+    from edge_infer.models.gguf.loader import load_gguf
+    from edge_infer.models.hf.loader import load_hf_dir
+    from tests.support.vision_models import add_tokenizer, write_mmproj, write_text_gguf
+
+    vlm = tmp_path / "vlm"
+    (tiny_idefics3 if arch == "idefics3" else tiny_llava)(vlm, seed=3)
+    add_tokenizer(vlm)
+    mmproj = write_mmproj(vlm, tmp_path / "mmproj.gguf", legacy=arch == "llava-legacy")
+    side = 32 if arch == "idefics3" else 28
+    x = views(1, side, seed=8)
+    from_dir = VisionModel.load(vlm).features(x)[0].numpy()
+    from_gguf = VisionModel.load(mmproj).features(x)[0].numpy()
+    np.testing.assert_allclose(from_gguf, from_dir, rtol=1e-6, atol=1e-6)
+
+    text_dir = load_hf_dir(vlm)
+    text_gguf = load_gguf(write_text_gguf(vlm, tmp_path / "text.gguf"))
+    assert text_gguf.config.vocab_size == text_dir.config.vocab_size == 272
+    before, after = [5, 17, 42], [60, 61, 99, 7]
+    ref, ref_tokens = image_prompt_logits(text_dir, from_dir, before, after)
+    got, tokens = image_prompt_logits(text_gguf, from_gguf, before, after)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert tokens == ref_tokens and len(set(tokens)) > 1
