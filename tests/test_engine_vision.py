@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 
 import numpy as np
 import pytest
@@ -13,27 +12,15 @@ pytest.importorskip("transformers")
 
 from edge_infer.engine import Engine  # noqa: E402
 from tests.support.vision_images import synthetic  # noqa: E402
-from tests.support.vision_models import add_tokenizer, tiny_llava  # noqa: E402
-
-TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+from tests.support.vision_models import llava_user_dir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
     """A tiny random LLaVA-1.5 directory as users have it, and transformers' model of it."""
     path = tmp_path_factory.mktemp("vlm")
-    hf = tiny_llava(path, seed=2)
+    hf = llava_user_dir(path)
     hf.set_attn_implementation("eager")
-    add_tokenizer(path, TEMPLATE)
-    (path / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "CLIPImageProcessor",
-                "size": {"shortest_edge": 28},
-                "crop_size": {"height": 28, "width": 28},
-            }
-        )
-    )
     return path, hf
 
 

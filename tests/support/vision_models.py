@@ -303,3 +303,24 @@ def write_text_gguf(vlm_dir: Path, out: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def llava_user_dir(path: Path, seed: int = 2, template: str | None = None):
+    """A tiny LLaVA-1.5 directory as users have it: weights, tokenizer, chat template and
+    preprocessor_config.json (28-px CLIP views). Returns transformers' model of it."""
+    import json
+
+    hf = tiny_llava(path, seed=seed)
+    add_tokenizer(
+        path, template or "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    )
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "size": {"shortest_edge": 28},
+                "crop_size": {"height": 28, "width": 28},
+            }
+        )
+    )
+    return hf
