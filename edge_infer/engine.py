@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from edge_infer.agents.agent import Agent
+from edge_infer.agents.images import ImagePrompt, ImageSource, image_parts, image_source
 from edge_infer.agents.manager import AgentManager
 from edge_infer.agents.state import AgentInfo
 from edge_infer.agents.turn import AgentTurn
@@ -32,7 +32,6 @@ from edge_infer.vision.preprocess import ImageSpec, preprocess
 from edge_infer.vision.prompt import IMAGE, image_key, image_prompt
 from edge_infer.vision.torch.model import VisionModel
 
-ImageSource = str | Path | bytes | Any  # a path, encoded bytes or a PIL image
 METHODS = ("full", "hired", "uniform", "cls-topk")
 _SENTINEL = "\ue000image\ue000"  # stands for an image part while the chat is rendered
 
@@ -73,6 +72,7 @@ class Vision:
             raise ValueError(f"visual method must be one of {METHODS}, got {method!r}")
         self.model, self.image_spec = model, image_spec
         self.method, self.budget, self.mode = method, budget or Budget(), mode
+        self.recent: dict[str, tuple[np.ndarray, str, str, int]] = {}
 
     def encode(
         self, src: ImageSource, rate: float | None = None, method: str | None = None
@@ -81,6 +81,9 @@ class Vision:
         method = method or self.method
         budget = self.budget if rate is None else Budget(rate, self.budget.alpha)
         px = preprocess(src, self.image_spec)
+        key = image_key(px, method, budget, self.mode)
+        if key in self.recent:  # an agent's history renders its images again each turn
+            return self.recent[key]
         enc = self.model.encode(px, method, budget, self.mode)
         kept = (
             [len(enc.embeds)]
@@ -89,7 +92,10 @@ class Vision:
         )
         text = image_prompt(self.model.spec.arch, px, kept)
         embeds = enc.embeds.float().cpu().numpy()
-        return embeds, text, image_key(px, method, budget, self.mode), enc.total
+        self.recent[key] = (embeds, text, key, enc.total)
+        while len(self.recent) > 8:
+            self.recent.pop(next(iter(self.recent)))
+        return self.recent[key]
 
 
 def agent_store(model: LoadedModel, backend: Backend) -> AgentStore:
@@ -102,56 +108,6 @@ def agent_store(model: LoadedModel, backend: Backend) -> AgentStore:
         fmt,
         model_record={"name": model.name, "source": str(model.source)},
     )
-
-
-def image_parts(message: dict[str, Any]) -> list[dict[str, Any]]:
-    """The image parts of a message's content (OpenAI ``image_url`` or ``image``)."""
-    content = message.get("content")
-    if not isinstance(content, list):
-        return []
-    return [p for p in content if isinstance(p, dict) and p.get("type") in ("image_url", "image")]
-
-
-def image_source(part: dict[str, Any]) -> ImageSource:
-    """What an image part points at: bytes of a data: URI, a path, or a PIL image."""
-    if part["type"] == "image":
-        return part["image"]
-    url = part["image_url"]
-    url = url["url"] if isinstance(url, dict) else url
-    if url.startswith("data:"):
-        return base64.b64decode(url.partition(",")[2])
-    return Path(url.removeprefix("file://"))
-
-
-class ImagePrompt:
-    """A prompt with images: ids per position, prefill segments, (start, end, key) per image."""
-
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-        self.segments: list[np.ndarray] = []
-        self.images: list[tuple[int, int, str]] = []
-        self.image_tokens = 0
-        self.image_tokens_total = 0
-
-    def add_ids(self, ids: list[int]) -> None:
-        if not ids:
-            return
-        self.ids += ids
-        if self.segments and self.segments[-1].ndim == 1:
-            self.segments[-1] = np.concatenate([self.segments[-1], np.asarray(ids)])
-        else:
-            self.segments.append(np.asarray(ids, dtype=np.int64))
-
-    def add_embeds(self, embeds: np.ndarray, image_id: int) -> None:
-        self.ids += [image_id] * len(embeds)
-        self.segments.append(embeds)
-
-    def segments_before_last(self) -> list[np.ndarray]:
-        """The segments without the prompt's last token (which the generation prefills)."""
-        *head, last = self.segments
-        if last.ndim != 1:
-            raise ValueError("the prompt ends in an image: add text after it")
-        return head + ([last[:-1]] if len(last) > 1 else [])
 
 
 class Engine:
@@ -169,7 +125,9 @@ class Engine:
         self.backend = backend
         self.tokenizer = model.tokenizer
         self.runner = Runner(backend, model.tokenizer, model.config.context_length, prefill_chunk)
-        self.agent_manager = AgentManager(self.runner, agent_store(model, backend))
+        self.agent_manager = AgentManager(
+            self.runner, agent_store(model, backend), images=self.image_chat
+        )
         self.last_usage = Usage()
 
     @classmethod

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from edge_infer.agents.agent import Agent, as_messages
+from edge_infer.agents.images import ImagePrompt, ImageRender, image_parts
 from edge_infer.agents.saver import BackgroundSaver
 from edge_infer.agents.state import (
     OVERFLOW_POLICIES,
@@ -51,7 +52,14 @@ class AgentManager:
     ``runner`` computes their KV; ``store`` persists it (its format is the runner's caches').
     """
 
-    def __init__(self, runner: Runner, store: AgentStore, pool_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        store: AgentStore,
+        pool_bytes: int | None = None,
+        images: ImageRender | None = None,
+    ) -> None:
+        self.images = images  # renders a conversation with images (a VLM's engine gives it)
         self.runner = runner
         self.store = store
         self.fmt = store.fmt
@@ -178,22 +186,40 @@ class AgentManager:
         st: AgentState,
         messages: list[dict[str, Any]],
         tools: Sequence[Tool] = (),
-    ) -> tuple[KVCache, list[int], list[dict[str, Any]]]:
+    ) -> tuple[KVCache, list[int], list[dict[str, Any]], ImagePrompt | None]:
         """Fit ``messages`` to the context, render them (with ``tools``), and cut the cache to
-        the shared prefix."""
+        the shared prefix; with images, only where each cached image has the same key."""
         limit = self.runner.context_length
-        messages, ids = fit_messages(
-            lambda m: self.runner.chat_ids(m, tools=tools),
-            messages,
-            limit,
-            st.extra.get("overflow", "error"),
-        )
+        prompt = None
+        if any(image_parts(m) for m in messages):
+            if self.images is None:
+                raise ValueError("this engine takes no images")
+            render = self.images
+            messages, _ = fit_messages(
+                lambda m: render(m).ids, messages, limit, st.extra.get("overflow", "error")
+            )
+            prompt = render(messages)  # the image side keeps recent encodings
+            ids = prompt.ids
+        else:
+            messages, ids = fit_messages(
+                lambda m: self.runner.chat_ids(m, tools=tools),
+                messages,
+                limit,
+                st.extra.get("overflow", "error"),
+            )
         cache = self._live_cache(name, st)
-        ids = reuse_cached_spelling(st.token_ids, ids, self.runner.tokenizer.token_bytes)
+        if prompt is None:
+            ids = reuse_cached_spelling(st.token_ids, ids, self.runner.tokenizer.token_bytes)
         keep = common_prefix_len(st.token_ids, ids)
+        keep = (prompt or ImagePrompt()).reusable(st.extra.get("images", []), keep)
         keep = cache.truncate(min(keep, len(ids) - 1))
         st.token_ids = st.token_ids[:keep]
-        return cache, ids, messages
+        st.extra["images"] = [list(x) for x in prompt.images] if prompt else []
+        if prompt is not None:  # the image embeddings go in now; the generation does the rest
+            segments = prompt.segments_from(cache.length)
+            if segments:
+                self.runner.prefill_segments(segments, cache)
+        return cache, ids, messages, prompt
 
     # -- turns -----------------------------------------------------------------------------
     def begin_turn(
@@ -222,10 +248,14 @@ class AgentManager:
             locks.enter_context(_busy(st))
             p = SamplingParams.from_kwargs(params, **kwargs)
             kept = st.messages if keep_messages is None else st.messages[: max(0, keep_messages)]
-            cache, ids, messages = self._prepare(name, st, kept + new_messages, tools)
+            cache, ids, messages, prompt = self._prepare(name, st, kept + new_messages, tools)
             first_changed = len(st.token_ids)  # the cache was cut to the shared prefix
             usage = self._usage[name] = Usage()
             gen = Generation(self.runner, ids, p, cache, usage)
+            if prompt is not None:  # images were prefilled before the generation began
+                usage.cached_tokens = first_changed
+                usage.image_tokens = prompt.image_tokens
+                usage.image_tokens_total = prompt.image_tokens_total
         except BaseException:
             locks.close()
             raise
