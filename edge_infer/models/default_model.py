@@ -73,7 +73,9 @@ def installed_packaged_models() -> list[PackagedModel]:
 
 def assembled_path(model: PackagedModel) -> Path | None:
     """Where the packaged model's file was assembled, if it was."""
-    return next((d / model.filename for d in models_dirs() if (d / model.filename).is_file()), None)
+    return next(
+        (d / model.filename for d in models_dirs() if (d / model.filename).is_file()), None
+    )
 
 
 def packaged_model_path(model: PackagedModel) -> Path:
