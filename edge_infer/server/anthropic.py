@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from edge_infer.generation.tools import ToolCall
 from edge_infer.server.protocol import check_text
@@ -127,7 +127,7 @@ class MessagesRequest(_Request):
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    max_tokens: int = Field(ge=0)
+    max_tokens: StrictInt = Field(ge=0)  # "5000" or 5000.0 is refused, not coerced
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
     stop_sequences: list[str] | None = Field(default=None, max_length=16)

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from edge_infer.generation.sampling import SamplingParams
 from edge_infer.generation.sequence import TokenLogprob
@@ -97,8 +97,9 @@ class _Generation(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=0)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    # strict: a token bound given as "5000", 5000.0 or true is a client's mistake, not a bound
+    max_tokens: StrictInt | None = Field(default=None, ge=0)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=0)
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
@@ -106,7 +107,7 @@ class _Generation(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = 1
+    n: StrictInt = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     agent: str | None = None

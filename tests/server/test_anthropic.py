@@ -96,6 +96,11 @@ def test_unknown_fields_and_bad_choices_are_refused():
                 "stop_sequences": [""],
             }
         )
+    for bound in ("40", 40.0, True):  # never coerced into a (possibly huge) token bound
+        with pytest.raises(pydantic.ValidationError, match="max_tokens"):
+            MessagesRequest.model_validate(
+                {"max_tokens": bound, "messages": [{"role": "user", "content": "x"}]}
+            )
     with pytest.raises(ValueError, match="name"):
         ToolChoice(type="tool").openai()
     assert ToolChoice(type="any").openai() == "required"
