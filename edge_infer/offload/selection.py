@@ -114,8 +114,8 @@ def window_pages(n_kv: int, always: np.ndarray, budget: int) -> np.ndarray:
     """bool ``[n_kv, pages]``: the ``always`` pages (sinks, the last block) and then the most
     recent other pages up to ``budget`` pages, the same for every KV head (StreamingLLM-style
     sinks plus a recent window: a quality reference that reads nothing of the keys)."""
-    n = always.shape[0]
-    return select_pages(np.repeat(np.arange(n, dtype=np.float64)[None], n_kv, axis=0), always, budget)
+    newest_first = np.arange(always.shape[0], dtype=np.float64)
+    return select_pages(np.repeat(newest_first[None], n_kv, axis=0), always, budget)
 
 
 def page_mass(s: np.ndarray, page: int, sealed: int, n_kv: int) -> np.ndarray:

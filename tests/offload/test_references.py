@@ -55,9 +55,10 @@ def test_oracle_holds_the_most_mass_any_selection_of_its_size_can(seed):
         free = np.flatnonzero(~always)
         extra = max(0, budget - int(always.sum()))
         for h in range(n_kv):
-            best = max(
-                mass[h, list(c)].sum() for c in combinations(free.tolist(), extra)
-            ) + mass[h, always].sum()
+            best = (
+                max(mass[h, list(c)].sum() for c in combinations(free.tolist(), extra))
+                + mass[h, always].sum()
+            )
             assert mass[h, sel[h]].sum() == pytest.approx(best, abs=1e-12)
 
 
