@@ -15,7 +15,8 @@ run after it starts from a copy of that cache (restored from its blocks).
    ``budget`` share by true attention mass (the oracle) against the top pages by Quest bound:
    recall of the oracle's pages, attention mass the bound's pages hold vs the oracle's, the
    mass the full policy (first and last sealed block always, then pages by bound) skips and
-   its certificate, and the overlap of the bound's selection from one step to the next.
+   its certificate, what the oracle and sinks+window skip under the same budget, and the
+   overlap of the bound's selection from one step to the next.
 2. Quality. ``--steps`` teacher-forced steps, dense and sparse (each ``--policy``: fields of
    ``SparsePolicy`` as ``key=value``; by default Quest bounds, the oracle and sinks+window at
    ``--budget``, and the default policy) on the same tokens: the share of sealed pages the
@@ -50,9 +51,12 @@ from edge_infer.offload import (
     always_pages,
     certificate,
     group_max,
+    oracle_pages,
     page_bounds,
+    page_mass,
     quest_bounds,
     select_pages,
+    window_pages,
 )
 
 DENSE_LAYERS = 2
@@ -101,6 +105,7 @@ def page_recall(start, qs, keys, page, budget, block_size):
     n_kv = keys[0].shape[0]
     g = n_q // n_kv
     recall, mass_ratio, skipped, certs, overlap = [], [], [], [], []
+    oracle_skipped, window_skipped = [], []
     boxes: dict = {}
     previous: dict = {}
     for t in range(steps):
@@ -136,6 +141,12 @@ def page_recall(start, qs, keys, page, budget, block_size):
             sel = select_pages(bkv, always, k)
             sel_q = np.repeat(sel, g, axis=0)
             skipped.extend((mass * ~sel_q).sum(axis=1).tolist())
+            # the references under the same budget and always-attended set
+            for refs, ref_sel in (
+                (oracle_skipped, oracle_pages(page_mass(s, page, sealed, n_kv), always, k)),
+                (window_skipped, window_pages(n_kv, always, k)),
+            ):
+                refs.extend((mass * ~np.repeat(ref_sel, g, axis=0)).sum(axis=1).tolist())
             tail = np.ones((n_q, pos + 1 - sealed), bool)
             attended = np.concatenate([np.repeat(sel_q, page, axis=1), tail], axis=1)
             cert = certificate(_lse(s, attended), bounds, ~sel_q, np.full(n_pages, page))
@@ -147,6 +158,8 @@ def page_recall(start, qs, keys, page, budget, block_size):
         "mass_vs_oracle": float(np.mean(mass_ratio)),
         "skipped_mean": float(np.mean(skipped)),
         "skipped_p99": float(np.percentile(skipped, 99)),
+        "oracle_skipped_mean": float(np.mean(oracle_skipped)),
+        "window_skipped_mean": float(np.mean(window_skipped)),
         "cert_p50": float(np.median(certs)),
         "cert_min_minus_skipped": float(gap.min()),
         "overlap": float(np.mean(overlap)) if overlap else float("nan"),
@@ -338,6 +351,8 @@ def main() -> None:
                 f"{100 * r['recall']:.1f}%",
                 f"{100 * r['mass_vs_oracle']:.1f}%",
                 f"{100 * r['skipped_mean']:.2f}% / {100 * r['skipped_p99']:.2f}%",
+                f"{100 * r['oracle_skipped_mean']:.2f}%",
+                f"{100 * r['window_skipped_mean']:.2f}%",
                 f"{r['cert_p50']:.3f}",
                 "yes" if r["cert_min_minus_skipped"] >= -1e-9 else "NO",
                 f"{100 * r['overlap']:.1f}%",
@@ -352,6 +367,8 @@ def main() -> None:
             "oracle recall",
             "mass vs oracle",
             "policy skips (mean/p99)",
+            "oracle skips",
+            "window skips",
             "certificate p50",
             "cert >= skipped",
             "step overlap",
