@@ -10,8 +10,16 @@ import torch.nn.functional as F
 
 from edge_infer.backends.torch.kv_attention import attend_new_tokens, attend_tokens
 from edge_infer.backends.torch.kv_cache import TorchKVCache
-from edge_infer.backends.torch.linear import COMPUTE_DTYPE, concat_weights, make_linear
+from edge_infer.backends.torch.linear import (
+    RMS_NORM,
+    SWIGLU,
+    Linear,
+    PackedLinear,
+    concat_weights,
+    make_linear,
+)
 from edge_infer.formats.affine import QuantizedWeight
+from edge_infer.kernels import cpu as cpu_kernels
 from edge_infer.models.spec import LoadedModel, Weight
 
 # Candidates of the output head recomputed exactly in float32 per position.
@@ -27,19 +35,20 @@ def _vector(w: Weight, device: torch.device) -> torch.Tensor:
 class _Layer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: object
+    qkv: Linear
     qkv_bias: torch.Tensor | None
-    o: object
-    gate_up: object
-    down: object
+    o: Linear
+    gate_up: Linear
+    down: Linear
 
 
 class TorchDecoder:
-    """Runs the decoder; activations float32 between layers, bfloat16 into the int kernels."""
+    """Runs the decoder; activations float32 (the linear layers round them as they need)."""
 
     def __init__(self, model: LoadedModel, device: torch.device) -> None:
         cfg = self.config = model.config
         self.device = device
+        self._kernel = cpu_kernels.load() if device.type == "cpu" else None
         w = model.weights
         self.embed_weight = w["model.embed_tokens.weight"]
         self.layers: list[_Layer] = []
@@ -89,6 +98,8 @@ class TorchDecoder:
 
     def embed(self, ids: np.ndarray) -> torch.Tensor:
         """Embedding rows for token ids, float32 [T, hidden]."""
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, PackedLinear):
+            return self.lm_head.rows(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
         w = self.embed_weight
         rows = w.take_rows(ids).dequantize() if isinstance(w, QuantizedWeight) else w[ids]
         return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
@@ -109,7 +120,7 @@ class TorchDecoder:
 
     @staticmethod
     def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Half-split rotation of x [H, T, D] with cos/sin [T, D/2]."""
+        """Half-split rotation of x [N, H, D] with cos/sin [N, 1, D/2]."""
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -120,22 +131,18 @@ class TorchDecoder:
         h = h.to(torch.float32, copy=True)  # the residual stream is updated in place
         T, start = h.shape[0], cache.length
         cos, sin = self._rope(start, start + T)
-        n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        n_q, d = cfg.num_heads, cfg.head_dim
         if T == 1:
             cache.reserve_next()
         for i, layer in enumerate(self.layers):
-            qk, v = self._qkv(layer, h)
-            qk = self._apply_rope(qk.view(T, n_q + n_kv, d).transpose(0, 1), cos, sin)
-            v = v.view(T, n_kv, d).transpose(0, 1)
+            q, k, v = self._qkv(layer, h, cos, sin)
             if T == 1:  # the same computation as one row of forward_batch
-                attn = attend_new_tokens(
-                    [cache], i, qk[None, :n_q, 0], qk[None, n_q:, 0], v[None, :, 0]
-                )
-                attn = attn[0][:, None]
+                attn = attend_new_tokens([cache], i, q, k, v).reshape(1, n_q * d)
             else:
-                cache.update(i, qk[n_q:], v)
-                attn = attend_tokens(cache, i, qk[:n_q])
-            h.add_(layer.o(attn.transpose(0, 1).reshape(T, n_q * d).to(COMPUTE_DTYPE)))
+                cache.update(i, k.transpose(0, 1), v.transpose(0, 1))
+                attn = attend_tokens(cache, i, q.transpose(0, 1))
+                attn = attn.transpose(0, 1).reshape(T, n_q * d)
+            layer.o(attn, out=h)
             self._add_mlp(layer, h)
         cache.advance(T)
         if not all_logits:
@@ -156,51 +163,62 @@ class TorchDecoder:
         starts = [c.length for c in caches]
         cos_all, sin_all = self._rope(0, max(starts) + 1)
         pos = torch.tensor(starts, device=self.device)
-        cos, sin = cos_all[pos][:, None], sin_all[pos][:, None]  # [B, 1, D/2]
-        n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cos, sin = cos_all[pos], sin_all[pos]  # [B, D/2]
+        n_q, d = cfg.num_heads, cfg.head_dim
         for cache in caches:
             cache.reserve_next()
         for i, layer in enumerate(self.layers):
-            qk, v = self._qkv(layer, h)
-            qk = self._apply_rope(qk.view(B, n_q + n_kv, d), cos, sin)  # [B, heads, D]
-            attn = attend_new_tokens(caches, i, qk[:, :n_q], qk[:, n_q:], v.view(B, n_kv, d))
-            h.add_(layer.o(attn.reshape(B, n_q * d).to(COMPUTE_DTYPE)))
+            q, k, v = self._qkv(layer, h, cos, sin)
+            attn = attend_new_tokens(caches, i, q, k, v)
+            layer.o(attn.reshape(B, n_q * d), out=h)
             self._add_mlp(layer, h)
         for cache in caches:
             cache.advance(1)
         return self._logits(h)
 
-    def _qkv(self, layer: _Layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normed ``h`` [N, hidden] through the fused QKV projection: (q|k, v) in float32."""
+    def _qkv(
+        self, layer: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed ``h`` [N, hidden] through the fused QKV projection, rope applied with
+        cos/sin [N, D/2]: q [N, n_q, D], k and v [N, n_kv, D], float32 (views of one tensor)."""
         cfg = self.config
-        x = F.rms_norm(h, (cfg.hidden_size,), layer.input_norm, cfg.rms_norm_eps)
-        qkv = layer.qkv(x.to(COMPUTE_DTYPE))
+        n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv = layer.qkv(h, RMS_NORM, layer.input_norm, cfg.rms_norm_eps)
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
-        d = cfg.head_dim
-        return qkv.float().split([(cfg.num_heads + cfg.num_kv_heads) * d, cfg.num_kv_heads * d], -1)
+        n = qkv.shape[0]
+        if self._kernel is not None:
+            self._kernel.rope_inplace(qkv, cos, sin, n_q + n_kv, d)
+            qk = qkv[:, : (n_q + n_kv) * d].view(n, n_q + n_kv, d)
+        else:
+            qk = qkv[:, : (n_q + n_kv) * d].view(n, n_q + n_kv, d)
+            qk = self._apply_rope(qk, cos[:, None], sin[:, None])
+        return qk[:, :n_q], qk[:, n_q:], qkv[:, (n_q + n_kv) * d :].view(n, n_kv, d)
 
     def _add_mlp(self, layer: _Layer, h: torch.Tensor) -> None:
         """h += MLP(norm(h)), in place."""
         cfg = self.config
-        x = F.rms_norm(h, (cfg.hidden_size,), layer.post_norm, cfg.rms_norm_eps)
-        gate, up = layer.gate_up(x.to(COMPUTE_DTYPE)).chunk(2, dim=-1)
-        h.add_(layer.down(F.silu(gate) * up))
+        gate_up = layer.gate_up(h, RMS_NORM, layer.post_norm, cfg.rms_norm_eps)
+        layer.down(gate_up, SWIGLU, out=h)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output head (top candidates rescored): float32 [N, vocab]."""
         cfg = self.config
-        h = F.rms_norm(h, (cfg.hidden_size,), self.norm, cfg.rms_norm_eps)
-        logits = self.lm_head(h.to(COMPUTE_DTYPE)).float()
-        return self._rescore_top(logits, h)
+        h = F.rms_norm(h, (cfg.hidden_size,), self.norm, cfg.rms_norm_eps).contiguous()
+        logits = self.lm_head(h)
+        k = min(HEAD_RESCORE_TOP_K, logits.shape[-1])
+        if isinstance(self.lm_head, PackedLinear):
+            self.lm_head.rescore_top(logits, h, k)
+            return logits
+        return self._rescore_top(logits, h, k)
 
-    def _rescore_top(self, logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def _rescore_top(self, logits: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:
         """Recompute the most likely candidates' logits in float32 from the exact weights.
 
-        The packed head (bfloat16 in, bfloat16 out) is fast but coarse; sampling only ever
-        reaches the top candidates, so those are made exact at the cost of k row products.
+        The packed head (rounded activations) is fast but coarse; sampling only ever reaches
+        the top candidates, so those are made exact at the cost of k row products (the CPU
+        kernel does the same on its packed rows).
         """
-        k = min(HEAD_RESCORE_TOP_K, logits.shape[-1])
         idx = logits.topk(k, dim=-1).indices  # [T, k]
         flat = idx.reshape(-1).cpu().numpy()
         w = self._head_weight

@@ -1,9 +1,16 @@
-"""Linear layers over our quantized weights, using torch's packed int4/int8 matmul kernels.
+"""Linear layers over our quantized weights: float32 rows in, float32 rows out.
 
-4-bit weights run on the int4 "tinygemm" kernels (``_weight_int4pack_mm_for_cpu`` on CPU,
-``_weight_int4pack_mm`` on CUDA) with bfloat16 activations, the dtype those kernels are fast
-in. 8-bit weights run on ``_weight_int8pack_mm`` with per-output-channel scales. Anything the
-kernels cannot take falls back to a dense bfloat16 matrix.
+On CPU, 4- and 8-bit weights are repacked for our own kernel (:mod:`edge_infer.kernels.cpu`:
+int8-rounded activations times the packed weights, read once per call), which also fuses the
+step before the product (RMSNorm, SwiGLU) and the residual add after it. Without the kernel
+(and on CUDA), 4-bit weights run on torch's int4 "tinygemm" kernels
+(``_weight_int4pack_mm_for_cpu`` / ``_weight_int4pack_mm``) in bfloat16, 8-bit ones on
+``_weight_int8pack_mm``, anything else on a dense bfloat16 matrix; the fused steps are then
+plain torch ops.
+
+Every layer is called as ``layer(x, prep=..., norm=..., eps=..., out=...)``: ``x`` float32
+[N, in] (``[N, 2*in]`` for ``SWIGLU``), the result ``prep(x) @ W.T`` float32 [N, out], added
+into ``out`` in place when it is given.
 """
 
 from __future__ import annotations
@@ -12,15 +19,114 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from edge_infer.formats.affine import QuantizedWeight
+from edge_infer.kernels import cpu as cpu_kernels
+from edge_infer.kernels.cpu.packing import pack_weight, packable
 from edge_infer.models.spec import Weight
 
 COMPUTE_DTYPE = torch.bfloat16
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+PLAIN, RMS_NORM, SWIGLU = cpu_kernels.PREP_PLAIN, cpu_kernels.PREP_RMS_NORM, cpu_kernels.PREP_SWIGLU
 
 
-class DenseLinear:
+def prepare(x: torch.Tensor, prep: int, norm: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """The fused step before a product, in plain torch."""
+    if prep == RMS_NORM:
+        return F.rms_norm(x, (x.shape[-1],), norm, eps)
+    if prep == SWIGLU:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return x
+
+
+class _TorchLinear:
+    """The call convention over a product ``_product(x)`` that takes bfloat16 rows."""
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        prep: int = PLAIN,
+        norm: torch.Tensor | None = None,
+        eps: float = 0.0,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        y = self._product(prepare(x, prep, norm, eps).to(COMPUTE_DTYPE)).float()
+        if out is None:
+            return y
+        return out.add_(y)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PackedLinear:
+    """4/8-bit affine weights in our CPU kernel's tiles."""
+
+    def __init__(self, weight: QuantizedWeight, kernel) -> None:
+        p = pack_weight(weight)
+        self.kernel = kernel
+        self.qweight = torch.from_numpy(p.qweight)
+        self.scales = torch.from_numpy(p.scales)
+        self.biases = torch.from_numpy(p.biases)
+        self.out_features = p.rows
+        self.bits, self.group_size = p.bits, p.group_size
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        prep: int = PLAIN,
+        norm: torch.Tensor | None = None,
+        eps: float = 0.0,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.kernel.quant_linear(
+            x.contiguous(),
+            self.qweight,
+            self.scales,
+            self.biases,
+            self.out_features,
+            self.bits,
+            self.group_size,
+            prep,
+            norm,
+            eps,
+            out,
+        )
+
+    def rescore_top(self, logits: torch.Tensor, h: torch.Tensor, k: int) -> None:
+        """Replace the k largest logits of each row by exact float32 products with ``h``."""
+        self.kernel.rescore_top(
+            logits,
+            h.contiguous(),
+            self.qweight,
+            self.scales,
+            self.biases,
+            self.out_features,
+            self.bits,
+            self.group_size,
+            k,
+        )
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (int64) of the weight, dequantized: float32 [n, in] (embeddings)."""
+        return self.kernel.weight_rows(
+            ids,
+            self.qweight,
+            self.scales,
+            self.biases,
+            self.out_features,
+            self.bits,
+            self.group_size,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.biases))
+
+
+class DenseLinear(_TorchLinear):
     """y = x @ W.T with W held densely (bfloat16)."""
 
     def __init__(self, weight: np.ndarray, device: torch.device) -> None:
@@ -29,7 +135,7 @@ class DenseLinear:
         )
         self.out_features = self.weight.shape[0]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.T
 
     @property
@@ -37,7 +143,7 @@ class DenseLinear:
         return self.weight.numel() * self.weight.element_size()
 
 
-class Int4Linear:
+class Int4Linear(_TorchLinear):
     """4-bit affine weights packed for torch's int4 kernels (value = (q - 8) * scale + zero)."""
 
     def __init__(self, weight: QuantizedWeight, device: torch.device) -> None:
@@ -60,7 +166,7 @@ class Int4Linear:
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self.cuda:
             return torch.ops.aten._weight_int4pack_mm(
                 x, self.packed, self.group_size, self.scales_and_zeros
@@ -76,7 +182,7 @@ class Int4Linear:
         )
 
 
-class Int8Linear:
+class Int8Linear(_TorchLinear):
     """8-bit weights re-expressed per output channel (symmetric) for ``_weight_int8pack_mm``."""
 
     def __init__(self, weight: np.ndarray, device: torch.device) -> None:
@@ -88,7 +194,7 @@ class Int8Linear:
         self.scales = torch.from_numpy(scale).to(device=device, dtype=COMPUTE_DTYPE)
         self.out_features = q.shape[0]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
 
     @property
@@ -117,8 +223,15 @@ def _dense(w: Weight) -> np.ndarray:
     return w if isinstance(w, np.ndarray) else w.dequantize()
 
 
-def make_linear(weight: Weight, device: torch.device) -> DenseLinear | Int4Linear | Int8Linear:
+Linear = PackedLinear | DenseLinear | Int4Linear | Int8Linear
+
+
+def make_linear(weight: Weight, device: torch.device) -> Linear:
     """The fastest layer our kernels support for this weight on ``device``."""
+    if isinstance(weight, QuantizedWeight) and device.type == "cpu" and packable(weight):
+        kernel = cpu_kernels.load()
+        if kernel is not None:
+            return PackedLinear(weight, kernel)
     if isinstance(weight, QuantizedWeight):
         rows, cols = weight.shape
         if weight.bits == 4 and weight.group_size in INT4_GROUP_SIZES:

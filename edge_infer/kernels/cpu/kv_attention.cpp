@@ -11,7 +11,8 @@
 // float16 row itself. R is symmetric or not: scores use q @ R^T, outputs acc @ R.
 
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
+
+#include "parallel.h"
 
 #include <cmath>
 #include <cstdint>
@@ -475,7 +476,7 @@ torch::Tensor attend_new_token(torch::Tensor q, torch::Tensor k, torch::Tensor v
   int64_t work = 0;
   for (int64_t b = 0; b < B; ++b) work += mm[b * 5 + 3];
   const int64_t grain = work * n_kv < 1024 ? B * n_kv : 1;  // tiny jobs stay on one thread
-  at::parallel_for(0, B * n_kv, grain, [&](int64_t a, int64_t z) {
+  edge_parallel::parallel_chunks(B * n_kv, grain, [&](int64_t a, int64_t z) {
     std::vector<float> scores;
     for (int64_t item = a; item < z; ++item) {
       const int64_t b = item / n_kv, h = item % n_kv;
@@ -716,16 +717,11 @@ torch::Tensor attend_chunk(torch::Tensor q, const std::vector<int64_t>& ptrs,
   const float* rd = R.data_ptr<float>();
   const float* rtd = Rt.data_ptr<float>();
   float* od = out.data_ptr<float>();
-  at::parallel_for(0, n_kv * per_head, 1, [&](int64_t a, int64_t z) {
+  edge_parallel::parallel_chunks(n_kv * per_head, 1, [&](int64_t a, int64_t z) {
     for (int64_t task = a; task < z; ++task) {
       const int64_t h = task / per_head, row0 = (task % per_head) * LANES;
       fn(L, p, h, start, T, row0, qd, rd, rtd, od);
     }
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attend_new_token", &attend_new_token, "store one new token's K/V, attend over all");
-  m.def("attend_chunk", &attend_chunk, "causal attention of a stored prefill chunk");
 }
