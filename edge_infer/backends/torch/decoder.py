@@ -85,6 +85,12 @@ class TorchDecoder:
         )
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights one decoded token reads: every projection and the head."""
+        layers = [x for la in self.layers for x in (la.qkv, la.o, la.gate_up, la.down)]
+        return sum(x.nbytes for x in layers) + self.lm_head.nbytes
+
     def new_cache(self, kv_bits: int = 4, group_size: int = 64) -> TorchKVCache:
         cfg = self.config
         return TorchKVCache(

@@ -57,18 +57,79 @@ struct Weights {
 
 enum Prep : int64_t { PLAIN = 0, RMS_NORM = 1, SWIGLU = 2 };
 
-inline float silu_times(float g, float u) { return g / (1.0f + std::exp(-g)) * u; }
+// 16 floats in the vector registers the build has (plain scalar code where it has none).
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
 
-// The values a row is multiplied as (after the fused step), into y[K].
+inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline v16f splat(float x) { return v16f{} + x; }
+
+inline float hsum(v16f v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+inline v16f vabs(v16f v) {
+  v16i i;
+  std::memcpy(&i, &v, sizeof(i));
+  i &= 0x7fffffff;
+  std::memcpy(&v, &i, sizeof(v));
+  return v;
+}
+
+inline v16f vmax(v16f a, v16f b) { return a > b ? a : b; }
+
+inline v16f vmin(v16f a, v16f b) { return a < b ? a : b; }
+
+// x rounded to the nearest integer (ties to even) for |x| < 2^22
+inline v16f vround(v16f x) {
+  const v16f magic = splat(12582912.0f);  // 1.5 * 2^23
+  return (x + magic) - magic;
+}
+
+// exp(x), clamped to [-87, 88]: 2^n * p(f), relative error below 2e-7 (Cephes' expf)
+inline v16f vexp(v16f x) {
+  x = vmin(vmax(x, splat(-87.0f)), splat(88.0f));
+  const v16f n = vround(x * 1.44269504088896341f);
+  v16f f = x - n * 0.693359375f;
+  f = f - n * -2.12194440e-4f;
+  v16f p = splat(1.9875691500e-4f);
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.0f;
+  const v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
+  v16f scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+// The values a row is multiplied as (after the fused step), into y[K]; K % 32 == 0.
 void prepared_row(const float* x, int64_t K, int64_t prep, const float* norm, float eps,
                   float* y) {
   if (prep == RMS_NORM) {
-    float ss = 0.f;
-    for (int64_t k = 0; k < K; ++k) ss += x[k] * x[k];
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(K) + eps);
-    for (int64_t k = 0; k < K; ++k) y[k] = x[k] * inv * norm[k];
+    v16f ss = {};
+    for (int64_t k = 0; k < K; k += 16) {
+      const v16f v = load16(x + k);
+      ss += v * v;
+    }
+    const float inv = 1.0f / std::sqrt(hsum(ss) / static_cast<float>(K) + eps);
+    for (int64_t k = 0; k < K; k += 16) store16(y + k, load16(x + k) * inv * load16(norm + k));
   } else if (prep == SWIGLU) {
-    for (int64_t k = 0; k < K; ++k) y[k] = silu_times(x[k], x[K + k]);
+    for (int64_t k = 0; k < K; k += 16) {
+      const v16f g = load16(x + k), u = load16(x + K + k);
+      store16(y + k, g * u / (1.0f + vexp(-g)));
+    }
   } else {
     std::memcpy(y, x, K * sizeof(float));
   }
@@ -82,16 +143,20 @@ void quantize_row(const float* y, int64_t K, int64_t group, int8_t* q, float* d,
   for (int64_t g = 0; g < K / group; ++g) {
     float s = 0.f;
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
-      const float* v = y + b * QB;
+      const v16f v0 = load16(y + b * QB), v1 = load16(y + b * QB + 16);
+      const v16f m = vmax(vabs(v0), vabs(v1));
       float amax = 0.f;
-      for (int i = 0; i < QB; ++i) amax = std::max(amax, std::fabs(v[i]));
+      for (int i = 0; i < 16; ++i) amax = std::max(amax, m[i]);
       const float inv = amax > 0.f ? 127.0f / amax : 0.f;
       d[b] = amax / 127.0f;
+      const v16i r0 = __builtin_convertvector(vround(v0 * inv), v16i);
+      const v16i r1 = __builtin_convertvector(vround(v1 * inv), v16i);
+      const v16i both = r0 + r1;
       int32_t total = 0;
-      for (int i = 0; i < QB; ++i) {
-        const int32_t r = static_cast<int32_t>(std::nearbyint(v[i] * inv));
-        q[b * QB + i] = static_cast<int8_t>(r);
-        total += r;
+      for (int i = 0; i < 16; ++i) {
+        q[b * QB + i] = static_cast<int8_t>(r0[i]);
+        q[b * QB + 16 + i] = static_cast<int8_t>(r1[i]);
+        total += both[i];
       }
       s += d[b] * static_cast<float>(total);
     }
@@ -204,6 +269,7 @@ inline void store_rows(float* out, vf v, int valid, bool accumulate) {
 
 #ifdef EDGE_SIMD
 constexpr int LANES = TILE / PASSES;
+constexpr int64_t PF_DIST = 2048;  // bytes ahead the weight stream is prefetched
 
 // NB activation rows (n0..) times the LANES weight rows of pass `pass` of tile t.
 template <int NB, int BITS>
@@ -233,6 +299,7 @@ void rows_pass(const Weights& W, const Act& A, int64_t t, int pass, int64_t n0, 
       for (int n = 0; n < NB; ++n) dots[n] = zero_i();
       if (BITS == 4) {
         for (int m = 0; m < 4; ++m, wq += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(wq) + PF_DIST, _MM_HINT_T0);
           const vi v = load_i(wq);
           const vi lo = nibbles_lo(v), hi = nibbles_hi(v);
           for (int n = 0; n < NB; ++n) {
@@ -242,6 +309,7 @@ void rows_pass(const Weights& W, const Act& A, int64_t t, int pass, int64_t n0, 
         }
       } else {
         for (int m = 0; m < 8; ++m, wq += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(wq) + PF_DIST, _MM_HINT_T0);
           const vi v = load_i(wq);
           for (int n = 0; n < NB; ++n)
             dots[n] = dot_byte(dots[n], v, bcast4(aq[n] + blk * QB + 4 * m));
@@ -444,7 +512,7 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor
   const float* xd = x.data_ptr<float>();
   const int64_t width = x.size(1);
   edge_parallel::parallel_chunks(M, (16384 + K - 1) / K, [&](int64_t a, int64_t z) {
-    std::vector<float> y(K);
+    std::vector<float> y(K);  // rows: K % 32 == 0
     for (int64_t n = a; n < z; ++n) {
       prepared_row(xd + n * width, K, prep, nw, static_cast<float>(eps), y.data());
       quantize_row(y.data(), K, group, buf.q.data() + n * K, buf.d.data() + n * blocks,
