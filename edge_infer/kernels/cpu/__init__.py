@@ -76,7 +76,7 @@ def _build_name() -> str:
     import torch
 
     digest = hashlib.sha256()
-    for source in [*SOURCES, Path(__file__).with_name("parallel.h")]:
+    for source in [*SOURCES, *sorted(Path(__file__).parent.glob("*.h"))]:
         digest.update(source.read_bytes())
     for part in (" ".join(_flags()), torch.__version__, _cpu_features()):
         digest.update(part.encode())

@@ -181,24 +181,15 @@ inline vi bcast4(const int8_t* p) {
   return _mm512_set1_epi32(x);
 }
 inline vi zero_i() { return _mm512_setzero_si512(); }
-// acc += sum over each lane's 4 bytes of w (unsigned, < 16) * a (signed)
-inline vi dot_small(vi acc, vi w, vi a) {
+// acc += sum over each lane's 4 bytes of w (unsigned) * a (signed)
 #if defined(__AVX512VNNI__)
-  return _mm512_dpbusd_epi32(acc, w, a);
-#else
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, a), _mm512_set1_epi16(1)));
+#define EDGE_VNNI 1
+inline vi dpbusd(vi acc, vi w, vi a) { return _mm512_dpbusd_epi32(acc, w, a); }
 #endif
-}
-// the same for full bytes (< 256)
-inline vi dot_byte(vi acc, vi w, vi a) {
-#if defined(__AVX512VNNI__)
-  return _mm512_dpbusd_epi32(acc, w, a);
-#else  // maddubs would saturate: split into nibbles
-  const vi lo = _mm512_madd_epi16(_mm512_maddubs_epi16(nibbles_lo(w), a), _mm512_set1_epi16(1));
-  const vi hi = _mm512_madd_epi16(_mm512_maddubs_epi16(nibbles_hi(w), a), _mm512_set1_epi16(16));
-  return _mm512_add_epi32(acc, _mm512_add_epi32(lo, hi));
-#endif
-}
+inline vi pairs16(vi w, vi a) { return _mm512_maddubs_epi16(w, a); }  // i16 pair sums
+inline vi add16(vi a, vi b) { return _mm512_add_epi16(a, b); }
+inline vi add32(vi a, vi b) { return _mm512_add_epi32(a, b); }
+inline vi widen(vi x, int16_t f) { return _mm512_madd_epi16(x, _mm512_set1_epi16(f)); }
 inline vf halves(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
@@ -230,22 +221,14 @@ inline vi bcast4(const int8_t* p) {
   return _mm256_set1_epi32(x);
 }
 inline vi zero_i() { return _mm256_setzero_si256(); }
-inline vi dot_small(vi acc, vi w, vi a) {
 #if defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(acc, w, a);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)));
+#define EDGE_VNNI 1
+inline vi dpbusd(vi acc, vi w, vi a) { return _mm256_dpbusd_avx_epi32(acc, w, a); }
 #endif
-}
-inline vi dot_byte(vi acc, vi w, vi a) {
-#if defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(acc, w, a);
-#else
-  const vi lo = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles_lo(w), a), _mm256_set1_epi16(1));
-  const vi hi = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles_hi(w), a), _mm256_set1_epi16(16));
-  return _mm256_add_epi32(acc, _mm256_add_epi32(lo, hi));
-#endif
-}
+inline vi pairs16(vi w, vi a) { return _mm256_maddubs_epi16(w, a); }
+inline vi add16(vi a, vi b) { return _mm256_add_epi16(a, b); }
+inline vi add32(vi a, vi b) { return _mm256_add_epi32(a, b); }
+inline vi widen(vi x, int16_t f) { return _mm256_madd_epi16(x, _mm256_set1_epi16(f)); }
 inline vf halves(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
@@ -296,6 +279,7 @@ void rows_pass(const Weights& W, const Act& A, int64_t t, int pass, int64_t n0, 
     for (int64_t bb = 0; bb < bpg; ++bb) {
       const int64_t blk = g * bpg + bb;
       vi dots[NB];
+#if defined(EDGE_VNNI)
       for (int n = 0; n < NB; ++n) dots[n] = zero_i();
       if (BITS == 4) {
         for (int m = 0; m < 4; ++m, wq += 64) {
@@ -303,8 +287,8 @@ void rows_pass(const Weights& W, const Act& A, int64_t t, int pass, int64_t n0, 
           const vi v = load_i(wq);
           const vi lo = nibbles_lo(v), hi = nibbles_hi(v);
           for (int n = 0; n < NB; ++n) {
-            dots[n] = dot_small(dots[n], lo, bcast4(aq[n] + blk * QB + 4 * m));
-            dots[n] = dot_small(dots[n], hi, bcast4(aq[n] + blk * QB + 16 + 4 * m));
+            dots[n] = dpbusd(dots[n], lo, bcast4(aq[n] + blk * QB + 4 * m));
+            dots[n] = dpbusd(dots[n], hi, bcast4(aq[n] + blk * QB + 16 + 4 * m));
           }
         }
       } else {
@@ -312,9 +296,41 @@ void rows_pass(const Weights& W, const Act& A, int64_t t, int pass, int64_t n0, 
           _mm_prefetch(reinterpret_cast<const char*>(wq) + PF_DIST, _MM_HINT_T0);
           const vi v = load_i(wq);
           for (int n = 0; n < NB; ++n)
-            dots[n] = dot_byte(dots[n], v, bcast4(aq[n] + blk * QB + 4 * m));
+            dots[n] = dpbusd(dots[n], v, bcast4(aq[n] + blk * QB + 4 * m));
         }
       }
+#else
+      // maddubs pair sums kept in 16 bits over the block: nibbles times int8 give at most
+      // 2 * 15 * 127 per pair, 8 of them fit
+      if (BITS == 4) {
+        vi s16[NB];
+        for (int n = 0; n < NB; ++n) s16[n] = zero_i();
+        for (int m = 0; m < 4; ++m, wq += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(wq) + PF_DIST, _MM_HINT_T0);
+          const vi v = load_i(wq);
+          const vi lo = nibbles_lo(v), hi = nibbles_hi(v);
+          for (int n = 0; n < NB; ++n) {
+            s16[n] = add16(s16[n], pairs16(lo, bcast4(aq[n] + blk * QB + 4 * m)));
+            s16[n] = add16(s16[n], pairs16(hi, bcast4(aq[n] + blk * QB + 16 + 4 * m)));
+          }
+        }
+        for (int n = 0; n < NB; ++n) dots[n] = widen(s16[n], 1);
+      } else {  // bytes split into nibbles, the high ones weighted 16 at the end
+        vi lo16[NB], hi16[NB];
+        for (int n = 0; n < NB; ++n) lo16[n] = hi16[n] = zero_i();
+        for (int m = 0; m < 8; ++m, wq += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(wq) + PF_DIST, _MM_HINT_T0);
+          const vi v = load_i(wq);
+          const vi lo = nibbles_lo(v), hi = nibbles_hi(v);
+          for (int n = 0; n < NB; ++n) {
+            const vi a = bcast4(aq[n] + blk * QB + 4 * m);
+            lo16[n] = add16(lo16[n], pairs16(lo, a));
+            hi16[n] = add16(hi16[n], pairs16(hi, a));
+          }
+        }
+        for (int n = 0; n < NB; ++n) dots[n] = add32(widen(lo16[n], 1), widen(hi16[n], 16));
+      }
+#endif
       for (int n = 0; n < NB; ++n)
         acc[n] = fmadd(to_float(dots[n]), mul(sv, set1_f(ad[n][blk])), acc[n]);
     }
