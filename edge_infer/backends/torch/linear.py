@@ -64,14 +64,37 @@ class _TorchLinear:
 class PackedLinear:
     """4/8-bit affine weights in our CPU kernel's tiles."""
 
-    def __init__(self, weight: QuantizedWeight, kernel) -> None:
-        p = pack_weight(weight)
+    def __init__(
+        self,
+        kernel,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        biases: torch.Tensor,
+        rows: int,
+        bits: int,
+        group_size: int,
+    ) -> None:
         self.kernel = kernel
-        self.qweight = torch.from_numpy(p.qweight)
-        self.scales = torch.from_numpy(p.scales)
-        self.biases = torch.from_numpy(p.biases)
-        self.out_features = p.rows
-        self.bits, self.group_size = p.bits, p.group_size
+        self.qweight, self.scales, self.biases = qweight, scales, biases
+        self.out_features = rows
+        self.bits, self.group_size = bits, group_size
+
+    @classmethod
+    def pack(cls, weight: QuantizedWeight, kernel) -> PackedLinear:
+        """``weight`` repacked into the kernel's tiles."""
+        p = pack_weight(weight)
+        tensors = (torch.from_numpy(a) for a in (p.qweight, p.scales, p.biases))
+        return cls(kernel, *tensors, p.rows, p.bits, p.group_size)
+
+    def coarse(self) -> PackedLinear:
+        """A 4-bit copy (groups of 32) for a first pass over all rows whose best candidates
+        are then recomputed from this one (:meth:`rescore_top`): half the bytes of 8 bits."""
+        if self.bits == 4:
+            return self
+        q, s, b = self.kernel.requantize4(
+            self.qweight, self.scales, self.biases, self.out_features, self.bits, self.group_size
+        )
+        return PackedLinear(self.kernel, q, s, b, self.out_features, 4, 32)
 
     def __call__(
         self,
@@ -231,7 +254,7 @@ def make_linear(weight: Weight, device: torch.device) -> Linear:
     if isinstance(weight, QuantizedWeight) and device.type == "cpu" and packable(weight):
         kernel = cpu_kernels.load()
         if kernel is not None:
-            return PackedLinear(weight, kernel)
+            return PackedLinear.pack(weight, kernel)
     if isinstance(weight, QuantizedWeight):
         rows, cols = weight.shape
         if weight.bits == 4 and weight.group_size in INT4_GROUP_SIZES:

@@ -24,6 +24,9 @@ torch::Tensor weight_rows(torch::Tensor ids, torch::Tensor qweight, torch::Tenso
                           torch::Tensor biases, int64_t rows, int64_t bits, int64_t group);
 torch::Tensor rope_inplace(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t heads,
                            int64_t dim);
+std::vector<torch::Tensor> requantize4(torch::Tensor qweight, torch::Tensor scales,
+                                       torch::Tensor biases, int64_t rows, int64_t bits,
+                                       int64_t group);
 std::string quant_matmul_isa();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -33,5 +36,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rescore_top", &rescore_top, "exact logits of each row's top candidates");
   m.def("weight_rows", &weight_rows, "dequantized rows of a packed weight");
   m.def("rope_inplace", &rope_inplace, "rotary embedding of the query and key heads, in place");
+  m.def("requantize4", &requantize4, "a 4-bit copy of a packed weight, in the same tiles");
   m.def("isa", &quant_matmul_isa, "the SIMD path this build runs");
 }

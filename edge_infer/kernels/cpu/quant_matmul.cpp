@@ -469,6 +469,46 @@ void weight_row(const Weights& W, int64_t r, float* w) {
 
 }  // namespace
 
+// The weight requantized to 4 bits in groups of 32 (min/max per group), in the same tiles:
+// (qweight, scales, biases). A coarser copy for a first pass whose best candidates are then
+// recomputed from the original.
+std::vector<torch::Tensor> requantize4(torch::Tensor qweight, torch::Tensor scales,
+                                       torch::Tensor biases, int64_t rows, int64_t bits,
+                                       int64_t group) {
+  const Weights W = weights_of(qweight, scales, biases, rows, bits, group);
+  const int64_t tiles = qweight.size(0), blocks = W.K / QB;
+  auto q4 = torch::zeros({tiles, blocks, 4 * 64}, torch::dtype(torch::kUInt8));
+  auto s4 = torch::zeros({tiles, blocks, TILE}, torch::dtype(torch::kFloat16));
+  auto b4 = torch::zeros({tiles, blocks, TILE}, torch::dtype(torch::kFloat16));
+  uint8_t* qd = q4.data_ptr<uint8_t>();
+  uint16_t* sd = reinterpret_cast<uint16_t*>(s4.data_ptr<at::Half>());
+  uint16_t* bd = reinterpret_cast<uint16_t*>(b4.data_ptr<at::Half>());
+  edge_parallel::parallel_chunks(rows, 64, [&](int64_t a, int64_t z) {
+    std::vector<float> w(W.K);
+    for (int64_t r = a; r < z; ++r) {
+      weight_row(W, r, w.data());
+      const int64_t t = r / TILE, rr = r % TILE;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float* v = w.data() + b * QB;
+        float lo = v[0], hi = v[0];
+        for (int i = 1; i < QB; ++i) lo = std::min(lo, v[i]), hi = std::max(hi, v[i]);
+        const c10::Half sh((hi - lo) / 15.0f), bh(lo);
+        const float sc = static_cast<float>(sh), bias = static_cast<float>(bh);
+        sd[(t * blocks + b) * TILE + rr] = sh.x;
+        bd[(t * blocks + b) * TILE + rr] = bh.x;
+        uint8_t* chunk = qd + (t * blocks + b) * 4 * 64;
+        for (int k = 0; k < QB; ++k) {
+          const float x = sc > 0.f ? std::nearbyint((v[k] - bias) / sc) : 0.f;
+          const uint8_t q = static_cast<uint8_t>(std::min(15.f, std::max(0.f, x)));
+          const int m = (k % 16) / 4, i = k % 4;
+          chunk[m * 64 + rr * 4 + i] |= k < 16 ? q : static_cast<uint8_t>(q << 4);
+        }
+      }
+    }
+  });
+  return {q4, s4, b4};
+}
+
 // Rows ids [n] (int64) of the weight, dequantized: float32 [n, K] (embedding lookups).
 torch::Tensor weight_rows(torch::Tensor ids, torch::Tensor qweight, torch::Tensor scales,
                           torch::Tensor biases, int64_t rows, int64_t bits, int64_t group) {

@@ -158,3 +158,16 @@ def test_rescore_top_gives_exact_logits_of_the_best(kernel, bits):
         )
         rest = np.setdiff1d(np.arange(rows), idx[n])
         assert np.array_equal(logits.numpy()[n, rest], approx[n, rest])
+
+
+def test_requantized_copy_is_close_to_the_original(kernel):
+    w = random_weight(70, 256, 8, 64)
+    p = pack_weight(w)
+    args = [torch.from_numpy(a) for a in (p.qweight, p.scales, p.biases)]
+    q4, s4, b4 = kernel.requantize4(*args, p.rows, 8, 64)
+    ids = torch.arange(70)
+    exact = kernel.weight_rows(ids, *args, 70, 8, 64).numpy()
+    coarse = kernel.weight_rows(ids, q4, s4, b4, 70, 4, 32).numpy()
+    step = (exact.reshape(70, -1, 32).max(-1) - exact.reshape(70, -1, 32).min(-1)) / 15
+    assert (np.abs(coarse - exact).reshape(70, -1, 32).max(-1) <= step * 0.51 + 1e-3).all()
+    np.testing.assert_allclose(exact, w.dequantize(), rtol=1e-6, atol=1e-6)
