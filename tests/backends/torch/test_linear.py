@@ -1,0 +1,69 @@
+"""Linear layers: the kernel-backed layer and the plain-torch ones follow one call convention
+(fused RMSNorm / SwiGLU before the product, residual add after it) and agree."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edge_infer.backends.torch.linear import (
+    PLAIN,
+    RMS_NORM,
+    SWIGLU,
+    DenseLinear,
+    Int4Linear,
+    PackedLinear,
+    make_linear,
+)
+from edge_infer.formats.affine import quantize
+from edge_infer.kernels import cpu as cpu_kernels
+
+needs_kernel = pytest.mark.skipif(
+    cpu_kernels.load() is None, reason="the CPU kernels cannot be built here"
+)
+CPU = torch.device("cpu")
+
+
+def weight(bits: int = 4, rows: int = 48, cols: int = 128):
+    w = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32) * 0.1
+    return quantize(w, bits, 32)
+
+
+@needs_kernel
+def test_quantized_weights_take_the_kernel_on_cpu():
+    assert isinstance(make_linear(weight(4), CPU), PackedLinear)
+    assert isinstance(make_linear(weight(8), CPU), PackedLinear)
+
+
+def test_without_kernels_4_bit_weights_take_torchs_int4_kernel(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "load", lambda verbose=False: None)
+    assert isinstance(make_linear(weight(4), CPU), Int4Linear)
+
+
+@needs_kernel
+@pytest.mark.parametrize("prep", [PLAIN, RMS_NORM, SWIGLU])
+def test_kernel_layer_agrees_with_the_plain_torch_one(prep):
+    w = weight(4)
+    packed, dense = make_linear(w, CPU), DenseLinear(w.dequantize(), CPU)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 256 if prep == SWIGLU else 128, generator=gen)
+    norm = torch.rand(128, generator=gen) + 0.5
+    args = (prep, norm if prep == RMS_NORM else None, 1e-5)
+    got, want = packed(x, *args), dense(x, *args)
+    assert torch.linalg.norm(got - want) < 0.02 * torch.linalg.norm(want)
+    base = torch.randn(5, 48, generator=gen)
+    out = base.clone()
+    assert packed(x, *args, out=out) is out
+    torch.testing.assert_close(out, base + got, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_coarse_head_copy_has_half_the_bytes_and_close_products():
+    head = make_linear(weight(8, rows=64), CPU)
+    coarse = head.coarse()
+    assert coarse.bits == 4 and coarse.nbytes < 0.7 * head.nbytes
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
+    want = head(x)
+    assert torch.linalg.norm(coarse(x) - want) < 0.1 * torch.linalg.norm(want)
+    assert coarse.coarse() is coarse
