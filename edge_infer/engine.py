@@ -11,6 +11,7 @@ import numpy as np
 from edge_infer.agents.agent import Agent
 from edge_infer.agents.manager import AgentManager
 from edge_infer.agents.state import AgentInfo
+from edge_infer.agents.turn import AgentTurn
 from edge_infer.backends.base import Backend
 from edge_infer.backends.select import create_backend
 from edge_infer.cache_store import AgentStore, KVFormat
@@ -102,6 +103,14 @@ class Engine:
         Replies and caches are the same as from one ``agent(name).chat(...)`` after another.
         """
         return self.agent_manager.chat_many(requests, params, kwargs)
+
+    def start_prefix_turn(
+        self, name: str, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> AgentTurn:
+        """Begin generating after ``prompt_ids`` on the persistent KV cache ``name`` (stored
+        like an agent's, but holding no conversation): the longest token prefix it shares
+        with the prompt is reused. Drive it like :meth:`Agent.start_turn`'s turn."""
+        return self.agent_manager.begin_prefix_turn(name, list(prompt_ids), params)
 
     def agents(self) -> list[AgentInfo]:
         """Agents in memory or on disk: tokens held, bytes in memory and on disk, last use."""

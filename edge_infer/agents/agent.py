@@ -32,6 +32,7 @@ class AgentHost(Protocol):
         new_messages: list[dict[str, Any]],
         params: SamplingParams | None,
         kwargs: dict[str, Any],
+        keep_messages: int | None = None,
     ) -> AgentTurn: ...
 
     def append(self, name: str, messages: list[dict[str, Any]], prefill: bool) -> None: ...
@@ -98,11 +99,16 @@ class Agent:
         self,
         content: str | list[dict[str, Any]],
         params: SamplingParams | None = None,
+        *,
+        keep_messages: int | None = None,
         **kwargs: Any,
     ) -> AgentTurn:
         """Begin a turn to drive step by step (batched decoding does this); the agent stays
-        locked until the turn's ``finish()``."""
-        return self._manager.begin_turn(self.name, as_messages(content), params, kwargs)
+        locked until the turn's ``finish()``. With ``keep_messages`` the new messages follow
+        only the first that many stored ones (the rest are replaced)."""
+        return self._manager.begin_turn(
+            self.name, as_messages(content), params, kwargs, keep_messages
+        )
 
     def add_messages(self, messages: list[dict[str, Any]], prefill: bool = True) -> None:
         """Append messages (another agent's output, a tool result...) without a reply.

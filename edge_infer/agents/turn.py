@@ -33,14 +33,15 @@ class AgentTurn:
         name: str,
         state: AgentState,
         generation: Generation,
-        messages: list[dict[str, Any]],
+        messages: list[dict[str, Any]] | None,
         first_changed: int,
         locks: ExitStack,
     ) -> None:
         self.name = name
         self.state = state
         self.generation = generation
-        self.messages = messages  # the conversation the prompt renders, before the reply
+        # the conversation the prompt renders, before the reply (None: a cache without one)
+        self.messages = messages
         self.first_changed = first_changed  # the cache was cut to this many tokens
         self.pieces: list[str] = []
         self._owner = owner

@@ -19,6 +19,7 @@ from edge_infer.cache_store.errors import (
     CacheVersionError,
     FingerprintMismatch,
     InvalidAgentName,
+    UnsafeCachePath,
 )
 from edge_infer.cache_store.kv_format import KVArray, KVFormat, LayerKV, QuantizedKV
 from edge_infer.cache_store.layout import validate_agent_name
@@ -44,6 +45,7 @@ __all__ = [
     "Manifest",
     "QuantizedKV",
     "StoredAgent",
+    "UnsafeCachePath",
     "block_from_bytes",
     "block_to_bytes",
     "blocks_for_prefix",

@@ -3,8 +3,10 @@
 Tensors per layer ``l``: ``layers.{l}.keys.packed|scales|biases`` and ``layers.{l}.values.*``
 (quantized) or ``layers.{l}.keys`` / ``layers.{l}.values`` (float16), plus
 ``layers.{l}.key_min|key_max`` for sealed blocks. String metadata: ``format``,
-``format_version``, ``start``, ``length``, ``bits``, ``group_size``, ``n_layers``, ``sealed``.
-The header is written in a canonical order so equal blocks give equal bytes (and file names).
+``format_version``, ``start``, ``length``, ``bits``, ``group_size``, ``n_layers``, ``sealed``
+and ``token_chain`` (the token ids the KV was computed from, chained over the blocks before:
+see :func:`.blocks.token_chain`), so a block file's sha256 covers its ids. The header is
+written in a canonical order so equal blocks give equal bytes (and file names).
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ def _is_f16(block: KVBlock) -> bool:
     return bool(block.layers) and isinstance(block.layers[0].keys, np.ndarray)
 
 
-def block_to_bytes(block: KVBlock, fmt: KVFormat) -> bytes:
-    """Serialize ``block`` (whose layers must be in format ``fmt``) to safetensors bytes."""
+def block_to_bytes(block: KVBlock, fmt: KVFormat, token_chain: str | None = None) -> bytes:
+    """Serialize ``block`` (whose layers must be in format ``fmt``) to safetensors bytes,
+    recording ``token_chain`` when given."""
     tensors: dict[str, np.ndarray] = {}
     for i, layer in enumerate(block.layers):
         if not (fmt.accepts(layer.keys, block.sealed) and fmt.accepts(layer.values, block.sealed)):
@@ -79,6 +82,8 @@ def block_to_bytes(block: KVBlock, fmt: KVFormat) -> bytes:
         "n_layers": str(block.n_layers),
         "sealed": "1" if block.sealed else "0",
     }
+    if token_chain is not None:
+        metadata["token_chain"] = token_chain
     return _canonical(st_save(tensors, metadata=metadata))
 
 
@@ -145,7 +150,13 @@ def block_from_bytes(data: Buffer) -> KVBlock:
     """Parse bytes made by :func:`block_to_bytes` (or a buffer over them: the arrays are
     views of it, read-only unless the buffer is writable); anything malformed ->
     CacheCorruptError."""
+    return block_and_chain_from_bytes(data)[0]
+
+
+def block_and_chain_from_bytes(data: Buffer) -> tuple[KVBlock, str | None]:
+    """:func:`block_from_bytes`, and the token chain the block records (None if it has none)."""
     tensors, meta = _tensor_views(data)
+    chain = meta.get("token_chain")
     try:
         start, length = int(meta["start"]), int(meta["length"])
         bits, group_size = int(meta["bits"]), int(meta["group_size"])
@@ -166,6 +177,7 @@ def block_from_bytes(data: Buffer) -> KVBlock:
             for lo, hi in abstract:
                 if lo.dtype != np.float16 or hi.dtype != np.float16 or lo.shape != hi.shape:
                     raise ValueError("bad abstract tensors")
-        return KVBlock(start, length, layers, sealed=sealed, abstract=abstract)
+        block = KVBlock(start, length, layers, sealed=sealed, abstract=abstract)
+        return block, chain if isinstance(chain, str) else None
     except (KeyError, ValueError, TypeError) as e:
         raise CacheCorruptError(f"block data is inconsistent: {e}") from None

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from edge_infer.cache_store.kv_format import LayerKV, kv_dequantize
+
+CHAIN_START = "0" * 64
+"""The token chain value before the first block."""
 
 Abstract = list[tuple[np.ndarray, np.ndarray]]
 """Per layer ``(key_min, key_max)``, float16 ``[n_kv_heads, head_dim]``."""
@@ -180,3 +184,25 @@ def extend_blocks(
         return [*blocks, *split_into_blocks(layers, tail.end, block_size)]
     grown = [LayerKV.concat([a, b]) for a, b in zip(tail.layers, layers, strict=True)]
     return [*blocks[:-1], *split_into_blocks(grown, tail.start, block_size)]
+
+
+def token_chain(previous: str, ids: Sequence[int]) -> str:
+    """A block's token identity: sha256 over the previous block's chain value (hex) and this
+    block's token ids (little-endian int64), so it covers every id from position 0 on."""
+    h = hashlib.sha256(bytes.fromhex(previous))
+    h.update(np.asarray(ids, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def token_chains(token_ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> list[str]:
+    """The chain value of each of the contiguous ``(start, length)`` spans from position 0;
+    ValueError if the spans are not contiguous from 0 or run past ``token_ids``."""
+    ids = np.asarray(token_ids, dtype=np.int64)
+    out, prev, pos = [], CHAIN_START, 0
+    for start, length in spans:
+        if start != pos or length < 0 or start + length > len(ids):
+            raise ValueError(f"span ({start}, {length}) does not follow {pos} in {len(ids)} ids")
+        prev = token_chain(prev, ids[start : start + length])
+        out.append(prev)
+        pos = start + length
+    return out

@@ -31,3 +31,8 @@ class FingerprintMismatch(CacheError):
 
 class CacheLockTimeout(CacheError):
     """Another process held an agent's lock for longer than the caller would wait."""
+
+
+class UnsafeCachePath(CacheError):
+    """A path inside the cache root is a symbolic link (or not the kind of entry the layout
+    expects): edge-infer reads, writes and moves nothing through it."""

@@ -2,7 +2,8 @@
 
 Works on the on-disk layout of :mod:`.layout` for every fingerprint at once. Reading (scan,
 describe, verify, a gc dry run) creates or changes no file; removal takes the agent's lock, as
-the store does, so it is safe while an engine runs.
+the store does, so it is safe while an engine runs. A symbolic link where the layout expects a
+folder or file is reported (and removed by ``remove_agent``), never followed.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from edge_infer.cache_store.atomic_io import TEMP_PREFIX
-from edge_infer.cache_store.errors import CacheCorruptError, CacheError, CacheVersionError
+from edge_infer.cache_store.blocks import token_chains
+from edge_infer.cache_store.errors import (
+    CacheCorruptError,
+    CacheError,
+    CacheVersionError,
+    UnsafeCachePath,
+)
 from edge_infer.cache_store.kv_format import KVFormat
 from edge_infer.cache_store.layout import (
-    AGENT_NAME_RE,
     DELETING_PREFIX,
-    DELETING_RE,
     LOCKS_DIR,
     MODEL_RECORD_NAME,
     QUARANTINE_DIR,
@@ -31,13 +36,20 @@ from edge_infer.cache_store.layout import (
     agent_lock,
     agents_root,
     delete_dir,
+    deleting_agent,
     dir_bytes,
     fingerprint_dirs,
     is_agent_dir,
+    is_agent_name,
+    is_link,
+    is_regular_file,
+    link_problem,
+    linked_entries,
     lock_file,
+    read_nofollow,
     validate_agent_name,
 )
-from edge_infer.cache_store.manifest import BLOCK_FILE_RE, MANIFEST_NAME, Manifest
+from edge_infer.cache_store.manifest import MANIFEST_NAME, Manifest, is_block_file
 from edge_infer.cache_store.store import AgentStore
 from edge_infer.models.fingerprint import Fingerprint
 
@@ -68,7 +80,10 @@ def existing_lock(fp_dir: Path, agent: str) -> Iterator[None]:
 
     For readers that must not create files: no lock file means no writer has started.
     """
-    if lock_file(fp_dir, agent).is_file():
+    path = lock_file(fp_dir, agent)
+    if is_link(path) or is_link(path.parent):
+        raise UnsafeCachePath(link_problem(path if is_link(path) else path.parent))
+    if is_regular_file(path):
         with agent_lock(fp_dir, agent, LOCK_TIMEOUT_S):
             yield
     else:
@@ -78,8 +93,8 @@ def existing_lock(fp_dir: Path, agent: str) -> Iterator[None]:
 def read_model_record(fp_dir: Path) -> dict[str, Any]:
     """``model.json`` of a fingerprint folder, or ``{}`` if missing or unreadable."""
     try:
-        doc = json.loads((fp_dir / MODEL_RECORD_NAME).read_bytes())
-    except (OSError, ValueError):
+        doc = json.loads(read_nofollow(fp_dir / MODEL_RECORD_NAME))
+    except (OSError, ValueError, CacheError):
         return {}
     return doc if isinstance(doc, dict) else {}
 
@@ -87,9 +102,11 @@ def read_model_record(fp_dir: Path) -> dict[str, Any]:
 def read_manifest(agent_dir: Path) -> tuple[Manifest | None, str | None]:
     """The parsed manifest, or None and why it cannot be used."""
     try:
-        raw = (agent_dir / MANIFEST_NAME).read_bytes()
+        raw = read_nofollow(agent_dir / MANIFEST_NAME)
     except FileNotFoundError:
         return None, NO_MANIFEST
+    except UnsafeCachePath as e:
+        return None, str(e)
     except OSError as e:
         return None, f"manifest unreadable: {e.strerror or e}"
     try:
@@ -216,7 +233,31 @@ class AgentRecord:
 
 def _quarantined(agent_dir: Path) -> list[str]:
     q = agent_dir / QUARANTINE_DIR
-    return sorted(p.name for p in q.iterdir()) if q.is_dir() else []
+    if is_link(q) or not q.is_dir():
+        return []
+    return sorted(p.name for p in q.iterdir())
+
+
+def _link_owner(root: Path, link: Path) -> tuple[str, str]:
+    """(agent, digest) a linked entry stands in for; ``*`` for every one."""
+    base = agents_root(root)
+    if link == base:
+        return "*", "*"
+    if link.parent == base:
+        return "*", link.name
+    return link.name, link.parent.name
+
+
+def _linked(root: Path, name: str | None = None) -> list[Path]:
+    """Linked entries of the layout that concern agent ``name`` (or any agent)."""
+    return [
+        p for p in linked_entries(root) if name is None or _link_owner(root, p)[0] in (name, "*")
+    ]
+
+
+def _link_record(root: Path, link: Path) -> AgentRecord:
+    agent, digest = _link_owner(root, link)
+    return AgentRecord(agent=agent, digest=digest, path=link, problem=link_problem(link))
 
 
 def _block_infos(agent_dir: Path, m: Manifest) -> list[BlockInfo]:
@@ -261,7 +302,7 @@ def read_agent(fp_dir: Path, agent_dir: Path, model: dict[str, Any] | None = Non
 
 def scan(root: Path) -> list[AgentRecord]:
     """Every agent folder under every fingerprint, sorted by agent name then digest."""
-    out = []
+    out = [_link_record(root, p) for p in _linked(root)]
     for fp_dir in fingerprint_dirs(root):
         model = read_model_record(fp_dir)
         out.extend(read_agent(fp_dir, d, model) for d in agent_dirs(fp_dir))
@@ -275,7 +316,8 @@ def _unknown_agent(root: Path, name: str) -> CacheError:
 def describe(root: Path, name: str) -> list[AgentRecord]:
     """Agent ``name`` under every fingerprint; CacheError if it is cached under none."""
     validate_agent_name(name)
-    out = [
+    out = [_link_record(root, p) for p in _linked(root, name)]
+    out += [
         read_agent(fp_dir, fp_dir / name)
         for fp_dir in fingerprint_dirs(root)
         if is_agent_dir(fp_dir / name)
@@ -343,9 +385,12 @@ def _check_blocks(fp_dir: Path, agent_dir: Path, m: Manifest, res: VerifyResult)
         res.problems.append(Problem(MANIFEST_NAME, f"unknown KV format {m.kv_format}: {e}"))
         return
     reader = AgentStore(fp_dir.parent.parent, Fingerprint.of(**m.fingerprint), fmt)
+    chains: list[str | None] = [None] * len(m.blocks)
+    if m.format_version >= 2:
+        chains = list(token_chains(m.token_ids, [(e.start, e.length) for e in m.blocks]))
     prefix_ok = True
-    for entry in m.blocks:
-        got = reader.verified_block(agent_dir, entry)  # a block, or why it cannot be used
+    for entry, chain in zip(m.blocks, chains, strict=True):
+        got = reader.verified_block(agent_dir, entry, chain)  # a block, or why it is unusable
         if isinstance(got, str):
             res.problems.append(Problem(entry.file, got))
             prefix_ok = False
@@ -373,15 +418,30 @@ def verify(root: Path, name: str | None = None) -> list[VerifyResult]:
     if name is not None:
         validate_agent_name(name)
     out = []
+    for link in _linked(root, name):
+        agent, digest = _link_owner(root, link)
+        res = VerifyResult(agent, digest, link)
+        res.problems.append(Problem(link.name, link_problem(link)))
+        out.append(res)
     for fp_dir in fingerprint_dirs(root):
         dirs = [fp_dir / name] if name is not None else agent_dirs(fp_dir)
         for d in dirs:
             if is_agent_dir(d):
-                with existing_lock(fp_dir, d.name):
-                    out.append(verify_agent(fp_dir, d))
+                out.append(_verify_locked(fp_dir, d))
     if name is not None and not out:
         raise _unknown_agent(root, name)
     return sorted(out, key=lambda r: (r.agent, r.digest))
+
+
+def _verify_locked(fp_dir: Path, d: Path) -> VerifyResult:
+    """``verify_agent`` under the agent's lock; a lock that cannot be taken is a problem."""
+    try:
+        with existing_lock(fp_dir, d.name):
+            return verify_agent(fp_dir, d)
+    except CacheError as e:  # a linked lock, or a timeout
+        res = VerifyResult(d.name, fp_dir.name, d)
+        res.problems.append(Problem(f"{LOCKS_DIR}/{d.name}.lock", str(e)))
+        return res
 
 
 # -- removal ------------------------------------------------------------------------------
@@ -408,7 +468,7 @@ class Removed:
 
 
 def _matching_dirs(root: Path, name: str, digest: str | None) -> list[Path]:
-    found = [d for d in fingerprint_dirs(root) if is_agent_dir(d / name)]
+    found = [d for d in fingerprint_dirs(root) if is_agent_dir(d / name) or is_link(d / name)]
     if not found:
         raise _unknown_agent(root, name)
     if digest is None:
@@ -429,6 +489,10 @@ def remove_agent(root: Path, name: str, digest: str | None = None) -> list[Remov
     out = []
     for fp_dir in _matching_dirs(root, name, digest):
         d = fp_dir / name
+        if is_link(d):  # the link goes, never what it points to
+            os.unlink(d)
+            out.append(Removed(name, fp_dir.name, "?", d, 0))
+            continue
         with agent_lock(fp_dir, name, LOCK_TIMEOUT_S):
             if not is_agent_dir(d):
                 continue  # removed meanwhile
@@ -523,7 +587,7 @@ def _gc_agent_dir(d: Path, gc: _Collector) -> None:
             gc.remove(path, "quarantine")
         elif (
             trust_blocks
-            and BLOCK_FILE_RE.match(entry.name)
+            and is_block_file(entry.name)
             and entry.name not in keep
             and entry.is_file(follow_symlinks=False)
         ):
@@ -538,9 +602,8 @@ def _gc_agent_dir(d: Path, gc: _Collector) -> None:
 
 def _gc_deleting_dir(fp_dir: Path, path: Path, gc: _Collector) -> None:
     """A ``.deleting-<agent>-<hex>`` folder, under that agent's lock (the store may be at it)."""
-    match = DELETING_RE.match(path.name)
-    agent = match.group(1) if match else ""
-    if not AGENT_NAME_RE.match(agent):
+    agent = deleting_agent(path.name)
+    if agent is None:
         gc.remove(path, "interrupted delete")
         return
     try:
@@ -580,7 +643,7 @@ def _gc_fingerprint_dir(fp_dir: Path, gc: _Collector) -> None:
     try:
         with ExitStack() as stack:
             for name in names:
-                if AGENT_NAME_RE.match(name):
+                if is_agent_name(name):
                     stack.enter_context(agent_lock(fp_dir, name, timeout=0))
             if _only_metadata_left(fp_dir, gc):
                 gc.remove(fp_dir, "model folder without agents")

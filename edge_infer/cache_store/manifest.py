@@ -11,9 +11,25 @@ from typing import Any
 from edge_infer.cache_store.errors import CacheCorruptError, CacheVersionError
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
-BLOCK_FILE_RE = re.compile(r"^b\d{8,}-[0-9a-f]{16}\.safetensors$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# 2: each block entry records its token chain (the ids it was computed from, chained over the
+# blocks before it). A version 1 manifest still loads: its conversation is kept, its blocks
+# are not reused (nothing binds them to the ids) and are computed again.
+MANIFEST_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# Whole-string patterns (fullmatch), ASCII digits only.
+_BLOCK_FILE_RE = re.compile(r"b[0-9]{8,}-[0-9a-f]{16}\.safetensors")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+MAX_TOKEN_ID = 2**31 - 1
+
+
+def is_block_file(name: str) -> bool:
+    """Whether ``name`` is a block file name the store writes."""
+    return _BLOCK_FILE_RE.fullmatch(name) is not None
+
+
+def is_sha256(text: object) -> bool:
+    """Whether ``text`` is a lowercase hex sha256."""
+    return isinstance(text, str) and _SHA256_RE.fullmatch(text) is not None
 
 
 def block_file_name(start: int, sha256: str) -> str:
@@ -35,6 +51,7 @@ class BlockEntry:
     length: int
     sealed: bool
     sha256: str
+    token_chain: str | None = None  # None only in version 1 manifests
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -43,23 +60,26 @@ class BlockEntry:
             "length": self.length,
             "sealed": self.sealed,
             "sha256": self.sha256,
+            "token_chain": self.token_chain,
         }
 
     @classmethod
-    def from_json(cls, d: Any) -> BlockEntry:
+    def from_json(cls, d: Any, version: int = MANIFEST_VERSION) -> BlockEntry:
         if not isinstance(d, dict):
             raise CacheCorruptError("manifest block entry is not an object")
-        file, sha = d.get("file"), d.get("sha256")
+        file, sha, chain = d.get("file"), d.get("sha256"), d.get("token_chain")
         start, length, sealed = d.get("start"), d.get("length"), d.get("sealed")
-        if not (isinstance(file, str) and BLOCK_FILE_RE.match(file)):
+        if not (isinstance(file, str) and is_block_file(file)):
             raise CacheCorruptError(f"manifest names a bad block file {file!r}")
-        if not (isinstance(sha, str) and _SHA256_RE.match(sha)):
+        if not is_sha256(sha):
             raise CacheCorruptError(f"manifest has a bad sha256 for {file}")
+        if version >= 2 and not is_sha256(chain):
+            raise CacheCorruptError(f"manifest has a bad token_chain for {file}")
         if not (_is_int(start) and _is_int(length) and start >= 0 and length > 0):
             raise CacheCorruptError(f"manifest has a bad span for {file}")
         if not isinstance(sealed, bool):
             raise CacheCorruptError(f"manifest has a bad sealed flag for {file}")
-        return cls(file, start, length, sealed, sha)
+        return cls(file, start, length, sealed, sha, chain if version >= 2 else None)
 
 
 def _is_int(x: Any) -> bool:
@@ -79,6 +99,7 @@ class Manifest:
     blocks: list[BlockEntry] = field(default_factory=list)
     created: str = ""
     updated: str = ""
+    format_version: int = MANIFEST_VERSION
 
     @property
     def cached_tokens(self) -> int:
@@ -112,24 +133,24 @@ class Manifest:
         version = doc.get("format_version")
         if not _is_int(version):
             raise CacheCorruptError("manifest has no format_version")
-        if version != MANIFEST_VERSION:
+        if version not in READABLE_VERSIONS:
             raise CacheVersionError(
                 f"cache manifest format version {version} is not supported "
-                f"(this edge-infer reads version {MANIFEST_VERSION})"
+                f"(this edge-infer reads versions {', '.join(map(str, READABLE_VERSIONS))})"
             )
         fp, kvf, ids = doc.get("fingerprint"), doc.get("kv_format"), doc.get("token_ids")
         if not (isinstance(fp, dict) and all(isinstance(v, str) for v in fp.values())):
             raise CacheCorruptError("manifest fingerprint is not an object of strings")
         if not (isinstance(kvf, dict) and all(_is_int(v) for v in kvf.values())):
             raise CacheCorruptError("manifest kv_format is not an object of integers")
-        if not (isinstance(ids, list) and all(_is_int(t) for t in ids)):
-            raise CacheCorruptError("manifest token_ids is not a list of integers")
+        if not (isinstance(ids, list) and all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in ids)):
+            raise CacheCorruptError("manifest token_ids is not a list of token ids")
         messages, extra, blocks = doc.get("messages"), doc.get("extra"), doc.get("blocks")
         if not isinstance(messages, list) or not isinstance(extra, dict):
             raise CacheCorruptError("manifest messages/extra have the wrong type")
         if not isinstance(blocks, list):
             raise CacheCorruptError("manifest blocks is not a list")
-        entries = [BlockEntry.from_json(b) for b in blocks]
+        entries = [BlockEntry.from_json(b, version) for b in blocks]
         m = cls(
             agent=str(doc.get("agent", "")),
             fingerprint=fp,
@@ -140,6 +161,7 @@ class Manifest:
             blocks=entries,
             created=str(doc.get("created", "")),
             updated=str(doc.get("updated", "")),
+            format_version=version,
         )
         m.check_spans()
         return m

@@ -21,37 +21,47 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_infer.cache_store.atomic_io import TEMP_PREFIX, fsync_dir, private_dir, write_atomic
-from edge_infer.cache_store.block_codec import block_from_bytes, block_to_bytes
-from edge_infer.cache_store.blocks import KVBlock, check_contiguous
+from edge_infer.cache_store.atomic_io import TEMP_PREFIX, fsync_dir, write_atomic
+from edge_infer.cache_store.block_codec import block_and_chain_from_bytes, block_to_bytes
+from edge_infer.cache_store.blocks import KVBlock, check_contiguous, token_chains
 from edge_infer.cache_store.errors import (
     CacheCorruptError,
     CacheVersionError,
     FingerprintMismatch,
+    UnsafeCachePath,
 )
 from edge_infer.cache_store.kv_format import KVFormat
 from edge_infer.cache_store.layout import (
-    AGENT_NAME_RE,
     MODEL_RECORD_NAME,
     QUARANTINE_DIR,
+    agent_dirs,
     agent_lock,
-    agents_root,
     delete_dir,
     dir_bytes,
     fingerprint_dir,
+    fingerprint_dirs,
+    is_link,
+    is_regular_file,
+    link_problem,
+    private_subdir,
+    read_nofollow,
+    refuse_links,
     validate_agent_name,
 )
 from edge_infer.cache_store.manifest import (
-    BLOCK_FILE_RE,
     MANIFEST_NAME,
     BlockEntry,
     Manifest,
     block_file_name,
+    is_block_file,
     now_iso,
 )
 from edge_infer.models.fingerprint import Fingerprint
 
 log = logging.getLogger("edge_infer.cache")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+IDS_MISMATCH = "token ids differ from those its KV was computed from"
+
 
 @dataclass(frozen=True)
 class AgentSnapshot:
@@ -87,13 +97,15 @@ def _map_file(path: Path) -> mmap.mmap | bytes | str:
     """The file's bytes, mapped (copy-on-write: arrays over it are writable and never
     write back), or why it cannot be read."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(os.open(path, os.O_RDONLY | _NOFOLLOW), "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 return b""
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except FileNotFoundError:
         return "missing"
     except (OSError, ValueError) as e:
+        if is_link(path):
+            return "a symbolic link (not followed)"
         return f"unreadable ({getattr(e, 'strerror', None) or e})"
 
 
@@ -104,7 +116,7 @@ def _mapped_with_digest(path: Path) -> tuple[mmap.mmap | bytes | str, str | None
 
 def _stamp(path: Path) -> tuple[int, int] | None:
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_mtime_ns)
@@ -125,9 +137,9 @@ class AgentStore:
         self.fmt = fmt
         # written once to model.json so tools can name the model behind a fingerprint
         self.model_record = model_record
-        # block -> (file name, sha256) for blocks this store wrote or read: saves skip
-        # re-encoding a block whose file is already there.
-        self._known: weakref.WeakKeyDictionary[KVBlock, tuple[str, str]] = (
+        # block -> (file name, sha256, token chain) for blocks this store wrote or read: saves
+        # skip re-encoding a block whose file is already there.
+        self._known: weakref.WeakKeyDictionary[KVBlock, tuple[str, str, str]] = (
             weakref.WeakKeyDictionary()
         )
         self._known_lock = threading.Lock()
@@ -143,7 +155,9 @@ class AgentStore:
         return fingerprint_dir(self.root, self.fingerprint.digest)
 
     def agent_dir(self, agent: str) -> Path:
-        return self.base_dir / validate_agent_name(agent)
+        """The agent's folder; UnsafeCachePath if it, or a folder above it under the root, is a
+        symbolic link."""
+        return refuse_links(self.root, self.base_dir / validate_agent_name(agent))
 
     def _kv_format_json(self) -> dict[str, int]:
         f = self.fmt
@@ -171,23 +185,24 @@ class AgentStore:
         if blocks and blocks[-1].end > n_ids:
             raise ValueError(f"blocks cover {blocks[-1].end} tokens but only {n_ids} ids given")
 
-    def _write_block(self, d: Path, block: KVBlock) -> tuple[BlockEntry, bool]:
-        """Write ``block`` unless its file exists; return its entry and whether it wrote."""
+    def _write_block(self, d: Path, block: KVBlock, chain: str) -> tuple[BlockEntry, bool]:
+        """Write ``block`` (computed from the ids ``chain`` stands for) unless its file exists;
+        return its entry and whether it wrote."""
         with self._known_lock:
             known = self._known.get(block)
         data = None
-        if known is None or not (d / known[0]).exists():
-            data = block_to_bytes(block, self.fmt)
+        if known is None or known[2] != chain or not is_regular_file(d / known[0]):
+            data = block_to_bytes(block, self.fmt, chain)
             sha = _sha256(data)
-            known = (block_file_name(block.start, sha), sha)
-        name, sha = known
+            known = (block_file_name(block.start, sha), sha, chain)
+        name, sha, _ = known
         wrote = False
-        if data is not None and not (d / name).exists():
-            write_atomic(d / name, data, sync_dir=False)
+        if data is not None and not is_regular_file(d / name):
+            write_atomic(d / name, data, sync_dir=False)  # replaces a link, never follows it
             wrote = True
         with self._known_lock:
             self._known[block] = known
-        return BlockEntry(name, block.start, block.length, block.sealed, sha), wrote
+        return BlockEntry(name, block.start, block.length, block.sealed, sha, chain), wrote
 
     def save(
         self,
@@ -202,13 +217,14 @@ class AgentStore:
         ids = [int(t) for t in token_ids]
         blocks = list(blocks)
         self._check_blocks(blocks, len(ids))
+        chains = token_chains(ids, [(b.start, b.length) for b in blocks])
         with self.lock(agent):
-            private_dir(d)
+            private_subdir(self.root, d)
             self._write_model_record()
             entries: list[BlockEntry] = []
             wrote_any = False
-            for block in blocks:
-                entry, wrote = self._write_block(d, block)
+            for block, chain in zip(blocks, chains, strict=True):
+                entry, wrote = self._write_block(d, block, chain)
                 entries.append(entry)
                 wrote_any |= wrote
             if wrote_any:
@@ -233,7 +249,7 @@ class AgentStore:
 
     def _write_model_record(self) -> None:
         path = self.base_dir / MODEL_RECORD_NAME
-        if self.model_record is None or path.exists():
+        if self.model_record is None or is_regular_file(path):
             return
         record = {
             **self.model_record,
@@ -246,8 +262,8 @@ class AgentStore:
     def _remove_unreferenced(d: Path, keep: set[str]) -> None:
         for entry in os.scandir(d):
             name = entry.name
-            stale = BLOCK_FILE_RE.match(name) and name not in keep
-            if (stale or name.startswith(TEMP_PREFIX)) and entry.is_file(follow_symlinks=False):
+            stale = is_block_file(name) and name not in keep
+            if (stale or name.startswith(TEMP_PREFIX)) and not entry.is_dir(follow_symlinks=False):
                 try:
                     os.unlink(entry.path)
                 except FileNotFoundError:
@@ -258,8 +274,8 @@ class AgentStore:
     @staticmethod
     def _read_manifest_quiet(d: Path) -> Manifest | None:
         try:
-            return Manifest.from_bytes((d / MANIFEST_NAME).read_bytes())
-        except (OSError, CacheCorruptError, CacheVersionError):
+            return Manifest.from_bytes(read_nofollow(d / MANIFEST_NAME))
+        except (OSError, CacheCorruptError, CacheVersionError, UnsafeCachePath):
             return None
 
     def _check_identity(self, agent: str, m: Manifest) -> None:
@@ -278,7 +294,11 @@ class AgentStore:
             )
 
     def _quarantine(self, d: Path, names: Sequence[str]) -> list[str]:
-        qdir = private_dir(d / QUARANTINE_DIR)
+        try:
+            qdir = private_subdir(self.root, d / QUARANTINE_DIR)
+        except (UnsafeCachePath, NotADirectoryError) as e:
+            log.warning("%s; the unusable files stay where they are", e)
+            return []
         moved = []
         for name in names:
             target, n = qdir / name, 1
@@ -292,23 +312,33 @@ class AgentStore:
         fsync_dir(d)
         return moved
 
-    def verified_block(self, d: Path, entry: BlockEntry) -> KVBlock | str:
-        """The block a manifest entry of agent folder ``d`` names, verified, or why it
-        cannot be used."""
-        return self._read_block(entry, *_mapped_with_digest(d / entry.file))
+    def verified_block(self, d: Path, entry: BlockEntry, chain: str | None) -> KVBlock | str:
+        """The block a manifest entry of agent folder ``d`` names, verified against the token
+        chain of the manifest's ids (``chain``), or why it cannot be used."""
+        return self._read_block(entry, chain, *_mapped_with_digest(d / entry.file))
 
     def _read_block(
-        self, entry: BlockEntry, data: mmap.mmap | bytes | str, digest: str | None
+        self,
+        entry: BlockEntry,
+        chain: str | None,
+        data: mmap.mmap | bytes | str,
+        digest: str | None,
     ) -> KVBlock | str:
         """The verified block from the file's data and digest, or why it cannot be used."""
         if isinstance(data, str):
             return data
         if digest != entry.sha256:
             return "sha256 mismatch"
+        if chain is None or entry.token_chain is None:
+            return "not bound to its token ids (written by an older edge-infer)"
+        if entry.token_chain != chain:
+            return IDS_MISMATCH
         try:
-            block = block_from_bytes(data)
+            block, stored_chain = block_and_chain_from_bytes(data)
         except CacheCorruptError as e:
             return str(e)
+        if stored_chain != chain:
+            return IDS_MISMATCH
         if (block.start, block.length, block.sealed) != (entry.start, entry.length, entry.sealed):
             return "span differs from the manifest"
         if any(
@@ -328,12 +358,20 @@ class AgentStore:
         """
         d = self.agent_dir(agent)
         with self.lock(agent):
+            d = self.agent_dir(agent)  # checked again under the lock
             try:
-                with open(d / MANIFEST_NAME, "rb") as f:
+                with os.fdopen(os.open(d / MANIFEST_NAME, os.O_RDONLY | _NOFOLLOW), "rb") as f:
                     st = os.fstat(f.fileno())
                     raw = f.read()
             except FileNotFoundError:
                 self._stamps[agent] = None
+                return None
+            except OSError:
+                if not is_link(d / MANIFEST_NAME):
+                    raise
+                self._stamps[agent] = None
+                self._quarantine(d, [MANIFEST_NAME])  # moves the link itself
+                log.warning("agent %r: %s; cache not used", agent, link_problem(d / MANIFEST_NAME))
                 return None
             self._stamps[agent] = (st.st_ino, st.st_mtime_ns)
             try:
@@ -348,6 +386,15 @@ class AgentStore:
                 )
                 return None
             self._check_identity(agent, m)
+            if m.format_version < 2 and m.blocks:
+                log.info(
+                    "agent %r: cache written by an older edge-infer (manifest version %d); its "
+                    "conversation is kept and its KV computed again",
+                    agent,
+                    m.format_version,
+                )
+                return self._snapshot(m, [], [])
+            chains = token_chains(m.token_ids, [(e.start, e.length) for e in m.blocks])
             blocks: list[KVBlock] = []
             quarantined: list[str] = []
             # files are mapped and hashed on two threads (hashing releases the GIL) while
@@ -356,13 +403,13 @@ class AgentStore:
             with ThreadPoolExecutor(max_workers=2) as pool:
                 files = pool.map(_mapped_with_digest, [d / e.file for e in m.blocks])
                 for i, entry in enumerate(m.blocks):
-                    got = self._read_block(entry, *next(files))
+                    got = self._read_block(entry, chains[i], *next(files))
                     if isinstance(got, str):
                         unusable = (i, got)
                         break
                     blocks.append(got)
                     with self._known_lock:
-                        self._known[got] = (entry.file, entry.sha256)
+                        self._known[got] = (entry.file, entry.sha256, chains[i])
             if unusable is not None:
                 i, why = unusable
                 later = [e.file for e in m.blocks[i:]]
@@ -377,6 +424,10 @@ class AgentStore:
                     len(later),
                     d / QUARANTINE_DIR,
                 )
+        return self._snapshot(m, blocks, quarantined)
+
+    @staticmethod
+    def _snapshot(m: Manifest, blocks: list[KVBlock], quarantined: list[str]) -> AgentSnapshot:
         return AgentSnapshot(
             token_ids=m.token_ids,
             messages=m.messages,
@@ -396,14 +447,17 @@ class AgentStore:
         return _stamp(self.agent_dir(agent) / MANIFEST_NAME) != self._stamps.get(agent)
 
     def exists(self, agent: str) -> bool:
-        """Whether ``agent`` has a manifest under this fingerprint."""
-        return (self.agent_dir(agent) / MANIFEST_NAME).is_file()
+        """Whether ``agent`` has a manifest under this fingerprint (not through a link)."""
+        try:
+            return is_regular_file(self.agent_dir(agent) / MANIFEST_NAME)
+        except UnsafeCachePath:
+            return False
 
     def delete(self, agent: str) -> bool:
-        """Remove an agent's cache; False if there was none."""
-        d = self.agent_dir(agent)
+        """Remove an agent's cache (a linked agent folder: the link); False if there was none."""
+        d = refuse_links(self.root, self.base_dir) / validate_agent_name(agent)
         with self.lock(agent):
-            if not d.exists():
+            if not os.path.lexists(d):
                 return False
             self._stamps[agent] = None
             delete_dir(d)
@@ -411,12 +465,10 @@ class AgentStore:
 
     def list_agents(self) -> list[StoredAgent]:
         """Agents cached under this fingerprint, by name (unreadable manifests skipped)."""
-        if not self.base_dir.is_dir():
+        if self.base_dir not in fingerprint_dirs(self.root):
             return []
         out = []
-        for d in sorted(self.base_dir.iterdir()):
-            if not (AGENT_NAME_RE.match(d.name) and d.is_dir()):
-                continue
+        for d in agent_dirs(self.base_dir):
             m = self._read_manifest_quiet(d)
             if m is None:
                 continue
@@ -435,20 +487,17 @@ class AgentStore:
     def find_mismatched(self, agent: str) -> list[tuple[str, list[str]]]:
         """Caches of ``agent`` under other fingerprints: (digest, names of differing parts)."""
         validate_agent_name(agent)
-        base = agents_root(self.root)
-        if not base.is_dir():
-            return []
         out = []
-        for fp_dir in sorted(base.iterdir()):
+        for fp_dir in fingerprint_dirs(self.root):
             mpath = fp_dir / agent / MANIFEST_NAME
-            if fp_dir.name == self.fingerprint.digest or not mpath.is_file():
+            if fp_dir.name == self.fingerprint.digest or is_link(fp_dir / agent):
                 continue
             try:
-                m = Manifest.from_bytes(mpath.read_bytes())
+                m = Manifest.from_bytes(read_nofollow(mpath))
             except CacheVersionError:
                 out.append((fp_dir.name, ["format_version"]))
                 continue
-            except (OSError, CacheCorruptError):
+            except (OSError, CacheCorruptError, UnsafeCachePath):
                 continue
             out.append((fp_dir.name, Fingerprint.of(**m.fingerprint).differing(self.fingerprint)))
         return out

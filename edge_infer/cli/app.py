@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edge_infer.cli.cache_cmd import cache_app
@@ -144,20 +145,25 @@ def models(
         table = Table(title="Models", title_justify="left")
         for col in ("name", "arch", "quant", "size", "context", "path"):
             table.add_column(col, overflow="fold")
-        for i in infos:
-            name = f"{i.name} [green](default)[/]" if i.default else i.name
+        for i in infos:  # names, paths and errors come from files: never markup
+            name = escape(i.name) + (" [green](default)[/]" if i.default else "")
             if i.error:
                 table.add_row(
-                    name, "[red]unreadable[/]", "", "", "", f"{i.path}\n[red]{i.error}[/]"
+                    name,
+                    "[red]unreadable[/]",
+                    "",
+                    "",
+                    "",
+                    f"{escape(i.path)}\n[red]{escape(i.error)}[/]",
                 )
             else:
                 table.add_row(
                     name,
-                    i.arch,
-                    i.quantization,
+                    escape(i.arch),
+                    escape(i.quantization),
                     human_size(i.size_bytes),
                     str(i.context_length or "?"),
-                    i.path,
+                    escape(i.path),
                 )
         Console().print(table)
         folders = ", ".join(str(p) for p in models_dirs())

@@ -10,7 +10,8 @@ import numpy as np
 from edge_infer.backends.base import Backend, KVCache
 from edge_infer.errors import ContextLengthError
 from edge_infer.generation.sampling import log_softmax
-from edge_infer.models.chat_template import compile_template, render_chat
+from edge_infer.generation.tools import Tool, prompt_messages
+from edge_infer.models.chat_template import compile_template, render_chat, render_chat_parts
 from edge_infer.models.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -58,27 +59,50 @@ class Runner:
             )
 
     def render_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Tool] = (),
     ) -> str:
-        """The model's chat template applied to ``messages``."""
+        """The model's chat template applied to ``messages`` (and ``tools``)."""
         tok = self.tokenizer
+        messages, extra = prompt_messages(messages, tools, tok.chat_template)
         return render_chat(
             tok.chat_template,
             messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=tok.bos_token,
             eos_token=tok.eos_token,
+            **extra,
         )
 
     def chat_ids(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Tool] = (),
     ) -> list[int]:
         """Token ids of ``messages`` rendered with the chat template (ready for a reply unless
-        ``add_generation_prompt`` is False).
+        ``add_generation_prompt`` is False); ``tools``, earlier calls and tool results are
+        rendered the template's way, or in the generic tool format where it has none.
 
-        BOS is added when the model asks for it and the template did not write it already.
+        Only the template's own markup yields special tokens: special-token text inside the
+        messages (``"<|im_start|>"`` in a user's content) is encoded as plain text, so no
+        message can open or close a turn. BOS is added when the model asks for it and the
+        template did not write it already.
         """
-        return self.tokenizer.encode(self.render_chat(messages, add_generation_prompt))
+        tok = self.tokenizer
+        messages, extra = prompt_messages(messages, tools, tok.chat_template)
+        parts = render_chat_parts(
+            tok.chat_template,
+            messages,
+            tok.special_texts,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+            **extra,
+        )
+        return tok.encode_parts(parts)
 
     # -- forward passes ---------------------------------------------------------------------
     def prefill(self, ids: Sequence[int], cache: KVCache, all_logits: bool = False) -> np.ndarray:

@@ -17,10 +17,33 @@ from edge_infer.backends.base import KVCache
 from edge_infer.generation.constraint import TokenConstraint
 from edge_infer.generation.detokenize import IncrementalDetokenizer, StopMatcher
 from edge_infer.generation.runner import Runner
-from edge_infer.generation.sampling import Sampler, SamplingParams
+from edge_infer.generation.sampling import Sampler, SamplingParams, log_softmax
 
 # What a step hands back: (token id, new text); token None carries held-back text at the end.
 Piece = tuple[int | None, str]
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the most likely alternatives
+    (``top``: (token, log-probability), most likely first)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-probability under the raw ``logits`` (before any sampling option), and
+    the ``top`` most likely tokens (ties: the lower id first, as greedy picks)."""
+    lp = log_softmax(np.asarray(logits, dtype=np.float32).reshape(-1))
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        k = min(top, lp.shape[0])
+        cand = np.argpartition(-lp, k - 1)[:k]
+        cand = cand[np.lexsort((cand, -lp[cand]))]
+        best = [(int(t), float(lp[t])) for t in cand]
+    return TokenLogprob(int(token), float(lp[token]), best)
 
 
 @dataclass
@@ -70,6 +93,13 @@ class Generation:
         self._read_upto = self.held
         self._t0 = time.perf_counter()
         self._t_first = 0.0
+        self.logprobs: list[TokenLogprob] | None = None  # one per generated token, if kept
+        self._top_logprobs = 0
+
+    def keep_logprobs(self, top: int = 0) -> None:
+        """Record each generated token's log-probability, with the ``top`` most likely
+        alternatives, in ``logprobs`` (call before the first sample)."""
+        self.logprobs, self._top_logprobs = [], top
 
     # -- prefill ----------------------------------------------------------------------------
     @property
@@ -116,6 +146,8 @@ class Generation:
             return self._finish("stop")
         if constraint is not None:
             constraint.accept(token)
+        if self.logprobs is not None:
+            self.logprobs.append(token_logprob(logits, token, self._top_logprobs))
         self._history.append(token)
         self.generated.append(token)
         usage.completion_tokens += 1

@@ -230,3 +230,52 @@ def call_grammar(
     else:
         raise ValueError(f"unknown tool-call format {fmt!r} (one of {FORMATS})")
     return Grammar("lark", rules + "obj: %json " + json.dumps(one))
+
+
+def _renders(chat_template: str | None, *words: str) -> bool:
+    t = chat_template or ""
+    return any(w in t for w in words)
+
+
+def prompt_messages(
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Tool],
+    chat_template: str | None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Messages (and template variables) that put ``tools``, earlier calls and tool results
+    into the prompt: the template's own way where it has one, else the hermes format (a
+    system prompt listing the tools, calls as ``<tool_call>`` text, results as user turns).
+    """
+    extra: dict[str, Any] = {}
+    out = [dict(m) for m in messages]
+    if tools:
+        if template_renders_tools(chat_template):
+            extra["tools"] = [t.openai() for t in tools]
+        else:
+            listing = tool_prompt(tools)
+            if out and out[0].get("role") == "system":
+                out[0]["content"] = f"{out[0].get('content') or ''}\n\n{listing}".lstrip()
+            else:
+                out.insert(0, {"role": "system", "content": listing})
+    calls_native = _renders(chat_template, "tool_calls")
+    results_native = _renders(chat_template, '"tool"', "'tool'")
+    fixed: list[dict[str, Any]] = []
+    for m in out:
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            if calls_native:
+                m["content"] = m.get("content") or ""
+            else:
+                text = [m["content"]] if m.get("content") else []
+                for c in m["tool_calls"]:
+                    fn = c.get("function", {})
+                    args = fn.get("arguments", "{}")
+                    body = {"name": fn.get("name"), "arguments": json.loads(args or "{}")}
+                    text.append(f"{HERMES_OPEN}\n{json.dumps(body)}\n{HERMES_CLOSE}")
+                m = {"role": "assistant", "content": "\n".join(text)}
+        elif m.get("role") == "tool" and not results_native:
+            m = {
+                "role": "user",
+                "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>",
+            }
+        fixed.append(m)
+    return fixed, extra

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from edge_infer.config import models_dirs
 from edge_infer.errors import EdgeInferError
-from edge_infer.models.default_model import DEFAULT_MODEL_NAME, default_model_path
+from edge_infer.models.default_model import (
+    DEFAULT_MODEL_NAME,
+    assembled_path,
+    default_model_path,
+    installed_packaged_models,
+)
+from edge_infer.models.gguf.loader import checked_config
 from edge_infer.models.gguf.reader import GGUFFile
 from edge_infer.models.hf.loader import read_config
 
@@ -35,7 +41,7 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
-def describe(path: Path, default: bool = False) -> ModelInfo:
+def describe(path: Path, default: bool = False, title: str | None = None) -> ModelInfo:
     """Name, format, architecture, quantization and size of the model at ``path``."""
     try:
         if path.is_dir():
@@ -54,23 +60,23 @@ def describe(path: Path, default: bool = False) -> ModelInfo:
                 default=default,
             )
         gguf = GGUFFile(path)
-        arch = gguf.architecture
+        config = checked_config(gguf)
         types = Counter(
             gguf.tensor_type_name(n) for n, t in gguf.tensors.items() if len(t.shape) == 2
         )
+        name = gguf.metadata.get("general.name")
         return ModelInfo(
-            name=DEFAULT_MODEL_NAME
-            if default
-            else str(gguf.metadata.get("general.name") or path.stem),
+            name=DEFAULT_MODEL_NAME if default else title or _one_line(name) or path.stem,
             path=str(path),
             format="gguf",
-            arch=arch,
+            arch=config.arch,
             quantization=types.most_common(1)[0][0] if types else "?",
             size_bytes=path.stat().st_size,
-            context_length=int(gguf.metadata.get(f"{arch}.context_length", 0)),
+            context_length=config.context_length,
             default=default,
         )
-    except (EdgeInferError, OSError) as exc:
+    except (EdgeInferError, OSError, ValueError, TypeError, KeyError) as exc:
+        # a model folder can hold anything: one bad file is listed with its problem
         return ModelInfo(
             name=path.name,
             path=str(path),
@@ -80,29 +86,55 @@ def describe(path: Path, default: bool = False) -> ModelInfo:
             size_bytes=0,
             context_length=0,
             default=default,
-            error=str(exc),
+            error=_one_line(exc) or type(exc).__name__,
         )
 
 
+def _one_line(value: object, chars: int = 300) -> str:
+    """``value`` as text on one line, at most ``chars`` characters ("" for None)."""
+    text = " ".join(str(value).split()) if value is not None else ""
+    return text if len(text) <= chars else text[: chars - 1] + "…"
+
+
+def _is_candidate(p: Path) -> bool:
+    try:
+        return (p.is_file() and p.suffix.lower() == ".gguf") or (p / "config.json").is_file()
+    except OSError:  # unreadable: listed, so that its problem shows
+        return p.suffix.lower() == ".gguf"
+
+
 def candidate_paths(folder: Path) -> list[Path]:
-    """GGUF files and model directories directly inside ``folder``."""
-    if not folder.is_dir():
+    """GGUF files and model directories directly inside ``folder`` (none if unreadable)."""
+    try:
+        return [p for p in sorted(folder.iterdir()) if _is_candidate(p)]
+    except OSError:
         return []
-    found = [
-        p
-        for p in sorted(folder.iterdir())
-        if (p.is_file() and p.suffix.lower() == ".gguf") or (p / "config.json").is_file()
-    ]
-    return found
 
 
 def discover(extra: list[Path] | None = None) -> list[ModelInfo]:
-    """The embedded default, models in the models folders, and any ``extra`` paths."""
+    """The embedded default, the installed packaged models (by key until first use assembles
+    them), models in the models folders, and any ``extra`` paths."""
     infos: list[ModelInfo] = []
     try:
         infos.append(describe(default_model_path(), default=True))
     except EdgeInferError:
         pass
+    for packaged in installed_packaged_models():
+        assembled = assembled_path(packaged)
+        if assembled is not None:
+            infos.append(describe(assembled, title=packaged.title))
+            continue
+        infos.append(  # listed by its key until first use assembles its file
+            ModelInfo(
+                name=packaged.title,
+                path=packaged.key,
+                format="gguf",
+                arch=packaged.arch,
+                quantization=packaged.quantization,
+                size_bytes=packaged.size_bytes,
+                context_length=packaged.context_length,
+            )
+        )
     paths: list[Path] = []
     for folder in models_dirs():
         paths += candidate_paths(folder)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, ClassVar
@@ -12,7 +13,14 @@ import jinja2
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "compile_template", "render_chat", "validate_messages"]
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
+    "GEMMA_CHAT_TEMPLATE",
+    "compile_template",
+    "render_chat",
+    "render_chat_parts",
+    "validate_messages",
+]
 
 # ChatML, used when a model ships no template.
 DEFAULT_CHAT_TEMPLATE = (
@@ -20,6 +28,22 @@ DEFAULT_CHAT_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Gemma's turns (Gemma 2 and 3), for Gemma files that ship no template: the system message
+# opens the first user turn, the assistant's role is "model", replies end with <end_of_turn>.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
 
@@ -124,3 +148,98 @@ def render_chat(
         return compiled.render(**context)
     except jinja2.TemplateError as exc:
         raise ValueError(f"chat template rendering failed: {exc}") from exc
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in ``value`` (nested dicts, lists and tuples), keys included."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _marker(texts: Sequence[str]) -> str:
+    """A private-use character that occurs in none of ``texts``."""
+    for code in range(0xE000, 0xF900):
+        ch = chr(code)
+        if not any(ch in t for t in texts):
+            return ch
+    raise ValueError("no free private-use character to mark special-token text with")
+
+
+def render_chat_parts(
+    template: str | None,
+    messages: list[dict],
+    special: Sequence[str],
+    *,
+    add_generation_prompt: bool = True,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    **extra: Any,
+) -> list[tuple[str, bool]]:
+    """The rendered prompt as pieces ``(text, is_markup)``: ``is_markup`` pieces are exactly
+    one of the ``special`` token texts, written by the template itself; the other pieces are
+    text, in which special-token text that came from the messages stays plain text.
+
+    Special-token text in every string of the messages and of ``extra`` (tool definitions,
+    tool-call arguments, at any depth) is swapped for placeholders before rendering and
+    restored after the prompt is split at the template's own special tokens, so the template
+    sees (and transforms) it as text; joining every piece gives exactly what
+    :func:`render_chat` gives.
+    """
+    validate_messages(messages)
+    specials = sorted({s for s in special if s}, key=len, reverse=True)
+    if not specials:
+        text = render_chat(
+            template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            **extra,
+        )
+        return [(text, False)] if text else []
+    finder = re.compile("|".join(re.escape(s) for s in specials))
+    strings = _strings([messages, extra])
+    mark = _marker([*strings, template or DEFAULT_CHAT_TEMPLATE, *specials])
+    literal: list[str] = []
+
+    def placeholder_of(match: re.Match) -> str:
+        literal.append(match.group(0))
+        return f"{mark}{len(literal) - 1}{mark}"
+
+    def hide(value: Any) -> Any:
+        if isinstance(value, str):
+            return finder.sub(placeholder_of, value)
+        if isinstance(value, Mapping):
+            return {k: hide(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [hide(v) for v in value]
+        return value
+
+    rendered = render_chat(
+        template,
+        hide(messages),
+        add_generation_prompt=add_generation_prompt,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        **hide(extra),
+    )
+    placeholder = re.compile(f"{re.escape(mark)}([0-9]+){re.escape(mark)}")
+
+    def restore(text: str) -> str:
+        return placeholder.sub(lambda m: literal[int(m.group(1))], text)
+
+    parts: list[tuple[str, bool]] = []
+    pos = 0
+    for m in finder.finditer(rendered):
+        if m.start() > pos:
+            parts.append((restore(rendered[pos : m.start()]), False))
+        parts.append((m.group(0), True))
+        pos = m.end()
+    if pos < len(rendered):
+        parts.append((restore(rendered[pos:]), False))
+    return parts

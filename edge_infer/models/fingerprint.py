@@ -12,6 +12,7 @@ from pathlib import Path
 from edge_infer.config import cache_root, ensure_private_dir
 
 _MEMO_FILE = "file-digests.json"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def file_digest(path: Path) -> str:
@@ -22,9 +23,12 @@ def file_digest(path: Path) -> str:
     stamp = [st.st_size, st.st_mtime_ns]
     memo_path = cache_root() / _MEMO_FILE
     memo: dict[str, dict] = {}
-    try:
-        memo = json.loads(memo_path.read_text())
+    try:  # never through a link: the memo is ours, under the cache root
+        with os.fdopen(os.open(memo_path, os.O_RDONLY | _NOFOLLOW), "rb") as f:
+            memo = json.loads(f.read())
     except (OSError, ValueError):
+        memo = {}
+    if not isinstance(memo, dict):
         memo = {}
     hit = memo.get(key)
     if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
@@ -38,8 +42,12 @@ def file_digest(path: Path) -> str:
     try:
         ensure_private_dir(memo_path.parent)
         tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
+        # 0600 like everything under the cache root (it names the models a user runs)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(json.dumps(memo))
+        os.replace(tmp, memo_path)  # replaces a link itself, never its target
     except OSError:
         pass  # a read-only cache dir only costs a re-hash next time
     return digest

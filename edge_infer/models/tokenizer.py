@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -183,8 +184,10 @@ def _opt_int(meta: Mapping[str, Any], key: str, n_vocab: int) -> int | None:
 class Tokenizer:
     """Encodes text to token ids and decodes ids to text.
 
-    Build it with :meth:`from_gguf_metadata` or :meth:`from_hf_dir`. Special-token strings that
-    appear in the input text (e.g. ``"<|im_start|>"``) are encoded as their single ids.
+    Build it with :meth:`from_gguf_metadata` or :meth:`from_hf_dir`. :meth:`encode` encodes
+    special-token strings in its text (e.g. ``"<|im_start|>"``) as their single ids;
+    :meth:`encode_parts` does so only for the pieces marked as markup (a chat template's
+    own), and encodes special-token text anywhere else as plain text.
     """
 
     def __init__(
@@ -220,9 +223,18 @@ class Tokenizer:
         self.eos_token: str | None = self.id_to_token(eos_id) if eos_id is not None else None
         self.chat_template: str | None = chat_template
         self.add_bos: bool = bool(add_bos) and bos_id is not None
+        added = backend.get_added_tokens_decoder()
         self.special_ids: frozenset[int] = frozenset(
-            tok_id for tok_id, tok in backend.get_added_tokens_decoder().items() if tok.special
+            tok_id for tok_id, tok in added.items() if tok.special
         )
+        # special-token text -> (id, lstrip, rstrip): how the library splits text on it
+        self._specials: dict[str, tuple[int, bool, bool]] = {}
+        for tok_id, tok in sorted(added.items()):
+            if tok.special and tok.content and tok.content not in self._specials:
+                self._specials[tok.content] = (tok_id, tok.lstrip, tok.rstrip)
+        self.special_texts: tuple[str, ...] = tuple(self._specials)
+        self._plain: tokenizers.Tokenizer | None = None  # built on first use
+        self._plain_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (
@@ -237,12 +249,62 @@ class Tokenizer:
 
         BOS is not doubled when the text itself already starts with the BOS token string.
         """
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL (encode holds it throughout): tokenizing a long text
+        # on a worker thread does not stall the others, such as the server's event loop
+        ids = self._backend.encode_batch([text], add_special_tokens=False)[0].ids
         if add_bos is None:
             add_bos = self.add_bos
         if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
+
+    def encode_parts(
+        self, parts: Sequence[tuple[str, bool]], add_bos: bool | None = None
+    ) -> list[int]:
+        """Token ids of a prompt given as pieces ``(text, is_markup)`` (see
+        :func:`~edge_infer.models.chat_template.render_chat_parts`): a markup piece is one
+        special token's text and gives its id; special-token text inside any other piece is
+        encoded as plain text. BOS as in :meth:`encode`.
+
+        For pieces with no special-token text this gives exactly what :meth:`encode` gives for
+        the joined text: the library also splits on special tokens before anything else.
+        """
+        texts = [text for text, _ in parts]
+        for i, (text, markup) in enumerate(parts):
+            if not markup:
+                continue
+            if text not in self._specials:
+                raise ValueError(f"{text!r} is not a special token of this tokenizer")
+            _, lstrip, rstrip = self._specials[text]
+            if lstrip and i > 0 and not parts[i - 1][1]:
+                texts[i - 1] = texts[i - 1].rstrip()
+            if rstrip and i + 1 < len(parts) and not parts[i + 1][1]:
+                texts[i + 1] = texts[i + 1].lstrip()
+        ids: list[int] = []
+        for text, (_, markup) in zip(texts, parts, strict=True):
+            if markup:
+                ids.append(self._specials[text][0])
+            elif text:
+                ids += self._encode_plain(text)
+        if add_bos is None:
+            add_bos = self.add_bos
+        if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def _encode_plain(self, text: str) -> list[int]:
+        """Ids of ``text`` with special-token strings in it encoded as ordinary text."""
+        if not any(s in text for s in self._specials):
+            return self._backend.encode(text, add_special_tokens=False).ids
+        with self._plain_lock:
+            if self._plain is None:
+                # a copy whose special tokens never match: flipping the flag on the shared
+                # backend would race with encodes on other threads
+                plain = tokenizers.Tokenizer.from_str(self._backend.to_str())
+                plain.encode_special_tokens = True
+                self._plain = plain
+            plain = self._plain
+        return plain.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         """Text of `ids`; with `skip_special`, control tokens (BOS, EOS, ...) are left out."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -13,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -20,11 +22,20 @@ from edge_infer.cache_store import InvalidAgentName, validate_agent_name
 from edge_infer.engine import Engine
 from edge_infer.errors import ContextLengthError, EdgeInferError
 from edge_infer.generation.sampling import SamplingParams
-from edge_infer.generation.sequence import Usage
+from edge_infer.generation.sequence import TokenLogprob, Usage
 from edge_infer.server import protocol
+from edge_infer.server.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
+from edge_infer.server.metrics import CONTENT_TYPE, CountRequests, Metrics
 from edge_infer.server.prefix_pool import PrefixPool
-from edge_infer.server.scheduler import Cancelled, Job, Scheduler, ShuttingDown, Task
-from edge_infer.server.tasks import StatelessTask, agent_task
+from edge_infer.server.scheduler import Cancelled, Job, Scheduler, ShuttingDown
+from edge_infer.server.tasks import (
+    Delta,
+    Inner,
+    Reply,
+    StatelessTask,
+    agent_task,
+    prompt_cache_name,
+)
 
 log = logging.getLogger("edge_infer.server")
 
@@ -32,6 +43,31 @@ AGENT_HEADER = "x-agent-id"
 DEFAULT_MAX_TOKENS = 512
 DISCONNECT_POLL_S = 0.25
 PUBLIC_PATHS = ("/health",)
+# The request fields each route honours; any other is refused (README: the Serve section).
+HONOURED = {
+    "/v1/chat/completions": protocol.honoured_fields(protocol.ChatCompletionRequest),
+    "/v1/completions": protocol.honoured_fields(protocol.CompletionRequest),
+}
+
+# What each error status means, as the OpenAPI schema documents it.
+ERROR_MEANING = {
+    400: "Invalid request: malformed JSON or fields, a prompt longer than the context, a bad "
+    "agent id (the error names the field)",
+    401: "Missing or wrong API key",
+    403: "The request's Host or Origin is not this machine (served without an API key)",
+    404: "No such agent",
+    409: "An agent of that name already exists",
+    413: "The request body is larger than the server's limit",
+    503: "The model is still loading, or the server is shutting down",
+}
+SSE_RESPONSE = {
+    200: {
+        "description": "The completion as JSON, or with `stream: true` as server-sent events: "
+        '`data: {chunk JSON}` lines, an error chunk `data: {"error": ...}` if generation '
+        "fails, and `data: [DONE]` at the end",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
 
 
 class ApiError(Exception):
@@ -56,6 +92,11 @@ def _error_response(
     return JSONResponse(protocol.error_json(message, kind, code, param), status_code=status)
 
 
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses a route answers."""
+    return {s: {"model": protocol.ErrorResponse, "description": ERROR_MEANING[s]} for s in statuses}
+
+
 def _as_api_error(exc: BaseException) -> ApiError:
     """Our exceptions, mapped to HTTP errors a client can act on."""
     if isinstance(exc, ApiError):
@@ -77,30 +118,77 @@ def _as_api_error(exc: BaseException) -> ApiError:
 
 
 class Service:
-    """What the routes share: the engine, the scheduler and the stateless prefix caches."""
+    """What the routes share: the engine, the scheduler, the stateless prefix caches and
+    the metrics."""
 
-    def __init__(self, engine: Engine, model_id: str, max_active: int = 8) -> None:
+    def __init__(
+        self, engine: Engine, model_id: str, metrics: Metrics, max_active: int = 8
+    ) -> None:
         self.engine = engine
         self.model_id = model_id
-        self.scheduler = Scheduler(engine.runner, max_active=max_active)
+        self.metrics = metrics
+        self.scheduler = Scheduler(
+            engine.runner, max_active=max_active, on_step=metrics.batch_size.observe
+        )
         self.prefix_pool = PrefixPool(engine.runner.new_cache, max_slots=2)
+        self.preparing = 0  # requests whose prompt is being rendered and tokenized
+        metrics.watch_agents(engine.agents)
 
-    def submit(self, key: str, make: Callable[[], Task]) -> Job:
-        job = Job(key=key, make=make, loop=asyncio.get_running_loop())
+    async def prepare(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` (rendering, tokenizing) on a worker thread: a long prompt takes
+        seconds, and the event loop must keep answering other requests meanwhile."""
+        self.preparing += 1
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except Exception as exc:
+            raise _as_api_error(exc) from None
+        finally:
+            self.preparing -= 1
+
+    def stats(self) -> dict[str, int]:
+        """Requests being prepared, decoding (active) and queued (waiting)."""
+        return {"preparing": self.preparing, **self.scheduler.stats()}
+
+    def submit(self, key: str, make: Callable[[], Inner], top: int | None) -> Job:
+        """Queue a request's task (built on the worker thread) as a job answering deltas."""
+        job = Job(key=key, make=lambda: Reply(make(), top), loop=asyncio.get_running_loop())
         try:
             return self.scheduler.submit(job)
         except ShuttingDown as exc:
             raise _as_api_error(exc) from None
 
-    def submit_agent(
-        self, name: str, messages: list[dict[str, Any]], params: SamplingParams
-    ) -> Job:
-        return self.submit(name, lambda: agent_task(self.engine, name, messages, params))
+    def _timed(self, start: Callable[[], Inner]) -> Inner:
+        t0 = time.perf_counter()
+        task = start()
+        self.metrics.restore.observe(time.perf_counter() - t0)
+        return task
 
-    def submit_stateless(self, ids: list[int], params: SamplingParams) -> Job:
+    def submit_agent(
+        self,
+        name: str,
+        messages: list[dict[str, Any]],
+        params: SamplingParams,
+        top: int | None,
+    ) -> Job:
+        return self.submit(
+            name, lambda: self._timed(lambda: agent_task(self.engine, name, messages, params)), top
+        )
+
+    def submit_prompt_cache(
+        self, key: str, ids: list[int], params: SamplingParams, top: int | None
+    ) -> Job:
+        name = prompt_cache_name(key)
+        return self.submit(
+            name,
+            lambda: self._timed(lambda: self.engine.start_prefix_turn(name, ids, params)),
+            top,
+        )
+
+    def submit_stateless(self, ids: list[int], params: SamplingParams, top: int | None) -> Job:
         return self.submit(
             protocol.new_id("stateless"),
             lambda: StatelessTask(self.engine.runner, self.prefix_pool, ids, params),
+            top,
         )
 
 
@@ -127,19 +215,24 @@ async def _first_event(job: Job, request: Request) -> tuple[str, Any]:
     return kind, value
 
 
-async def _collect(job: Job, request: Request, first: tuple[str, Any]) -> tuple[str, Usage]:
+async def _collect(
+    job: Job, request: Request, first: tuple[str, Any]
+) -> tuple[str, list[TokenLogprob], Usage]:
+    """The whole reply: its text, the log-probabilities of its tokens, its usage."""
     pieces: list[str] = []
+    logprobs: list[TokenLogprob] = []
     kind, value = first
     try:
         while kind == "text":
-            pieces.append(value)
+            pieces.append(value.text)
+            logprobs += value.logprobs
             kind, value = await _next_event(job, request)
     except BaseException:
         job.cancel()
         raise
     if kind == "error":
         raise _as_api_error(value)
-    return "".join(pieces), value
+    return "".join(pieces), logprobs, value
 
 
 def _sse(data: dict[str, Any]) -> str:
@@ -149,7 +242,7 @@ def _sse(data: dict[str, Any]) -> str:
 async def _stream_events(
     job: Job,
     first: tuple[str, Any],
-    on_text: Callable[[str], dict[str, Any]],
+    on_delta: Callable[[Delta], dict[str, Any]],
     on_done: Callable[[Usage], list[dict[str, Any]]],
 ) -> AsyncIterator[str]:
     """SSE lines for a job; a client that goes away cancels it (its cache stays consistent)."""
@@ -157,7 +250,7 @@ async def _stream_events(
     try:
         while True:
             if kind == "text":
-                yield _sse(on_text(value))
+                yield _sse(on_delta(value))
             elif kind == "done":
                 for chunk in on_done(value):
                     yield _sse(chunk)
@@ -188,40 +281,69 @@ def _agent_json(info: Any) -> dict[str, Any]:
 
 
 def create_app(
-    engine: Engine,
+    engine: Engine | Callable[[], Engine],
     *,
     api_key: str | None = None,
     model_id: str | None = None,
     max_active: int = 8,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    on_load_error: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving ``engine``; with ``api_key`` every route but /health needs it."""
-    service = Service(engine, model_id or engine.model.name, max_active=max_active)
+    """The FastAPI app serving ``engine``; with ``api_key`` every route but /health needs it,
+    without one only requests addressed to this machine are served (see :class:`RequestGuard`).
+    Request bodies over ``max_body_bytes`` are refused.
+
+    ``engine`` may be a function that loads it: the app then starts at once and loads the
+    model on a thread, answering 503 ``loading`` (``/health`` included) until it is ready;
+    a failed load is handed to ``on_load_error``.
+    """
+    metrics = Metrics()
+    services: list[Service] = []  # the one Service, once the engine is there
+    stopping = threading.Event()
+
+    def start(eng: Engine) -> None:
+        services.append(Service(eng, model_id or eng.model.name, metrics, max_active))
+
+    def load(loader: Callable[[], Engine]) -> None:
+        try:
+            eng = loader()
+        except BaseException as exc:  # reported by whoever runs the app
+            log.debug("loading the model failed", exc_info=exc)
+            if on_load_error is not None:
+                on_load_error(exc)
+            return
+        if not stopping.is_set():
+            start(eng)
+
+    def ready() -> Service:
+        if not services:
+            raise ApiError(503, "the model is still loading", "server_error", "model_loading")
+        return services[0]
+
+    if isinstance(engine, Engine):
+        start(engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not isinstance(engine, Engine):
+            loader = threading.Thread(target=load, args=(engine,), name="edge-infer-load")
+            loader.daemon = True  # a stop while loading does not wait for the load
+            loader.start()
         yield
-        log.info("shutting down: stopping generations and saving agents' caches")
-        await asyncio.to_thread(service.scheduler.stop, 30.0)
-        await asyncio.to_thread(engine.flush)
+        stopping.set()
+        if services:
+            log.info("shutting down: stopping generations and saving agents' caches")
+            await asyncio.to_thread(services[0].scheduler.stop, 30.0)
+            await asyncio.to_thread(services[0].engine.flush)
 
     app = FastAPI(title="edge-infer", lifespan=lifespan)
-    app.state.service = service
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next: Callable) -> Response:
-        if api_key and request.url.path not in PUBLIC_PATHS:
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(
-                token.strip().encode(), api_key.encode()
-            ):
-                return _error_response(
-                    401,
-                    "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                    "authentication_error",
-                    "invalid_api_key",
-                )
-        return await call_next(request)
+    app.add_middleware(
+        RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes, public_paths=PUBLIC_PATHS
+    )
+    app.add_middleware(CountRequests, metrics=metrics, routes=app.router.routes)
+    guarded = (401,) if api_key else (403,)
+    public = () if api_key else (403,)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -229,17 +351,31 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
+        problems, unsupported = [], []
         param = None
         for e in exc.errors():
             loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
             param = param or loc or None
-            if e.get("type") == "json_invalid":
+            if e.get("type") == "extra_forbidden":
+                unsupported.append(loc)
+            elif e.get("type") == "json_invalid":
                 problems.append("the body is not valid JSON")
             elif not loc and e.get("type") in ("model_attributes_type", "dict_type"):
                 problems.append("the body must be a JSON object")
             else:
-                problems.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+                msg = str(e.get("msg")).removeprefix("Value error, ")
+                problems.append(f"{loc}: {msg}" if loc else msg)
+        if unsupported:
+            honoured = HONOURED.get(request.url.path)
+            message = (
+                f"unsupported parameter{'s' if len(unsupported) > 1 else ''}: "
+                f"{', '.join(unsupported)} (this server refuses what it would not honour"
+                + (f"; it honours {', '.join(honoured)})" if honoured else ")")
+            )
+            body = protocol.error_json(
+                message, "invalid_request_error", "unsupported_parameter", unsupported[0]
+            )
+            return JSONResponse(body, status_code=400)
         message = "invalid request: " + "; ".join(problems)
         body = protocol.error_json(message, "invalid_request_error", None, param)
         return JSONResponse(body, status_code=400)
@@ -247,7 +383,8 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(exc.status_code, str(exc.detail), kind, None)
+        code = "request_too_large" if exc.status_code == 413 else None
+        return _error_response(exc.status_code, str(exc.detail), kind, code)
 
     async def _mapped(request: Request, exc: Exception) -> JSONResponse:
         e = _as_api_error(exc)
@@ -255,19 +392,49 @@ def create_app(
 
     app.add_exception_handler(EdgeInferError, _mapped)
     app.add_exception_handler(ValueError, _mapped)
+    # anything else is our fault: still an error JSON, never a plain-text page
+    app.add_exception_handler(Exception, _mapped)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, less the 422 it assumes: validation errors are 400s here."""
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, routes=app.routes, description=app.description
+            )
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     # -- info --------------------------------------------------------------------------------
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": service.model_id,
-            "backend": f"{engine.backend.name}/{engine.backend.device}",
-            **service.scheduler.stats(),
-        }
+    @app.get("/health", responses=_errors(*public, 503))
+    async def health() -> JSONResponse:
+        if not services:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        service = services[0]
+        eng = service.engine
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": service.model_id,
+                "backend": f"{eng.backend.name}/{eng.backend.device}",
+                **service.stats(),
+            }
+        )
 
-    @app.get("/v1/models")
+    @app.get("/metrics", responses=_errors(*guarded))
+    def prometheus_metrics() -> Response:
+        """Prometheus text format: requests, tokens, latencies, agents, batch sizes."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", responses=_errors(*guarded, 503))
     async def list_models() -> dict[str, Any]:
+        service = ready()
         return {
             "object": "list",
             "data": [
@@ -276,38 +443,64 @@ def create_app(
                     "object": "model",
                     "created": 0,
                     "owned_by": "edge-infer",
-                    "context_length": engine.context_length,
+                    "context_length": service.engine.context_length,
                 }
             ],
         }
 
     # -- completions --------------------------------------------------------------------
-    @app.post("/v1/chat/completions", response_model=None)
+    def _finished(usage: Usage) -> Usage:
+        metrics.finished(usage)
+        return usage
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses={**SSE_RESPONSE, **_errors(400, *guarded, 413, 503)},
+    )
     async def chat_completions(
         req: protocol.ChatCompletionRequest, request: Request
     ) -> JSONResponse | StreamingResponse:
+        service = ready()
+        eng = service.engine
         params = req.sampling(DEFAULT_MAX_TOKENS)
         messages = req.message_dicts()
         agent = _agent_from(request, req.agent)
+        top = req.logprobs_top()
+        if agent is not None and req.prompt_cache_key is not None:
+            raise ApiError(
+                400,
+                "an agent keeps its own cache: send agent or prompt_cache_key, not both",
+                param="prompt_cache_key",
+            )
         if agent is not None:
-            job = service.submit_agent(agent, messages, params)
+            job = service.submit_agent(agent, messages, params, top)
         else:
-            job = service.submit_stateless(engine.chat_ids(messages), params)
+            ids = await service.prepare(eng.chat_ids, messages)
+            if req.prompt_cache_key is not None:
+                job = service.submit_prompt_cache(req.prompt_cache_key, ids, params, top)
+            else:
+                job = service.submit_stateless(ids, params, top)
         rid = protocol.new_id("chatcmpl")
+        token_bytes = eng.tokenizer.token_bytes
         first = await _first_event(job, request)
         if not req.stream:
-            text, usage = await _collect(job, request, first)
-            return JSONResponse(protocol.chat_completion(rid, service.model_id, text, usage))
+            text, logprobs, usage = await _collect(job, request, first)
+            lp = protocol.chat_logprobs(logprobs, token_bytes) if top is not None else None
+            body = protocol.chat_completion(rid, service.model_id, text, _finished(usage), lp)
+            return JSONResponse(body)
 
         model = service.model_id
         opened = [False]
 
-        def on_text(text: str) -> dict[str, Any]:
-            delta = {"content": text} if opened[0] else {"role": "assistant", "content": text}
+        def on_delta(d: Delta) -> dict[str, Any]:
+            delta = {"content": d.text} if opened[0] else {"role": "assistant", "content": d.text}
             opened[0] = True
-            return protocol.chat_chunk(rid, model, delta)
+            lp = protocol.chat_logprobs(d.logprobs, token_bytes) if top is not None else None
+            return protocol.chat_chunk(rid, model, delta, logprobs=lp)
 
         def on_done(usage: Usage) -> list[dict[str, Any]]:
+            _finished(usage)
             delta = {} if opened[0] else {"role": "assistant", "content": ""}
             chunks = [protocol.chat_chunk(rid, model, delta, usage.finish_reason or "stop")]
             if req.include_usage:
@@ -315,13 +508,19 @@ def create_app(
             return chunks
 
         return StreamingResponse(
-            _stream_events(job, first, on_text, on_done), media_type="text/event-stream"
+            _stream_events(job, first, on_delta, on_done), media_type="text/event-stream"
         )
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post(
+        "/v1/completions",
+        response_model=None,
+        responses={**SSE_RESPONSE, **_errors(400, *guarded, 413, 503)},
+    )
     async def completions(
         req: protocol.CompletionRequest, request: Request
     ) -> JSONResponse | StreamingResponse:
+        service = ready()
+        eng = service.engine
         if _agent_from(request, req.agent) is not None:
             raise ApiError(
                 400,
@@ -330,70 +529,133 @@ def create_app(
                 param="agent",
             )
         params = req.sampling(DEFAULT_MAX_TOKENS)
-        ids = engine.tokenize(req.prompt_text())
-        job = service.submit_stateless(ids, params)
+        top = req.logprobs_top()
+        ids = await service.prepare(eng.tokenize, req.prompt_text())
+        if req.prompt_cache_key is not None:
+            job = service.submit_prompt_cache(req.prompt_cache_key, ids, params, top)
+        else:
+            job = service.submit_stateless(ids, params, top)
         rid = protocol.new_id("cmpl")
         model = service.model_id
+        token_bytes = eng.tokenizer.token_bytes
         first = await _first_event(job, request)
         if not req.stream:
-            text, usage = await _collect(job, request, first)
-            return JSONResponse(
-                protocol.completion(rid, model, text, usage.finish_reason or "stop", usage)
-            )
+            text, logprobs, usage = await _collect(job, request, first)
+            lp = protocol.completion_logprobs(logprobs, token_bytes) if top is not None else None
+            reason = usage.finish_reason or "stop"
+            return JSONResponse(protocol.completion(rid, model, text, reason, _finished(usage), lp))
+
+        offset = [0]
+
+        def on_delta(d: Delta) -> dict[str, Any]:
+            lp = None
+            if top is not None:
+                lp = protocol.completion_logprobs(d.logprobs, token_bytes, offset[0])
+                offset[0] += sum(len(t) for t in lp["tokens"])
+            return protocol.completion(rid, model, d.text, None, logprobs=lp)
 
         def on_done(usage: Usage) -> list[dict[str, Any]]:
+            _finished(usage)
             last = protocol.completion(rid, model, "", usage.finish_reason or "stop")
             if req.include_usage:
                 last["usage"] = protocol.usage_json(usage)
             return [last]
 
         return StreamingResponse(
-            _stream_events(job, first, lambda t: protocol.completion(rid, model, t, None), on_done),
-            media_type="text/event-stream",
+            _stream_events(job, first, on_delta, on_done), media_type="text/event-stream"
         )
 
+    # -- tokens and templates ---------------------------------------------------------------
+    @app.post("/tokenize", responses=_errors(400, *guarded, 413, 503))
+    async def tokenize(req: protocol.TokenizeRequest) -> dict[str, Any]:
+        """Token ids of ``content`` (with ``with_pieces``: each id with its text)."""
+        service = ready()
+        eng = service.engine
+        ids = await service.prepare(eng.tokenize, req.content, req.add_special)
+        if not req.with_pieces:
+            return {"tokens": ids}
+        return {"tokens": [{"id": t, "piece": _piece(eng.tokenizer.token_bytes(t))} for t in ids]}
+
+    @app.post("/detokenize", responses=_errors(400, *guarded, 413, 503))
+    async def detokenize(req: protocol.DetokenizeRequest) -> dict[str, Any]:
+        """The text of ``tokens``."""
+        service = ready()
+        vocab = service.engine.backend.config.vocab_size
+        for i, t in enumerate(req.tokens):
+            if not 0 <= t < vocab:
+                raise ApiError(
+                    400, f"tokens.{i}: {t} is not a token id (0..{vocab - 1})", param=f"tokens.{i}"
+                )
+        return {"content": await service.prepare(service.engine.detokenize, req.tokens)}
+
+    @app.post("/apply-template", responses=_errors(400, *guarded, 413, 503))
+    async def apply_template(req: protocol.ApplyTemplateRequest) -> dict[str, Any]:
+        """The prompt the chat template renders for ``messages`` (what a chat request with
+        them reads)."""
+        service = ready()
+        prompt = await service.prepare(
+            service.engine.render_chat, req.message_dicts(), req.add_generation_prompt
+        )
+        return {"prompt": prompt}
+
     # -- agents ------------------------------------------------------------------------
-    def _info(name: str) -> dict[str, Any]:
-        for info in engine.agents():
+    def _info(eng: Engine, name: str) -> dict[str, Any]:
+        for info in eng.agents():
             if info.name == name:
                 return _agent_json(info)
         raise ApiError(404, f"agent {name!r} not found", "not_found_error", "agent_not_found")
 
-    def _existing(name: str) -> str:
+    def _existing(eng: Engine, name: str) -> str:
         try:
             validate_agent_name(name)
         except InvalidAgentName as exc:
             raise ApiError(400, str(exc), code="invalid_agent_id") from None
-        if not engine.has_agent(name):
+        if not eng.has_agent(name):
             raise ApiError(404, f"agent {name!r} not found", "not_found_error", "agent_not_found")
         return name
 
-    @app.get("/v1/agents")
+    @app.get("/v1/agents", responses=_errors(*guarded, 503))
     def list_agents() -> dict[str, Any]:
-        return {"object": "list", "data": [_agent_json(a) for a in engine.agents()]}
+        eng = ready().engine
+        return {"object": "list", "data": [_agent_json(a) for a in eng.agents()]}
 
-    @app.get("/v1/agents/{agent_id}")
+    @app.get("/v1/agents/{agent_id}", responses=_errors(400, *guarded, 404, 503))
     def get_agent(agent_id: str) -> dict[str, Any]:
-        name = _existing(agent_id)
-        agent = engine.agent(name)
-        return {**_info(name), "system": agent.system, "conversation": agent.messages}
+        eng = ready().engine
+        name = _existing(eng, agent_id)
+        agent = eng.agent(name)
+        return {**_info(eng, name), "system": agent.system, "conversation": agent.messages}
 
-    @app.delete("/v1/agents/{agent_id}")
+    @app.delete("/v1/agents/{agent_id}", responses=_errors(400, *guarded, 404, 503))
     def delete_agent(agent_id: str) -> dict[str, Any]:
-        name = _existing(agent_id)
-        engine.delete_agent(name)
+        eng = ready().engine
+        name = _existing(eng, agent_id)
+        eng.delete_agent(name)
         return {"id": name, "object": "agent.deleted", "deleted": True}
 
-    @app.post("/v1/agents/{agent_id}/fork", status_code=201)
+    @app.post(
+        "/v1/agents/{agent_id}/fork",
+        status_code=201,
+        responses=_errors(400, *guarded, 404, 409, 413, 503),
+    )
     def fork_agent(agent_id: str, req: protocol.ForkRequest) -> dict[str, Any]:
-        name = _existing(agent_id)
+        eng = ready().engine
+        name = _existing(eng, agent_id)
         try:
             validate_agent_name(req.name)
         except InvalidAgentName as exc:
             raise ApiError(400, str(exc), code="invalid_agent_id") from None
-        if engine.has_agent(req.name):
+        if eng.has_agent(req.name):
             raise ApiError(409, f"agent {req.name!r} already exists", code="agent_exists")
-        engine.agent(name).fork(req.name)
-        return _info(req.name)
+        eng.agent(name).fork(req.name)
+        return _info(eng, req.name)
 
     return app
+
+
+def _piece(raw: bytes) -> str | list[int]:
+    """A token's text, or its bytes where they are not whole UTF-8 characters."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)

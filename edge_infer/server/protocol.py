@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge_infer.generation.sampling import SamplingParams
+from edge_infer.generation.sequence import TokenLogprob
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_TOP_LOGPROBS = 20
+
+
+def check_text(text: str) -> str:
+    """``text`` if it is valid Unicode; JSON's ``\\ud800`` escapes can make lone surrogates,
+    which no tokenizer (and no UTF-8 encoder) accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"the text holds a lone UTF-16 surrogate ({text[exc.start]!r} at character "
+            f"{exc.start}), which is not valid Unicode"
+        ) from None
+    return text
 
 
 class ContentPart(BaseModel):
@@ -22,9 +38,25 @@ class ContentPart(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """A chat message. Tool-call fields are kept with the message (and rendered by templates
+    that know them); any other field is refused."""
+
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _valid_content(cls, content: str | list[ContentPart] | None) -> Any:
+        # checked here, not in ContentPart: an error inside one member of the union would be
+        # reported once per member
+        for text in [content] if isinstance(content, str) else [p.text for p in content or []]:
+            if text is not None:
+                check_text(text)
+        return content
 
     def text(self) -> str:
         """The content as one string (text parts joined; other parts refused)."""
@@ -42,21 +74,28 @@ class Message(BaseModel):
             pieces.append(part.text)
         return "".join(pieces)
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, Any]:
         """The message as the chat template takes it ("developer" is a system message)."""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text()}
+        out: dict[str, Any] = {"role": role, "content": self.text()}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
 class _Generation(BaseModel):
-    """Options both endpoints take; unknown fields are accepted and ignored."""
+    """Options both endpoints take. The fields declared here and in the subclasses are all
+    the server honours: any other field is refused (``unsupported_parameter``), so a client
+    never gets a 200 that silently ignored what it asked for."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=0)
     max_completion_tokens: int | None = Field(default=None, ge=0)
@@ -71,6 +110,7 @@ class _Generation(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     agent: str | None = None
+    prompt_cache_key: str | None = Field(default=None, min_length=1, max_length=1024)
 
     @field_validator("n")
     @classmethod
@@ -79,6 +119,11 @@ class _Generation(BaseModel):
             raise ValueError("only n=1 is supported")
         return n
 
+    @field_validator("prompt_cache_key")
+    @classmethod
+    def _valid_key(cls, key: str | None) -> str | None:
+        return None if key is None else check_text(key)
+
     @field_validator("stop")
     @classmethod
     def _few_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
@@ -86,11 +131,16 @@ class _Generation(BaseModel):
             raise ValueError("at most 16 stop strings")
         if stop == "" or (isinstance(stop, list) and any(s == "" for s in stop)):
             raise ValueError("stop strings must not be empty")
+        for s in [stop] if isinstance(stop, str) else stop or []:
+            check_text(s)
         return stop
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """The request's options as SamplingParams (our defaults where it is silent)."""
-        max_tokens = self.max_completion_tokens or self.max_tokens
+        # max_completion_tokens replaces max_tokens in OpenAI's API; 0 is a valid bound
+        max_tokens = self.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = self.max_tokens
         return SamplingParams.from_kwargs(
             None,
             max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
@@ -110,13 +160,38 @@ class _Generation(BaseModel):
 
 class ChatCompletionRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
-    def message_dicts(self) -> list[dict[str, str]]:
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def message_dicts(self) -> list[dict[str, Any]]:
         return [m.to_dict() for m in self.messages]
+
+    def logprobs_top(self) -> int | None:
+        """How many alternatives to give per token, or None for no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Generation):
     prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprobs_top(self) -> int | None:
+        """How many alternatives to give per token (``logprobs`` is that number here, as in
+        OpenAI's completions API), or None for no logprobs."""
+        return self.logprobs
+
+    @field_validator("prompt")
+    @classmethod
+    def _valid_prompt(cls, prompt: str | list[str]) -> str | list[str]:
+        for text in [prompt] if isinstance(prompt, str) else prompt:
+            check_text(text)
+        return prompt
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, list):
@@ -129,6 +204,37 @@ class CompletionRequest(_Generation):
 class ForkRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    content: str
+    add_special: bool | None = None  # BOS as the model asks for it, unless said
+    with_pieces: bool = False
+
+    @field_validator("content")
+    @classmethod
+    def _valid_content(cls, content: str) -> str:
+        return check_text(content)
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens: list[int]
+
+
+class ApplyTemplateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Message] = Field(min_length=1)
+    add_generation_prompt: bool = True
+
+    def message_dicts(self) -> list[dict[str, Any]]:
+        return [m.to_dict() for m in self.messages]
+
+
+def honoured_fields(model: type[BaseModel]) -> list[str]:
+    """The request fields ``model`` honours (all others are refused)."""
+    return list(model.model_fields)
 
 
 # -- responses -----------------------------------------------------------------------------
@@ -150,7 +256,59 @@ def usage_json(usage: Any) -> dict[str, Any]:
     }
 
 
-def chat_completion(rid: str, model: str, text: str, usage: Any) -> dict[str, Any]:
+# JSON has no -inf; OpenAI gives this for tokens the model rules out
+LOGPROB_FLOOR = -9999.0
+
+TokenBytes = Callable[[int], bytes]
+
+
+def _token(token_bytes: TokenBytes, token: int) -> tuple[str, bytes]:
+    raw = token_bytes(token)
+    return raw.decode("utf-8", errors="replace"), raw
+
+
+def _logprob(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], token_bytes: TokenBytes) -> dict[str, Any]:
+    """``choices[].logprobs`` of a chat completion (or chunk) for ``entries``."""
+
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text, raw = _token(token_bytes, token)
+        return {"token": text, "logprob": _logprob(logprob), "bytes": list(raw)}
+
+    content = [
+        {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+        for e in entries
+    ]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(
+    entries: Sequence[TokenLogprob], token_bytes: TokenBytes, offset: int = 0
+) -> dict[str, Any]:
+    """``choices[].logprobs`` of a text completion (OpenAI's older shape); ``offset`` is where
+    the first token's text starts in the completion."""
+    tokens, offsets = [], []
+    for e in entries:
+        text = _token(token_bytes, e.token)[0]
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [_logprob(e.logprob) for e in entries],
+        "top_logprobs": [
+            {_token(token_bytes, t)[0]: _logprob(lp) for t, lp in e.top} for e in entries
+        ],
+        "text_offset": offsets,
+    }
+
+
+def chat_completion(
+    rid: str, model: str, text: str, usage: Any, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "chat.completion",
@@ -161,7 +319,7 @@ def chat_completion(rid: str, model: str, text: str, usage: Any) -> dict[str, An
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
                 "finish_reason": usage.finish_reason or "stop",
-                "logprobs": None,
+                "logprobs": logprobs,
             }
         ],
         "usage": usage_json(usage),
@@ -174,6 +332,7 @@ def chat_chunk(
     delta: dict[str, Any] | None,
     finish_reason: str | None = None,
     usage: Any = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed chunk; ``delta=None`` makes the usage-only chunk (no choices)."""
     body: dict[str, Any] = {
@@ -183,7 +342,7 @@ def chat_chunk(
         "model": model,
         "choices": []
         if delta is None
-        else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}],
     }
     if usage is not None:
         body["usage"] = usage_json(usage)
@@ -191,7 +350,12 @@ def chat_chunk(
 
 
 def completion(
-    rid: str, model: str, text: str, finish_reason: str | None, usage: Any = None
+    rid: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage: Any = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A text completion, or (streaming) one chunk of it."""
     body: dict[str, Any] = {
@@ -199,7 +363,9 @@ def completion(
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [
+            {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+        ],
     }
     if usage is not None:
         body["usage"] = usage_json(usage)
@@ -211,3 +377,16 @@ def error_json(
 ) -> dict[str, Any]:
     """An OpenAI-style error body."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error the server answers (OpenAI's shape)."""
+
+    error: ErrorDetail

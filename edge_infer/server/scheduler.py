@@ -22,7 +22,8 @@ from edge_infer.generation.sequence import Generation, Piece
 
 log = logging.getLogger("edge_infer.server")
 
-# What a job sends back to its request: ("text", str), ("done", usage) or ("error", exception).
+# What a job sends back to its request: ("text", what its task's record() gave for a step),
+# ("done", usage) or ("error", exception).
 Event = tuple[str, Any]
 
 # Prompt tokens a joining request prefills per step while others are decoding.
@@ -34,7 +35,7 @@ class Task(Protocol):
 
     generation: Generation
 
-    def record(self, pieces: list[Piece]) -> list[str]: ...
+    def record(self, pieces: list[Piece]) -> list[Any]: ...
 
     def finish(self) -> Any: ...
 
@@ -78,12 +79,14 @@ class Scheduler:
         max_active: int = 8,
         prefill_step: int = PREFILL_STEP,
         start: bool = True,
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
         if max_active < 1:
             raise ValueError("max_active must be >= 1")
         self.runner = runner
         self.max_active = max_active
         self.prefill_step = prefill_step
+        self.on_step = on_step  # told the batch size of every decoding step
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
         self._cond = threading.Condition()
@@ -184,6 +187,8 @@ class Scheduler:
                 self._end(job, "error", exc, done)
         live = [j for j in jobs if j not in done and j.task is not None]
         gens = [j.task.generation for j in live if j.task.generation.next_input is not None]
+        if gens and self.on_step is not None:
+            self.on_step(len(gens))
         try:
             forward_step(self.runner, gens)
         except Exception as exc:

@@ -1,27 +1,43 @@
-"""What the daemon runs for a request: an agent's turn, or a stateless generation."""
+"""What the daemon runs for a request: an agent's turn, a turn on a prompt cache, or a
+stateless generation; and the deltas (text, log-probabilities) a request is sent."""
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from edge_infer.agents.turn import AgentTurn
+from edge_infer.cache_store import InvalidAgentName, validate_agent_name
 from edge_infer.engine import Engine
 from edge_infer.generation.runner import Runner
 from edge_infer.generation.sampling import SamplingParams
-from edge_infer.generation.sequence import Generation, Piece, Usage
-from edge_infer.server.conversation import split_request_messages
+from edge_infer.generation.sequence import Generation, Piece, TokenLogprob, Usage
+from edge_infer.server.conversation import plan_turn, split_system
 from edge_infer.server.prefix_pool import PrefixPool, Slot
+
+PROMPT_CACHE_PREFIX = "prompt-cache"
 
 
 def agent_task(
     engine: Engine, name: str, messages: list[dict[str, Any]], params: SamplingParams
 ) -> AgentTurn:
-    """Start agent ``name``'s turn for a request's messages (history sent again is skipped)."""
+    """Start agent ``name``'s turn for a request's messages (see :func:`plan_turn`)."""
     agent = engine.agent(name)
-    system, new = split_request_messages(agent.messages, messages)
+    system, rest = split_system(messages)
     if system is not None and system != (agent.system or ""):
         agent = engine.agent(name, system=system)
-    return agent.start_turn(new, params)
+    keep, new = plan_turn(agent.messages, rest)
+    return agent.start_turn(new, params, keep_messages=keep)
+
+
+def prompt_cache_name(key: str) -> str:
+    """The name the cache of a ``prompt_cache_key`` is stored under (as agents are): the key
+    itself when it makes a valid name, else a digest of it."""
+    try:
+        return validate_agent_name(f"{PROMPT_CACHE_PREFIX}.{key}")
+    except InvalidAgentName:
+        return f"{PROMPT_CACHE_PREFIX}-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
 
 
 class StatelessTask:
@@ -51,3 +67,51 @@ class StatelessTask:
             slot, self._slot = self._slot, None
             self._pool.release(slot, gen.prompt_ids + gen.generated)
         return gen.usage
+
+
+class Inner(Protocol):
+    """A stateless task or an agent's turn."""
+
+    generation: Generation
+
+    def record(self, pieces: list[Piece]) -> list[str]: ...
+
+    def finish(self) -> Usage: ...
+
+
+@dataclass
+class Delta:
+    """What one step adds to a reply: text, and the log-probabilities of its tokens."""
+
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class Reply:
+    """A request's task, its output as :class:`Delta` s (with log-probabilities when the
+    request asked for them: ``top`` alternatives per token)."""
+
+    def __init__(self, inner: Inner, top: int | None = None) -> None:
+        self.inner = inner
+        self.generation = inner.generation
+        self.top = top
+        self._seen = 0  # generated tokens already given out
+        if top is not None:
+            self.generation.keep_logprobs(top)
+
+    def record(self, pieces: list[Piece]) -> list[Delta]:
+        self.inner.record(pieces)  # the turn keeps its reply
+        kept = self.generation.logprobs
+        out = []
+        for token, text in pieces:
+            entries = []
+            if token is not None:
+                if kept is not None:
+                    entries = [kept[self._seen]]
+                self._seen += 1
+            if text or entries:
+                out.append(Delta(text, entries))
+        return out
+
+    def finish(self) -> Usage:
+        return self.inner.finish()

@@ -159,3 +159,43 @@ def test_exported_blocks_do_not_change_when_the_cache_goes_on(default_model):
             assert np.array_equal(x.keys, before), backend.name
         for x, before in zip(sealed.layers, frozen_q, strict=True):
             assert np.array_equal(x.keys.packed, before), backend.name
+
+
+@pytest.mark.slow
+def test_sealed_4bit_blocks_go_from_mlx_to_torch_and_back(default_model):
+    """Sealed 4-bit blocks written by MLX load on torch unchanged; torch's export of them loads
+    back on MLX and continues exactly as the cache that wrote them."""
+    backends = _backends(default_model, 4)
+    if len(backends) < 2:
+        pytest.skip("mlx not installed")
+    torch_be, mlx_be = backends
+    ids = np.array(default_model.tokenizer.encode("The quick brown fox jumps. " * 80))
+    written = mlx_be.new_cache()
+    mlx_be.forward(ids[:300], written)  # one sealed block and a float16 tail
+    blocks = written.blocks()
+    on_torch = torch_be.new_cache()
+    on_torch.append_blocks(blocks)
+    back = mlx_be.new_cache()
+    back.append_blocks(on_torch.blocks())
+    for a, b in zip(blocks, back.blocks(), strict=True):
+        for x, y in zip(a.layers, b.layers, strict=True):
+            if a.sealed:
+                assert np.array_equal(x.keys.packed, y.keys.packed)
+                assert np.array_equal(x.values.scales, y.values.scales)
+            else:
+                assert np.array_equal(x.keys, y.keys) and np.array_equal(x.values, y.values)
+    tokens = {}
+    for name, cache in (("written", written), ("back", back)):
+        out, tok = [], int(ids[300])
+        for _ in range(6):
+            logits = mlx_be.forward(np.array([tok]), cache)
+            tok = int(logits.argmax())
+            out.append((tok, logits))
+        tokens[name] = out
+    for (ta, la), (tb, lb) in zip(tokens["written"], tokens["back"], strict=True):
+        assert ta == tb and np.array_equal(la, lb)
+    own = torch_be.new_cache()
+    torch_be.forward(ids[:300], own)
+    a = torch_be.forward(ids[300:320], on_torch, all_logits=True)
+    b = torch_be.forward(ids[300:320], own, all_logits=True)
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9

@@ -20,6 +20,7 @@ from edge_infer.cache_store import (
     merge_blocks,
     split_into_blocks,
 )
+from edge_infer.cache_store.blocks import CHAIN_START, token_chain, token_chains
 from edge_infer.cache_store.kv_format import kv_dequantize
 from tests.support import REPO
 from tests.support.cache_store_helpers import assert_blocks_equal, assert_kv_equal, random_layers
@@ -248,3 +249,23 @@ def test_cache_store_never_imports_a_backend() -> None:
                 names = [node.module or ""]
             for name in names:
                 assert not name.startswith(("torch", "mlx", "edge_infer.backends")), path
+
+
+def test_token_chains_cover_every_id_before_a_block() -> None:
+    ids = list(range(40))
+    spans = [(0, 16), (16, 16), (32, 8)]
+    chains = token_chains(ids, spans)
+    assert len(set(chains)) == 3 and all(len(c) == 64 for c in chains)
+    assert chains[0] == token_chain(CHAIN_START, ids[:16])
+    assert chains[1] == token_chain(chains[0], ids[16:32])
+    assert token_chains(np.asarray(ids, dtype=np.int32), spans) == chains  # any int dtype
+    changed = list(ids)
+    changed[3] = 99  # an id of the first block changes every later chain value
+    assert all(a != b for a, b in zip(token_chains(changed, spans), chains, strict=True))
+    changed = list(ids)
+    changed[35] = 99  # one of the last block changes only its own
+    assert token_chains(changed, spans)[:2] == chains[:2]
+    with pytest.raises(ValueError):
+        token_chains(ids, [(0, 16), (20, 4)])  # not contiguous
+    with pytest.raises(ValueError):
+        token_chains(ids[:20], spans)  # runs past the ids

@@ -12,6 +12,7 @@ import pytest
 
 from edge_infer.cache_store import inventory as inv
 from edge_infer.cache_store.errors import CacheError
+from edge_infer.cache_store.store import IDS_MISMATCH
 from tests.support.cache_store_helpers import F16, make_store, save_agent
 
 
@@ -165,3 +166,66 @@ def test_verify_reports_an_unreadable_block_file(tmp_path: Path) -> None:
     (res,) = inv.verify(tmp_path, "alice")
     assert [p.file for p in res.problems] == [files[0]] and res.usable_tokens == 0
     assert res.problems[0].reason.startswith("unreadable")
+
+
+def test_verify_detects_a_manifest_edited_to_claim_other_ids(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    save_agent(store, "alice", 40)  # blocks of 16: ids 100.. at positions 0..39
+    path = store.agent_dir("alice") / "manifest.json"
+    doc = json.loads(path.read_bytes())
+    doc["token_ids"][20] = 7
+    path.write_text(json.dumps(doc))
+    (res,) = inv.verify(tmp_path, "alice")
+    assert res.usable_tokens == 16
+    assert [p.reason for p in res.problems] == [IDS_MISMATCH] * 2
+
+
+def _plant_links(tmp_path: Path):
+    """alice: folder linked out; bob: lock file linked out; carol: fine."""
+    store = make_store(tmp_path)
+    for name in ("alice", "bob", "carol"):
+        save_agent(store, name, 20)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim"
+    victim.write_text("keep")
+    alice = store.agent_dir("alice")
+    alice.rename(outside / "alice")
+    alice.symlink_to(outside / "alice")
+    lock = store.base_dir / ".locks" / "bob.lock"
+    lock.unlink()
+    lock.symlink_to(victim)
+    return store, outside, victim
+
+
+def test_ls_verify_and_rm_report_linked_entries_instead_of_stopping(tmp_path: Path) -> None:
+    store, outside, victim = _plant_links(tmp_path)
+    recs = {r.agent: r for r in inv.scan(tmp_path)}
+    assert "symbolic link" in recs["alice"].problem and recs["carol"].problem is None
+    results = {r.agent: r for r in inv.verify(tmp_path)}
+    assert set(results) == {"alice", "bob", "carol"}
+    assert "symbolic link" in results["alice"].problems[0].reason
+    assert "bob.lock is a symbolic link" in results["bob"].problems[0].reason
+    assert results["carol"].ok and victim.read_text() == "keep"
+    assert "symbolic link" in inv.describe(tmp_path, "alice")[0].problem
+    (gone,) = inv.remove_agent(tmp_path, "alice")
+    assert not os.path.lexists(gone.path) and (outside / "alice" / "manifest.json").is_file()
+    with pytest.raises(CacheError, match="bob.lock is a symbolic link"):
+        inv.remove_agent(tmp_path, "bob")
+    report = inv.collect_garbage(tmp_path)
+    assert [p.name for p, _ in report.skipped] == ["bob"]
+    assert victim.read_text() == "keep" and (outside / "alice" / "manifest.json").is_file()
+
+
+def test_a_linked_fingerprint_folder_is_listed_not_followed(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    save_agent(store, "alice", 20)
+    outside = tmp_path / "outside"
+    store.base_dir.rename(outside)
+    store.base_dir.symlink_to(outside)
+    (rec,) = inv.scan(tmp_path)
+    assert rec.agent == "*" and rec.digest == store.fingerprint.digest
+    (res,) = inv.verify(tmp_path)
+    assert not res.ok
+    assert inv.collect_garbage(tmp_path).removed == []
+    assert (outside / "alice" / "manifest.json").is_file()

@@ -21,6 +21,9 @@ from edge_infer.cache_store import (
     extend_blocks,
     split_into_blocks,
 )
+from edge_infer.cache_store.block_codec import block_and_chain_from_bytes
+from edge_infer.cache_store.blocks import token_chains
+from edge_infer.cache_store.errors import UnsafeCachePath
 from edge_infer.errors import EdgeInferError
 from edge_infer.models.fingerprint import Fingerprint
 from tests.support.cache_store_helpers import assert_blocks_equal, random_layers
@@ -75,7 +78,7 @@ def test_layout_manifest_and_permissions(store: AgentStore) -> None:
     d = store.root / "agents" / FP.digest / "a.b_c-1"
     assert store.agent_dir("a.b_c-1") == d
     doc = json.loads((d / "manifest.json").read_text())
-    assert doc["format_version"] == 1 and doc["agent"] == "a.b_c-1"
+    assert doc["format_version"] == 2 and doc["agent"] == "a.b_c-1"
     assert doc["fingerprint"] == dict(FP.parts)
     assert doc["kv_format"] == {"bits": 4, "group_size": 64, "block_size": 16}
     assert doc["token_ids"] == list(range(20)) and doc["messages"] == MESSAGES
@@ -282,3 +285,135 @@ def test_quarantine_keeps_every_corrupt_manifest(store: AgentStore) -> None:
         (d / "manifest.json").write_text("{not json")
         assert store.load("x") is None
     assert sorted(os.listdir(d / "quarantine")) == ["manifest.json", "manifest.json.1"]
+
+
+# -- token ids bound to the KV -----------------------------------------------------------
+
+
+def _edit_manifest(d: Path, edit) -> None:
+    doc = json.loads((d / "manifest.json").read_text())
+    edit(doc)
+    (d / "manifest.json").write_text(json.dumps(doc))
+
+
+def test_each_block_records_the_chain_of_its_token_ids(store: AgentStore) -> None:
+    _, m, d = _saved(store)
+    doc = json.loads((d / "manifest.json").read_text())
+    chains = [b["token_chain"] for b in doc["blocks"]]
+    assert chains == token_chains(list(range(56)), [(b.start, b.length) for b in m.blocks])
+    assert len(set(chains)) == len(chains)
+    for entry in m.blocks:  # the block file records it too, under its sha256
+        _, chain = block_and_chain_from_bytes((d / entry.file).read_bytes())
+        assert chain == entry.token_chain
+
+
+@pytest.mark.parametrize("also_chain", [False, True])
+def test_manifest_edited_to_claim_other_ids_drops_from_the_first_mismatch(
+    store: AgentStore, caplog, also_chain: bool
+) -> None:
+    blocks, m, d = _saved(store)
+    other = list(range(56))
+    other[20] = 999  # inside block 1: blocks 1.. were computed from other ids
+
+    def edit(doc: dict) -> None:
+        doc["token_ids"] = other
+        if also_chain:  # a careful editor recomputes the manifest's chains as well
+            spans = [(b["start"], b["length"]) for b in doc["blocks"]]
+            for b, c in zip(doc["blocks"], token_chains(other, spans), strict=True):
+                b["token_chain"] = c
+
+    _edit_manifest(d, edit)
+    with caplog.at_level(logging.WARNING, logger="edge_infer.cache"):
+        snap = store.load("a")
+    assert snap.valid_tokens == 16 and snap.token_ids == other
+    assert_blocks_equal(snap.blocks, blocks[:1])
+    assert any("token ids differ" in r.getMessage() for r in caplog.records)
+
+
+def test_a_version_1_manifest_keeps_its_conversation_and_recomputes_its_kv(
+    store: AgentStore,
+) -> None:
+    blocks, _, d = _saved(store)
+
+    def to_v1(doc: dict) -> None:
+        doc["format_version"] = 1
+        for b in doc["blocks"]:
+            del b["token_chain"]
+
+    _edit_manifest(d, to_v1)
+    snap = store.load("a")
+    assert snap.token_ids == list(range(56)) and snap.messages == MESSAGES
+    assert snap.blocks == [] and snap.valid_tokens == 0 and snap.quarantined == []
+    store.save("a", range(56), blocks, MESSAGES)
+    assert store.load("a").valid_tokens == 56
+
+
+def test_an_unknown_manifest_version_is_a_clear_error(store: AgentStore) -> None:
+    _, _, d = _saved(store)
+    _edit_manifest(d, lambda doc: doc.update(format_version=3))
+    with pytest.raises(CacheVersionError, match="version 3 is not supported"):
+        store.load("a")
+
+
+# -- symbolic links ----------------------------------------------------------------------
+
+
+def _outside(tmp_path: Path) -> Path:
+    out = tmp_path / "outside"
+    out.mkdir(exist_ok=True)
+    return out
+
+
+def test_a_linked_agent_folder_is_never_read_or_written(store: AgentStore, tmp_path) -> None:
+    blocks, m, d = _saved(store)
+    outside = _outside(tmp_path)
+    os.rename(d, outside / "a")  # a folder someone moved out and linked back
+    d.symlink_to(outside / "a")
+    before = {p.name: p.read_bytes() for p in (outside / "a").iterdir()}
+    with pytest.raises(UnsafeCachePath, match="symbolic link"):
+        store.load("a")
+    with pytest.raises(UnsafeCachePath, match="symbolic link"):
+        store.save("a", range(56), blocks, MESSAGES)
+    assert not store.exists("a") and store.list_agents() == []
+    assert {p.name: p.read_bytes() for p in (outside / "a").iterdir()} == before
+    assert store.delete("a") and not os.path.lexists(d)  # the link goes, not its target
+    assert {p.name: p.read_bytes() for p in (outside / "a").iterdir()} == before
+
+
+def test_a_linked_fingerprint_folder_is_refused(store: AgentStore, tmp_path) -> None:
+    blocks, _, _ = _saved(store)
+    outside = _outside(tmp_path)
+    os.rename(store.base_dir, outside / "fp")
+    store.base_dir.symlink_to(outside / "fp")
+    with pytest.raises(UnsafeCachePath):
+        store.save("b", range(16), blocks[:1])
+    assert not (outside / "fp" / "b").exists()
+
+
+def test_a_linked_quarantine_moves_nothing_outside(store: AgentStore, tmp_path, caplog) -> None:
+    _, m, d = _saved(store)
+    outside = _outside(tmp_path)
+    (d / "quarantine").symlink_to(outside)
+    (d / m.blocks[2].file).write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="edge_infer.cache"):
+        snap = store.load("a")
+    assert snap.valid_tokens == 32 and snap.quarantined == []
+    assert list(outside.iterdir()) == []
+    assert any("quarantine is a symbolic link" in r.getMessage() for r in caplog.records)
+
+
+def test_linked_block_files_and_manifest_are_not_followed(store: AgentStore, tmp_path) -> None:
+    _, m, d = _saved(store)
+    outside = _outside(tmp_path)
+    good = d / m.blocks[1].file
+    os.rename(good, outside / good.name)  # the very bytes, but behind a link
+    good.symlink_to(outside / good.name)
+    snap = store.load("a")
+    assert snap.valid_tokens == 16
+    assert os.path.islink(d / "quarantine" / good.name)  # the link moved, not the target
+    assert (outside / good.name).is_file()
+    os.rename(d / "manifest.json", outside / "manifest.json")
+    (d / "manifest.json").symlink_to(outside / "manifest.json")
+    assert store.load("a") is None and not store.exists("a")
+    assert (outside / "manifest.json").is_file()
+    assert sorted(p.name for p in outside.iterdir()) == sorted([good.name, "manifest.json"])

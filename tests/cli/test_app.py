@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 
+from tests.support import gguf_bytes as g
 from tests.support.cli import assert_one_line_error, run_cli
 
 
@@ -100,6 +102,35 @@ def test_models_lists_the_default_and_local_files(tmp_path, default_model_path):
     assert broken["error"]
     table = run_cli("models", env={"EDGE_INFER_MODELS_DIR": str(folder)})
     assert table.returncode == 0 and "SmolLM2" in table.stdout and "Q4_1" in table.stdout
+
+
+def test_one_bad_gguf_does_not_stop_the_models_listing(tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    bad = {
+        "alignment.gguf": ("general.alignment", g.F32, math.inf),
+        "nested.gguf": ("general.tags", g.ARRAY, g.Raw(g.nested_array(200_000))),
+        "context.gguf": ("llama.context_length", g.STRING, "long"),
+        "markup.gguf": ("general.name", g.STRING, "[/oops] [bold"),
+    }
+    for name, (key, vtype, value) in bad.items():
+        h = g.tiny_llama()
+        h.set(key, vtype, value)
+        (folder / name).write_bytes(g.to_bytes(h))
+    (folder / "[red]odd.gguf").write_bytes(g.to_bytes(g.tiny_llama()))
+    env = {"EDGE_INFER_MODELS_DIR": str(folder)}
+    proc = run_cli("models", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    infos = {Path(i["path"]).name: i for i in json.loads(proc.stdout)}
+    for name in ("alignment.gguf", "nested.gguf", "context.gguf"):
+        assert infos[name]["error"] and "\n" not in infos[name]["error"], infos[name]
+    assert "general.alignment" in infos["alignment.gguf"]["error"]
+    assert "context_length" in infos["context.gguf"]["error"]
+    assert infos["markup.gguf"]["name"] == "[/oops] [bold" and not infos["markup.gguf"]["error"]
+    table = run_cli("models", env=env)
+    assert table.returncode == 0 and "Traceback" not in table.stderr, table.stderr
+    flat = " ".join(table.stdout.split())
+    assert "SmolLM2" in flat and "[/oops]" in flat and "[red]odd.gguf" in flat.replace(" ", "")
 
 
 # -- errors: one line, naming the problem, non-zero exit, no traceback ------------------------

@@ -240,3 +240,29 @@ def test_a_real_engine_cache_is_listed_and_verifies(tmp_path, monkeypatch) -> No
     assert row["cached_tokens"] > 0 and row["problem"] is None
     proc = run_cli("cache", "verify")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_linked_entries_are_reported_by_ls_verify_and_rm(cache: Cache, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim"
+    victim.write_text("keep")
+    lock = cache.q4.base_dir / ".locks" / "bob.lock"
+    lock.unlink()
+    lock.symlink_to(victim)  # a linked lock file no longer stops verify for every agent
+    bob = cache.f16.agent_dir("alice")
+    bob.rename(outside / "alice")
+    bob.symlink_to(outside / "alice")
+    proc = run_cli("cache", "verify")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any("bob" in ln and "bob.lock is a symbolic link" in ln for ln in lines)
+    assert any("alice" in ln and "is a symbolic link" in ln for ln in lines)
+    proc = run_cli("cache", "ls", "--json")
+    assert proc.returncode == 0, proc.stderr
+    problems = [r["problem"] or "" for r in json.loads(proc.stdout)]
+    assert sum("symbolic link" in p for p in problems) == 1
+    assert_one_line_error(run_cli("cache", "rm", "bob"), "bob.lock is a symbolic link")
+    proc = run_cli("cache", "rm", "alice", "--model", cache.f16.fingerprint.digest)
+    assert proc.returncode == 0, proc.stderr
+    assert victim.read_text() == "keep" and (outside / "alice" / "manifest.json").is_file()

@@ -16,6 +16,7 @@ from edge_infer.generation.tools import (
     call_grammar,
     parse_tool_calls,
     parse_tools,
+    prompt_messages,
     tool_prompt,
 )
 
@@ -136,3 +137,70 @@ def test_even_the_small_model_makes_a_valid_call_under_the_grammar(torch_engine,
 def test_tool_is_plain_data():
     t = Tool("f", "", {"type": "object"})
     assert t.openai()["function"]["name"] == "f"
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Oslo?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "3 C"},
+]
+
+
+@pytest.mark.parametrize("style", ["QWEN2_STYLE", "LLAMA3_STYLE"])
+def test_tools_render_as_transformers_renders_them(style):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+    from transformers import PreTrainedTokenizerFast
+
+    from edge_infer.models.chat_template import render_chat
+    from tests.support import chat_templates
+
+    template = getattr(chat_templates, style)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=HFTokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    theirs = hf.apply_chat_template(
+        [dict(m, content=m["content"] or "") for m in CONVERSATION],
+        tools=[WEATHER],
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    messages, extra = prompt_messages(CONVERSATION, parse_tools([WEATHER]), template)
+    ours = render_chat(template, messages, bos_token="<s>", eos_token="</s>", **extra)
+    assert ours == theirs
+    assert "get_weather" in ours and "3 C" in ours
+
+
+def test_templates_without_tools_get_the_hermes_form():
+    plain = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    messages, extra = prompt_messages(CONVERSATION, parse_tools([WEATHER]), plain)
+    assert extra == {}
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[0]["content"].startswith("Be brief.") and "<tools>" in messages[0]["content"]
+    _, calls = parse_tool_calls(messages[2]["content"], "hermes")
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Oslo"})]
+    assert messages[3]["content"] == "<tool_response>\n3 C\n</tool_response>"
+
+
+def test_the_runner_renders_a_tool_conversation_on_the_default_model(torch_engine):
+    runner = torch_engine.runner
+    tools = parse_tools([WEATHER])
+    text = runner.render_chat(CONVERSATION, tools=tools)
+    assert "<tools>" in text and "<tool_call>" in text and "<tool_response>\n3 C" in text
+    assert runner.chat_ids(CONVERSATION, tools=tools) == torch_engine.tokenize(text)
+    plain = [{"role": "user", "content": "Hi"}]
+    assert runner.chat_ids(plain) == torch_engine.chat_ids(plain)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 
 from edge_infer.config import cache_root
 from edge_infer.models.fingerprint import Fingerprint, file_digest, files_digest
@@ -50,3 +51,32 @@ def test_default_model_fingerprint_parts(default_model):
     assert set(parts) == {"weights", "tokenizer", "chat_template"}
     assert parts["weights"] == file_digest(default_model.source)
     assert all(len(v) == 64 for v in parts.values())
+
+
+def test_the_digest_memo_is_private_and_never_read_through_a_link(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("EDGE_INFER_CACHE_DIR", str(root))
+    old = os.umask(0o022)
+    try:
+        f = tmp_path / "w.bin"
+        f.write_bytes(b"weights")
+        real = hashlib.sha256(b"weights").hexdigest()
+        assert file_digest(f) == real
+        memo = root / "file-digests.json"
+        assert stat.S_IMODE(memo.stat().st_mode) == 0o600
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700
+        # a planted memo behind a link claims another digest: it is neither read nor written
+        fake = tmp_path / "planted.json"
+        st = f.stat()
+        fake.write_text(
+            json.dumps(
+                {str(f.resolve()): {"stamp": [st.st_size, st.st_mtime_ns], "sha256": "forged"}}
+            )
+        )
+        memo.unlink()
+        memo.symlink_to(fake)
+        assert file_digest(f) == real
+        assert not memo.is_symlink() and stat.S_IMODE(memo.stat().st_mode) == 0o600
+        assert "forged" in fake.read_text()
+    finally:
+        os.umask(old)

@@ -64,6 +64,8 @@ MESSAGES = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Tell me about the weather in Lisbon " * 5},
 ]
+
+
 def make_store(root: Path, fmt: KVFormat = Q4, model: str = "TestModel") -> AgentStore:
     fp = Fingerprint.of(
         weights=f"w-{model}", tokenizer="t", chat_template="c", kv_format=fmt.fingerprint_tag()

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -29,6 +29,7 @@ class Server:
     proc: subprocess.Popen
     port: int
     log: Path
+    starting: list[int] = field(default_factory=list)  # /health statuses while starting
 
     @property
     def url(self) -> str:
@@ -68,13 +69,14 @@ def running_server(cache_dir: Path, *args: str, timeout: float = 180) -> Iterato
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output()}")
             try:
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                server.starting.append(httpx.get(f"{server.url}/health", timeout=2).status_code)
+                if server.starting[-1] == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server did not start:\n{server.output()}")
-            time.sleep(0.3)
+            time.sleep(0.05)
         yield server
     finally:
         if proc.poll() is None:

@@ -1,8 +1,11 @@
-"""MLX backend: mlx-lm's Llama/Qwen2 model classes fed with edge_infer weights.
+"""MLX backend: mlx-lm's Llama/Qwen2 modules fed with edge_infer weights, run layer by layer
+over our own KV cache.
 
 The weights arrive in Hugging Face naming and MLX's affine quantization layout, so they load
 into mlx-lm modules as they are: a :class:`QuantizedWeight` becomes an ``nn.QuantizedLinear``
-(or ``nn.QuantizedEmbedding``) with that tensor's own bits and group size.
+(or ``nn.QuantizedEmbedding``) with that tensor's own bits and group size. The layer loop is
+ours so that attention reads the stored KV form (:mod:`.kv_cache`, :mod:`.kv_attention`)
+instead of an mlx-lm cache.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 from mlx_lm.models import llama, qwen2
-from mlx_lm.models.base import scaled_dot_product_attention
 
 from edge_infer.backends.base import check_batch
+from edge_infer.backends.mlx.kv_attention import attend
 from edge_infer.backends.mlx.kv_cache import MLXCache
 from edge_infer.errors import ModelFormatError, UnsupportedModelError
 from edge_infer.formats.affine import QuantizedWeight
@@ -49,6 +52,10 @@ class FreqsRoPE(nn.Module):
 
 def _build_model(config: ModelConfig) -> nn.Module:
     """An mlx-lm model (random, unevaluated parameters) shaped like ``config``."""
+    if config.qk_norm or config.sandwich_norms or config.local_layers:
+        raise UnsupportedModelError(
+            f"{config.arch} models do not run on the mlx backend yet (use --backend torch)"
+        )
     common = {
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_layers,
@@ -156,9 +163,17 @@ class MLXBackend:
                 out.append((name, mx.array(np.asarray(w)).astype(self.dtype)))
         return out
 
+    @property
+    def mlx_model(self) -> nn.Module:
+        """The mlx-lm model holding the weights (to run it with mlx-lm's own caches)."""
+        return self._model
+
     def new_cache(self) -> MLXCache:
         """An empty KV cache for one sequence."""
-        return MLXCache(self.config.num_layers, self.kv_bits, self.kv_group_size, self.dtype)
+        cfg = self.config
+        return MLXCache(
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_bits, self.kv_group_size
+        )
 
     def forward(
         self, inputs: np.ndarray, cache: MLXCache, *, all_logits: bool = False
@@ -175,68 +190,66 @@ class MLXBackend:
                 raise ValueError("forward needs at least one token")
             if inputs.min() < 0 or inputs.max() >= cfg.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
-            tokens, embeddings = mx.array(inputs.astype(np.int32))[None], None
+            h = self._model.model.embed_tokens(mx.array(inputs.astype(np.int32))[None])
         elif inputs.ndim == 2 and np.issubdtype(inputs.dtype, np.floating):
             if inputs.shape[0] == 0 or inputs.shape[1] != cfg.hidden_size:
                 raise ValueError(
                     f"embeddings must be [T>0, {cfg.hidden_size}], got {list(inputs.shape)}"
                 )
-            embeddings = mx.array(inputs.astype(np.float32)).astype(self.dtype)[None]
-            tokens = mx.zeros((1, inputs.shape[0]), dtype=mx.int32)  # unused by mlx-lm
+            h = mx.array(inputs.astype(np.float32)).astype(self.dtype)[None]
         else:
             raise ValueError(
                 "inputs must be token ids [T] (int) or embeddings [T, hidden] (float), got "
                 f"{inputs.dtype} {list(inputs.shape)}"
             )
 
-        outs, pos, total = [], 0, tokens.shape[1]
+        outs, pos, total = [], 0, h.shape[1]
         while pos < total:  # one call per KV block touched
             n = min(total - pos, cache.max_tokens_in_one_call())
-            piece_emb = None if embeddings is None else embeddings[:, pos : pos + n]
-            hidden = self._model.model(tokens[:, pos : pos + n], cache.layers, piece_emb)
+            hidden = self._layers(h[:, pos : pos + n], [cache])
             pos += n
-            if not all_logits:
-                if pos < total:
-                    mx.eval([(c.keys, c.values) for c in cache.layers])
-                    continue
-                hidden = hidden[:, -1:, :]
-            outs.append(self._head(hidden))
-            mx.eval(outs[-1], [(c.keys, c.values) for c in cache.layers])
+            if all_logits or pos == total:
+                outs.append(self._head(hidden if all_logits else hidden[:, -1:, :]))
+            mx.eval(outs[-1:], cache.arrays())
+            cache.advance(n)
         return np.array(mx.concatenate(outs, axis=0) if len(outs) > 1 else outs[0])
 
     def forward_batch(self, tokens: Sequence[int], caches: Sequence[MLXCache]) -> np.ndarray:
         """Logits [B, vocab] after feeding ``tokens[b]`` to ``caches[b]`` (one step each).
 
         The projections and the MLP run once for the batch; attention runs per sequence over
-        its own cache, as mlx-lm's attention does for one.
+        its own cache.
         """
         check_batch(tokens, caches)
-        m, n = self._model.model, len(tokens)
-        h = m.embed_tokens(mx.array(np.asarray(tokens, dtype=np.int32))[:, None])  # [B, 1, D]
+        ids = mx.array(np.asarray(tokens, dtype=np.int32))[:, None]
+        hidden = self._layers(self._model.model.embed_tokens(ids), list(caches))  # [B, 1, D]
+        logits = self._head(hidden.reshape(1, len(caches), -1))
+        mx.eval(logits, [a for cache in caches for a in cache.arrays()])
+        for cache in caches:
+            cache.advance(1)
+        return np.array(logits)
+
+    def _layers(self, h: mx.array, caches: list[MLXCache]) -> mx.array:
+        """The decoder over h [B, T, hidden], row b after ``caches[b]`` (one cache: B = 1):
+        stores each layer's keys and values in the caches (uncommitted) and returns the
+        final-normed hidden states [B, T, hidden]."""
+        m = self._model.model
+        n, t = h.shape[:2]
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).reshape(n, 1, attn.n_heads, -1).transpose(0, 2, 1, 3)
-            k = attn.k_proj(x).reshape(n, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-            v = attn.v_proj(x).reshape(n, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+            q = attn.q_proj(x).reshape(n, t, attn.n_heads, -1).transpose(0, 2, 1, 3)
+            k = attn.k_proj(x).reshape(n, t, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+            v = attn.v_proj(x).reshape(n, t, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
             outs = []
             for b, cache in enumerate(caches):
-                c = cache.layers[i]
-                qb = attn.rope(q[b : b + 1], offset=c.offset)
-                keys, values = c.update_and_fetch(
-                    attn.rope(k[b : b + 1], offset=c.offset), v[b : b + 1]
-                )
-                outs.append(
-                    scaled_dot_product_attention(
-                        qb, keys, values, cache=c, scale=attn.scale, mask=None
-                    )
-                )
-            o = mx.concatenate(outs, axis=0).transpose(0, 2, 1, 3).reshape(n, 1, -1)
-            h = h + attn.o_proj(o)
+                at = cache.length
+                cache.update(i, attn.rope(k[b : b + 1], offset=at), v[b : b + 1])
+                outs.append(attend(cache, i, attn.rope(q[b : b + 1], offset=at), attn.scale))
+            o = outs[0] if n == 1 else mx.concatenate(outs, axis=0)
+            h = h + attn.o_proj(o.transpose(0, 2, 1, 3).reshape(n, t, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        logits = self._head(m.norm(h).reshape(1, n, -1))
-        mx.eval(logits, [(c.keys, c.values) for cache in caches for c in cache.layers])
-        return np.array(logits)
+        return m.norm(h)
 
     def _head(self, hidden: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:

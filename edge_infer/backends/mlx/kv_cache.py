@@ -1,226 +1,338 @@
-"""KV caches of one sequence for the MLX backend, in the shared stored format.
+"""KV cache of one sequence for the MLX backend, in the shared stored format.
 
-As in the torch backend: the growing tail block is stored in float16, and a block that fills
-is sealed (Hadamard-rotated and quantized to 4/8 bits once). Attention reads exactly what is
-stored (rotated back) from mlx-lm's float cache, so exporting and importing blocks (to disk,
-to the other backend) never changes what a later token attends to. One forward call must stay
-inside one block; the backend splits calls to ensure it.
+As in the torch backend, tokens live in blocks of ``block_size``. The open block is held in
+float16; when it fills it is *sealed*: Hadamard-rotated (:mod:`edge_infer.cache_store.rotation`)
+and quantized to 4 or 8 bits once, and its float16 rows are dropped. Only the stored form is
+held, and attention (:mod:`edge_infer.backends.mlx.kv_attention`) reads it as it is: packed
+sealed rows through ``mx.quantized_matmul``, the float16 tail directly. What a query attends
+to is a function of positions only (blocks that ended before it quantized, its own block in
+float16), so saving, restoring and moving blocks between backends never changes a later token.
+One forward call stays inside one block (the backend splits calls to ensure it); the tokens
+it stores are committed, and a full block sealed, by :meth:`MLXCache.advance` afterwards.
 """
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache
 
+from edge_infer.backends.mlx.kv_quant import dequantize_kv, quantize_kv
 from edge_infer.cache_store.blocks import KVBlock, key_bounds, tokens_to_block_end, truncation
 from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV
-from edge_infer.cache_store.rotation import hadamard
 
 DEFAULT_BLOCK_SIZE = 256
-_STEP = 256
+TAIL_STEP = 64  # rows the float16 tail grows by: a short tail holds little more than itself
+
+Parts = tuple[mx.array, mx.array, mx.array]
+"""Quantized K or V rows: packed uint32, scales and biases float16 ``[n_kv, 1, T, ...]``."""
 
 
-class StoredKVCache(KVCache):
-    """mlx-lm's float cache (what attention reads) plus the stored form of the same tokens.
+def _grown(old: mx.array | None, keep: int, shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
+    """A zeroed ``shape`` buffer with the first ``keep`` rows (axis 2) of ``old``."""
+    if old is None or keep == 0:
+        return mx.zeros(shape, dtype=dtype)
+    rest = (*shape[:2], shape[2] - keep, shape[3])
+    return mx.concatenate([old[:, :, :keep], mx.zeros(rest, dtype=dtype)], axis=2)
 
-    Attributes are not named ``bits``/``group_size``: mlx-lm would take that for its own
-    quantized cache and attend to the quantized arrays directly.
-    """
 
-    def __init__(self, kv_bits: int, kv_group: int, block_size: int) -> None:
-        super().__init__()
-        self.kv_bits, self.kv_group, self.block_size = kv_bits, kv_group, block_size
-        self.sealed = 0
-        self._half: list[mx.array] | None = None  # keys, values float16 [1, n_kv, cap, D]
-        self._quant: list[list[mx.array]] | None = None  # per K/V: packed, scales, biases
+def _rows(x: mx.array, n: int) -> mx.array:
+    """The first ``n`` rows (axis 2) of a buffer, without a slice when they are all of it."""
+    return x if x.shape[2] == n else x[:, :, :n]
 
-    # -- buffers ------------------------------------------------------------------------------
-    def _reserve(self, shape: tuple[int, ...], end: int) -> None:
-        cap = self._half[0].shape[2] if self._half is not None else 0
-        if end <= cap:
-            return
-        new_cap = (end + _STEP - 1) // _STEP * _STEP
-        n, d = shape[1], shape[3]
 
-        def grow(old: mx.array | None, width: int, dtype: mx.Dtype) -> mx.array:
-            new = mx.zeros((1, n, new_cap, width), dtype=dtype)
-            if old is not None and self.offset:
-                new[..., : self.offset, :] = old[..., : self.offset, :]
-            return new
-
-        old_half = self._half or [None, None]
-        self._half = [grow(old_half[w], d, mx.float16) for w in range(2)]
-        if self.kv_bits < 16:
-            words, groups = d * self.kv_bits // 32, d // self.kv_group
-            old_q = self._quant or [[None] * 3, [None] * 3]
-            self._quant = [
-                [
-                    grow(q[0], words, mx.uint32),
-                    grow(q[1], groups, mx.float16),
-                    grow(q[2], groups, mx.float16),
-                ]
-                for q in old_q
-            ]
-
-    def _rotation(self, d: int, dtype: mx.Dtype) -> mx.array:
-        return mx.array(hadamard(d)).astype(dtype)
-
-    def _readable(self, parts: list[mx.array], dtype: mx.Dtype) -> mx.array:
-        deq = mx.dequantize(
-            parts[0],
-            parts[1].astype(dtype),
-            parts[2].astype(dtype),
-            group_size=self.kv_group,
-            bits=self.kv_bits,
-        )
-        return deq @ self._rotation(deq.shape[-1], dtype)
-
-    def _seal(self, a: int, b: int) -> None:
-        self.sealed = b
-        if self.kv_bits == 16:  # float16 blocks are stored as they are
-            return
-        assert self._half is not None and self._quant is not None
-        work = [self.keys, self.values]
-        for w in range(2):
-            x = self._half[w][..., a:b, :].astype(mx.float32)
-            x = x @ self._rotation(x.shape[-1], mx.float32)
-            packed, scales, biases = mx.quantize(x, group_size=self.kv_group, bits=self.kv_bits)
-            parts = [packed, scales.astype(mx.float16), biases.astype(mx.float16)]
-            for buf, p in zip(self._quant[w], parts, strict=True):
-                buf[..., a:b, :] = p
-            work[w][..., a:b, :] = self._readable(parts, work[w].dtype)
-
-    # -- mlx-lm interface ---------------------------------------------------------------------
-    def max_tokens_in_one_call(self) -> int:
-        return tokens_to_block_end(self.offset, self.block_size, self.kv_bits < 16)
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array):  # noqa: ANN201 - mlx-lm API
-        prev, end = self.offset, self.offset + keys.shape[2]
-        if keys.shape[2] > self.max_tokens_in_one_call():
-            raise ValueError("a forward call must not cross a KV block boundary")
-        self._reserve(keys.shape, end)
-        reads = []
-        for w, x in enumerate((keys, values)):
-            half = x.astype(mx.float16)
-            self._half[w][..., prev:end, :] = half
-            reads.append(half.astype(x.dtype))
-        out = super().update_and_fetch(reads[0], reads[1])  # what this call attends to
-        while self.sealed + self.block_size <= end:
-            self._seal(self.sealed, self.sealed + self.block_size)
-        return out
-
-    def truncate(self, n: int) -> int:
-        self.offset, self.sealed = truncation(
-            n, self.offset, self.sealed, self.block_size, self.kv_bits < 16
-        )
-        return self.offset
-
-    # -- export / import ------------------------------------------------------------------------
-    def export(self, a: int, b: int, sealed: bool) -> LayerKV:
-        out = []
-        for w in range(2):
-            if not sealed or self.kv_bits == 16:
-                out.append(np.array(self._half[w][0, :, a:b]))
-            else:
-                p, s, z = (np.array(t[0, :, a:b]) for t in self._quant[w])
-                out.append(
-                    QuantizedKV(
-                        packed=p.view(np.uint32),
-                        scales=s,
-                        biases=z,
-                        bits=self.kv_bits,
-                        group_size=self.kv_group,
-                    )
-                )
-        return LayerKV(keys=out[0], values=out[1])
-
-    def abstract(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-        return key_bounds(np.array(self.keys[0, :, a:b].astype(mx.float32)))
-
-    def load(self, lkv: LayerKV, a: int, b: int, quantized: bool, dtype: mx.Dtype) -> None:
-        n_kv, _, d = (lkv.keys if isinstance(lkv.keys, np.ndarray) else lkv.keys.dequantize()).shape
-        if self.offset != a:
-            raise ValueError(f"block at {a} does not follow {self.offset} tokens")
-        self._reserve((1, n_kv, b - a, d), b)
-        reads = []
-        for w, kv in enumerate((lkv.keys, lkv.values)):
-            if not quantized:
-                if not isinstance(kv, np.ndarray):
-                    raise ValueError("expected float16 K/V for an unsealed or float16 block")
-                half = mx.array(np.asarray(kv, dtype=np.float16))[None]
-                self._half[w][..., a:b, :] = half
-                reads.append(half.astype(dtype))
-                continue
-            layout = (self.kv_bits, self.kv_group)
-            if not isinstance(kv, QuantizedKV) or (kv.bits, kv.group_size) != layout:
-                raise ValueError(f"blocks are not {self.kv_bits}-bit group {self.kv_group} K/V")
-            parts = [
-                mx.array(np.ascontiguousarray(kv.packed))[None],
-                mx.array(kv.scales)[None],
-                mx.array(kv.biases)[None],
-            ]
-            for buf, p in zip(self._quant[w], parts, strict=True):
-                buf[..., a:b, :] = p
-            reads.append(self._readable(parts, dtype))
-        super().update_and_fetch(reads[0], reads[1])
-        if b - a == self.block_size and b % self.block_size == 0:
-            self.sealed = max(self.sealed, b)
+def hadamard_rotate(x: mx.array, scale: float = 1.0) -> mx.array:
+    """``scale * x @ H`` along the last axis, H the normalized Hadamard matrix of
+    :mod:`edge_infer.cache_store.rotation` (symmetric, its own inverse)."""
+    return mx.hadamard_transform(x, scale=scale / math.sqrt(x.shape[-1]))
 
 
 class MLXCache:
-    """One sequence's KV cache: one stored-format mlx-lm cache per layer."""
+    """Per layer: the sealed blocks' quantized K and V, and the open block's float16 rows.
+
+    Buffers are ``[n_kv, 1, capacity, ...]``: the unit axis lets a KV head's group of query
+    heads broadcast over its rows. The sealed part grows by whole blocks with an
+    eighth of headroom (so a long prefill copies it a bounded number of times); the tail grows
+    by :data:`TAIL_STEP` rows and is released when its block seals. With ``kv_bits=16`` every
+    token stays float16 in the tail buffer, which then starts at token 0.
+    """
 
     def __init__(
         self,
         num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
         kv_bits: int,
         group_size: int,
-        dtype: mx.Dtype,
         block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
-        self.bits, self.group_size, self.dtype = kv_bits, group_size, dtype
-        self.block_size = block_size
-        self.layers = [StoredKVCache(kv_bits, group_size, block_size) for _ in range(num_layers)]
+        if kv_bits not in (4, 8, 16):
+            raise ValueError(f"kv_bits must be 4, 8 or 16 (got {kv_bits})")
+        if kv_bits < 16 and head_dim % group_size:
+            raise ValueError(f"head_dim {head_dim} is not a multiple of group size {group_size}")
+        if kv_bits < 16 and head_dim & (head_dim - 1):
+            raise ValueError(f"Hadamard rotation needs a power-of-two head_dim, got {head_dim}")
+        self.num_layers, self.n_kv, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.bits, self.group_size, self.block_size = kv_bits, group_size, block_size
+        self._length = 0
+        self._sealed = 0
+        self._capacity = 0  # rows of the sealed buffers
+        self._quant: list[list[list[mx.array]]] = [[[], []] for _ in range(num_layers)]
+        self._tail: list[list[mx.array | None]] = [[None, None] for _ in range(num_layers)]
 
+    # -- what attention reads ---------------------------------------------------------------
     @property
     def length(self) -> int:
-        """Number of tokens held."""
-        return int(self.layers[0].offset) if self.layers else 0
+        """Tokens held (committed)."""
+        return self._length
 
     @property
     def sealed_length(self) -> int:
-        return self.layers[0].sealed if self.layers else 0
+        """Tokens in sealed blocks; quantized unless KV is float16."""
+        return self._sealed
 
+    @property
+    def quantized(self) -> bool:
+        """True when sealed blocks are stored quantized (4 or 8 bits)."""
+        return self.bits < 16
+
+    @property
+    def tail_start(self) -> int:
+        """The token held in the tail buffer's first row."""
+        return self._sealed if self.quantized else 0
+
+    def sealed_rows(self, layer: int) -> tuple[Parts, Parts] | None:
+        """The layer's quantized K and V parts of the sealed tokens, or None if none are."""
+        if not self.quantized or self._sealed == 0:
+            return None
+        k, v = (tuple(_rows(t, self._sealed) for t in self._quant[layer][w]) for w in range(2))
+        return k, v  # type: ignore[return-value]
+
+    def tail_rows(self, layer: int, end: int) -> tuple[mx.array, mx.array] | None:
+        """The layer's float16 K and V of tokens ``tail_start..end``, or None if none are."""
+        n = end - self.tail_start
+        if n <= 0:
+            return None
+        k, v = self._tail[layer]
+        assert k is not None and v is not None
+        return _rows(k, n), _rows(v, n)
+
+    # -- writing ----------------------------------------------------------------------------
     def max_tokens_in_one_call(self) -> int:
-        return self.layers[0].max_tokens_in_one_call()
+        """How many tokens the next forward may take without crossing a block boundary."""
+        return tokens_to_block_end(self._length, self.block_size, self.quantized)
+
+    def update(self, layer: int, keys: mx.array, values: mx.array) -> None:
+        """Store keys/values [1, n_kv, T, D] (rounded to float16) after the held tokens;
+        attention then reads them with the held ones. :meth:`advance` commits them."""
+        t = keys.shape[2]
+        keys, values = (x.reshape(self.n_kv, 1, t, self.head_dim) for x in (keys, values))
+        if t > self.max_tokens_in_one_call():
+            raise ValueError("a forward call must not cross a KV block boundary")
+        a = self._length - self.tail_start
+        self._reserve_tail(layer, a + t)
+        for w, x in enumerate((keys, values)):
+            buf = self._tail[layer][w]
+            assert buf is not None
+            buf[:, :, a : a + t] = x.astype(mx.float16)
+
+    def _reserve_tail(self, layer: int, rows: int) -> None:
+        have = self._tail[layer][0]
+        cap = 0 if have is None else have.shape[2]
+        if rows <= cap:
+            return
+        if self.quantized:
+            new_cap = min(-(-rows // TAIL_STEP) * TAIL_STEP, self.block_size)
+        else:
+            new_cap = self._headroom(rows)
+        keep = self._length - self.tail_start
+        shape = (self.n_kv, 1, new_cap, self.head_dim)
+        self._tail[layer] = [_grown(x, keep, shape, mx.float16) for x in self._tail[layer]]
+
+    def _headroom(self, rows: int) -> int:
+        """Capacity for ``rows`` rows: whole blocks and an eighth more."""
+        blocks = -(-rows // self.block_size)
+        return (blocks + blocks // 8) * self.block_size
+
+    def _reserve_sealed(self, rows: int, exact: bool = False) -> None:
+        if rows <= self._capacity:
+            return
+        cap = -(-rows // self.block_size) * self.block_size if exact else self._headroom(rows)
+        # fresh allocations of their own size: MLX would otherwise hand out cached buffers up
+        # to twice as large, and the cache would hold that much more for as long as it lives
+        mx.clear_cache()
+        d, bits, g = self.head_dim, self.bits, self.group_size
+        specs = [(d * bits // 32, mx.uint32), (d // g, mx.float16), (d // g, mx.float16)]
+        for layer in self._quant:
+            for w in range(2):
+                layer[w] = [
+                    _grown(
+                        layer[w][j] if layer[w] else None,
+                        self._sealed,
+                        (self.n_kv, 1, cap, width),
+                        dtype,
+                    )
+                    for j, (width, dtype) in enumerate(specs)
+                ]
+        self._capacity = cap
+        mx.eval([t for layer in self._quant for parts in layer for t in parts])
+
+    def advance(self, n: int) -> None:
+        """Commit ``n`` tokens stored by :meth:`update` (after the call's attention is
+        evaluated); seal the block they completed."""
+        self._length += n
+        if self._sealed + self.block_size > self._length:
+            return
+        while self._sealed + self.block_size <= self._length:
+            self._seal()
+        mx.eval(self.arrays())
+
+    def _seal(self) -> None:
+        a, b = self._sealed, self._sealed + self.block_size
+        if not self.quantized:  # float16 blocks are stored as they are
+            self._sealed = b
+            return
+        self._reserve_sealed(b)
+        for i in range(self.num_layers):
+            for w in range(2):
+                tail = self._tail[i][w]
+                assert tail is not None
+                x = hadamard_rotate(tail[:, :, : self.block_size].astype(mx.float32))
+                for buf, part in zip(
+                    self._quant[i][w], quantize_kv(x, self.bits, self.group_size), strict=True
+                ):
+                    buf[:, :, a:b] = part
+            self._tail[i] = [None, None]  # the next block starts a new tail
+        self._sealed = b
 
     def truncate(self, n: int) -> int:
-        """Keep at most the first ``n`` tokens (whole sealed blocks if cut inside one)."""
-        kept = [c.truncate(n) for c in self.layers]
-        return kept[0] if kept else 0
+        """Keep at most the first ``n`` tokens; returns how many are kept.
 
+        Cutting inside a sealed block keeps only the whole sealed blocks before it: the cut
+        block's tokens would have been float16, not quantized, so they must be recomputed.
+        """
+        self._length, self._sealed = truncation(
+            n, self._length, self._sealed, self.block_size, self.quantized
+        )
+        return self._length
+
+    # -- memory -----------------------------------------------------------------------------
+    def arrays(self) -> list[mx.array]:
+        """Every array the cache holds."""
+        out = [t for layer in self._quant for parts in layer for t in parts]
+        return out + [t for layer in self._tail for t in layer if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays the cache holds (their whole capacity)."""
+        return sum(int(a.nbytes) for a in self.arrays())
+
+    # -- export / import --------------------------------------------------------------------
     def blocks(self, start: int = 0) -> list[KVBlock]:
-        """Stored blocks from the block holding ``start`` on, as numpy arrays."""
+        """Stored blocks from the block holding ``start`` on: sealed (quantized, with key
+        abstracts) and the float16 tail, as numpy arrays (copies)."""
         out, bs = [], self.block_size
         pos = start // bs * bs
-        while pos < self.length:
-            end = min(pos + bs, self.length)
-            sealed = end <= self.sealed_length
-            layers = [c.export(pos, end, sealed) for c in self.layers]
-            abstract = [c.abstract(pos, end) for c in self.layers] if sealed else None
+        while pos < self._length:
+            end = min(pos + bs, self._length)
+            sealed = end <= self._sealed
+            layers = [
+                LayerKV(
+                    keys=self._export(i, 0, pos, end, sealed),
+                    values=self._export(i, 1, pos, end, sealed),
+                )
+                for i in range(self.num_layers)
+            ]
+            abstract = None
+            if sealed:
+                abstract = [
+                    key_bounds(self._readable_keys(i, pos, end)) for i in range(self.num_layers)
+                ]
             out.append(KVBlock(pos, end - pos, layers, sealed=sealed, abstract=abstract))
             pos = end
         return out
 
+    def _readable_keys(self, i: int, a: int, b: int) -> np.ndarray:
+        """Keys of sealed tokens a..b as attention reads them, float32 [n_kv, b-a, D]."""
+        if not self.quantized:
+            t = self._tail[i][0]
+            assert t is not None
+            return np.array(t[:, 0, a:b].astype(mx.float32))
+        parts = (t[:, 0, a:b] for t in self._quant[i][0])
+        return np.array(hadamard_rotate(dequantize_kv(*parts, self.bits, self.group_size)))
+
+    def _export(self, i: int, w: int, a: int, b: int, sealed: bool) -> QuantizedKV | np.ndarray:
+        if not sealed or not self.quantized:
+            t = self._tail[i][w]
+            assert t is not None
+            off = self.tail_start
+            return np.array(t[:, 0, a - off : b - off])
+        p, s, z = (np.array(t[:, 0, a:b]) for t in self._quant[i][w])
+        return QuantizedKV(
+            packed=p.view(np.uint32), scales=s, biases=z, bits=self.bits, group_size=self.group_size
+        )
+
     def append_blocks(self, blocks: list[KVBlock]) -> None:
         """Append stored blocks (as exported, from any backend) after the held tokens."""
+        pos, sealed_end = self._length, self._sealed
         for block in blocks:
-            if len(block.layers) != len(self.layers):
+            if block.start != pos:
+                raise ValueError(f"block at {block.start} does not follow {pos} tokens")
+            if len(block.layers) != self.num_layers:
                 raise ValueError(
-                    f"expected {len(self.layers)} layers of KV, got {len(block.layers)}"
+                    f"expected {self.num_layers} layers of KV, got {len(block.layers)}"
                 )
-            quantized = self.bits < 16 and block.sealed
-            for c, lkv in zip(self.layers, block.layers, strict=True):
-                c.load(lkv, block.start, block.end, quantized, self.dtype)
-        mx.eval([c.state for c in self.layers])
+            if block.sealed and self.quantized and pos != sealed_end:
+                raise ValueError(f"sealed block at {block.start} follows unsealed tokens")
+            pos = block.end
+            if block.sealed:
+                sealed_end = pos
+        quant = [b for b in blocks if b.sealed and self.quantized]
+        rest = [b for b in blocks if not (b.sealed and self.quantized)]
+        if quant:
+            self._load_sealed(quant)
+        for block in rest:
+            for lkv in block.layers:
+                for kv in (lkv.keys, lkv.values):
+                    if not isinstance(kv, np.ndarray):
+                        raise ValueError("expected float16 K/V for an unsealed or float16 block")
+        if rest:
+            for i in range(self.num_layers):  # room for all of them at once
+                self._reserve_tail(i, rest[-1].end - self.tail_start)
+        for block in rest:
+            for i, lkv in enumerate(block.layers):
+                a = block.start - self.tail_start
+                for w, kv in enumerate((lkv.keys, lkv.values)):
+                    half = mx.array(np.asarray(kv, dtype=np.float16))[:, None]
+                    buf = self._tail[i][w]
+                    assert buf is not None
+                    buf[:, :, a : a + block.length] = half
+            self._length = block.end
+            if block.sealed:
+                self._sealed = block.end
+        mx.eval(self.arrays())
+
+    def _load_sealed(self, blocks: list[KVBlock]) -> None:
+        """Quantized sealed blocks, contiguous from ``sealed_length``: one write per array."""
+        layout = (self.bits, self.group_size)
+        a, b = blocks[0].start, blocks[-1].end
+        self._reserve_sealed(b, exact=True)
+        for i in range(self.num_layers):
+            for w in range(2):
+                kvs = [blk.layers[i].values if w else blk.layers[i].keys for blk in blocks]
+                for kv in kvs:
+                    if not isinstance(kv, QuantizedKV) or (kv.bits, kv.group_size) != layout:
+                        got = kv.bits if isinstance(kv, QuantizedKV) else 16
+                        raise ValueError(
+                            f"blocks are not {self.bits}-bit group {self.group_size} K/V "
+                            f"(got {got}-bit)"
+                        )
+                parts = (
+                    np.concatenate([kv.packed for kv in kvs], axis=1),
+                    np.concatenate([kv.scales for kv in kvs], axis=1),
+                    np.concatenate([kv.biases for kv in kvs], axis=1),
+                )
+                for buf, part in zip(self._quant[i][w], parts, strict=True):
+                    buf[:, :, a:b] = mx.array(part)[:, None]
+        self._length = self._sealed = b

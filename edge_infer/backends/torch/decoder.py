@@ -1,4 +1,4 @@
-"""A compact Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) on our quantized weights."""
+"""A compact decoder (Llama, Mistral, Qwen2/3, SmolLM, Gemma 3) on our quantized weights."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from edge_infer.backends.torch.kv_attention import attend_new_tokens, attend_tokens
 from edge_infer.backends.torch.kv_cache import TorchKVCache
+from edge_infer.backends.torch.layers import RopeTable, norm_heads, query_factor
 from edge_infer.backends.torch.linear import (
+    GEGLU,
     RMS_NORM,
     SWIGLU,
     Linear,
@@ -40,6 +42,11 @@ class _Layer:
     o: Linear
     gate_up: Linear
     down: Linear
+    local: bool = False  # a sliding-window layer (its own RoPE base)
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None  # Gemma's norms of the attention and MLP
+    mlp_out_norm: torch.Tensor | None = None  # outputs (post_norm is then pre-MLP)
 
 
 class TorchDecoder:
@@ -60,10 +67,13 @@ class TorchDecoder:
                 bias = torch.cat(
                     [_vector(w[p + f"self_attn.{n}_proj.bias"], device) for n in "qkv"]
                 )
+            pre_mlp = (
+                "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
+            )
             self.layers.append(
                 _Layer(
                     input_norm=_vector(w[p + "input_layernorm.weight"], device),
-                    post_norm=_vector(w[p + "post_attention_layernorm.weight"], device),
+                    post_norm=_vector(w[p + pre_mlp + ".weight"], device),
                     qkv=make_linear(concat_weights(attn), device),
                     qkv_bias=bias,
                     o=make_linear(w[p + "self_attn.o_proj.weight"], device),
@@ -74,8 +84,16 @@ class TorchDecoder:
                         device,
                     ),
                     down=make_linear(w[p + "mlp.down_proj.weight"], device),
+                    local=cfg.is_local(i),
                 )
             )
+            layer = self.layers[-1]
+            if cfg.qk_norm:
+                layer.q_norm = _vector(w[p + "self_attn.q_norm.weight"], device)
+                layer.k_norm = _vector(w[p + "self_attn.k_norm.weight"], device)
+            if cfg.sandwich_norms:
+                layer.attn_out_norm = _vector(w[p + "post_attention_layernorm.weight"], device)
+                layer.mlp_out_norm = _vector(w[p + "post_feedforward_layernorm.weight"], device)
         self.norm = _vector(w["model.norm.weight"], device)
         head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
         self.lm_head = make_linear(head, device)
@@ -88,6 +106,9 @@ class TorchDecoder:
             device=device, dtype=torch.float64
         )
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope_local = RopeTable(cfg.rope_local_inv_freq(), cfg.context_length, device)
+        self._q_factor = query_factor(cfg)
+        self._gate = GEGLU if cfg.hidden_act == "gelu_tanh" else SWIGLU  # fused before down
 
     @property
     def weight_bytes(self) -> int:
@@ -104,15 +125,18 @@ class TorchDecoder:
             self.device,
             kv_bits=kv_bits,
             group_size=group_size,
+            windows=cfg.layer_windows(),
         )
 
     def embed(self, ids: np.ndarray) -> torch.Tensor:
         """Embedding rows for token ids, float32 [T, hidden]."""
         if self.config.tie_word_embeddings and isinstance(self.lm_head, PackedLinear):
-            return self.lm_head.rows(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
-        w = self.embed_weight
-        rows = w.take_rows(ids).dequantize() if isinstance(w, QuantizedWeight) else w[ids]
-        return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+            h = self.lm_head.rows(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
+        else:
+            w = self.embed_weight
+            rows = w.take_rows(ids).dequantize() if isinstance(w, QuantizedWeight) else w[ids]
+            h = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+        return h * self.config.embedding_scale if self.config.embedding_scale != 1.0 else h
 
     def _rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope_cache is None or self._rope_cache[0].shape[0] < end:
@@ -140,11 +164,14 @@ class TorchDecoder:
         cfg = self.config
         h = h.to(torch.float32, copy=True)  # the residual stream is updated in place
         T, start = h.shape[0], cache.length
-        cos, sin = self._rope(start, start + T)
+        ropes = {False: self._rope(start, start + T)}
+        if cfg.local_layers:
+            ropes[True] = self._rope_local.get(start, start + T)
         n_q, d = cfg.num_heads, cfg.head_dim
         if T == 1:
             cache.reserve_next()
         for i, layer in enumerate(self.layers):
+            cos, sin = ropes[layer.local]
             q, k, v = self._qkv(layer, h, cos, sin)
             if T == 1:  # the same computation as one row of forward_batch
                 attn = attend_new_tokens([cache], i, q, k, v).reshape(1, n_q * d)
@@ -152,7 +179,7 @@ class TorchDecoder:
                 cache.update(i, k.transpose(0, 1), v.transpose(0, 1))
                 attn = attend_tokens(cache, i, q.transpose(0, 1))
                 attn = attn.transpose(0, 1).reshape(T, n_q * d)
-            layer.o(attn, out=h)
+            self._add_attention(layer, h, attn)
             self._add_mlp(layer, h)
         cache.advance(T)
         if not all_logits:
@@ -171,16 +198,19 @@ class TorchDecoder:
         h = h.to(torch.float32, copy=True)
         B = h.shape[0]
         starts = [c.length for c in caches]
-        cos_all, sin_all = self._rope(0, max(starts) + 1)
         pos = torch.tensor(starts, device=self.device)
-        cos, sin = cos_all[pos], sin_all[pos]  # [B, D/2]
+        tables = {False: self._rope(0, max(starts) + 1)}
+        if cfg.local_layers:
+            tables[True] = self._rope_local.get(0, max(starts) + 1)
+        ropes = {k: (c[pos], s[pos]) for k, (c, s) in tables.items()}  # [B, D/2] per kind
         n_q, d = cfg.num_heads, cfg.head_dim
         for cache in caches:
             cache.reserve_next()
         for i, layer in enumerate(self.layers):
+            cos, sin = ropes[layer.local]
             q, k, v = self._qkv(layer, h, cos, sin)
             attn = attend_new_tokens(caches, i, q, k, v)
-            layer.o(attn.reshape(B, n_q * d), out=h)
+            self._add_attention(layer, h, attn.reshape(B, n_q * d))
             self._add_mlp(layer, h)
         for cache in caches:
             cache.advance(1)
@@ -197,19 +227,35 @@ class TorchDecoder:
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
         n = qkv.shape[0]
+        qk = qkv[:, : (n_q + n_kv) * d].view(n, n_q + n_kv, d)
+        if layer.q_norm is not None and layer.k_norm is not None:
+            qk.copy_(norm_heads(qk, n_q, layer.q_norm, layer.k_norm, cfg.rms_norm_eps))
+        if self._q_factor is not None:  # the kernels scale scores by 1/sqrt(head_dim)
+            qk[:, :n_q].mul_(self._q_factor)
         if self._kernel is not None:
             self._kernel.rope_inplace(qkv, cos, sin, n_q + n_kv, d)
-            qk = qkv[:, : (n_q + n_kv) * d].view(n, n_q + n_kv, d)
         else:
-            qk = qkv[:, : (n_q + n_kv) * d].view(n, n_q + n_kv, d)
             qk = self._apply_rope(qk, cos[:, None], sin[:, None])
         return qk[:, :n_q], qk[:, n_q:], qkv[:, (n_q + n_kv) * d :].view(n, n_kv, d)
+
+    def _add_attention(self, layer: _Layer, h: torch.Tensor, attn: torch.Tensor) -> None:
+        """h += o(attn) (normed first where the model has output norms), in place."""
+        if layer.attn_out_norm is None:
+            layer.o(attn, out=h)
+            return
+        cfg = self.config
+        out = layer.o(attn)
+        h.add_(F.rms_norm(out, (cfg.hidden_size,), layer.attn_out_norm, cfg.rms_norm_eps))
 
     def _add_mlp(self, layer: _Layer, h: torch.Tensor) -> None:
         """h += MLP(norm(h)), in place."""
         cfg = self.config
         gate_up = layer.gate_up(h, RMS_NORM, layer.post_norm, cfg.rms_norm_eps)
-        layer.down(gate_up, SWIGLU, out=h)
+        if layer.mlp_out_norm is None:
+            layer.down(gate_up, self._gate, out=h)
+            return
+        out = layer.down(gate_up, self._gate)
+        h.add_(F.rms_norm(out, (cfg.hidden_size,), layer.mlp_out_norm, cfg.rms_norm_eps))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output head (top candidates rescored): float32 [N, vocab]."""

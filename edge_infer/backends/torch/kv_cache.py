@@ -54,6 +54,7 @@ class TorchKVCache:
         group_size: int = 64,
         block_size: int = DEFAULT_BLOCK_SIZE,
         initial_capacity: int = 256,
+        windows: list[int] | None = None,
     ) -> None:
         if kv_bits not in (4, 8, 16):
             raise ValueError(f"kv_bits must be 4, 8 or 16 (got {kv_bits})")
@@ -62,6 +63,10 @@ class TorchKVCache:
         self.num_layers, self.n_kv, self.head_dim = num_layers, num_kv_heads, head_dim
         self.bits, self.group_size, self.block_size = kv_bits, group_size, block_size
         self.device = device
+        # per layer, how many latest tokens a query sees (0 = all: a global layer)
+        self.windows = list(windows) if windows is not None else [0] * num_layers
+        if len(self.windows) != num_layers or min(self.windows, default=0) < 0:
+            raise ValueError(f"windows must list {num_layers} sizes >= 0 (got {windows})")
         self._rotation = torch.from_numpy(hadamard(head_dim).copy()).to(device)
         self._rotation_t = self._rotation.T.contiguous()
         self._capacity = 0
@@ -155,7 +160,8 @@ class TorchKVCache:
     def kernel_layout(self, layer: int, length: int) -> tuple[list[int], list[int]]:
         """For the attention kernel: the layer's buffer addresses (packed K, scales K,
         biases K, the same for V, float16 tail K and V) and its layout (capacity, tail
-        capacity, sealed tokens, ``length`` tokens to attend over, tail's first token)."""
+        capacity, sealed tokens, ``length`` tokens to attend over, tail's first token,
+        window: how many latest tokens a query sees, 0 for all)."""
         if self._pointers is None:
             rows = []
             for i in range(self.num_layers):
@@ -168,7 +174,7 @@ class TorchKVCache:
             meta = [self._capacity, self.block_size, self._sealed, length, self._sealed]
         else:
             meta = [self._capacity, self._capacity, 0, length, 0]
-        return self._pointers[layer], meta
+        return self._pointers[layer], [*meta, self.windows[layer]]
 
     def stored_rows(
         self,

@@ -2,15 +2,15 @@
 
 On CPU, 4- and 8-bit weights are repacked for our own kernel (:mod:`edge_infer.kernels.cpu`:
 int8-rounded activations times the packed weights, read once per call), which also fuses the
-step before the product (RMSNorm, SwiGLU) and the residual add after it. Without the kernel
-(and on CUDA), 4-bit weights run on torch's int4 "tinygemm" kernels
-(``_weight_int4pack_mm_for_cpu`` / ``_weight_int4pack_mm``) in bfloat16, 8-bit ones on
-``_weight_int8pack_mm``, anything else on a dense bfloat16 matrix; the fused steps are then
+step before the product (RMSNorm, or the gated MLP's SiLU / GELU-tanh) and the residual add
+after it. Without the kernel (and on CUDA), 4-bit weights run on torch's int4 "tinygemm"
+kernels (``_weight_int4pack_mm_for_cpu`` / ``_weight_int4pack_mm``) in bfloat16, 8-bit ones
+on ``_weight_int8pack_mm``, anything else on a dense bfloat16 matrix; the fused steps are then
 plain torch ops.
 
 Every layer is called as ``layer(x, prep=..., norm=..., eps=..., out=...)``: ``x`` float32
-[N, in] (``[N, 2*in]`` for ``SWIGLU``), the result ``prep(x) @ W.T`` float32 [N, out], added
-into ``out`` in place when it is given.
+[N, in] (``[N, 2*in]`` for the gated ``SWIGLU`` and ``GEGLU``), the result ``prep(x) @ W.T``
+float32 [N, out], added into ``out`` in place when it is given.
 """
 
 from __future__ import annotations
@@ -28,16 +28,18 @@ from edge_infer.models.spec import Weight
 
 COMPUTE_DTYPE = torch.bfloat16
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-PLAIN, RMS_NORM, SWIGLU = cpu_kernels.PREP_PLAIN, cpu_kernels.PREP_RMS_NORM, cpu_kernels.PREP_SWIGLU
+PLAIN, RMS_NORM = cpu_kernels.PREP_PLAIN, cpu_kernels.PREP_RMS_NORM
+SWIGLU, GEGLU = cpu_kernels.PREP_SWIGLU, cpu_kernels.PREP_GEGLU
 
 
 def prepare(x: torch.Tensor, prep: int, norm: torch.Tensor | None, eps: float) -> torch.Tensor:
     """The fused step before a product, in plain torch."""
     if prep == RMS_NORM:
         return F.rms_norm(x, (x.shape[-1],), norm, eps)
-    if prep == SWIGLU:
+    if prep in (SWIGLU, GEGLU):
         gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        act = F.silu(gate) if prep == SWIGLU else F.gelu(gate, approximate="tanh")
+        return act * up
     return x
 
 

@@ -29,7 +29,7 @@ SOURCES = [
 # ships has the same soname, so no second runtime is loaded)
 _ARCH_FLAGS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3"], "generic": []}
 # the step quant_linear fuses before its product
-PREP_PLAIN, PREP_RMS_NORM, PREP_SWIGLU = 0, 1, 2
+PREP_PLAIN, PREP_RMS_NORM, PREP_SWIGLU, PREP_GEGLU = 0, 1, 2, 3
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 log = logging.getLogger(__name__)

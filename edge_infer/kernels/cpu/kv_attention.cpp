@@ -112,6 +112,7 @@ __attribute__((always_inline)) inline f16x exp16(f16x x) {
 
 struct Layout {
   int64_t n_q, n_kv, bits, group, cap, tail_cap, sealed, length, tail_offset;
+  int64_t window;  // a query at position i sees keys i-window+1..i; 0: all keys up to i
 };
 
 // Pointers of one sequence's layer, as the Python side lists them.
@@ -192,6 +193,7 @@ void attend_rows(const Layout& L, const LayerPtrs& p, int64_t h, const float* qr
   const int64_t n = L.length, groups = D / L.group, words = D * L.bits / 32;
   const bool quantized = L.bits < 16;
   const int64_t qs = quantized ? L.sealed : 0;  // tokens read from the quantized store
+  const int64_t lo = L.window > 0 ? std::max<int64_t>(0, n - L.window) : 0;  // first key seen
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t n_pad = (n + 15) / 16 * 16;
   scores.resize(static_cast<size_t>(NR) * n_pad);
@@ -219,7 +221,7 @@ void attend_rows(const Layout& L, const LayerPtrs& p, int64_t h, const float* qr
   }
 
   // scores; single-group rows four keys at a time (one reduction for four dot products)
-  int64_t j0 = 0;
+  int64_t j0 = lo;
   if (groups == 1) {
     for (; j0 + 4 <= qs; j0 += 4) {
       f16x kv[4][C];
@@ -266,7 +268,7 @@ void attend_rows(const Layout& L, const LayerPtrs& p, int64_t h, const float* qr
       }
     }
   }
-  int64_t t0 = qs;
+  int64_t t0 = std::max(qs, lo);
   for (; t0 + 4 <= n; t0 += 4) {
     f16x kv[4][C];
     for (int u = 0; u < 4; ++u) {
@@ -298,6 +300,7 @@ void attend_rows(const Layout& L, const LayerPtrs& p, int64_t h, const float* qr
   for (int r = 0; r < NR; ++r) {
     float* sr = scores.data() + r * n_pad;
     for (int64_t j = n; j < n_pad; ++j) sr[j] = -INFINITY;
+    for (int64_t j = 0; j < lo; ++j) sr[j] = -INFINITY;  // outside the window
     f16x m = splat(-INFINITY);
     for (int64_t j = 0; j < n_pad; j += 16) m = vmax(m, load16(sr + j));
     float mx = lane(m, 0);
@@ -316,7 +319,7 @@ void attend_rows(const Layout& L, const LayerPtrs& p, int64_t h, const float* qr
   // weighted values: quantized part in the stored (rotated) domain, tail in the plain one
   f16x acc[NR][C] = {}, accp[NR][C] = {};
   float bias_acc[NR][16] = {};
-  for (int64_t j = 0; j < qs; ++j) {
+  for (int64_t j = lo; j < qs; ++j) {
     const int64_t row = h * L.cap + j;
     f16x vv[C];
     decode_row<D>(L.bits, p.vp + row * words, vv);
@@ -338,7 +341,7 @@ void attend_rows(const Layout& L, const LayerPtrs& p, int64_t h, const float* qr
       }
     }
   }
-  for (int64_t j = qs; j < n; ++j) {
+  for (int64_t j = std::max(qs, lo); j < n; ++j) {
     const uint16_t* vr = p.vt + (h * L.tail_cap + (j - L.tail_offset)) * D;
     f16x vv[C];
     for (int c = 0; c < C; ++c) vv[c] = halves16(vr + 16 * c);
@@ -401,7 +404,8 @@ HeadFn head_fn(int64_t dim) {
 // One new token per sequence. q float32 [B, n_q, D] (rope applied); k, v float32
 // [B, n_kv, D]: the token's key and value, written (as float16) into the sequence's tail row
 // length-1 before attending; ptrs [B * 8] (addresses of kp, ks, kb, vp, vs, vb, kt, vt per
-// sequence); meta [B * 5] (cap, tail_cap, sealed, length, tail_offset); R and its transpose
+// sequence); meta [B * 6] (cap, tail_cap, sealed, length, tail_offset, window); R and its
+// transpose
 // float32 [D, D]. Returns softmax(q K^T / sqrt(D)) V, float32 [B, n_q, D].
 torch::Tensor attend_new_token(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                const std::vector<int64_t>& ptrs, const std::vector<int64_t>& meta,
@@ -414,7 +418,7 @@ torch::Tensor attend_new_token(torch::Tensor q, torch::Tensor k, torch::Tensor v
               "k, v");
   const int64_t n_kv = k.size(1);
   TORCH_CHECK(static_cast<int64_t>(ptrs.size()) == 8 * B, "ptrs");
-  TORCH_CHECK(static_cast<int64_t>(meta.size()) == 5 * B, "meta");
+  TORCH_CHECK(static_cast<int64_t>(meta.size()) == 6 * B, "meta");
   TORCH_CHECK(R.dtype() == torch::kFloat32 && R.is_contiguous() && Rt.is_contiguous() &&
                   R.numel() == D * D && Rt.numel() == D * D,
               "rotation");
@@ -422,8 +426,9 @@ torch::Tensor attend_new_token(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(fn != nullptr && n_q % n_kv == 0, "head_dim must be 32, 64, 128 or 256");
   TORCH_CHECK(bits == 16 || (group % 32 == 0 && D % group == 0), "group size");
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t* m = meta.data() + b * 5;
-    TORCH_CHECK(m[3] >= 1 && m[3] - 1 - m[4] >= 0 && m[3] - 1 - m[4] < m[1], "tail row");
+    const int64_t* m = meta.data() + b * 6;
+    TORCH_CHECK(m[3] >= 1 && m[3] - 1 - m[4] >= 0 && m[3] - 1 - m[4] < m[1] && m[5] >= 0,
+                "tail row");
   }
   auto out = torch::empty_like(q);
   const int64_t* pp = ptrs.data();
@@ -435,14 +440,14 @@ torch::Tensor attend_new_token(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const float* rtd = Rt.data_ptr<float>();
   float* od = out.data_ptr<float>();
   int64_t work = 0;
-  for (int64_t b = 0; b < B; ++b) work += mm[b * 5 + 3];
+  for (int64_t b = 0; b < B; ++b) work += mm[b * 6 + 3];
   const int64_t grain = work * n_kv < 1024 ? B * n_kv : 1;  // tiny jobs stay on one thread
   edge_parallel::parallel_chunks(B * n_kv, grain, [&](int64_t a, int64_t z) {
     std::vector<float> scores;
     for (int64_t item = a; item < z; ++item) {
       const int64_t b = item / n_kv, h = item % n_kv;
-      const int64_t* m = mm + b * 5;
-      Layout L{n_q, n_kv, bits, group, m[0], m[1], m[2], m[3], m[4]};
+      const int64_t* m = mm + b * 6;
+      Layout L{n_q, n_kv, bits, group, m[0], m[1], m[2], m[3], m[4], m[5]};
       const int64_t* x = pp + b * 8;
       const LayerPtrs p = layer_ptrs(x);
       const int64_t tail_row = (h * L.tail_cap + (L.length - 1 - L.tail_offset)) * D;
@@ -566,7 +571,10 @@ void chunk_rows(const Layout& L, const LayerPtrs& p, int64_t h, int64_t start, i
   const int nr = static_cast<int>(std::min<int64_t>(LANES, rows - row0));
   const int64_t first = start + row0 / g, last = start + (row0 + nr - 1) / g;
   const int64_t n = last + 1;  // keys any of these rows sees
+  // the first key any of them sees, and the last position whose window holds every key
+  const int64_t lo = L.window > 0 ? std::max<int64_t>(0, first - L.window + 1) : 0;
   const int64_t qs = L.bits < 16 ? std::min(L.sealed, n) : 0;
+  const int64_t tlo = std::max(lo, qs);  // first tail key seen
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   std::vector<float> plain(D * LANES, 0.f), rotated(D * LANES, 0.f), scores(n * LANES);
   std::vector<float> acc_plain(D * LANES, 0.f), acc_rot(D * LANES, 0.f);
@@ -589,35 +597,39 @@ void chunk_rows(const Layout& L, const LayerPtrs& p, int64_t h, int64_t start, i
     }
   }
 
-  chunk_scores<D, true>(L, p, h, 0, qs, rotated.data(), scores.data());
-  chunk_scores<D, false>(L, p, h, qs, n, plain.data(), scores.data());
+  chunk_scores<D, true>(L, p, h, lo, qs, rotated.data(), scores.data());
+  chunk_scores<D, false>(L, p, h, tlo, n, plain.data(), scores.data());
 
-  // softmax down each lane; a row sees the keys up to its own position
+  // softmax down each lane; a row sees the keys up to its own position (and in its window)
+  const int64_t all_see = L.window > 0 ? last - L.window + 1 : 0;  // keys from here: all rows
+  auto hidden = [&](int64_t j, int lane) {
+    return pos[lane] < j || (L.window > 0 && j <= pos[lane] - L.window);
+  };
   f16x mx[2] = {splat(-INFINITY), splat(-INFINITY)};
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t j = lo; j < n; ++j) {
     float* sj = scores.data() + j * LANES;
-    if (j > first)
+    if (j > first || j < all_see)
       for (int lane = 0; lane < LANES; ++lane)
-        if (pos[lane] < j) sj[lane] = -INFINITY;
+        if (hidden(j, lane)) sj[lane] = -INFINITY;
     mx[0] = vmax(mx[0], load16(sj));
     mx[1] = vmax(mx[1], load16(sj + 16));
   }
   f16x total[2] = {};
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t j = lo; j < n; ++j) {
     float* sj = scores.data() + j * LANES;
     for (int k = 0; k < 2; ++k) {
       f16x e = exp16(load16(sj + 16 * k) - mx[k]);
       store16(sj + 16 * k, e);
     }
-    if (j > first)
+    if (j > first || j < all_see)
       for (int lane = 0; lane < LANES; ++lane)
-        if (pos[lane] < j) sj[lane] = 0.f;
+        if (hidden(j, lane)) sj[lane] = 0.f;
     total[0] += load16(sj);
     total[1] += load16(sj + 16);
   }
 
-  chunk_values<D, true>(L, p, h, 0, qs, scores.data(), acc_rot.data());
-  chunk_values<D, false>(L, p, h, qs, n, scores.data(), acc_plain.data());
+  chunk_values<D, true>(L, p, h, lo, qs, scores.data(), acc_rot.data());
+  chunk_values<D, false>(L, p, h, tlo, n, scores.data(), acc_plain.data());
 
   // out = (acc_rot in natural order) @ R + acc_plain, over the softmax total
   for (int lane = 0; lane < nr; ++lane) {
@@ -658,21 +670,21 @@ ChunkFn chunk_fn(int64_t dim) {
 
 // The T tokens of a prefill chunk, stored (float16, in the tail) at positions start.. of one
 // sequence, attend causally over all its tokens. q float32 [n_q, T, D] (rope applied); ptrs
-// [8] and meta [5] as for attend_new_token (meta's length = start + T); R, Rt as there.
+// [8] and meta [6] as for attend_new_token (meta's length = start + T); R, Rt as there.
 // Returns float32 [n_q, T, D].
 torch::Tensor attend_chunk(torch::Tensor q, const std::vector<int64_t>& ptrs,
                            const std::vector<int64_t>& meta, int64_t start, int64_t n_kv,
                            torch::Tensor R, torch::Tensor Rt, int64_t bits, int64_t group) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.dim() == 3 && q.is_contiguous(), "q");
   const int64_t n_q = q.size(0), T = q.size(1), D = q.size(2);
-  TORCH_CHECK(ptrs.size() == 8 && meta.size() == 5, "ptrs, meta");
+  TORCH_CHECK(ptrs.size() == 8 && meta.size() == 6 && meta[5] >= 0, "ptrs, meta");
   TORCH_CHECK(R.dtype() == torch::kFloat32 && R.is_contiguous() && Rt.is_contiguous() &&
                   R.numel() == D * D && Rt.numel() == D * D,
               "rotation");
   ChunkFn fn = chunk_fn(D);
   TORCH_CHECK(fn != nullptr && n_kv > 0 && n_q % n_kv == 0, "head_dim must be 32, 64, 128 or 256");
   TORCH_CHECK(bits == 16 || (group % 32 == 0 && D % group == 0), "group size");
-  Layout L{n_q, n_kv, bits, group, meta[0], meta[1], meta[2], meta[3], meta[4]};
+  Layout L{n_q, n_kv, bits, group, meta[0], meta[1], meta[2], meta[3], meta[4], meta[5]};
   TORCH_CHECK(T >= 1 && start >= 0 && L.length == start + T, "length must be start + T");
   TORCH_CHECK(start + T - 1 - L.tail_offset < L.tail_cap && start - L.tail_offset >= 0 &&
                   (bits == 16 || L.sealed <= start),

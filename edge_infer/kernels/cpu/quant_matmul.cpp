@@ -55,7 +55,10 @@ struct Weights {
   int64_t N, K, bits, group, tile_bytes, tile_params;
 };
 
-enum Prep : int64_t { PLAIN = 0, RMS_NORM = 1, SWIGLU = 2 };
+enum Prep : int64_t { PLAIN = 0, RMS_NORM = 1, SWIGLU = 2, GEGLU = 3 };
+
+// the gated MLPs' steps: the gate half of the row times its activation, times the up half
+inline bool gated(int64_t prep) { return prep == SWIGLU || prep == GEGLU; }
 
 // 16 floats in the vector registers the build has (plain scalar code where it has none).
 typedef float v16f __attribute__((vector_size(64)));
@@ -129,6 +132,14 @@ void prepared_row(const float* x, int64_t K, int64_t prep, const float* norm, fl
     for (int64_t k = 0; k < K; k += 16) {
       const v16f g = load16(x + k), u = load16(x + K + k);
       store16(y + k, g * u / (1.0f + vexp(-g)));
+    }
+  } else if (prep == GEGLU) {
+    // GELU's tanh form, 0.5 g (1 + tanh(a)) with a = sqrt(2/pi) (g + 0.044715 g^3), is
+    // g * sigmoid(2a): one exp, as SiLU
+    for (int64_t k = 0; k < K; k += 16) {
+      const v16f g = load16(x + k), u = load16(x + K + k);
+      const v16f a2 = (g + g * g * g * 0.044715f) * 1.5957691216057308f;  // 2 sqrt(2/pi)
+      store16(y + k, g * u / (1.0f + vexp(-a2)));
     }
   } else {
     std::memcpy(y, x, K * sizeof(float));
@@ -526,9 +537,10 @@ torch::Tensor weight_rows(torch::Tensor ids, torch::Tensor qweight, torch::Tenso
   return out;
 }
 
-// y = prep(x) @ W^T for float32 x [M, K] (or [M, 2K] for SWIGLU: silu(x[:, :K]) * x[:, K:]),
-// RMS_NORM: x * rsqrt(mean(x^2) + eps) * norm. With `out` given ([M, N] float32), the product
-// is added to it in place and `out` is returned; otherwise a new [M, N] tensor.
+// y = prep(x) @ W^T for float32 x [M, K], or [M, 2K] for the gated steps (SWIGLU:
+// silu(x[:, :K]) * x[:, K:], GEGLU: gelu_tanh(x[:, :K]) * x[:, K:]); RMS_NORM:
+// x * rsqrt(mean(x^2) + eps) * norm. With `out` given ([M, N] float32), the product is added
+// to it in place and `out` is returned; otherwise a new [M, N] tensor.
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                            torch::Tensor biases, int64_t rows, int64_t bits, int64_t group,
                            int64_t prep, c10::optional<torch::Tensor> norm, double eps,
@@ -537,8 +549,8 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor
   const int64_t K = W.K;
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
               "x must be contiguous float32 [M, K]");
-  TORCH_CHECK(x.size(1) == (prep == SWIGLU ? 2 * K : K), "x has the wrong width");
-  TORCH_CHECK(prep >= PLAIN && prep <= SWIGLU, "prep");
+  TORCH_CHECK(x.size(1) == (gated(prep) ? 2 * K : K), "x has the wrong width");
+  TORCH_CHECK(prep >= PLAIN && prep <= GEGLU, "prep");
   const float* nw = nullptr;
   if (prep == RMS_NORM) {
     TORCH_CHECK(norm.has_value() && norm->dtype() == torch::kFloat32 && norm->numel() == K &&

@@ -232,17 +232,27 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.nd
 
 
 def to_affine(raw: np.ndarray, ggml_type: int, shape: tuple[int, int]) -> QuantizedWeight | None:
-    """Losslessly convert a Q4_0/Q4_1/Q8_0 matrix to :class:`QuantizedWeight` (group size 32).
+    """Convert a Q4_0/Q4_1/Q8_0 matrix losslessly, a Q4_K one up to float16 rounding of its
+    sub-block scales (``d * scale``, ``dmin * min``), to :class:`QuantizedWeight` (group 32).
 
-    Returns None for types without an exact affine equivalent (float and K-quant types).
+    Returns None for types without an affine equivalent (float and other K-quant types).
     """
     shape = tuple(int(d) for d in shape)
     b = _blocks(raw, ggml_type, shape)
-    if ggml_type not in (2, 3, 8):
+    if ggml_type not in (2, 3, 8, 12):
         return None
     if len(shape) != 2:
         raise ValueError(f"to_affine needs a 2-D matrix, got shape {shape}")
     rows, cols = shape
+    if ggml_type == 12:  # each sub-block of 32 is d*sc * q - dmin*m: affine already
+        dl, ml = _k_scales(b)
+        with np.errstate(over="ignore"):
+            scales = dl.astype(np.float16).reshape(rows, cols // 32)
+            biases = (-ml).astype(np.float16).reshape(rows, cols // 32)
+        if not (np.isfinite(scales).all() and np.isfinite(biases).all()):
+            return None
+        q = _nibbles(b[:, 16:].reshape(-1, 4, 32)).reshape(rows, cols)
+        return QuantizedWeight(pack(q, 4), scales, biases, 4, 32)
     d = _half(b[:, :2]).reshape(rows, cols // 32)
     if ggml_type == 3:
         q, bits, bias = _nibbles(b[:, 4:]), 4, _half(b[:, 2:4]).reshape(rows, cols // 32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,25 @@ from edge_infer.errors import ModelFormatError, UnsupportedModelError
 from edge_infer.formats.affine import QuantizedWeight, quantize
 from edge_infer.models.fingerprint import file_digest, files_digest, text_digest
 from edge_infer.models.hf.safetensors import SafetensorsFile
-from edge_infer.models.spec import LoadedModel, ModelConfig, Weight, required_weights
+from edge_infer.models.spec import (
+    LoadedModel,
+    ModelConfig,
+    Weight,
+    attention_tag,
+    required_weights,
+)
 from edge_infer.models.tokenizer import Tokenizer
 
-HF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+HF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# Gemma stores its RMSNorm weights as w in x * (1 + w); ModelConfig's norms multiply directly.
+_GEMMA_NORMS = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "pre_feedforward_layernorm.weight",
+    "post_feedforward_layernorm.weight",
+    "self_attn.q_norm.weight",
+    "self_attn.k_norm.weight",
+)
 DEFAULT_BITS, DEFAULT_GROUP = 4, 64
 
 
@@ -70,9 +86,12 @@ def config_from_hf(raw: dict[str, Any], path: Path) -> ModelConfig:
             context_length=int(raw.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", arch == "qwen2" and False)),
             attention_bias=bool(raw.get("attention_bias", arch == "qwen2")),
+            qk_norm=arch == "qwen3",
         )
     except KeyError as exc:
         raise ModelFormatError(f"{path}/config.json: missing key {exc}") from None
+    if arch == "gemma3_text":
+        cfg = _gemma3(cfg, raw, path)
     scaling = raw.get("rope_scaling")
     if scaling:
         kind = scaling.get("rope_type") or scaling.get("type")
@@ -92,6 +111,34 @@ def config_from_hf(raw: dict[str, Any], path: Path) -> ModelConfig:
 
             cfg = replace(cfg, rope_freq_factors=tuple(float(f) for f in factors))
     return cfg
+
+
+def _gemma3(cfg: ModelConfig, raw: dict[str, Any], path: Path) -> ModelConfig:
+    """Gemma 3's settings on top of the shared ones (transformers' Gemma3TextConfig)."""
+    n = cfg.num_layers
+    types = raw.get("layer_types")
+    if types is None:
+        every = int(raw.get("sliding_window_pattern", 6))
+        types = [
+            "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)
+        ]
+    if len(types) != n:
+        raise ModelFormatError(f"{path}/config.json: layer_types lists {len(types)} of {n} layers")
+    if raw.get("final_logit_softcapping") or raw.get("attn_logit_softcapping"):
+        raise UnsupportedModelError(f"{path}: logit soft-capping (Gemma 2) is not supported")
+    return replace(
+        cfg,
+        arch="gemma3",
+        qk_norm=True,
+        sandwich_norms=True,
+        hidden_act="gelu_tanh",
+        embedding_scale=math.sqrt(cfg.hidden_size),
+        attention_scale=float(raw.get("query_pre_attn_scalar", cfg.head_dim)) ** -0.5,
+        sliding_window=int(raw.get("sliding_window", 4096)),
+        local_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention"),
+        rope_local_theta=float(raw.get("rope_local_base_freq", 10000.0)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+    )
 
 
 def _quant_settings(raw: dict[str, Any], module: str) -> tuple[int, int] | None:
@@ -157,6 +204,10 @@ def load_hf_dir(
     for name in tensors:
         if name.endswith(".bias"):
             weights[name] = np.asarray(tensors[name][0].get(name), dtype=np.float32)
+    if config.arch == "gemma3":
+        for name in list(weights):
+            if name.endswith(_GEMMA_NORMS) or name == "model.norm.weight":
+                weights[name] = np.asarray(weights[name], dtype=np.float32) + 1.0
     if "lm_head.weight" not in weights and not config.tie_word_embeddings:
         from dataclasses import replace
 
@@ -173,9 +224,19 @@ def load_hf_dir(
         source=path,
         name=str(raw.get("_name_or_path") or path.name),
         quantization=f"MLX {q.get('bits')}-bit" if q else f"{bits}-bit (quantized on load)",
-        fingerprint_parts={
-            "weights": files_digest(files),
-            "tokenizer": file_digest(tok_file) if tok_file.is_file() else "",
-            "chat_template": text_digest(tokenizer.chat_template or ""),
-        },
+        fingerprint_parts=_fingerprint_parts(files, tok_file, tokenizer, config),
     )
+
+
+def _fingerprint_parts(
+    files: list[Path], tok_file: Path, tokenizer: Tokenizer, config: ModelConfig
+) -> dict[str, str]:
+    parts = {
+        "weights": files_digest(files),
+        "tokenizer": file_digest(tok_file) if tok_file.is_file() else "",
+        "chat_template": text_digest(tokenizer.chat_template or ""),
+    }
+    tag = attention_tag(config)
+    if tag:  # window, pattern and bases come from config.json, which the weights miss
+        parts["attention"] = text_digest(tag)
+    return parts

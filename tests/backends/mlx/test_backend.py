@@ -296,3 +296,71 @@ def test_missing_weight_is_a_format_error() -> None:
     del model.weights["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(ModelFormatError, match="up_proj"):
         MLXBackend(model)
+
+
+# head_dim 64 holds one or two quantization groups: the shape of the stored 4-bit KV
+WIDE_HEADS = replace(BASE, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def wide_model() -> LoadedModel:
+    return _make_model(WIDE_HEADS, seed=7)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_kv_does_not_depend_on_how_the_context_was_split(wide_model, bits):
+    backend = MLXBackend(wide_model, dtype="float32", kv_bits=bits)
+    ids = _tokens(300, seed=5)
+    whole = backend.new_cache()
+    one_call = backend.forward(ids, whole, all_logits=True)  # split at the block boundary
+    assert (whole.length, whole.sealed_length) == (300, 256)
+    chunked = backend.new_cache()
+    parts = [backend.forward(ids[s : s + 37], chunked, all_logits=True) for s in range(0, 290, 37)]
+    parts += [backend.forward(ids[i : i + 1], chunked) for i in range(296, 300)]
+    got = np.concatenate(parts)
+    # the sealed block holds the same bytes whatever the chunks (but for a rare rounding tie)
+    for a, b in zip(whole.blocks()[0].layers, chunked.blocks()[0].layers, strict=True):
+        assert np.mean(a.keys.packed == b.keys.packed) > 0.99
+    _assert_close(got[-4:], one_call[-4:].astype(np.float64), rel=1e-5)
+
+
+def test_quantized_kv_stays_close_to_float16_kv(wide_model):
+    ids = _tokens(300, seed=6)
+    out = {
+        bits: MLXBackend(wide_model, dtype="float32", kv_bits=bits).forward(
+            ids, MLXBackend(wide_model, kv_bits=bits).new_cache(), all_logits=True
+        )
+        for bits in (16, 8, 4)
+    }
+    # the open block attends float16 rows as a float16 cache does: identical
+    np.testing.assert_array_equal(out[4][:256], out[16][:256])
+    np.testing.assert_array_equal(out[8][:256], out[16][:256])
+    # after it, the sealed block's quantization shows, less with more bits
+    err = {bits: np.abs(out[bits][256:] - out[16][256:]).max() for bits in (8, 4)}
+    assert 0 < err[8] < err[4]
+
+
+def test_batched_decode_matches_one_at_a_time_across_a_seal(wide_model):
+    backend = MLXBackend(wide_model, dtype="float32", kv_bits=4)
+    lengths = (255, 100, 256)  # the first seals its block with the batched token
+    caches, alone = [], []
+    for n, seed in zip(lengths, (1, 2, 3), strict=True):
+        ids = _tokens(n, seed=seed)
+        a, b = backend.new_cache(), backend.new_cache()
+        backend.forward(ids, a)
+        backend.forward(ids, b)
+        caches.append(a)
+        alone.append(b)
+    rows = backend.forward_batch([5, 6, 7], caches)
+    for row, tok, cache in zip(rows, [5, 6, 7], alone, strict=True):
+        _assert_close(row[None], backend.forward(np.array([tok]), cache).astype(np.float64), 1e-5)
+    assert [c.sealed_length for c in caches] == [256, 0, 256]
+
+
+def test_quantized_cache_holds_the_stored_bytes(wide_model):
+    backend = MLXBackend(wide_model, dtype="float32", kv_bits=4)
+    cache = backend.new_cache()
+    backend.forward(_tokens(512, seed=8), cache)
+    cfg = WIDE_HEADS
+    per_token = cfg.num_layers * 2 * cfg.num_kv_heads * (64 // 2 + 2 * 2)
+    assert cache.nbytes == 512 * per_token  # two sealed blocks, no float copy, no tail

@@ -26,9 +26,14 @@ needs_kernel = pytest.mark.skipif(
 LAYOUTS = [(9, 3, 64, 64), (8, 2, 128, 64), (4, 4, 32, 32), (7, 1, 64, 32)]
 
 
-def filled_cache(bits: int, n: int, n_kv: int, dim: int, group: int, seed: int = 0):
+def filled_cache(
+    bits: int, n: int, n_kv: int, dim: int, group: int, seed: int = 0, window: int = 0
+):
+    """Two layers of random K/V; the second attends in a sliding ``window`` (0: globally)."""
     gen = torch.Generator().manual_seed(seed)
-    cache = TorchKVCache(2, n_kv, dim, torch.device("cpu"), kv_bits=bits, group_size=group)
+    cache = TorchKVCache(
+        2, n_kv, dim, torch.device("cpu"), kv_bits=bits, group_size=group, windows=[0, window]
+    )
     while cache.length < n:
         t = min(n - cache.length, cache.max_tokens_in_one_call(), 37)
         for layer in range(2):
@@ -170,3 +175,59 @@ def test_an_unbuildable_kernel_falls_back_with_a_message(cause, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "module None" in proc.stdout
     assert "could not be built" in proc.stderr
+
+
+def brute_force(cache: TorchKVCache, layer: int, q: torch.Tensor, window: int) -> torch.Tensor:
+    """Attention of q [n_q, T, D] at cache.length.. with an explicit per-pair mask."""
+    start, T = cache.length, q.shape[1]
+    keys, values = cache.readable(layer, start + T)
+    group = q.shape[0] // keys.shape[0]
+    keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+    scores = q @ keys.transpose(1, 2) / q.shape[-1] ** 0.5
+    for t in range(T):
+        for j in range(start + T):
+            if j > start + t or (window and start + t - j >= window):
+                scores[:, t, j] = -torch.inf
+    return scores.softmax(-1) @ values
+
+
+@pytest.mark.parametrize("path", ["kernel", "scratch"])
+@pytest.mark.parametrize("bits", [4, 16])
+@pytest.mark.parametrize(
+    ("n", "T", "window"), [(0, 40, 16), (100, 50, 30), (300, 20, 64), (520, 1, 100), (600, 70, 700)]
+)
+def test_sliding_window_chunks_match_brute_force(path, bits, n, T, window, monkeypatch):
+    if path == "kernel" and cpu_kernels.load() is None:
+        pytest.skip("the CPU attention kernel cannot be built here")
+    if path == "scratch":
+        monkeypatch.setattr(cpu_kernels, "load", lambda verbose=False: None)
+    cache = filled_cache(bits, n, 2, 64, 32, window=window)
+    T = min(T, cache.max_tokens_in_one_call())
+    gen = torch.Generator().manual_seed(3)
+    cache.update(1, torch.randn(2, T, 64, generator=gen), torch.randn(2, T, 64, generator=gen))
+    q = torch.randn(6, T, 64, generator=gen) * 2
+    want = brute_force(cache, 1, q, window)
+    torch.testing.assert_close(attend_reference(cache, 1, q), want, rtol=1e-4, atol=5e-5)
+    torch.testing.assert_close(attend_tokens(cache, 1, q), want, rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.parametrize("path", ["kernel", "scratch"])
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize(("n", "window"), [(10, 4), (300, 37), (700, 256), (700, 600)])
+def test_sliding_window_one_token_matches_brute_force(path, bits, n, window, monkeypatch):
+    if path == "kernel" and cpu_kernels.load() is None:
+        pytest.skip("the CPU attention kernel cannot be built here")
+    if path == "scratch":
+        monkeypatch.setattr(cpu_kernels, "load", lambda verbose=False: None)
+    caches = [filled_cache(bits, n + b, 2, 64, 32, seed=b, window=window) for b in range(2)]
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 6, 64, generator=gen) * 2
+    k, v = torch.randn(2, 2, 64, generator=gen), torch.randn(2, 2, 64, generator=gen)
+    for cache in caches:
+        cache.reserve_next()
+    fast = attend_new_tokens(caches, 1, q, k, v)
+    for b in range(len(caches)):
+        twin = filled_cache(bits, n + b, 2, 64, 32, seed=b, window=window)
+        twin.update(1, k[b, :, None], v[b, :, None])
+        want = brute_force(twin, 1, q[b, :, None], window)[:, 0]
+        torch.testing.assert_close(fast[b], want, rtol=1e-4, atol=5e-5)

@@ -1,5 +1,6 @@
 """Linear layers: the kernel-backed layer and the plain-torch ones follow one call convention
-(fused RMSNorm / SwiGLU before the product, residual add after it) and agree."""
+(fused RMSNorm / SwiGLU / GELU-tanh gating before the product, residual add after it) and
+agree."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from edge_infer.backends.torch.linear import (
+    GEGLU,
     PLAIN,
     RMS_NORM,
     SWIGLU,
@@ -42,12 +44,12 @@ def test_without_kernels_4_bit_weights_take_torchs_int4_kernel(monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize("prep", [PLAIN, RMS_NORM, SWIGLU])
+@pytest.mark.parametrize("prep", [PLAIN, RMS_NORM, SWIGLU, GEGLU])
 def test_kernel_layer_agrees_with_the_plain_torch_one(prep):
     w = weight(4)
     packed, dense = make_linear(w, CPU), DenseLinear(w.dequantize(), CPU)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 256 if prep == SWIGLU else 128, generator=gen)
+    x = torch.randn(5, 256 if prep in (SWIGLU, GEGLU) else 128, generator=gen)
     norm = torch.rand(128, generator=gen) + 0.5
     args = (prep, norm if prep == RMS_NORM else None, 1e-5)
     got, want = packed(x, *args), dense(x, *args)

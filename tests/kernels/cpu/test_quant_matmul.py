@@ -1,6 +1,6 @@
 """The quantized-weight product kernel against a plain numpy reference, on every build this
 machine can run (native, AVX2-only, no SIMD): 4 and 8 bits, groups of 32/64/128, odd row
-counts, 1 to 600 activation rows, and the fused RMSNorm / SwiGLU steps."""
+counts, 1 to 600 activation rows, and the fused RMSNorm / SwiGLU / GELU-tanh steps."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from edge_infer.formats.affine import quantize
 from edge_infer.kernels import cpu as cpu_kernels
 from edge_infer.kernels.cpu.packing import pack_weight
 
-PLAIN, RMS_NORM, SWIGLU = 0, 1, 2
+PLAIN, RMS_NORM, SWIGLU, GEGLU = 0, 1, 2, 3
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 ARCHS = [
@@ -52,6 +52,9 @@ def prepared(x: np.ndarray, prep: int, norm: np.ndarray | None, eps: float) -> n
     if prep == SWIGLU:
         g, u = np.split(x.astype(np.float64), 2, axis=-1)
         return g / (1 + np.exp(-g)) * u
+    if prep == GEGLU:
+        g, u = np.split(x.astype(np.float64), 2, axis=-1)
+        return 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3))) * u
     return x.astype(np.float64)
 
 
@@ -98,12 +101,12 @@ def test_matches_the_numpy_reference(kernel, bits, group, m, rows):
     assert np.linalg.norm(got - exact) < 0.01 * np.linalg.norm(exact)
 
 
-@pytest.mark.parametrize("prep", [RMS_NORM, SWIGLU])
+@pytest.mark.parametrize("prep", [RMS_NORM, SWIGLU, GEGLU])
 def test_fused_steps(kernel, prep):
     cols, rows = 256, 50
     w = random_weight(rows, cols, 4, 32)
     gen = np.random.default_rng(2)
-    width = 2 * cols if prep == SWIGLU else cols
+    width = 2 * cols if prep in (SWIGLU, GEGLU) else cols
     x = (gen.standard_normal((5, width)) * 3).astype(np.float32)
     norm = (gen.random(cols) + 0.5).astype(np.float32) if prep == RMS_NORM else None
     got = run(kernel, x, w, prep, norm, 1e-5)

@@ -98,10 +98,21 @@ def test_to_affine_is_lossless(ggml_type: int, bits: int) -> None:
     np.testing.assert_array_equal(qw.dequantize(), dequantize(raw, ggml_type, shape))
 
 
-@pytest.mark.parametrize("ggml_type", [0, 1, 30, 6, 7, 12, 13, 14])
+@pytest.mark.parametrize("ggml_type", [0, 1, 30, 6, 7, 13, 14])
 def test_to_affine_returns_none_for_other_types(ggml_type: int) -> None:
     shape = (2, 256)
     assert to_affine(random_blocks(ggml_type, shape), ggml_type, shape) is None
+
+
+def test_q4_k_converts_up_to_float16_rounding_of_its_scales() -> None:
+    shape = (3, 512)
+    raw = random_blocks(12, shape, seed=4)
+    qw = to_affine(raw, 12, shape)
+    assert qw is not None and (qw.bits, qw.group_size) == (4, 32)
+    ref = dequantize(raw, 12, shape)
+    scale = np.abs(ref).reshape(3, -1, 32).max(-1, keepdims=True)
+    err = np.abs(qw.dequantize() - ref).reshape(3, -1, 32)
+    assert np.all(err <= 2.0**-9 * scale)
 
 
 def test_to_affine_rejects_overflowing_bias() -> None:

@@ -1,0 +1,321 @@
+"""Anthropic's Messages API wire format: requests to chat messages, replies and stream events."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_infer.generation.tools import ToolCall
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+
+class TextBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+    cache_control: dict[str, Any] | None = None  # a hint for Anthropic's servers; ours caches
+
+
+class ToolUseBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+    cache_control: dict[str, Any] | None = None
+
+
+class ToolResultBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[TextBlock] = ""
+    is_error: bool = False
+    cache_control: dict[str, Any] | None = None
+
+    def text(self) -> str:
+        body = self.content if isinstance(self.content, str) else "".join(
+            b.text for b in self.content
+        )
+        return f"Error: {body}" if self.is_error else body
+
+
+Block = TextBlock | ToolUseBlock | ToolResultBlock
+
+
+class AnthropicMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["user", "assistant"]
+    content: str | list[Block]
+
+
+class AnthropicTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    description: str = ""
+    input_schema: dict[str, Any]
+    type: Literal["custom"] | None = None
+    cache_control: dict[str, Any] | None = None
+
+    def openai(self) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.input_schema,
+            },
+        }
+
+
+class ToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool = False
+
+    def openai(self) -> str | dict[str, Any]:
+        """The same choice in OpenAI's words."""
+        if self.type == "tool":
+            if not self.name:
+                raise ValueError("tool_choice of type 'tool' needs a name")
+            return {"type": "function", "function": {"name": self.name}}
+        return {"auto": "auto", "any": "required", "none": "none"}[self.type]
+
+
+class MessagesRequest(BaseModel):
+    """``POST /v1/messages``: what we take (other fields get a 400 naming them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    max_tokens: int = Field(ge=0)
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: str | list[TextBlock] | None = None
+    stop_sequences: list[str] | None = Field(default=None, max_length=16)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    stream: bool = False
+    tools: list[AnthropicTool] | None = None
+    tool_choice: ToolChoice | None = None
+    metadata: dict[str, Any] | None = None
+
+    def system_text(self) -> str | None:
+        if self.system is None:
+            return None
+        if isinstance(self.system, str):
+            return self.system
+        return "".join(b.text for b in self.system)
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """The conversation as chat-template messages (OpenAI's roles and tool fields)."""
+        out: list[dict[str, Any]] = []
+        system = self.system_text()
+        if system:
+            out.append({"role": "system", "content": system})
+        for m in self.messages:
+            blocks = [TextBlock(type="text", text=m.content)] if isinstance(m.content, str) else (
+                m.content
+            )
+            if m.role == "assistant":
+                text = "".join(b.text for b in blocks if isinstance(b, TextBlock))
+                calls = [
+                    ToolCall(b.id, b.name, json.dumps(b.input, ensure_ascii=False)).openai()
+                    for b in blocks
+                    if isinstance(b, ToolUseBlock)
+                ]
+                msg: dict[str, Any] = {"role": "assistant", "content": text}
+                if calls:
+                    msg["tool_calls"] = calls
+                out.append(msg)
+                continue
+            text: list[str] = []
+            for b in blocks:
+                if isinstance(b, ToolResultBlock):
+                    if text:
+                        out.append({"role": "user", "content": "".join(text)})
+                        text = []
+                    out.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": b.text()})
+                elif isinstance(b, TextBlock):
+                    text.append(b.text)
+                else:
+                    raise ValueError("a user message cannot hold a tool_use block")
+            if text or not blocks:
+                out.append({"role": "user", "content": "".join(text)})
+        return out
+
+    def openai_tools(self) -> list[dict[str, Any]] | None:
+        return [t.openai() for t in self.tools] if self.tools else None
+
+
+class CountTokensRequest(BaseModel):
+    """``POST /v1/messages/count_tokens``."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: str | list[TextBlock] | None = None
+    tools: list[AnthropicTool] | None = None
+    tool_choice: ToolChoice | None = None
+
+    def as_messages_request(self) -> MessagesRequest:
+        return MessagesRequest(
+            max_tokens=0,
+            messages=self.messages,
+            system=self.system,
+            tools=self.tools,
+            tool_choice=self.tool_choice,
+        )
+
+
+def new_message_id() -> str:
+    return "msg_" + uuid.uuid4().hex[:24]
+
+
+def tool_use_id(call: ToolCall) -> str:
+    """Anthropic's id form for a call (ours start with "call_")."""
+    return "toolu_" + call.id.removeprefix("call_")
+
+
+def usage_json(usage: Any) -> dict[str, int]:
+    cached = int(usage.cached_tokens)
+    return {
+        "input_tokens": int(usage.prompt_tokens) - cached,
+        "output_tokens": int(usage.completion_tokens),
+        "cache_read_input_tokens": cached,
+        "cache_creation_input_tokens": 0,
+    }
+
+
+def content_blocks(text: str, calls: list[ToolCall]) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text or not calls else []
+    blocks += [
+        {"type": "tool_use", "id": tool_use_id(c), "name": c.name, "input": json.loads(c.arguments)}
+        for c in calls
+    ]
+    return blocks
+
+
+def stop_reason(finish_reason: str, calls: list[ToolCall], stopped_by: str | None) -> str:
+    if calls:
+        return "tool_use"
+    if stopped_by is not None:
+        return "stop_sequence"
+    return STOP_REASONS.get(finish_reason, "end_turn")
+
+
+def message(
+    model: str,
+    text: str,
+    calls: list[ToolCall],
+    usage: Any,
+    stopped_by: str | None = None,
+    mid: str | None = None,
+) -> dict[str, Any]:
+    """A whole (non-streamed) reply."""
+    return {
+        "id": mid or new_message_id(),
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content_blocks(text, calls),
+        "stop_reason": stop_reason(usage.finish_reason, calls, stopped_by),
+        "stop_sequence": stopped_by,
+        "usage": usage_json(usage),
+    }
+
+
+def error_json(message_text: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    """Anthropic's error body."""
+    return {"type": "error", "error": {"type": kind, "message": message_text}}
+
+
+def sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class MessageStream:
+    """Turns a reply's text pieces (and its calls at the end) into Anthropic's stream events."""
+
+    def __init__(self, model: str, mid: str | None = None) -> None:
+        self.model = model
+        self.mid = mid or new_message_id()
+        self._index = -1
+        self._text_open = False
+
+    def start(self, usage: Any) -> Iterator[str]:
+        head = message(self.model, "", [], usage, mid=self.mid)
+        head.update(content=[], stop_reason=None, stop_sequence=None)
+        yield sse("message_start", {"type": "message_start", "message": head})
+
+    def text(self, piece: str) -> Iterator[str]:
+        if not piece:
+            return
+        if not self._text_open:
+            self._index += 1
+            self._text_open = True
+            yield sse(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": self._index,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            )
+        yield sse(
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": self._index,
+                "delta": {"type": "text_delta", "text": piece},
+            },
+        )
+
+    def _close_text(self) -> Iterator[str]:
+        if self._text_open:
+            self._text_open = False
+            yield sse("content_block_stop", {"type": "content_block_stop", "index": self._index})
+
+    def finish(self, calls: list[ToolCall], usage: Any, stopped_by: str | None) -> Iterator[str]:
+        yield from self._close_text()
+        for c in calls:
+            self._index += 1
+            yield sse(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": self._index,
+                    "content_block": {
+                        "type": "tool_use",
+                        "id": tool_use_id(c),
+                        "name": c.name,
+                        "input": {},
+                    },
+                },
+            )
+            yield sse(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": self._index,
+                    "delta": {"type": "input_json_delta", "partial_json": c.arguments},
+                },
+            )
+            yield sse("content_block_stop", {"type": "content_block_stop", "index": self._index})
+        yield sse(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {
+                    "stop_reason": stop_reason(usage.finish_reason, calls, stopped_by),
+                    "stop_sequence": stopped_by,
+                },
+                "usage": usage_json(usage),
+            },
+        )
+        yield sse("message_stop", {"type": "message_stop"})
