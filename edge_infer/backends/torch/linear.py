@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edge_infer.formats.affine import QuantizedWeight
+from edge_infer.formats.affine import QuantizedWeight, pack
 from edge_infer.kernels import cpu as cpu_kernels
 from edge_infer.kernels.cpu.packing import pack_weight, packable
 from edge_infer.models.spec import Weight
@@ -232,16 +232,32 @@ def concat_weights(weights: Sequence[Weight]) -> Weight:
     if len(weights) == 1:
         return weights[0]
     if all(isinstance(w, QuantizedWeight) for w in weights):
-        first = weights[0]
-        if all(w.bits == first.bits and w.group_size == first.group_size for w in weights):
+        group = weights[0].group_size
+        if all(w.group_size == group for w in weights):
+            # 4 and 8 bits together (a Q4_K_M file's 4-bit q/k beside its 8-bit v) take 8:
+            # the 4-bit codes are the same values at that width, scales and biases kept
+            bits = max(w.bits for w in weights)
             return QuantizedWeight(
-                packed=np.concatenate([w.packed for w in weights]),
+                packed=np.concatenate([_widened(w, bits).packed for w in weights]),
                 scales=np.concatenate([w.scales for w in weights]),
                 biases=np.concatenate([w.biases for w in weights]),
-                bits=first.bits,
-                group_size=first.group_size,
+                bits=bits,
+                group_size=group,
             )
     return np.concatenate([_dense(w) for w in weights])
+
+
+def _widened(w: QuantizedWeight, bits: int) -> QuantizedWeight:
+    """``w`` with its codes held in ``bits`` bits (the same values)."""
+    if w.bits == bits:
+        return w
+    return QuantizedWeight(
+        packed=pack(w.unpack(), bits),
+        scales=w.scales,
+        biases=w.biases,
+        bits=bits,
+        group_size=w.group_size,
+    )
 
 
 def _dense(w: Weight) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Linear layers: the kernel-backed layer and the plain-torch ones follow one call convention
 (fused RMSNorm / SwiGLU / GELU-tanh gating before the product, residual add after it) and
-agree."""
+agree; the weight types of GGUF files (Gemma 3's Q4_K_M mix among them) take the kernel."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge_infer.backends.torch.decoder import TorchDecoder
 from edge_infer.backends.torch.linear import (
     GEGLU,
     PLAIN,
@@ -16,10 +17,13 @@ from edge_infer.backends.torch.linear import (
     DenseLinear,
     Int4Linear,
     PackedLinear,
+    concat_weights,
     make_linear,
 )
 from edge_infer.formats.affine import quantize
 from edge_infer.kernels import cpu as cpu_kernels
+from edge_infer.models.loader import load_model
+from tests.support.model_files import write_tiny_gguf
 
 needs_kernel = pytest.mark.skipif(
     cpu_kernels.load() is None, reason="the CPU kernels cannot be built here"
@@ -69,3 +73,30 @@ def test_coarse_head_copy_has_half_the_bytes_and_close_products():
     want = head(x)
     assert torch.linalg.norm(coarse(x) - want) < 0.1 * torch.linalg.norm(want)
     assert coarse.coarse() is coarse
+
+
+@needs_kernel
+def test_gguf_quant_types_of_gemma_files_take_the_kernel(tmp_path):
+    """Q4_K converts to 4 bits, Q5_K / Q6_K to 8 bits and Q8_0 losslessly to 8 bits, all in
+    groups of 32: every projection and the head run on the kernel, none on a fallback."""
+    pytest.importorskip("gguf")
+    types = {
+        "token_embd.weight": "Q8_0",
+        "output.weight": "Q6_K",
+        "blk.0.attn_v.weight": "Q6_K",
+        "blk.0.ffn_down.weight": "Q5_K",
+        "blk.1.attn_q.weight": "Q8_0",
+    }
+    info = write_tiny_gguf(tmp_path / "mix.gguf", "qwen3", "Q4_K", tensor_types=types)
+    decoder = TorchDecoder(load_model(info["path"]), CPU)
+    layers = [x for la in decoder.layers for x in (la.qkv, la.o, la.gate_up, la.down)]
+    assert all(isinstance(x, PackedLinear) for x in [*layers, decoder.lm_head])
+    assert {x.bits for x in layers} == {4, 8} and decoder.lm_head.bits == 8
+
+
+def test_fused_weights_of_4_and_8_bits_keep_their_values_at_8():
+    parts = [weight(4, rows=16), weight(8, rows=8), weight(4, rows=24)]
+    fused = concat_weights(parts)
+    assert fused.bits == 8 and fused.group_size == 32
+    want = np.concatenate([w.dequantize() for w in parts])
+    np.testing.assert_array_equal(fused.dequantize(), want)
