@@ -3,9 +3,11 @@
     python -m benchmarks.generate [--isa native,avx2] [--prompt-tokens 512] [--decode-tokens 128]
         [--runs 3] [--threads 2] [--llama-python native=/tmp/llama-native/bin/python
         --llama-python avx2=/tmp/llama-avx2/bin/python] [--llama-kv f16,q4_0] [--busy]
+        [--model gemma3-270m]
 
 Each engine gets the same token ids (a slice of the Python docs), greedy decoding with
-end-of-sequence ignored, on the same GGUF file. Every engine runs in its own process:
+end-of-sequence ignored, on the same GGUF file (the default model unless ``--model`` names
+a file or a packaged model). Every engine runs in its own process:
 
 * edge-infer with its kernels built for the class (``EDGE_INFER_KERNEL_ARCH``) and, for
   ``avx2``, torch held to AVX2 as well (``ATEN_CPU_CAPABILITY``, ``MKL_ENABLE_INSTRUCTIONS``,
@@ -65,7 +67,7 @@ def edge_worker(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
-    model = load_model(None)
+    model = load_model(spec["model"])
     eng = Engine(model, create_backend(model, spec["backend"]))
     ids, n_decode = spec["ids"], spec["decode_tokens"]
     list(eng.generate_tokens(ids[:16], max_tokens=2, temperature=0))  # warm-up
@@ -166,6 +168,7 @@ def main() -> None:
     )
     ap.add_argument("--llama-kv", default="f16", help="llama.cpp KV types: f16, q8_0, q4_0")
     ap.add_argument("--busy", action="store_true", help="keep one core busy meanwhile")
+    ap.add_argument("--model", help="a GGUF file or packaged model key (default: the default)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -175,7 +178,7 @@ def main() -> None:
 
     from edge_infer.models.loader import load_model
 
-    model = load_model(None)
+    model = load_model(args.model)
     ids = model.tokenizer.encode(corpus_text())[: args.prompt_tokens]
     folder = temporary_dir("edge-infer-bench-")
     llama_pythons = _llama_pythons(args)
@@ -189,6 +192,7 @@ def main() -> None:
                 json.dumps(
                     {
                         "backend": backend,
+                        "model": args.model,
                         "ids": ids,
                         "decode_tokens": args.decode_tokens,
                         "threads": args.threads,
@@ -236,6 +240,9 @@ def main() -> None:
             eng.close()
 
     results = []
+    label = (
+        model.name if model.quantization in model.name else f"{model.name} ({model.quantization})"
+    )
     for isa in dict.fromkeys(e.isa for e in engines):
         group = [e for e in engines if e.isa == isa]
         base = next((e for e in group if e.name.startswith("llama.cpp")), None)
@@ -256,7 +263,7 @@ def main() -> None:
                 ]
             )
         print_table(
-            f"{isa}: {model.name} ({model.quantization}), prompt {len(ids)} tokens, decode "
+            f"{isa}: {label}, prompt {len(ids)} tokens, decode "
             f"{args.decode_tokens} tokens, {args.runs} runs"
             f"{', one core kept busy' if args.busy else ''} - {machine()}",
             [
