@@ -97,10 +97,6 @@ class TorchDecoder:
         self.norm = _vector(w["model.norm.weight"], device)
         head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
         self.lm_head = make_linear(head, device)
-        # logits of every token from a 4-bit copy, the best candidates then from the weights
-        self._head_first = (
-            self.lm_head.coarse() if isinstance(self.lm_head, PackedLinear) else self.lm_head
-        )
         self._head_weight = head
         self._inv_freq = torch.from_numpy(cfg.rope_inv_freq()).to(
             device=device, dtype=torch.float64
@@ -114,7 +110,7 @@ class TorchDecoder:
     def weight_bytes(self) -> int:
         """Bytes of the weights one decoded token reads: every projection and the head."""
         layers = [x for la in self.layers for x in (la.qkv, la.o, la.gate_up, la.down)]
-        return sum(x.nbytes for x in layers) + self._head_first.nbytes
+        return sum(x.nbytes for x in layers) + self.lm_head.nbytes
 
     def new_cache(self, kv_bits: int = 4, group_size: int = 64) -> TorchKVCache:
         cfg = self.config
@@ -261,7 +257,7 @@ class TorchDecoder:
         """Final norm and output head (top candidates rescored): float32 [N, vocab]."""
         cfg = self.config
         h = F.rms_norm(h, (cfg.hidden_size,), self.norm, cfg.rms_norm_eps).contiguous()
-        logits = self._head_first(h)
+        logits = self.lm_head(h)
         k = min(HEAD_RESCORE_TOP_K, logits.shape[-1])
         if isinstance(self.lm_head, PackedLinear):
             self.lm_head.rescore_top(logits, h, k)

@@ -88,16 +88,6 @@ class PackedLinear:
         tensors = (torch.from_numpy(a) for a in (p.qweight, p.scales, p.biases))
         return cls(kernel, *tensors, p.rows, p.bits, p.group_size)
 
-    def coarse(self) -> PackedLinear:
-        """A 4-bit copy (groups of 32) for a first pass over all rows whose best candidates
-        are then recomputed from this one (:meth:`rescore_top`): half the bytes of 8 bits."""
-        if self.bits == 4:
-            return self
-        q, s, b = self.kernel.requantize4(
-            self.qweight, self.scales, self.biases, self.out_features, self.bits, self.group_size
-        )
-        return PackedLinear(self.kernel, q, s, b, self.out_features, 4, 32)
-
     def __call__(
         self,
         x: torch.Tensor,

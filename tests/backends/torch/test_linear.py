@@ -65,17 +65,6 @@ def test_kernel_layer_agrees_with_the_plain_torch_one(prep):
 
 
 @needs_kernel
-def test_coarse_head_copy_has_half_the_bytes_and_close_products():
-    head = make_linear(weight(8, rows=64), CPU)
-    coarse = head.coarse()
-    assert coarse.bits == 4 and coarse.nbytes < 0.7 * head.nbytes
-    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
-    want = head(x)
-    assert torch.linalg.norm(coarse(x) - want) < 0.1 * torch.linalg.norm(want)
-    assert coarse.coarse() is coarse
-
-
-@needs_kernel
 def test_gguf_quant_types_of_gemma_files_take_the_kernel(tmp_path):
     """Q4_K converts to 4 bits, Q5_K / Q6_K to 8 bits and Q8_0 losslessly to 8 bits, all in
     groups of 32: every projection and the head run on the kernel, none on a fallback."""
