@@ -96,7 +96,9 @@ class TorchDecoder:
                 layer.mlp_out_norm = _vector(w[p + "post_feedforward_layernorm.weight"], device)
         self.norm = _vector(w["model.norm.weight"], device)
         head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
-        self.lm_head = make_linear(head, device)
+        # one int8 pass of the activations is enough for the head: its best candidates are
+        # rescored exactly; the layers' products take two (see PackedLinear)
+        self.lm_head = make_linear(head, device, passes=1)
         self._head_weight = head
         self._inv_freq = torch.from_numpy(cfg.rope_inv_freq()).to(
             device=device, dtype=torch.float64

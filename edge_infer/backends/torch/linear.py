@@ -1,12 +1,12 @@
 """Linear layers over our quantized weights: float32 rows in, float32 rows out.
 
 On CPU, 4- and 8-bit weights are repacked for our own kernel (:mod:`edge_infer.kernels.cpu`:
-int8-rounded activations times the packed weights, read once per call), which also fuses the
-step before the product (RMSNorm, or the gated MLP's SiLU / GELU-tanh) and the residual add
-after it. Without the kernel (and on CUDA), 4-bit weights run on torch's int4 "tinygemm"
-kernels (``_weight_int4pack_mm_for_cpu`` / ``_weight_int4pack_mm``) in bfloat16, 8-bit ones
-on ``_weight_int8pack_mm``, anything else on a dense bfloat16 matrix; the fused steps are then
-plain torch ops.
+activations rounded to int8 in one or two passes times the packed weights, read once per
+call), which also fuses the step before the product (RMSNorm, or the gated MLP's SiLU /
+GELU-tanh) and the residual add after it. Without the kernel (and on CUDA), 4-bit weights
+run on torch's int4 "tinygemm" kernels (``_weight_int4pack_mm_for_cpu`` /
+``_weight_int4pack_mm``) in bfloat16, 8-bit ones on ``_weight_int8pack_mm``, anything else on
+a dense bfloat16 matrix; the fused steps are then plain torch ops.
 
 Every layer is called as ``layer(x, prep=..., norm=..., eps=..., out=...)``: ``x`` float32
 [N, in] (``[N, 2*in]`` for the gated ``SWIGLU`` and ``GEGLU``), the result ``prep(x) @ W.T``
@@ -64,7 +64,9 @@ class _TorchLinear:
 
 
 class PackedLinear:
-    """4/8-bit affine weights in our CPU kernel's tiles."""
+    """4/8-bit affine weights in our CPU kernel's tiles. ``passes``: the activations are
+    rounded to int8 once per block of 32 (1) or, with the remainder rounded again, to about
+    16 bits (2, twice the integer work on the same weight bytes)."""
 
     def __init__(
         self,
@@ -75,18 +77,20 @@ class PackedLinear:
         rows: int,
         bits: int,
         group_size: int,
+        passes: int = 2,
     ) -> None:
         self.kernel = kernel
         self.qweight, self.scales, self.biases = qweight, scales, biases
         self.out_features = rows
         self.bits, self.group_size = bits, group_size
+        self.passes = passes
 
     @classmethod
-    def pack(cls, weight: QuantizedWeight, kernel) -> PackedLinear:
+    def pack(cls, weight: QuantizedWeight, kernel, passes: int = 2) -> PackedLinear:
         """``weight`` repacked into the kernel's tiles."""
         p = pack_weight(weight)
         tensors = (torch.from_numpy(a) for a in (p.qweight, p.scales, p.biases))
-        return cls(kernel, *tensors, p.rows, p.bits, p.group_size)
+        return cls(kernel, *tensors, p.rows, p.bits, p.group_size, passes)
 
     def __call__(
         self,
@@ -108,6 +112,7 @@ class PackedLinear:
             norm,
             eps,
             out,
+            self.passes,
         )
 
     def rescore_top(self, logits: torch.Tensor, h: torch.Tensor, k: int) -> None:
@@ -257,12 +262,13 @@ def _dense(w: Weight) -> np.ndarray:
 Linear = PackedLinear | DenseLinear | Int4Linear | Int8Linear
 
 
-def make_linear(weight: Weight, device: torch.device) -> Linear:
-    """The fastest layer our kernels support for this weight on ``device``."""
+def make_linear(weight: Weight, device: torch.device, passes: int = 2) -> Linear:
+    """The fastest layer our kernels support for this weight on ``device``; ``passes``: the
+    activations' int8 passes where our CPU kernel runs it (see :class:`PackedLinear`)."""
     if isinstance(weight, QuantizedWeight) and device.type == "cpu" and packable(weight):
         kernel = cpu_kernels.load()
         if kernel is not None:
-            return PackedLinear.pack(weight, kernel)
+            return PackedLinear.pack(weight, kernel, passes)
     if isinstance(weight, QuantizedWeight):
         rows, cols = weight.shape
         if weight.bits == 4 and weight.group_size in INT4_GROUP_SIZES:

@@ -16,7 +16,7 @@ torch::Tensor attend_chunk(torch::Tensor q, const std::vector<int64_t>& ptrs,
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                            torch::Tensor biases, int64_t rows, int64_t bits, int64_t group,
                            int64_t prep, c10::optional<torch::Tensor> norm, double eps,
-                           c10::optional<torch::Tensor> out);
+                           c10::optional<torch::Tensor> out, int64_t passes);
 torch::Tensor rescore_top(torch::Tensor logits, torch::Tensor h, torch::Tensor qweight,
                           torch::Tensor scales, torch::Tensor biases, int64_t rows, int64_t bits,
                           int64_t group, int64_t k);

@@ -1,8 +1,10 @@
 // Products of float32 activation rows with 4- or 8-bit affine weights (q * scale + bias per
 // row and group), for every row count: each activation row is quantized to int8 per block of
-// 32 (scale amax/127, as llama.cpp's Q8 blocks), the integer dot products of a block run on
-// the CPU's byte instructions (AVX-512 VNNI vpdpbusd, AVX2 maddubs) and are scaled once per
-// block. The weights are read once per call for up to NB activation rows at a time, so
+// 32 (scale d = amax/127, as llama.cpp's Q8 blocks), the integer dot products of a block run
+// on the CPU's byte instructions (AVX-512 VNNI vpdpbusd, AVX2 maddubs) and are scaled once per
+// block. With two passes the rounding remainder is quantized again to int8 with scale d/254
+// (x = d q1 + d/254 q2, about 16 bits): twice the integer work on the same weight bytes, and
+// products as close to float32 ones as the agreement with a float64 reference needs. The weights are read once per call for up to NB activation rows at a time, so
 // decoding streams them once and prefill reuses each weight tile for many rows. A row's
 // arithmetic does not depend on which other rows share the call.
 //
@@ -43,6 +45,7 @@ inline float half_to_float(uint16_t h) {
 // Activation rows quantized per block of 32, with the sum of each weight group.
 struct Act {
   const int8_t* q;   // [M, K]
+  const int8_t* q2;  // [M, K]: the remainders' second pass (unused with one pass)
   const float* d;    // [M, K/32]: block scales
   const float* sum;  // [M, K/group]: sum of the rounded values of each group
   int64_t K, blocks, groups;
@@ -146,10 +149,14 @@ void prepared_row(const float* x, int64_t K, int64_t prep, const float* norm, fl
   }
 }
 
-// Quantizes one prepared row: q = round(y * 127 / amax) per block, d = amax / 127; and the
-// sum of each group's rounded values (d * sum q), which the weights' biases multiply: the
-// product is then exactly W times the rounded row, whose errors partly cancel.
-void quantize_row(const float* y, int64_t K, int64_t group, int8_t* q, float* d, float* sum) {
+constexpr float FINE = 254.0f;  // second-pass steps per first-pass step: |q2| <= 127
+
+// Quantizes one prepared row: q = round(y * 127 / amax) per block, d = amax / 127, and with
+// q2 given the remainder q2 = round((y / d - q) * 254); and the sum of each group's rounded
+// values (d * sum q + d / 254 * sum q2), which the weights' biases multiply: the product is
+// then exactly W times the rounded row, whose errors partly cancel.
+void quantize_row(const float* y, int64_t K, int64_t group, int8_t* q, int8_t* q2, float* d,
+                  float* sum) {
   const int64_t bpg = group / QB;
   for (int64_t g = 0; g < K / group; ++g) {
     float s = 0.f;
@@ -160,8 +167,10 @@ void quantize_row(const float* y, int64_t K, int64_t group, int8_t* q, float* d,
       for (int i = 0; i < 16; ++i) amax = std::max(amax, m[i]);
       const float inv = amax > 0.f ? 127.0f / amax : 0.f;
       d[b] = amax / 127.0f;
-      const v16i r0 = __builtin_convertvector(vround(v0 * inv), v16i);
-      const v16i r1 = __builtin_convertvector(vround(v1 * inv), v16i);
+      const v16f s0 = v0 * inv, s1 = v1 * inv;
+      const v16f f0 = vround(s0), f1 = vround(s1);
+      const v16i r0 = __builtin_convertvector(f0, v16i);
+      const v16i r1 = __builtin_convertvector(f1, v16i);
       const v16i both = r0 + r1;
       int32_t total = 0;
       for (int i = 0; i < 16; ++i) {
@@ -170,6 +179,18 @@ void quantize_row(const float* y, int64_t K, int64_t group, int8_t* q, float* d,
         total += both[i];
       }
       s += d[b] * static_cast<float>(total);
+      if (q2) {
+        const v16i e0 = __builtin_convertvector(vround((s0 - f0) * FINE), v16i);
+        const v16i e1 = __builtin_convertvector(vround((s1 - f1) * FINE), v16i);
+        const v16i both2 = e0 + e1;
+        int32_t total2 = 0;
+        for (int i = 0; i < 16; ++i) {
+          q2[b * QB + i] = static_cast<int8_t>(e0[i]);
+          q2[b * QB + 16 + i] = static_cast<int8_t>(e1[i]);
+          total2 += both2[i];
+        }
+        s += d[b] / FINE * static_cast<float>(total2);
+      }
     }
     sum[g] = s;
   }
@@ -265,20 +286,22 @@ inline void store_rows(float* out, vf v, int valid, bool accumulate) {
 constexpr int LANES = TILE / PASSES;
 constexpr int64_t PF_DIST = 2048;  // bytes ahead the weight stream is prefetched
 
-// NB activation rows (n0..) times the LANES weight rows of pass `pass` of tile t.
-template <int NB, int BITS>
+// NB activation rows (n0..) times the LANES weight rows of pass `pass` of tile t; TWO: the
+// activations' second int8 pass too, on the same weight registers.
+template <int NB, int BITS, bool TWO>
 void rows_pass(const Weights& W, const Act& A, int64_t t, int pass, int64_t n0, float* out,
                int64_t ldo, bool accumulate) {
-  constexpr int CH = BITS == 4 ? 4 : 8;
+  constexpr int NP = TWO ? 2 : 1;  // activation passes
   const int64_t bpg = W.group / QB;
   const uint8_t* wq = W.q + t * W.tile_bytes + pass * (64 / PASSES);
   const uint16_t* ws = W.s + t * W.tile_params + pass * LANES;
   const uint16_t* wb = W.b + t * W.tile_params + pass * LANES;
-  const int8_t* aq[NB];
+  const int8_t* aq[NP][NB];
   const float* ad[NB];
   const float* as[NB];
   for (int n = 0; n < NB; ++n) {
-    aq[n] = A.q + (n0 + n) * A.K;
+    aq[0][n] = A.q + (n0 + n) * A.K;
+    if (TWO) aq[NP - 1][n] = A.q2 + (n0 + n) * A.K;
     ad[n] = A.d + (n0 + n) * A.blocks;
     as[n] = A.sum + (n0 + n) * A.groups;
   }
@@ -289,61 +312,77 @@ void rows_pass(const Weights& W, const Act& A, int64_t t, int pass, int64_t n0, 
     for (int n = 0; n < NB; ++n) acc[n] = fmadd(bv, set1_f(as[n][g]), acc[n]);
     for (int64_t bb = 0; bb < bpg; ++bb) {
       const int64_t blk = g * bpg + bb;
-      vi dots[NB];
+      vi dots[NP][NB];
 #if defined(EDGE_VNNI)
-      for (int n = 0; n < NB; ++n) dots[n] = zero_i();
+      for (int p = 0; p < NP; ++p)
+        for (int n = 0; n < NB; ++n) dots[p][n] = zero_i();
       if (BITS == 4) {
         for (int m = 0; m < 4; ++m, wq += 64) {
           _mm_prefetch(reinterpret_cast<const char*>(wq) + PF_DIST, _MM_HINT_T0);
           const vi v = load_i(wq);
           const vi lo = nibbles_lo(v), hi = nibbles_hi(v);
-          for (int n = 0; n < NB; ++n) {
-            dots[n] = dpbusd(dots[n], lo, bcast4(aq[n] + blk * QB + 4 * m));
-            dots[n] = dpbusd(dots[n], hi, bcast4(aq[n] + blk * QB + 16 + 4 * m));
-          }
+          for (int p = 0; p < NP; ++p)
+            for (int n = 0; n < NB; ++n) {
+              dots[p][n] = dpbusd(dots[p][n], lo, bcast4(aq[p][n] + blk * QB + 4 * m));
+              dots[p][n] = dpbusd(dots[p][n], hi, bcast4(aq[p][n] + blk * QB + 16 + 4 * m));
+            }
         }
       } else {
         for (int m = 0; m < 8; ++m, wq += 64) {
           _mm_prefetch(reinterpret_cast<const char*>(wq) + PF_DIST, _MM_HINT_T0);
           const vi v = load_i(wq);
-          for (int n = 0; n < NB; ++n)
-            dots[n] = dpbusd(dots[n], v, bcast4(aq[n] + blk * QB + 4 * m));
+          for (int p = 0; p < NP; ++p)
+            for (int n = 0; n < NB; ++n)
+              dots[p][n] = dpbusd(dots[p][n], v, bcast4(aq[p][n] + blk * QB + 4 * m));
         }
       }
 #else
       // maddubs pair sums kept in 16 bits over the block: nibbles times int8 give at most
       // 2 * 15 * 127 per pair, 8 of them fit
       if (BITS == 4) {
-        vi s16[NB];
-        for (int n = 0; n < NB; ++n) s16[n] = zero_i();
+        vi s16[NP][NB];
+        for (int p = 0; p < NP; ++p)
+          for (int n = 0; n < NB; ++n) s16[p][n] = zero_i();
         for (int m = 0; m < 4; ++m, wq += 64) {
           _mm_prefetch(reinterpret_cast<const char*>(wq) + PF_DIST, _MM_HINT_T0);
           const vi v = load_i(wq);
           const vi lo = nibbles_lo(v), hi = nibbles_hi(v);
-          for (int n = 0; n < NB; ++n) {
-            s16[n] = add16(s16[n], pairs16(lo, bcast4(aq[n] + blk * QB + 4 * m)));
-            s16[n] = add16(s16[n], pairs16(hi, bcast4(aq[n] + blk * QB + 16 + 4 * m)));
-          }
+          for (int p = 0; p < NP; ++p)
+            for (int n = 0; n < NB; ++n) {
+              s16[p][n] = add16(s16[p][n], pairs16(lo, bcast4(aq[p][n] + blk * QB + 4 * m)));
+              s16[p][n] =
+                  add16(s16[p][n], pairs16(hi, bcast4(aq[p][n] + blk * QB + 16 + 4 * m)));
+            }
         }
-        for (int n = 0; n < NB; ++n) dots[n] = widen(s16[n], 1);
+        for (int p = 0; p < NP; ++p)
+          for (int n = 0; n < NB; ++n) dots[p][n] = widen(s16[p][n], 1);
       } else {  // bytes split into nibbles, the high ones weighted 16 at the end
-        vi lo16[NB], hi16[NB];
-        for (int n = 0; n < NB; ++n) lo16[n] = hi16[n] = zero_i();
+        vi lo16[NP][NB], hi16[NP][NB];
+        for (int p = 0; p < NP; ++p)
+          for (int n = 0; n < NB; ++n) lo16[p][n] = hi16[p][n] = zero_i();
         for (int m = 0; m < 8; ++m, wq += 64) {
           _mm_prefetch(reinterpret_cast<const char*>(wq) + PF_DIST, _MM_HINT_T0);
           const vi v = load_i(wq);
           const vi lo = nibbles_lo(v), hi = nibbles_hi(v);
-          for (int n = 0; n < NB; ++n) {
-            const vi a = bcast4(aq[n] + blk * QB + 4 * m);
-            lo16[n] = add16(lo16[n], pairs16(lo, a));
-            hi16[n] = add16(hi16[n], pairs16(hi, a));
-          }
+          for (int p = 0; p < NP; ++p)
+            for (int n = 0; n < NB; ++n) {
+              const vi a = bcast4(aq[p][n] + blk * QB + 4 * m);
+              lo16[p][n] = add16(lo16[p][n], pairs16(lo, a));
+              hi16[p][n] = add16(hi16[p][n], pairs16(hi, a));
+            }
         }
-        for (int n = 0; n < NB; ++n) dots[n] = add32(widen(lo16[n], 1), widen(hi16[n], 16));
+        for (int p = 0; p < NP; ++p)
+          for (int n = 0; n < NB; ++n)
+            dots[p][n] = add32(widen(lo16[p][n], 1), widen(hi16[p][n], 16));
       }
 #endif
-      for (int n = 0; n < NB; ++n)
-        acc[n] = fmadd(to_float(dots[n]), mul(sv, set1_f(ad[n][blk])), acc[n]);
+      for (int n = 0; n < NB; ++n) {
+        if (TWO)  // d q1 + d/254 q2 = (254 q1 + q2) d/254
+          acc[n] = fmadd(fmadd(to_float(dots[0][n]), set1_f(FINE), to_float(dots[NP - 1][n])),
+                         mul(sv, set1_f(ad[n][blk] / FINE)), acc[n]);
+        else
+          acc[n] = fmadd(to_float(dots[0][n]), mul(sv, set1_f(ad[n][blk])), acc[n]);
+      }
     }
   }
   const int64_t row0 = t * TILE + pass * LANES;
@@ -352,26 +391,27 @@ void rows_pass(const Weights& W, const Act& A, int64_t t, int pass, int64_t n0, 
   for (int n = 0; n < NB; ++n) store_rows(out + (n0 + n) * ldo + row0, acc[n], valid, accumulate);
 }
 
-template <int BITS>
+template <int BITS, bool TWO>
 void tile_rows(const Weights& W, const Act& A, int64_t t, int64_t n0, int64_t n1, float* out,
                int64_t ldo, bool accumulate) {
   for (int pass = 0; pass < PASSES; ++pass) {
     int64_t n = n0;
-    for (; n + NBMAX <= n1; n += NBMAX) rows_pass<NBMAX, BITS>(W, A, t, pass, n, out, ldo, accumulate);
+    for (; n + NBMAX <= n1; n += NBMAX)
+      rows_pass<NBMAX, BITS, TWO>(W, A, t, pass, n, out, ldo, accumulate);
     int64_t left = n1 - n;
     if (NBMAX > 4 && left >= 4) {
-      rows_pass<4, BITS>(W, A, t, pass, n, out, ldo, accumulate);
+      rows_pass<4, BITS, TWO>(W, A, t, pass, n, out, ldo, accumulate);
       n += 4;
       left -= 4;
     }
-    if (left == 3) rows_pass<3, BITS>(W, A, t, pass, n, out, ldo, accumulate);
-    if (left == 2) rows_pass<2, BITS>(W, A, t, pass, n, out, ldo, accumulate);
-    if (left == 1) rows_pass<1, BITS>(W, A, t, pass, n, out, ldo, accumulate);
+    if (left == 3) rows_pass<3, BITS, TWO>(W, A, t, pass, n, out, ldo, accumulate);
+    if (left == 2) rows_pass<2, BITS, TWO>(W, A, t, pass, n, out, ldo, accumulate);
+    if (left == 1) rows_pass<1, BITS, TWO>(W, A, t, pass, n, out, ldo, accumulate);
   }
 }
 #else
 // ---- portable: one activation row at a time, plain C++ ----
-template <int BITS>
+template <int BITS, bool TWO>
 void tile_rows(const Weights& W, const Act& A, int64_t t, int64_t n0, int64_t n1, float* out,
                int64_t ldo, bool accumulate) {
   constexpr int CH = BITS == 4 ? 4 : 8;
@@ -379,6 +419,7 @@ void tile_rows(const Weights& W, const Act& A, int64_t t, int64_t n0, int64_t n1
   const int valid = static_cast<int>(std::min<int64_t>(TILE, W.N - t * TILE));
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* aq = A.q + n * A.K;
+    const int8_t* aq2 = TWO ? A.q2 + n * A.K : aq;
     const float* ad = A.d + n * A.blocks;
     const float* as = A.sum + n * A.groups;
     float acc[TILE] = {};
@@ -394,21 +435,32 @@ void tile_rows(const Weights& W, const Act& A, int64_t t, int64_t n0, int64_t n1
       for (int64_t bb = 0; bb < bpg; ++bb) {
         const int64_t blk = g * bpg + bb;
         const int8_t* a = aq + blk * QB;
-        int32_t dots[TILE] = {};
+        const int8_t* a2 = aq2 + blk * QB;
+        int32_t dots[TILE] = {}, dots2[TILE] = {};
         for (int m = 0; m < CH; ++m, wq += 64) {
           for (int r = 0; r < TILE; ++r) {
-            int32_t s = 0;
+            int32_t s = 0, s2 = 0;
             for (int i = 0; i < 4; ++i) {
               const int32_t byte = wq[r * 4 + i];
-              if (BITS == 4)
+              if (BITS == 4) {
                 s += (byte & 15) * a[4 * m + i] + (byte >> 4) * a[16 + 4 * m + i];
-              else
+                if (TWO) s2 += (byte & 15) * a2[4 * m + i] + (byte >> 4) * a2[16 + 4 * m + i];
+              } else {
                 s += byte * a[4 * m + i];
+                if (TWO) s2 += byte * a2[4 * m + i];
+              }
             }
             dots[r] += s;
+            dots2[r] += s2;
           }
         }
-        for (int r = 0; r < TILE; ++r) acc[r] += static_cast<float>(dots[r]) * (sv[r] * ad[blk]);
+        for (int r = 0; r < TILE; ++r) {
+          if (TWO)
+            acc[r] += (static_cast<float>(dots[r]) * FINE + static_cast<float>(dots2[r])) *
+                      (sv[r] * (ad[blk] / FINE));
+          else
+            acc[r] += static_cast<float>(dots[r]) * (sv[r] * ad[blk]);
+        }
       }
     }
     float* o = out + n * ldo + t * TILE;
@@ -419,7 +471,7 @@ void tile_rows(const Weights& W, const Act& A, int64_t t, int64_t n0, int64_t n1
 
 // Scratch of the calling thread for the quantized activation.
 struct ActBuffers {
-  std::vector<int8_t> q;
+  std::vector<int8_t> q, q2;
   std::vector<float> d, sum, y;
 };
 
@@ -540,17 +592,20 @@ torch::Tensor weight_rows(torch::Tensor ids, torch::Tensor qweight, torch::Tenso
 // y = prep(x) @ W^T for float32 x [M, K], or [M, 2K] for the gated steps (SWIGLU:
 // silu(x[:, :K]) * x[:, K:], GEGLU: gelu_tanh(x[:, :K]) * x[:, K:]); RMS_NORM:
 // x * rsqrt(mean(x^2) + eps) * norm. With `out` given ([M, N] float32), the product is added
-// to it in place and `out` is returned; otherwise a new [M, N] tensor.
+// to it in place and `out` is returned; otherwise a new [M, N] tensor. `passes` (1 or 2): the
+// activations' int8 passes (see the top of this file).
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                            torch::Tensor biases, int64_t rows, int64_t bits, int64_t group,
                            int64_t prep, c10::optional<torch::Tensor> norm, double eps,
-                           c10::optional<torch::Tensor> out) {
+                           c10::optional<torch::Tensor> out, int64_t passes) {
   const Weights W = weights_of(qweight, scales, biases, rows, bits, group);
   const int64_t K = W.K;
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
               "x must be contiguous float32 [M, K]");
   TORCH_CHECK(x.size(1) == (gated(prep) ? 2 * K : K), "x has the wrong width");
   TORCH_CHECK(prep >= PLAIN && prep <= GEGLU, "prep");
+  TORCH_CHECK(passes == 1 || passes == 2, "passes must be 1 or 2");
+  const bool two = passes == 2;
   const float* nw = nullptr;
   if (prep == RMS_NORM) {
     TORCH_CHECK(norm.has_value() && norm->dtype() == torch::kFloat32 && norm->numel() == K &&
@@ -575,6 +630,7 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor
   ActBuffers& buf = act_buffers();
   const int64_t blocks = K / QB, groups = K / group;
   buf.q.resize(M * K);
+  if (two) buf.q2.resize(M * K);
   buf.d.resize(M * blocks);
   buf.sum.resize(M * groups);
   const float* xd = x.data_ptr<float>();
@@ -583,26 +639,32 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor
     std::vector<float> y(K);  // rows: K % 32 == 0
     for (int64_t n = a; n < z; ++n) {
       prepared_row(xd + n * width, K, prep, nw, static_cast<float>(eps), y.data());
-      quantize_row(y.data(), K, group, buf.q.data() + n * K, buf.d.data() + n * blocks,
+      quantize_row(y.data(), K, group, buf.q.data() + n * K,
+                   two ? buf.q2.data() + n * K : nullptr, buf.d.data() + n * blocks,
                    buf.sum.data() + n * groups);
     }
   });
-  const Act A{buf.q.data(), buf.d.data(), buf.sum.data(), K, blocks, groups};
+  const Act A{buf.q.data(), two ? buf.q2.data() : nullptr, buf.d.data(), buf.sum.data(), K,
+              blocks, groups};
 
   float* od = result.data_ptr<float>();
   const int64_t tiles = qweight.size(0);
   // rows in blocks that keep their quantized activations in the core's cache
-  const int64_t mblock = std::max<int64_t>(1, std::min<int64_t>(M, 65536 / K * 2));
+  const int64_t mblock = std::max<int64_t>(1, std::min<int64_t>(M, 65536 / K * 2 / passes));
   // chunks of at least 32 KB of weights times rows: smaller ones cost more to hand out
   const int64_t grain = (32768 + W.tile_bytes * M - 1) / (W.tile_bytes * M);
   edge_parallel::parallel_chunks(tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t m0 = 0; m0 < M; m0 += mblock) {
       const int64_t m1 = std::min(M, m0 + mblock);
       for (int64_t t = t0; t < t1; ++t) {
-        if (bits == 4)
-          tile_rows<4>(W, A, t, m0, m1, od, rows, accumulate);
+        if (bits == 4 && two)
+          tile_rows<4, true>(W, A, t, m0, m1, od, rows, accumulate);
+        else if (bits == 4)
+          tile_rows<4, false>(W, A, t, m0, m1, od, rows, accumulate);
+        else if (two)
+          tile_rows<8, true>(W, A, t, m0, m1, od, rows, accumulate);
         else
-          tile_rows<8>(W, A, t, m0, m1, od, rows, accumulate);
+          tile_rows<8, false>(W, A, t, m0, m1, od, rows, accumulate);
       }
     }
   });
