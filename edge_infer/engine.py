@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from edge_infer.agents.agent import Agent
+from edge_infer.agents.images import ImagePrompt, ImageSource, image_parts, image_source
 from edge_infer.agents.manager import AgentManager
 from edge_infer.agents.state import AgentInfo
 from edge_infer.agents.turn import AgentTurn
@@ -19,9 +22,80 @@ from edge_infer.config import cache_root, default_backend
 from edge_infer.generation.runner import DEFAULT_PREFILL_CHUNK, Runner
 from edge_infer.generation.sampling import SamplingParams
 from edge_infer.generation.sequence import Generation, Usage
+from edge_infer.models.chat_template import render_chat_parts
 from edge_infer.models.fingerprint import Fingerprint
+from edge_infer.models.gguf.mmproj import read_mmproj
 from edge_infer.models.loader import load_model
 from edge_infer.models.spec import LoadedModel
+from edge_infer.vision.dropping import Budget
+from edge_infer.vision.preprocess import ImageSpec, preprocess
+from edge_infer.vision.prompt import IMAGE, image_key, image_prompt
+from edge_infer.vision.torch.model import VisionModel
+
+METHODS = ("full", "hired", "uniform", "cls-topk")
+_SENTINEL = "\ue000image\ue000"  # stands for an image part while the chat is rendered
+
+
+def is_vlm_dir(path: Path) -> bool:
+    """Whether ``path`` is a Hugging Face VLM directory (its config has a vision side)."""
+    cfg = path / "config.json"
+    return path.is_dir() and cfg.is_file() and "vision_config" in json.loads(cfg.read_text())
+
+
+def mmproj_image_spec(path: Path) -> ImageSpec:
+    """Preprocessing for an mmproj file: its tower's side, mean and std (no preprocessor file)."""
+    mm = read_mmproj(path)
+    side = int(mm.config["vision_config"]["image_size"])
+    kind = "idefics3" if mm.projector == "idefics3" else "clip"
+    return ImageSpec(
+        kind=kind,
+        mean=mm.image_mean,
+        std=mm.image_std,
+        size={"shortest_edge": side} if kind == "clip" else {"longest_edge": side},
+        crop=(side, side),
+        tile=side,
+    )
+
+
+class Vision:
+    """A VLM's image side beside the runner: its tower, preprocessing and dropping settings."""
+
+    def __init__(
+        self,
+        model: VisionModel,
+        image_spec: ImageSpec,
+        method: str = "hired",
+        budget: Budget | None = None,
+        mode: str = "spatial",
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"visual method must be one of {METHODS}, got {method!r}")
+        self.model, self.image_spec = model, image_spec
+        self.method, self.budget, self.mode = method, budget or Budget(), mode
+        self.recent: dict[str, tuple[np.ndarray, str, str, int]] = {}
+
+    def encode(
+        self, src: ImageSource, rate: float | None = None, method: str | None = None
+    ) -> tuple[np.ndarray, str, str, int]:
+        """(embeddings [kept, hidden] in prompt order, placeholder text, image key, total)."""
+        method = method or self.method
+        budget = self.budget if rate is None else Budget(rate, self.budget.alpha)
+        px = preprocess(src, self.image_spec)
+        key = image_key(px, method, budget, self.mode)
+        if key in self.recent:  # an agent's history renders its images again each turn
+            return self.recent[key]
+        enc = self.model.encode(px, method, budget, self.mode)
+        kept = (
+            [len(enc.embeds)]
+            if self.model.spec.arch == "llava_next"
+            else [len(k) for k in enc.kept]
+        )
+        text = image_prompt(self.model.spec.arch, px, kept)
+        embeds = enc.embeds.float().cpu().numpy()
+        self.recent[key] = (embeds, text, key, enc.total)
+        while len(self.recent) > 8:
+            self.recent.pop(next(iter(self.recent)))
+        return self.recent[key]
 
 
 def agent_store(model: LoadedModel, backend: Backend) -> AgentStore:
@@ -40,15 +114,20 @@ class Engine:
     """A loaded model on a backend. Create with :meth:`Engine.load`."""
 
     def __init__(
-        self, model: LoadedModel, backend: Backend, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+        self,
+        model: LoadedModel,
+        backend: Backend,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        vision: Vision | None = None,
     ) -> None:
         self.model = model
+        self.vision = vision
         self.backend = backend
         self.tokenizer = model.tokenizer
-        self.runner = Runner(
-            backend, model.tokenizer, model.config.context_length, prefill_chunk
+        self.runner = Runner(backend, model.tokenizer, model.config.context_length, prefill_chunk)
+        self.agent_manager = AgentManager(
+            self.runner, agent_store(model, backend), images=self.image_chat
         )
-        self.agent_manager = AgentManager(self.runner, agent_store(model, backend))
         self.last_usage = Usage()
 
     @classmethod
@@ -62,11 +141,35 @@ class Engine:
         kv_group_size: int = 64,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         progress: Callable[[int, int], None] | None = None,
+        mmproj: str | Path | None = None,
+        visual_method: str = "hired",
+        visual_budget: float = 0.2,
+        visual_alpha: float = 0.5,
     ) -> Engine:
         """Load ``model`` (a .gguf file or a Hugging Face/MLX directory; None = the embedded
         default) on ``backend`` ("auto", "torch" or "mlx"). KV caches hold keys and values in
-        ``kv_bits`` (4 = default, 8, or 16 = float16)."""
+        ``kv_bits`` (4 = default, 8, or 16 = float16).
+
+        A VLM directory (or a text model with its llama.cpp ``mmproj`` file) also loads the
+        image side; ``visual_method`` ("full", "hired", "uniform", "cls-topk") and
+        ``visual_budget`` (r, the share of image tokens kept) set the dropping."""
         loaded = load_model(model, progress=progress)
+        vision = None
+        budget = Budget(visual_budget, visual_alpha)
+        if mmproj is not None:
+            vision = Vision(
+                VisionModel.load(Path(mmproj)),
+                mmproj_image_spec(Path(mmproj)),
+                visual_method,
+                budget,
+            )
+        elif model is not None and is_vlm_dir(Path(model)):
+            vision = Vision(
+                VisionModel.load(Path(model)),
+                ImageSpec.from_dir(Path(model)),
+                visual_method,
+                budget,
+            )
         be = create_backend(
             loaded,
             backend or default_backend(),
@@ -74,7 +177,7 @@ class Engine:
             kv_bits=kv_bits,
             kv_group_size=kv_group_size,
         )
-        return cls(loaded, be, prefill_chunk=prefill_chunk)
+        return cls(loaded, be, prefill_chunk=prefill_chunk, vision=vision)
 
     @property
     def prefill_chunk(self) -> int:
@@ -190,12 +293,121 @@ class Engine:
         return "".join(self.stream(prompt, params, **kwargs))
 
     def stream_chat(
-        self, messages: list[dict[str, Any]], params: SamplingParams | None = None, **kwargs: Any
+        self,
+        messages: list[dict[str, Any]],
+        params: SamplingParams | None = None,
+        *,
+        visual_budget: float | None = None,
+        visual_method: str | None = None,
+        **kwargs: Any,
     ) -> Iterator[str]:
-        """The assistant's reply to ``messages`` (chat template applied), streamed."""
-        for _, text in self.generate_tokens(self.chat_ids(messages), params, **kwargs):
+        """The assistant's reply to ``messages`` (chat template applied), streamed.
+
+        Content parts ``{"type": "image_url", "image_url": {"url": ...}}`` (a data: URI or a
+        path) or ``{"type": "image", "image": path_or_PIL}`` put images in the prompt;
+        ``visual_budget`` overrides the share of image tokens kept for this call."""
+        if not any(image_parts(m) for m in messages):
+            pieces = self.generate_tokens(self.chat_ids(messages), params, **kwargs)
+        else:
+            prompt = self.image_chat(messages, visual_budget, visual_method)
+            pieces = self.generate_image_tokens(prompt, params, **kwargs)
+        for _, text in pieces:
             if text:
                 yield text
+
+    # -- images ---------------------------------------------------------------------------
+    def image_chat(
+        self,
+        messages: list[dict[str, Any]],
+        rate: float | None = None,
+        method: str | None = None,
+    ) -> ImagePrompt:
+        """``messages`` with image parts as one prompt: token ids (image positions hold the
+        image token), prefill segments (ids, or image embeddings) and each image's key."""
+        if self.vision is None:
+            raise ValueError(
+                f"{self.model.name}: a text-only model takes no images "
+                "(load a VLM directory, or a GGUF with mmproj=)"
+            )
+        tok = self.tokenizer
+        images: list[ImageSource] = []
+        flat = []
+        for m in messages:
+            parts = image_parts(m)
+            if not parts:
+                flat.append(m)
+                continue
+            text = []
+            for part in m["content"]:
+                if part in parts:
+                    images.append(image_source(part))
+                    text.append(_SENTINEL)
+                else:
+                    text.append(str(part.get("text", "")))
+            flat.append({**m, "content": "".join(text)})
+        rendered = render_chat_parts(
+            tok.chat_template,
+            flat,
+            tok.special_texts,
+            add_generation_prompt=True,
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+        )
+        groups: list[list[tuple[str, bool]]] = [[]]
+        for text, markup in rendered:
+            if markup:
+                groups[-1].append((text, True))
+                continue
+            for i, piece in enumerate(text.split(_SENTINEL)):
+                if i:
+                    groups.append([])
+                if piece:
+                    groups[-1].append((piece, False))
+        out = ImagePrompt()
+        out.add_ids(tok.encode_parts(groups[0]))
+        image_id = (
+            tok.encode_parts([(IMAGE, True)], add_bos=False)[0]
+            if IMAGE in tok.special_texts
+            else self.vision.model.spec.image_token_id
+        )
+        for src, group in zip(images, groups[1:], strict=True):
+            embeds, text, key, total = self.vision.encode(src, rate, method)
+            start, used = len(out.ids), 0
+            for piece in re.split(f"((?:{re.escape(IMAGE)})+)", text):
+                if piece.startswith(IMAGE):
+                    n = len(piece) // len(IMAGE)
+                    out.add_embeds(embeds[used : used + n], image_id)
+                    used += n
+                elif piece:
+                    markup = piece in tok.special_texts
+                    out.add_ids(tok.encode_parts([(piece, markup)], add_bos=False))
+            out.images.append((start, len(out.ids), key))
+            out.image_tokens += used
+            out.image_tokens_total += total
+            out.add_ids(tok.encode_parts(group, add_bos=False) if group else [])
+        return out
+
+    def generate_image_tokens(
+        self,
+        prompt: ImagePrompt,
+        params: SamplingParams | None = None,
+        *,
+        usage: Usage | None = None,
+        **kwargs: Any,
+    ) -> Iterator[tuple[int | None, str]]:
+        """As :meth:`generate_tokens` for a prompt with images: everything but its last token
+        is prefilled segment by segment (image embeddings where the placeholders stand)."""
+        p = SamplingParams.from_kwargs(params, **kwargs)
+        self.runner.check_fits(len(prompt.ids))
+        cache = self.runner.new_cache()
+        self.runner.prefill_segments(prompt.segments_before_last(), cache)
+        usage = usage if usage is not None else Usage()
+        self.last_usage = usage
+        gen = Generation(self.runner, prompt.ids, p, cache, usage)
+        usage.cached_tokens = 0
+        usage.image_tokens = prompt.image_tokens
+        usage.image_tokens_total = prompt.image_tokens_total
+        yield from gen.run()
 
     def chat(
         self, messages: list[dict[str, Any]], params: SamplingParams | None = None, **kwargs: Any

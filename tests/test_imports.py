@@ -13,7 +13,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "config"),
     ("formats",),
     ("models", "kernels"),
+    ("vision",),  # preprocessing, dropping, towers: below cache_store so image keys can use it
     ("cache_store",),
+    ("offload",),  # numpy only: page abstracts, bounds, selection
     ("backends",),
     ("generation",),
     ("agents",),

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
+from edge_infer.agents.images import ImageSource, storable
 from edge_infer.agents.state import AgentState
 from edge_infer.agents.turn import AgentTurn
 from edge_infer.generation.sampling import SamplingParams
 from edge_infer.generation.sequence import Usage
+from edge_infer.generation.tools import Tool
 
 
 class AgentHost(Protocol):
@@ -33,6 +35,8 @@ class AgentHost(Protocol):
         params: SamplingParams | None,
         kwargs: dict[str, Any],
         keep_messages: int | None = None,
+        tools: Sequence[Tool] = (),
+        tool_format: str | None = None,
     ) -> AgentTurn: ...
 
     def append(self, name: str, messages: list[dict[str, Any]], prefill: bool) -> None: ...
@@ -77,23 +81,28 @@ class Agent:
         self,
         content: str | list[dict[str, Any]],
         params: SamplingParams | None = None,
+        *,
+        images: Sequence[ImageSource] = (),
         **kwargs: Any,
     ) -> str:
         """Add a user message (or a list of messages) and return the reply.
 
         Only the new turn is prefilled; the conversation so far comes from the cache.
+        ``images`` (paths, encoded bytes or PIL images; a VLM only) go before the text.
         """
-        return "".join(self.stream(content, params, **kwargs))
+        return "".join(self.stream(content, params, images=images, **kwargs))
 
     def stream(
         self,
         content: str | list[dict[str, Any]],
         params: SamplingParams | None = None,
+        *,
+        images: Sequence[ImageSource] = (),
         **kwargs: Any,
     ) -> Iterator[str]:
         """Like :meth:`chat`, streamed as text pieces. Closing the stream early keeps what
         was generated so far as the reply, in the messages and in the cache."""
-        return self._manager.turn(self.name, as_messages(content), params, kwargs)
+        return self._manager.turn(self.name, with_images(content, images), params, kwargs)
 
     def start_turn(
         self,
@@ -101,13 +110,17 @@ class Agent:
         params: SamplingParams | None = None,
         *,
         keep_messages: int | None = None,
+        tools: Sequence[Tool] = (),
+        tool_format: str | None = None,
         **kwargs: Any,
     ) -> AgentTurn:
         """Begin a turn to drive step by step (batched decoding does this); the agent stays
         locked until the turn's ``finish()``. With ``keep_messages`` the new messages follow
-        only the first that many stored ones (the rest are replaced)."""
+        only the first that many stored ones (the rest are replaced). ``tools`` go into the
+        prompt; with ``tool_format`` (see :func:`~edge_infer.generation.tools.call_format`)
+        the reply's calls are parsed and kept with the assistant message."""
         return self._manager.begin_turn(
-            self.name, as_messages(content), params, kwargs, keep_messages
+            self.name, as_messages(content), params, kwargs, keep_messages, tools, tool_format
         )
 
     def add_messages(self, messages: list[dict[str, Any]], prefill: bool = True) -> None:
@@ -131,6 +144,18 @@ class Agent:
 
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, tokens={self.tokens}, messages={len(self._state.messages)})"
+
+
+def with_images(
+    content: str | list[dict[str, Any]], images: Sequence[ImageSource]
+) -> list[dict[str, Any]]:
+    """``as_messages(content)``, with ``images`` stored (as data: URIs) before a text."""
+    if not images:
+        return as_messages(content)
+    if not isinstance(content, str):
+        raise ValueError("images= goes with a text message; put image parts in the messages")
+    parts = [storable(i) for i in images] + [{"type": "text", "text": content}]
+    return [{"role": "user", "content": parts}]
 
 
 def as_messages(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:

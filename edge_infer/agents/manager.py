@@ -8,14 +8,21 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from datetime import datetime
 from typing import Any
 
 from edge_infer.agents.agent import Agent, as_messages
+from edge_infer.agents.images import ImagePrompt, ImageRender, image_parts
 from edge_infer.agents.saver import BackgroundSaver
-from edge_infer.agents.state import OVERFLOW_POLICIES, AgentInfo, AgentState, fit_messages
+from edge_infer.agents.state import (
+    OVERFLOW_POLICIES,
+    AgentInfo,
+    AgentState,
+    fit_messages,
+    reuse_cached_spelling,
+)
 from edge_infer.agents.turn import AgentTurn
 from edge_infer.backends.base import KVCache
 from edge_infer.cache_store import (
@@ -31,6 +38,7 @@ from edge_infer.generation.batch import decode_together
 from edge_infer.generation.runner import Runner
 from edge_infer.generation.sampling import SamplingParams
 from edge_infer.generation.sequence import Generation, Usage
+from edge_infer.generation.tools import Tool
 
 log = logging.getLogger("edge_infer.cache")
 
@@ -44,7 +52,14 @@ class AgentManager:
     ``runner`` computes their KV; ``store`` persists it (its format is the runner's caches').
     """
 
-    def __init__(self, runner: Runner, store: AgentStore, pool_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        store: AgentStore,
+        pool_bytes: int | None = None,
+        images: ImageRender | None = None,
+    ) -> None:
+        self.images = images  # renders a conversation with images (a VLM's engine gives it)
         self.runner = runner
         self.store = store
         self.fmt = store.fmt
@@ -147,9 +162,7 @@ class AgentManager:
                         other.cache = None  # its blocks stay in the pool and on disk
         return st.cache
 
-    def _sync_blocks(
-        self, name: str, st: AgentState, cache: KVCache, first_changed: int
-    ) -> None:
+    def _sync_blocks(self, name: str, st: AgentState, cache: KVCache, first_changed: int) -> None:
         """Re-export blocks from the one holding ``first_changed`` and persist in background."""
         bs = self.fmt.block_size
         keep = first_changed // bs
@@ -168,18 +181,45 @@ class AgentManager:
         )
 
     def _prepare(
-        self, name: str, st: AgentState, messages: list[dict[str, Any]]
-    ) -> tuple[KVCache, list[int], list[dict[str, Any]]]:
-        """Fit ``messages`` to the context, render them, and cut the cache to the shared prefix."""
+        self,
+        name: str,
+        st: AgentState,
+        messages: list[dict[str, Any]],
+        tools: Sequence[Tool] = (),
+    ) -> tuple[KVCache, list[int], list[dict[str, Any]], ImagePrompt | None]:
+        """Fit ``messages`` to the context, render them (with ``tools``), and cut the cache to
+        the shared prefix; with images, only where each cached image has the same key."""
         limit = self.runner.context_length
-        messages, ids = fit_messages(
-            self.runner.chat_ids, messages, limit, st.extra.get("overflow", "error")
-        )
+        prompt = None
+        if any(image_parts(m) for m in messages):
+            if self.images is None:
+                raise ValueError("this engine takes no images")
+            render = self.images
+            messages, _ = fit_messages(
+                lambda m: render(m).ids, messages, limit, st.extra.get("overflow", "error")
+            )
+            prompt = render(messages)  # the image side keeps recent encodings
+            ids = prompt.ids
+        else:
+            messages, ids = fit_messages(
+                lambda m: self.runner.chat_ids(m, tools=tools),
+                messages,
+                limit,
+                st.extra.get("overflow", "error"),
+            )
         cache = self._live_cache(name, st)
+        if prompt is None:
+            ids = reuse_cached_spelling(st.token_ids, ids, self.runner.tokenizer.token_bytes)
         keep = common_prefix_len(st.token_ids, ids)
+        keep = (prompt or ImagePrompt()).reusable(st.extra.get("images", []), keep)
         keep = cache.truncate(min(keep, len(ids) - 1))
         st.token_ids = st.token_ids[:keep]
-        return cache, ids, messages
+        st.extra["images"] = [list(x) for x in prompt.images] if prompt else []
+        if prompt is not None:  # the image embeddings go in now; the generation does the rest
+            segments = prompt.segments_from(cache.length)
+            if segments:
+                self.runner.prefill_segments(segments, cache)
+        return cache, ids, messages, prompt
 
     # -- turns -----------------------------------------------------------------------------
     def begin_turn(
@@ -189,13 +229,16 @@ class AgentManager:
         params: SamplingParams | None,
         kwargs: dict[str, Any],
         keep_messages: int | None = None,
+        tools: Sequence[Tool] = (),
+        tool_format: str | None = None,
     ) -> AgentTurn:
         """Start the reply to the agent's conversation plus ``new_messages``: the agent is
         locked, its cache cut to the shared prefix; nothing is prefilled yet.
 
         With ``keep_messages`` only that many of the stored messages stay before the new ones
         (a conversation edited or regenerated by the client); the KV is still reused up to
-        the first token that differs."""
+        the first token that differs. ``tools`` are rendered into the prompt; with
+        ``tool_format`` the reply's tool calls are parsed and kept as ``tool_calls``."""
         st = self.state(name)
         locks = ExitStack()
         locks.enter_context(st.lock)
@@ -205,14 +248,18 @@ class AgentManager:
             locks.enter_context(_busy(st))
             p = SamplingParams.from_kwargs(params, **kwargs)
             kept = st.messages if keep_messages is None else st.messages[: max(0, keep_messages)]
-            cache, ids, messages = self._prepare(name, st, kept + new_messages)
+            cache, ids, messages, prompt = self._prepare(name, st, kept + new_messages, tools)
             first_changed = len(st.token_ids)  # the cache was cut to the shared prefix
             usage = self._usage[name] = Usage()
             gen = Generation(self.runner, ids, p, cache, usage)
+            if prompt is not None:  # images were prefilled before the generation began
+                usage.cached_tokens = first_changed
+                usage.image_tokens = prompt.image_tokens
+                usage.image_tokens_total = prompt.image_tokens_total
         except BaseException:
             locks.close()
             raise
-        return AgentTurn(self, name, st, gen, messages, first_changed, locks)
+        return AgentTurn(self, name, st, gen, messages, first_changed, locks, tool_format)
 
     def begin_prefix_turn(
         self, name: str, prompt_ids: list[int], params: SamplingParams
@@ -245,7 +292,7 @@ class AgentManager:
         st, g, cache = turn.state, turn.generation, turn.cache
         st.token_ids = (g.prompt_ids + g.generated)[: cache.length]
         if turn.messages is not None and not g.prefilling:  # the prompt was read
-            st.messages = turn.messages + [{"role": "assistant", "content": turn.text}]
+            st.messages = turn.messages + [turn.message()]
         self._sync_blocks(turn.name, st, cache, turn.first_changed)
 
     def turn(

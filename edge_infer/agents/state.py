@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from edge_infer.backends.base import KVCache
-from edge_infer.cache_store import KVBlock
+from edge_infer.cache_store import KVBlock, common_prefix_len
 from edge_infer.errors import ContextLengthError
 
 OVERFLOW_POLICIES = ("error", "drop_oldest")
@@ -66,3 +66,32 @@ def fit_messages(
             f"the last message alone needs {len(ids)} tokens; the model's context is {limit}"
         )
     return kept, ids
+
+
+def reuse_cached_spelling(
+    cached: Sequence[int], rendered: list[int], token_bytes: Callable[[int], bytes]
+) -> list[int]:
+    """``rendered`` with as much of its start as possible spelled by the ``cached`` ids: up to
+    the last point where both spell the same bytes and both end a token.
+
+    A reply the model generated (a grammar-forced tool call especially) need not be split
+    into tokens the way the tokenizer splits the same text when the conversation is rendered
+    again; keeping the generated ids keeps the cache of the reply usable.
+    """
+    keep = common_prefix_len(cached, rendered)
+    i = j = keep
+    spelled_c, spelled_r = bytearray(), bytearray()
+    best = (keep, keep)
+    while i < len(cached) and j < len(rendered):
+        if len(spelled_c) <= len(spelled_r):
+            spelled_c += token_bytes(cached[i])
+            i += 1
+        else:
+            spelled_r += token_bytes(rendered[j])
+            j += 1
+        if len(spelled_c) == len(spelled_r):
+            if spelled_c != spelled_r:
+                break
+            best = (i, j)
+    i, j = best
+    return [*cached[:i], *rendered[j:]]

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from edge_infer.agents.state import AgentState
 from edge_infer.backends.base import KVCache
 from edge_infer.generation.sequence import Generation, Piece, Usage
+from edge_infer.generation.tools import ToolCall, parse_tool_calls
 
 
 class TurnOwner(Protocol):
@@ -36,6 +37,7 @@ class AgentTurn:
         messages: list[dict[str, Any]] | None,
         first_changed: int,
         locks: ExitStack,
+        tool_format: str | None = None,
     ) -> None:
         self.name = name
         self.state = state
@@ -44,8 +46,10 @@ class AgentTurn:
         self.messages = messages
         self.first_changed = first_changed  # the cache was cut to this many tokens
         self.pieces: list[str] = []
+        self.tool_format = tool_format  # the format tool calls in the reply are parsed in
         self._owner = owner
         self._locks = locks
+        self._reply: tuple[str, list[ToolCall]] | None = None
         self.closed = False
 
     @property
@@ -60,6 +64,26 @@ class AgentTurn:
     def text(self) -> str:
         """The reply so far."""
         return "".join(self.pieces)
+
+    def reply(self) -> tuple[str, list[ToolCall]]:
+        """The finished reply as (its text outside tool calls, the calls it makes); the
+        calls get their ids once, so the stored conversation and the client agree."""
+        if self._reply is not None:
+            return self._reply
+        reply: tuple[str, list[ToolCall]] = (self.text, [])
+        if self.tool_format is not None:
+            reply = parse_tool_calls(self.text, self.tool_format)
+        if self.closed:  # the text is final
+            self._reply = reply
+        return reply
+
+    def message(self) -> dict[str, Any]:
+        """The reply as the assistant message the conversation keeps."""
+        text, calls = self.reply()
+        out: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            out["tool_calls"] = [c.openai() for c in calls]
+        return out
 
     def record(self, pieces: list[Piece]) -> list[str]:
         """Keep the text of ``pieces`` (from ``generation``) as part of the reply."""

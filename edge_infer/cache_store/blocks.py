@@ -8,13 +8,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_infer.cache_store.kv_format import LayerKV, kv_dequantize
+from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV, kv_dequantize
+from edge_infer.cache_store.rotation import rotate
 
 CHAIN_START = "0" * 64
 """The token chain value before the first block."""
 
 Abstract = list[tuple[np.ndarray, np.ndarray]]
-"""Per layer ``(key_min, key_max)``, float16 ``[n_kv_heads, head_dim]``."""
+"""Per layer ``(key_min, key_max)``, float16 ``[n_kv_heads, head_dim]``, over the keys as
+attention reads them (see :func:`attention_keys`): a box in the stored, rotated domain would
+not bound the scores of an unrotated query."""
 
 
 def _round_down_f16(x: np.ndarray) -> np.ndarray:
@@ -57,8 +60,17 @@ def key_bounds(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _round_down_f16(keys.min(axis=1)), _round_up_f16(keys.max(axis=1))
 
 
+def attention_keys(layer: LayerKV) -> np.ndarray:
+    """A layer's keys as attention reads them, float32 ``[n_kv, T, D]``: quantized keys are
+    stored rotated (``quantize(k @ H)``), so they are dequantized and rotated back; float16
+    keys are stored as they are."""
+    keys = kv_dequantize(layer.keys)
+    return rotate(keys) if isinstance(layer.keys, QuantizedKV) else keys
+
+
 def compute_abstract(layers: Sequence[LayerKV]) -> Abstract:
-    """Channel-wise min and max of each layer's dequantized keys over the block's tokens.
+    """Channel-wise min and max of each layer's keys, as attention reads them, over the
+    block's tokens.
 
     Values are rounded outward to float16 so that they always bound the keys.
     """
@@ -66,7 +78,7 @@ def compute_abstract(layers: Sequence[LayerKV]) -> Abstract:
     for layer in layers:
         if layer.length == 0:
             raise ValueError("cannot compute the abstract of an empty block")
-        out.append(key_bounds(kv_dequantize(layer.keys)))
+        out.append(key_bounds(attention_keys(layer)))
     return out
 
 

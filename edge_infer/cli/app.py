@@ -72,6 +72,19 @@ def run(
         Path | None,
         typer.Option(help="Answer with JSON valid against the schema in this file."),
     ] = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", help="An image to ask about (repeatable; needs a VLM)."),
+    ] = None,
+    mmproj: Annotated[
+        Path | None, typer.Option(help="llama.cpp mmproj file: the image side of a text GGUF.")
+    ] = None,
+    visual_budget: Annotated[
+        float, typer.Option(help="Share of an image's tokens kept before the LLM (0-1).")
+    ] = 0.2,
+    visual_method: Annotated[
+        str, typer.Option(help="Image-token dropping: hired, full, uniform or cls-topk.")
+    ] = "hired",
 ) -> None:
     """Answer one prompt, streaming the reply to stdout."""
     with user_errors():
@@ -104,12 +117,28 @@ def run(
             ignore_eos=ignore_eos,
             grammar=grammar,
         )
-        eng = load_engine(model, backend, kv_bits)
+        for f in image or ():
+            if not f.is_file():
+                raise ValueError(f"{f}: no such image file")
+        if image and raw:
+            raise ValueError("--image needs the chat template (drop --raw)")
+        eng = load_engine(
+            model,
+            backend,
+            kv_bits,
+            mmproj=mmproj,
+            visual_method=visual_method,
+            visual_budget=visual_budget,
+        )
         if raw:
             pieces = eng.stream(prompt, params)
         else:
             messages = [{"role": "system", "content": system}] if system else []
-            pieces = eng.stream_chat(messages + [{"role": "user", "content": prompt}], params)
+            content: str | list[dict] = prompt
+            if image:
+                content = [{"type": "image", "image": str(f)} for f in image]
+                content.append({"type": "text", "text": prompt})
+            pieces = eng.stream_chat(messages + [{"role": "user", "content": content}], params)
         out = sys.stdout
         for piece in pieces:
             out.write(piece)
@@ -120,7 +149,12 @@ def run(
             err.print(
                 f"[dim]{eng.model.name} · {eng.backend.name}/{eng.backend.device} · "
                 f"prompt {u.prompt_tokens} tok · generated {u.completion_tokens} tok · "
-                f"TTFT {u.ttft_s * 1000:.0f} ms · {u.decode_tokens_per_s:.1f} tok/s · "
+                + (
+                    f"image {u.image_tokens}/{u.image_tokens_total} tok kept · "
+                    if u.image_tokens_total
+                    else ""
+                )
+                + f"TTFT {u.ttft_s * 1000:.0f} ms · {u.decode_tokens_per_s:.1f} tok/s · "
                 f"{u.finish_reason}[/]",
                 highlight=False,
             )

@@ -53,11 +53,12 @@ def loading(label: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
-def load_engine(model: str | None, backend: str, kv_bits: int = 4) -> Any:
+def load_engine(model: str | None, backend: str, kv_bits: int = 4, **vision: Any) -> Any:
+    """The engine for ``model``; ``vision``: Engine.load's mmproj and visual settings."""
     from edge_infer.engine import Engine
 
     with loading("loading model") as update:
-        return Engine.load(model, backend=backend, kv_bits=kv_bits, progress=update)
+        return Engine.load(model, backend=backend, kv_bits=kv_bits, progress=update, **vision)
 
 
 ModelOpt = Annotated[

@@ -11,6 +11,7 @@ from typing import Any
 
 import llguidance
 import numpy as np
+from llguidance.gbnf_to_lark import gbnf_to_lark
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 from edge_infer.errors import GrammarError
@@ -42,6 +43,14 @@ class Grammar:
         return cls("json_schema", json.dumps(schema))
 
     @classmethod
+    def gbnf(cls, text: str) -> Grammar:
+        """A grammar in llama.cpp's GBNF (converted to llguidance's Lark form)."""
+        try:
+            return cls("lark", gbnf_to_lark(text))
+        except Exception as exc:  # GbnfToLarkError, or a bare Exception (no root rule)
+            raise GrammarError(f"unsupported GBNF grammar: {exc}") from None
+
+    @classmethod
     def json_object(cls) -> Grammar:
         """Any JSON object."""
         return cls.json_schema({"type": "object"})
@@ -61,6 +70,20 @@ class Grammar:
         if problem:
             raise GrammarError(f"unsupported {self.format.replace('_', ' ')}: {problem}")
         return grammar
+
+
+# llguidance's JSON options: one way to write the whitespace (json.dumps' separators), so a
+# small model cannot wander off into indentation, and a reply reads as its re-rendering does
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def compact(schema: Mapping[str, Any] | bool) -> dict[str, Any]:
+    """``schema`` with JSON written one way (``json.dumps``' separators, no extra spaces)."""
+    out = {} if schema is True else dict(schema) if isinstance(schema, Mapping) else None
+    if out is None:
+        raise GrammarError("a JSON schema must be an object or true")
+    out.setdefault("x-guidance", COMPACT_JSON)
+    return out
 
 
 def _pydantic_schema(model: Any) -> dict[str, Any] | None:

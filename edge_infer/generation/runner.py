@@ -123,6 +123,24 @@ class Runner:
                 outs.append(out)
         return np.concatenate(outs) if all_logits else outs[-1][-1]
 
+    def prefill_segments(
+        self, segments: Sequence[np.ndarray], cache: KVCache, all_logits: bool = False
+    ) -> np.ndarray:
+        """``prefill`` over consecutive segments, each token ids [T] or input embeddings
+        [T, hidden] (a VLM's image features where its placeholder tokens stand)."""
+        outs = []
+        for seg in segments:
+            seg = np.asarray(seg)
+            if seg.ndim == 1:
+                outs.append(self.prefill(seg, cache, all_logits=all_logits))
+                continue
+            for start in range(0, len(seg), self.prefill_chunk):
+                out = self.backend.forward(
+                    seg[start : start + self.prefill_chunk], cache, all_logits=all_logits
+                )
+                outs.append(log_softmax(out) if all_logits else out[-1])
+        return np.concatenate(outs) if all_logits else outs[-1]
+
     def step(self, token: int, cache: KVCache) -> np.ndarray:
         """Logits [vocab] after one more ``token`` on ``cache``."""
         return self.backend.forward(np.asarray([token]), cache)[-1]

@@ -57,6 +57,8 @@ class Usage:
     prefill_tokens_per_s: float = 0.0
     decode_tokens_per_s: float = 0.0
     finish_reason: str = ""
+    image_tokens: int = 0  # image tokens the language model saw (kept by dropping)
+    image_tokens_total: int = 0  # image tokens without dropping
 
 
 class Generation:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_infer.errors import GrammarError
-from edge_infer.generation.constraint import Grammar
+from edge_infer.generation.constraint import Grammar, compact
 
 # The formats models write calls in. "hermes" (Qwen, Hermes, and our generic prompt):
 # <tool_call>{"name": ..., "arguments": {...}}</tool_call>; "llama3": a bare JSON object
@@ -229,7 +229,8 @@ def call_grammar(
         rules = "start: obj\n"
     else:
         raise ValueError(f"unknown tool-call format {fmt!r} (one of {FORMATS})")
-    return Grammar("lark", rules + "obj: %json " + json.dumps(one))
+    # written as the hermes fallback re-renders a stored call, so the KV of the call is reused
+    return Grammar("lark", rules + "obj: %json " + json.dumps(compact(one)))
 
 
 def _renders(chat_template: str | None, *words: str) -> bool:

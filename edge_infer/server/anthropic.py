@@ -5,24 +5,38 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from edge_infer.generation.tools import ToolCall
+from edge_infer.server.protocol import check_text
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+TOOL_USE_PREFIX, CALL_PREFIX = "toolu_", "call_"
 
 
-class TextBlock(BaseModel):
+class _Block(BaseModel):
+    """A content block. Fields the current SDK adds to blocks it returns (``caller``...)
+    are taken when null, so a reply's blocks can be sent back as they came."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
+        return data
+
+
+class TextBlock(_Block):
     type: Literal["text"]
     text: str
     cache_control: dict[str, Any] | None = None  # a hint for Anthropic's servers; ours caches
 
 
-class ToolUseBlock(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ToolUseBlock(_Block):
     type: Literal["tool_use"]
     id: str
     name: str
@@ -30,8 +44,7 @@ class ToolUseBlock(BaseModel):
     cache_control: dict[str, Any] | None = None
 
 
-class ToolResultBlock(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ToolResultBlock(_Block):
     type: Literal["tool_result"]
     tool_use_id: str
     content: str | list[TextBlock] = ""
@@ -39,13 +52,13 @@ class ToolResultBlock(BaseModel):
     cache_control: dict[str, Any] | None = None
 
     def text(self) -> str:
-        body = self.content if isinstance(self.content, str) else "".join(
-            b.text for b in self.content
+        body = (
+            self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
         )
         return f"Error: {body}" if self.is_error else body
 
 
-Block = TextBlock | ToolUseBlock | ToolResultBlock
+Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock, Field(discriminator="type")]
 
 
 class AnthropicMessage(BaseModel):
@@ -88,12 +101,33 @@ class ToolChoice(BaseModel):
         return {"auto": "auto", "any": "required", "none": "none"}[self.type]
 
 
-class MessagesRequest(BaseModel):
+def _valid_strings(value: Any) -> None:
+    """Every string in a request body is valid Unicode (no lone surrogates from JSON)."""
+    if isinstance(value, str):
+        check_text(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _valid_strings(k)
+            _valid_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            _valid_strings(v)
+
+
+class _Request(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        _valid_strings(data)
+        return data
+
+
+class MessagesRequest(_Request):
     """``POST /v1/messages``: what we take (other fields get a 400 naming them)."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    max_tokens: int = Field(ge=0)
+    max_tokens: StrictInt = Field(ge=0)  # "5000" or 5000.0 is refused, not coerced
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
     stop_sequences: list[str] | None = Field(default=None, max_length=16)
@@ -104,6 +138,13 @@ class MessagesRequest(BaseModel):
     tools: list[AnthropicTool] | None = None
     tool_choice: ToolChoice | None = None
     metadata: dict[str, Any] | None = None
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _no_empty_stop(cls, stops: list[str] | None) -> list[str] | None:
+        if stops and any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
 
     def system_text(self) -> str | None:
         if self.system is None:
@@ -119,19 +160,21 @@ class MessagesRequest(BaseModel):
         if system:
             out.append({"role": "system", "content": system})
         for m in self.messages:
-            blocks = [TextBlock(type="text", text=m.content)] if isinstance(m.content, str) else (
-                m.content
+            blocks = (
+                [TextBlock(type="text", text=m.content)]
+                if isinstance(m.content, str)
+                else (m.content)
             )
             if m.role == "assistant":
                 text = "".join(b.text for b in blocks if isinstance(b, TextBlock))
                 calls = [
-                    ToolCall(b.id, b.name, json.dumps(b.input, ensure_ascii=False)).openai()
+                    ToolCall(call_id(b.id), b.name, json.dumps(b.input, ensure_ascii=False))
                     for b in blocks
                     if isinstance(b, ToolUseBlock)
                 ]
                 msg: dict[str, Any] = {"role": "assistant", "content": text}
                 if calls:
-                    msg["tool_calls"] = calls
+                    msg["tool_calls"] = [c.openai() for c in calls]
                 out.append(msg)
                 continue
             text: list[str] = []
@@ -140,7 +183,8 @@ class MessagesRequest(BaseModel):
                     if text:
                         out.append({"role": "user", "content": "".join(text)})
                         text = []
-                    out.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": b.text()})
+                    result = {"role": "tool", "tool_call_id": call_id(b.tool_use_id)}
+                    out.append({**result, "content": b.text()})
                 elif isinstance(b, TextBlock):
                     text.append(b.text)
                 else:
@@ -153,7 +197,7 @@ class MessagesRequest(BaseModel):
         return [t.openai() for t in self.tools] if self.tools else None
 
 
-class CountTokensRequest(BaseModel):
+class CountTokensRequest(_Request):
     """``POST /v1/messages/count_tokens``."""
 
     model_config = ConfigDict(extra="forbid")
@@ -179,7 +223,14 @@ def new_message_id() -> str:
 
 def tool_use_id(call: ToolCall) -> str:
     """Anthropic's id form for a call (ours start with "call_")."""
-    return "toolu_" + call.id.removeprefix("call_")
+    return TOOL_USE_PREFIX + call.id.removeprefix(CALL_PREFIX)
+
+
+def call_id(tool_use_id: str) -> str:
+    """Our id form of an Anthropic ``tool_use`` id (so an agent's stored calls match)."""
+    if tool_use_id.startswith(TOOL_USE_PREFIX):
+        return CALL_PREFIX + tool_use_id.removeprefix(TOOL_USE_PREFIX)
+    return tool_use_id
 
 
 def usage_json(usage: Any) -> dict[str, int]:
@@ -228,6 +279,18 @@ def message(
         "stop_sequence": stopped_by,
         "usage": usage_json(usage),
     }
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    """The body of every error the Messages routes answer (Anthropic's shape)."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
 
 
 def error_json(message_text: str, kind: str = "invalid_request_error") -> dict[str, Any]:

@@ -23,17 +23,25 @@ from edge_infer.engine import Engine
 from edge_infer.errors import ContextLengthError, EdgeInferError
 from edge_infer.generation.sampling import SamplingParams
 from edge_infer.generation.sequence import TokenLogprob, Usage
-from edge_infer.server import protocol
+from edge_infer.server import anthropic, protocol
 from edge_infer.server.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
 from edge_infer.server.metrics import CONTENT_TYPE, CountRequests, Metrics
 from edge_infer.server.prefix_pool import PrefixPool
 from edge_infer.server.scheduler import Cancelled, Job, Scheduler, ShuttingDown
+from edge_infer.server.structured import (
+    CallSplitter,
+    OutputPlan,
+    RequestError,
+    call_deltas,
+    plan_output,
+)
 from edge_infer.server.tasks import (
     Delta,
     Inner,
     Reply,
     StatelessTask,
     agent_task,
+    prefix_task,
     prompt_cache_name,
 )
 
@@ -47,7 +55,12 @@ PUBLIC_PATHS = ("/health",)
 HONOURED = {
     "/v1/chat/completions": protocol.honoured_fields(protocol.ChatCompletionRequest),
     "/v1/completions": protocol.honoured_fields(protocol.CompletionRequest),
+    "/v1/messages": protocol.honoured_fields(anthropic.MessagesRequest),
+    "/v1/messages/count_tokens": protocol.honoured_fields(anthropic.CountTokensRequest),
 }
+ANTHROPIC_PATHS = ("/v1/messages",)
+# our error types in Anthropic's words
+ANTHROPIC_KINDS = {"server_error": "api_error", "invalid_request_error": "invalid_request_error"}
 
 # What each error status means, as the OpenAPI schema documents it.
 ERROR_MEANING = {
@@ -65,6 +78,14 @@ SSE_RESPONSE = {
         "description": "The completion as JSON, or with `stream: true` as server-sent events: "
         '`data: {chunk JSON}` lines, an error chunk `data: {"error": ...}` if generation '
         "fails, and `data: [DONE]` at the end",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+ANTHROPIC_SSE_RESPONSE = {
+    200: {
+        "description": "The message as JSON, or with `stream: true` as Anthropic's server-sent "
+        "events (`event: message_start`, `content_block_start`, `content_block_delta`, "
+        "`content_block_stop`, `message_delta`, `message_stop`; `error` if generation fails)",
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
     }
 }
@@ -87,20 +108,31 @@ class ApiError(Exception):
 
 
 def _error_response(
-    status: int, message: str, kind: str, code: str | None, param: str | None = None
+    status: int,
+    message: str,
+    kind: str,
+    code: str | None,
+    param: str | None = None,
+    request: Request | None = None,
 ) -> JSONResponse:
+    """The error as JSON: OpenAI's shape, or Anthropic's on the Messages routes."""
+    if request is not None and request.url.path.startswith(ANTHROPIC_PATHS):
+        body = anthropic.error_json(message, ANTHROPIC_KINDS.get(kind, kind))
+        return JSONResponse(body, status_code=status)
     return JSONResponse(protocol.error_json(message, kind, code, param), status_code=status)
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for error statuses a route answers."""
-    return {s: {"model": protocol.ErrorResponse, "description": ERROR_MEANING[s]} for s in statuses}
+def _errors(*statuses: int, model: Any = protocol.ErrorResponse) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses a route answers (``model``: the body)."""
+    return {s: {"model": model, "description": ERROR_MEANING[s]} for s in statuses}
 
 
 def _as_api_error(exc: BaseException) -> ApiError:
     """Our exceptions, mapped to HTTP errors a client can act on."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, RequestError):
+        return ApiError(400, str(exc), param=exc.param)
     if isinstance(exc, ContextLengthError):
         return ApiError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, InvalidAgentName):
@@ -169,27 +201,65 @@ class Service:
         messages: list[dict[str, Any]],
         params: SamplingParams,
         top: int | None,
+        plan: OutputPlan | None = None,
     ) -> Job:
-        return self.submit(
-            name, lambda: self._timed(lambda: agent_task(self.engine, name, messages, params)), top
-        )
+        plan = plan or OutputPlan()
+
+        def start() -> Inner:
+            return agent_task(self.engine, name, messages, params, plan.tools, plan.call_format)
+
+        return self.submit(name, lambda: self._timed(start), top)
 
     def submit_prompt_cache(
-        self, key: str, ids: list[int], params: SamplingParams, top: int | None
+        self,
+        key: str,
+        ids: list[int],
+        params: SamplingParams,
+        top: int | None,
+        tool_format: str | None = None,
     ) -> Job:
         name = prompt_cache_name(key)
         return self.submit(
             name,
-            lambda: self._timed(lambda: self.engine.start_prefix_turn(name, ids, params)),
+            lambda: self._timed(lambda: prefix_task(self.engine, name, ids, params, tool_format)),
             top,
         )
 
-    def submit_stateless(self, ids: list[int], params: SamplingParams, top: int | None) -> Job:
+    def submit_stateless(
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        top: int | None,
+        tool_format: str | None = None,
+    ) -> Job:
         return self.submit(
             protocol.new_id("stateless"),
-            lambda: StatelessTask(self.engine.runner, self.prefix_pool, ids, params),
+            lambda: StatelessTask(self.engine.runner, self.prefix_pool, ids, params, tool_format),
             top,
         )
+
+    async def start_chat(
+        self,
+        messages: list[dict[str, Any]],
+        params: SamplingParams,
+        plan: OutputPlan,
+        agent: str | None,
+        prompt_cache_key: str | None = None,
+        top: int | None = None,
+    ) -> Job:
+        """Queue a chat reply: an agent's turn, a turn on a prompt cache, or stateless (on
+        the shared prefix caches)."""
+        if plan.grammar is not None:
+            params = SamplingParams.from_kwargs(params, grammar=plan.grammar)
+        if agent is not None:
+            return self.submit_agent(agent, messages, params, top, plan)
+        ids = await self.prepare(self.chat_ids, messages, plan)
+        if prompt_cache_key is not None:
+            return self.submit_prompt_cache(prompt_cache_key, ids, params, top, plan.call_format)
+        return self.submit_stateless(ids, params, top, plan.call_format)
+
+    def chat_ids(self, messages: list[dict[str, Any]], plan: OutputPlan) -> list[int]:
+        return self.engine.runner.chat_ids(messages, tools=plan.tools)
 
 
 async def _next_event(job: Job, request: Request) -> tuple[str, Any]:
@@ -239,18 +309,28 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def _reply(job: Job) -> Reply:
+    """The finished job's reply (its task, once the worker is done with it)."""
+    if not isinstance(job.task, Reply):
+        raise RuntimeError("the job has no reply")
+    return job.task
+
+
 async def _stream_events(
     job: Job,
     first: tuple[str, Any],
-    on_delta: Callable[[Delta], dict[str, Any]],
+    on_delta: Callable[[Delta], dict[str, Any] | None],
     on_done: Callable[[Usage], list[dict[str, Any]]],
 ) -> AsyncIterator[str]:
-    """SSE lines for a job; a client that goes away cancels it (its cache stays consistent)."""
+    """SSE lines for a job; a client that goes away cancels it (its cache stays consistent).
+    ``on_delta`` may hold a delta back (None)."""
     kind, value = first
     try:
         while True:
             if kind == "text":
-                yield _sse(on_delta(value))
+                chunk = on_delta(value)
+                if chunk is not None:
+                    yield _sse(chunk)
             elif kind == "done":
                 for chunk in on_done(value):
                     yield _sse(chunk)
@@ -347,7 +427,7 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error_response(exc.status, exc.message, exc.kind, exc.code, exc.param)
+        return _error_response(exc.status, exc.message, exc.kind, exc.code, exc.param, request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -372,23 +452,26 @@ def create_app(
                 f"{', '.join(unsupported)} (this server refuses what it would not honour"
                 + (f"; it honours {', '.join(honoured)})" if honoured else ")")
             )
-            body = protocol.error_json(
-                message, "invalid_request_error", "unsupported_parameter", unsupported[0]
+            return _error_response(
+                400,
+                message,
+                "invalid_request_error",
+                "unsupported_parameter",
+                unsupported[0],
+                request,
             )
-            return JSONResponse(body, status_code=400)
         message = "invalid request: " + "; ".join(problems)
-        body = protocol.error_json(message, "invalid_request_error", None, param)
-        return JSONResponse(body, status_code=400)
+        return _error_response(400, message, "invalid_request_error", None, param, request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         code = "request_too_large" if exc.status_code == 413 else None
-        return _error_response(exc.status_code, str(exc.detail), kind, code)
+        return _error_response(exc.status_code, str(exc.detail), kind, code, request=request)
 
     async def _mapped(request: Request, exc: Exception) -> JSONResponse:
         e = _as_api_error(exc)
-        return _error_response(e.status, e.message, e.kind, e.code)
+        return _error_response(e.status, e.message, e.kind, e.code, e.param, request)
 
     app.add_exception_handler(EdgeInferError, _mapped)
     app.add_exception_handler(ValueError, _mapped)
@@ -473,36 +556,57 @@ def create_app(
                 "an agent keeps its own cache: send agent or prompt_cache_key, not both",
                 param="prompt_cache_key",
             )
-        if agent is not None:
-            job = service.submit_agent(agent, messages, params, top)
-        else:
-            ids = await service.prepare(eng.chat_ids, messages)
-            if req.prompt_cache_key is not None:
-                job = service.submit_prompt_cache(req.prompt_cache_key, ids, params, top)
-            else:
-                job = service.submit_stateless(ids, params, top)
+        plan = await service.prepare(
+            lambda: plan_output(
+                eng.tokenizer,
+                response_format=req.response_format,
+                gbnf=req.grammar,
+                tools=req.tools,
+                tool_choice=req.tool_choice,
+                parallel_tool_calls=req.parallel_tool_calls,
+            )
+        )
+        job = await service.start_chat(messages, params, plan, agent, req.prompt_cache_key, top)
         rid = protocol.new_id("chatcmpl")
         token_bytes = eng.tokenizer.token_bytes
         first = await _first_event(job, request)
         if not req.stream:
-            text, logprobs, usage = await _collect(job, request, first)
+            _, logprobs, usage = await _collect(job, request, first)
+            text, calls = _reply(job).reply()
             lp = protocol.chat_logprobs(logprobs, token_bytes) if top is not None else None
-            body = protocol.chat_completion(rid, service.model_id, text, _finished(usage), lp)
+            body = protocol.chat_completion(
+                rid, service.model_id, text, _finished(usage), lp, calls
+            )
             return JSONResponse(body)
 
         model = service.model_id
         opened = [False]
+        splitter = CallSplitter(plan.call_format, plan.requires_call)
 
-        def on_delta(d: Delta) -> dict[str, Any]:
-            delta = {"content": d.text} if opened[0] else {"role": "assistant", "content": d.text}
-            opened[0] = True
+        def chunk(delta: dict[str, Any], **kw: Any) -> dict[str, Any]:
+            if not opened[0]:
+                delta = {"role": "assistant", **delta}
+                opened[0] = True
+            return protocol.chat_chunk(rid, model, delta, **kw)
+
+        def on_delta(d: Delta) -> dict[str, Any] | None:
+            text = splitter.feed(d.text)
             lp = protocol.chat_logprobs(d.logprobs, token_bytes) if top is not None else None
-            return protocol.chat_chunk(rid, model, delta, logprobs=lp)
+            if not text and lp is None:
+                return None
+            return chunk({"content": text}, logprobs=lp)
 
         def on_done(usage: Usage) -> list[dict[str, Any]]:
             _finished(usage)
-            delta = {} if opened[0] else {"role": "assistant", "content": ""}
-            chunks = [protocol.chat_chunk(rid, model, delta, usage.finish_reason or "stop")]
+            text, calls = _reply(job).reply()
+            chunks = []
+            rest = splitter.rest(text, calls)
+            if rest or not opened[0]:
+                chunks.append(chunk({"content": rest}))
+            for delta in call_deltas(calls):
+                chunks.append(chunk({"tool_calls": delta}))
+            reason = "tool_calls" if calls else usage.finish_reason or "stop"
+            chunks.append(protocol.chat_chunk(rid, model, {}, reason))
             if req.include_usage:
                 chunks.append(protocol.chat_chunk(rid, model, None, usage=usage))
             return chunks
@@ -510,6 +614,95 @@ def create_app(
         return StreamingResponse(
             _stream_events(job, first, on_delta, on_done), media_type="text/event-stream"
         )
+
+    # -- Anthropic's Messages API -------------------------------------------------------
+    def _anthropic_plan(
+        eng: Engine, tools: list[dict[str, Any]] | None, choice: anthropic.ToolChoice | None
+    ) -> OutputPlan:
+        return plan_output(
+            eng.tokenizer,
+            tools=tools,
+            tool_choice=choice.openai() if choice is not None else None,
+            parallel_tool_calls=False,
+        )
+
+    @app.post(
+        "/v1/messages",
+        response_model=None,
+        responses={
+            **ANTHROPIC_SSE_RESPONSE,
+            **_errors(400, *guarded, 413, 503, model=anthropic.AnthropicErrorResponse),
+        },
+    )
+    async def messages(
+        req: anthropic.MessagesRequest, request: Request
+    ) -> JSONResponse | StreamingResponse:
+        """Anthropic's Messages API: the same model, agents (by header) and caches."""
+        service = ready()
+        eng = service.engine
+        chat = req.chat_messages()
+        plan = await service.prepare(_anthropic_plan, eng, req.openai_tools(), req.tool_choice)
+        params = SamplingParams.from_kwargs(
+            None,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            stop=req.stop_sequences,
+        )
+        job = await service.start_chat(chat, params, plan, _agent_from(request, None))
+        model = service.model_id
+        first = await _first_event(job, request)
+        if not req.stream:
+            _, _, usage = await _collect(job, request, first)
+            reply = _reply(job)
+            text, calls = reply.reply()
+            stopped_by = reply.stopped_by(params.stop)
+            return JSONResponse(anthropic.message(model, text, calls, _finished(usage), stopped_by))
+
+        async def events() -> AsyncIterator[str]:
+            stream = anthropic.MessageStream(model)
+            splitter = CallSplitter(plan.call_format, plan.requires_call)
+            kind, value = first
+            try:
+                for line in stream.start(_reply(job).generation.usage):
+                    yield line
+                while True:
+                    if kind == "text":
+                        for line in stream.text(splitter.feed(value.text)):
+                            yield line
+                    elif kind == "done":
+                        _finished(value)
+                        reply = _reply(job)
+                        text, calls = reply.reply()
+                        for line in stream.text(splitter.rest(text, calls)):
+                            yield line
+                        for line in stream.finish(calls, value, reply.stopped_by(params.stop)):
+                            yield line
+                        return
+                    else:
+                        err = _as_api_error(value)
+                        kind_ = ANTHROPIC_KINDS.get(err.kind, err.kind)
+                        yield anthropic.sse("error", anthropic.error_json(err.message, kind_))
+                        return
+                    kind, value = await job.events.get()
+            finally:
+                job.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post(
+        "/v1/messages/count_tokens",
+        responses=_errors(400, *guarded, 413, 503, model=anthropic.AnthropicErrorResponse),
+    )
+    async def count_tokens(req: anthropic.CountTokensRequest) -> dict[str, Any]:
+        """How many input tokens a Messages request would read."""
+        service = ready()
+        eng = service.engine
+        full = req.as_messages_request()
+        plan = await service.prepare(_anthropic_plan, eng, full.openai_tools(), full.tool_choice)
+        ids = await service.prepare(service.chat_ids, full.chat_messages(), plan)
+        return {"input_tokens": len(ids)}
 
     @app.post(
         "/v1/completions",

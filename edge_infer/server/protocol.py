@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from edge_infer.generation.sampling import SamplingParams
 from edge_infer.generation.sequence import TokenLogprob
@@ -97,8 +97,9 @@ class _Generation(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=0)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    # strict: a token bound given as "5000", 5000.0 or true is a client's mistake, not a bound
+    max_tokens: StrictInt | None = Field(default=None, ge=0)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=0)
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
@@ -106,7 +107,7 @@ class _Generation(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = 1
+    n: StrictInt = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     agent: str | None = None
@@ -162,6 +163,12 @@ class ChatCompletionRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # the reply's shape: OpenAI's response_format, or a llama.cpp GBNF grammar
+    response_format: dict[str, Any] | None = None
+    grammar: str | None = Field(default=None, min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
@@ -307,8 +314,24 @@ def completion_logprobs(
 
 
 def chat_completion(
-    rid: str, model: str, text: str, usage: Any, logprobs: dict[str, Any] | None = None
+    rid: str,
+    model: str,
+    text: str,
+    usage: Any,
+    logprobs: dict[str, Any] | None = None,
+    tool_calls: Sequence[Any] = (),
 ) -> dict[str, Any]:
+    """A whole chat completion; with ``tool_calls`` (ToolCall) the message carries them and
+    the finish reason is "tool_calls"."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    reason = usage.finish_reason or "stop"
+    if tool_calls:
+        message = {
+            "role": "assistant",
+            "content": text or None,
+            "tool_calls": [c.openai() for c in tool_calls],
+        }
+        reason = "tool_calls"
     return {
         "id": rid,
         "object": "chat.completion",
@@ -317,8 +340,8 @@ def chat_completion(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": usage.finish_reason or "stop",
+                "message": message,
+                "finish_reason": reason,
                 "logprobs": logprobs,
             }
         ],

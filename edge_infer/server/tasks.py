@@ -13,6 +13,7 @@ from edge_infer.engine import Engine
 from edge_infer.generation.runner import Runner
 from edge_infer.generation.sampling import SamplingParams
 from edge_infer.generation.sequence import Generation, Piece, TokenLogprob, Usage
+from edge_infer.generation.tools import Tool, ToolCall, parse_tool_calls
 from edge_infer.server.conversation import plan_turn, split_system
 from edge_infer.server.prefix_pool import PrefixPool, Slot
 
@@ -20,15 +21,32 @@ PROMPT_CACHE_PREFIX = "prompt-cache"
 
 
 def agent_task(
-    engine: Engine, name: str, messages: list[dict[str, Any]], params: SamplingParams
+    engine: Engine,
+    name: str,
+    messages: list[dict[str, Any]],
+    params: SamplingParams,
+    tools: list[Tool] | None = None,
+    tool_format: str | None = None,
 ) -> AgentTurn:
-    """Start agent ``name``'s turn for a request's messages (see :func:`plan_turn`)."""
+    """Start agent ``name``'s turn for a request's messages (see :func:`plan_turn`), with
+    ``tools`` in the prompt and calls parsed in ``tool_format``."""
     agent = engine.agent(name)
     system, rest = split_system(messages)
     if system is not None and system != (agent.system or ""):
         agent = engine.agent(name, system=system)
     keep, new = plan_turn(agent.messages, rest)
-    return agent.start_turn(new, params, keep_messages=keep)
+    return agent.start_turn(
+        new, params, keep_messages=keep, tools=tools or (), tool_format=tool_format
+    )
+
+
+def prefix_task(
+    engine: Engine, name: str, ids: list[int], params: SamplingParams, tool_format: str | None
+) -> AgentTurn:
+    """A turn on the persistent prefix cache ``name`` (calls parsed in ``tool_format``)."""
+    turn = engine.start_prefix_turn(name, ids, params)
+    turn.tool_format = tool_format
+    return turn
 
 
 def prompt_cache_name(key: str) -> str:
@@ -44,10 +62,17 @@ class StatelessTask:
     """A generation on a borrowed prefix cache, given back when it ends, however it ends."""
 
     def __init__(
-        self, runner: Runner, pool: PrefixPool, ids: list[int], params: SamplingParams
+        self,
+        runner: Runner,
+        pool: PrefixPool,
+        ids: list[int],
+        params: SamplingParams,
+        tool_format: str | None = None,
     ) -> None:
         runner.check_fits(len(ids))
         self._pool = pool
+        self.tool_format = tool_format
+        self.pieces: list[str] = []
         slot = pool.acquire(ids)
         try:
             self.generation = Generation(runner, ids, params, slot.cache, Usage())
@@ -57,7 +82,14 @@ class StatelessTask:
         self._slot: Slot | None = slot
 
     def record(self, pieces: list[Piece]) -> list[str]:
-        return [text for _, text in pieces if text]
+        texts = [text for _, text in pieces if text]
+        self.pieces += texts
+        return texts
+
+    def reply(self) -> tuple[str, list[ToolCall]]:
+        """(the reply's text outside tool calls, the calls it makes)."""
+        text = "".join(self.pieces)
+        return parse_tool_calls(text, self.tool_format) if self.tool_format else (text, [])
 
     def finish(self) -> Usage:
         """Stop the generation and give the cache back with the ids whose KV it holds."""
@@ -73,8 +105,11 @@ class Inner(Protocol):
     """A stateless task or an agent's turn."""
 
     generation: Generation
+    pieces: list[str]
 
     def record(self, pieces: list[Piece]) -> list[str]: ...
+
+    def reply(self) -> tuple[str, list[ToolCall]]: ...
 
     def finish(self) -> Usage: ...
 
@@ -112,6 +147,20 @@ class Reply:
             if text or entries:
                 out.append(Delta(text, entries))
         return out
+
+    def reply(self) -> tuple[str, list[ToolCall]]:
+        """The finished reply: its text outside tool calls, and the calls."""
+        return self.inner.reply()
+
+    def stopped_by(self, stops: tuple[str, ...]) -> str | None:
+        """The stop string that ended the reply, if one did."""
+        gen = self.generation
+        if not stops or gen.usage.finish_reason != "stop":
+            return None
+        text = "".join(self.inner.pieces)
+        full = gen.runner.tokenizer.decode(gen.generated)
+        tail = full[len(text) :] if full.startswith(text) else ""
+        return next((s for s in stops if tail.startswith(s)), None)
 
     def finish(self) -> Usage:
         return self.inner.finish()

@@ -20,8 +20,9 @@ from edge_infer.cache_store import (
     merge_blocks,
     split_into_blocks,
 )
-from edge_infer.cache_store.blocks import CHAIN_START, token_chain, token_chains
+from edge_infer.cache_store.blocks import CHAIN_START, attention_keys, token_chain, token_chains
 from edge_infer.cache_store.kv_format import kv_dequantize
+from edge_infer.cache_store.rotation import rotate
 from tests.support import REPO
 from tests.support.cache_store_helpers import assert_blocks_equal, assert_kv_equal, random_layers
 
@@ -123,19 +124,21 @@ def test_layout_equals_mlx(bits: int, g: int) -> None:
     np.testing.assert_array_equal(theirs.dequantize(), np.array(ref))
 
 
-def test_abstract_bounds_the_dequantized_keys() -> None:
+def test_abstract_bounds_the_keys_as_attention_reads_them() -> None:
     fmt = KVFormat(4, 64, 16)
     layers = random_layers(fmt, 16, seed=5)
     abstract = compute_abstract(layers)
     for layer, (lo, hi) in zip(layers, abstract, strict=True):
-        k = kv_dequantize(layer.keys)
+        # stored keys are quantize(k @ H): attention reads dequantize(stored) @ H
+        k = rotate(kv_dequantize(layer.keys))
+        np.testing.assert_array_equal(attention_keys(layer), k)
         assert lo.dtype == np.float16 and lo.shape == (2, 64) and hi.shape == (2, 64)
         assert np.all(lo.astype(np.float32) <= k.min(axis=1))
         assert np.all(hi.astype(np.float32) >= k.max(axis=1))
         # within one float16 step of the exact values
         np.testing.assert_allclose(lo, k.min(axis=1), rtol=2e-3, atol=1e-6)
         np.testing.assert_allclose(hi, k.max(axis=1), rtol=2e-3, atol=1e-6)
-    f16 = random_layers(KVFormat(16), 16, seed=5)
+    f16 = random_layers(KVFormat(16), 16, seed=5)  # float16 keys are stored unrotated
     lo, hi = compute_abstract(f16)[0]
     np.testing.assert_array_equal(lo, f16[0].keys.min(axis=1))
     np.testing.assert_array_equal(hi, f16[0].keys.max(axis=1))

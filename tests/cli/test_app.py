@@ -243,3 +243,34 @@ def test_run_answers_in_json_with_a_schema_file(tmp_path):
     assert_one_line_error(bad, "$dynamicRef")
     missing = run_cli("run", "--json-schema", str(tmp_path / "nope.json"), "Name a city.")
     assert_one_line_error(missing, "nope.json")
+
+
+def test_run_with_an_image_on_a_vlm_directory(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.support.vision_images import synthetic
+    from tests.support.vision_models import llava_user_dir
+
+    llava_user_dir(tmp_path / "vlm")
+    synthetic(40, 50, seed=1).save(tmp_path / "pic.png")
+    args = [
+        "run",
+        "-m",
+        str(tmp_path / "vlm"),
+        "-b",
+        "torch",
+        "--kv-bits",
+        "16",
+        "--max-tokens",
+        "3",
+    ]
+    proc = run_cli(*args, "--image", str(tmp_path / "pic.png"), "--visual-budget", "0.5", "hi")
+    assert proc.returncode == 0, proc.stderr
+    assert "image 8/16 tok kept" in proc.stderr
+
+
+def test_run_with_an_image_on_a_text_model_is_one_line_error(tmp_path):
+    from tests.support.vision_images import synthetic
+
+    synthetic(8, 8).save(tmp_path / "pic.png")
+    proc = run_cli("run", "--max-tokens", "2", "--image", str(tmp_path / "pic.png"), "hi")
+    assert_one_line_error(proc, "text-only model takes no images")

@@ -123,7 +123,7 @@ def test_content_parts_and_developer_role():
     assert req.message_dicts() == [{"role": "system", "content": "rules"}, u("ab")]
 
 
-@pytest.mark.parametrize("field", ["tools", "response_format", "logit_bias", "temprature"])
+@pytest.mark.parametrize("field", ["logit_bias", "frequency_penalty", "user", "temprature"])
 def test_fields_not_honoured_are_refused(field):
     with pytest.raises(ValidationError, match="Extra inputs") as e:
         ChatCompletionRequest.model_validate({"messages": [u("x")], field: None})

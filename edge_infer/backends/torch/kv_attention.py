@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from edge_infer.backends.torch.host_memory import empty_host
 from edge_infer.backends.torch.kv_cache import TorchKVCache
+from edge_infer.backends.torch.sparse_attention import attend_sparse
 from edge_infer.kernels import cpu as cpu_kernels
 from edge_infer.kernels import triton as triton_kernels
 
@@ -113,6 +114,8 @@ def attend_new_tokens(
     """One new token per cache: store its k, v [B, n_kv, D] after the held tokens and attend
     with q [B, n_q, D] over all of them -> output [B, n_q, D]. The caller commits the token
     (``cache.advance(1)``) after the last layer; ``cache.reserve_next()`` comes first."""
+    if any(cache.sparse is not None for cache in caches):
+        return attend_sparse(caches, layer, q, k, v)
     first = caches[0]
     kernel = _one_token_kernel(first)
     if kernel is None:

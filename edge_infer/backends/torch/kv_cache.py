@@ -23,6 +23,7 @@ from edge_infer.backends.torch.kv_quant import dequantize_kv, quantize_kv
 from edge_infer.cache_store.blocks import KVBlock, key_bounds, tokens_to_block_end, truncation
 from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV
 from edge_infer.cache_store.rotation import hadamard
+from edge_infer.offload.index import SparseState
 
 DEFAULT_BLOCK_SIZE = 256
 
@@ -77,6 +78,9 @@ class TorchKVCache:
         self._pointers: list[list[int]] | None = None  # per layer, for the attention kernel
         self._length = 0
         self._sealed = 0
+        # set to decode attending only selected pages of the sealed tokens (one new token
+        # at a time; prefill chunks stay dense)
+        self.sparse: SparseState | None = None
         # the byte buffers the tensors above are carved from: [open block's, the rest];
         # when this cache is dropped they go back to the pool for the next one
         self._buffers: list[torch.Tensor | None] = [None, None]
@@ -176,6 +180,18 @@ class TorchKVCache:
             meta = [self._capacity, self._capacity, 0, length, 0]
         return self._pointers[layer], [*meta, self.windows[layer]]
 
+    def stored_parts(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The layer's buffers as the attention kernel reads them: quantized K and V parts
+        (packed, scales, biases; [n_kv, capacity, ...]) and the float16 tail K and V
+        ([n_kv, block_size, D], row 0 holding the first unsealed token)."""
+        if not self.quantized:
+            raise ValueError("only a quantized cache has sealed parts")
+        return [*self._quant[layer][0], *self._quant[layer][1]], list(self._half[layer])
+
+    def sealed_keys(self, layer: int, a: int, b: int) -> torch.Tensor:
+        """Keys of sealed tokens a..b as attention reads them, float32 [n_kv, b-a, D]."""
+        return self._readable_rows(layer, 0, a, b)
+
     def stored_rows(
         self,
         layer: int,
@@ -270,6 +286,8 @@ class TorchKVCache:
         self._length, self._sealed = truncation(
             n, self._length, self._sealed, self.block_size, self.bits < 16
         )
+        if self.sparse is not None:
+            self.sparse.index.truncate(self._sealed)
         return self._length
 
     # -- export / import ------------------------------------------------------------------

@@ -35,6 +35,27 @@ _GEMMA_NORMS = (
     "self_attn.k_norm.weight",
 )
 DEFAULT_BITS, DEFAULT_GROUP = 4, 64
+# Hub VLM configs often list only what differs from transformers' config defaults
+_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
+    ),
+    "mistral": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
+}
+# where a VLM keeps its language model's weights: transformers 4.x LLaVA, 5.x, Idefics3/SmolVLM
+_TEXT_PREFIXES = (
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.language_model.", "model."),
+    ("model.text_model.", "model."),
+    ("lm_head.", "lm_head."),
+)
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -46,6 +67,28 @@ def read_config(path: Path) -> dict[str, Any]:
         return json.loads(cfg_path.read_text())
     except ValueError as exc:
         raise ModelFormatError(f"{cfg_path}: not valid JSON ({exc})") from None
+
+
+def text_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """The language model's settings: a VLM's ``text_config`` over its architecture's
+    defaults (and the top level's tie setting), or a text model's config itself."""
+    inner = raw.get("text_config")
+    if not isinstance(inner, dict):
+        return raw
+    out = {**_TEXT_DEFAULTS.get(str(inner.get("model_type", "llama")), {}), **inner}
+    out.setdefault("model_type", "llama")
+    if "tie_word_embeddings" not in inner and "tie_word_embeddings" in raw:
+        out["tie_word_embeddings"] = raw["tie_word_embeddings"]
+    return out
+
+
+def text_weight_name(name: str) -> str | None:
+    """A VLM weight's name as its language model alone would call it; None for the image
+    side's weights."""
+    for old, new in _TEXT_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return None
 
 
 def llama3_factors(inv_freq: np.ndarray, scaling: dict[str, Any]) -> np.ndarray:
@@ -64,6 +107,11 @@ def llama3_factors(inv_freq: np.ndarray, scaling: dict[str, Any]) -> np.ndarray:
 
 def config_from_hf(raw: dict[str, Any], path: Path) -> ModelConfig:
     """Our ModelConfig from a Hugging Face config.json."""
+    rope = raw.get("rope_parameters")
+    if isinstance(rope, dict):  # transformers 5 keeps theta and scaling here
+        raw = {**raw, "rope_theta": rope.get("rope_theta", raw.get("rope_theta", 10000.0))}
+        if rope.get("rope_type", "default") != "default":
+            raw["rope_scaling"] = rope
     arch = raw.get("model_type", "")
     if arch not in HF_ARCHITECTURES:
         raise UnsupportedModelError(
@@ -160,7 +208,9 @@ def load_hf_dir(
     group_size: int = DEFAULT_GROUP,
 ) -> LoadedModel:
     """Load a directory of config.json + *.safetensors + tokenizer files."""
-    raw = read_config(path)
+    outer = read_config(path)
+    raw = text_config(outer)
+    vlm = raw is not outer
     config = config_from_hf(raw, path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -173,20 +223,22 @@ def load_hf_dir(
     for f in files:
         st = SafetensorsFile(f)
         for name in st.names():
-            tensors[name] = (st, name)
+            key = text_weight_name(name) if vlm else name
+            if key is not None:
+                tensors[key] = (st, name)
     weights: dict[str, Weight] = {}
     matrices = [n for n in tensors if n.endswith(".weight")]
     for i, name in enumerate(matrices):
-        st, _ = tensors[name]
+        st, stored = tensors[name]
         module = name[: -len(".weight")]
-        arr = st.get(name)
+        arr = st.get(stored)
         if arr.dtype == np.uint32:  # MLX-quantized: weight (packed) + scales + biases
-            settings = _quant_settings(raw, module)
+            settings = _quant_settings(outer, stored[: -len(".weight")])
             if settings is None or f"{module}.scales" not in tensors:
                 raise ModelFormatError(f"{path}: {name} is packed but has no quantization settings")
             q_bits, q_group = settings
-            scales = tensors[f"{module}.scales"][0].get(f"{module}.scales")
-            biases = tensors[f"{module}.biases"][0].get(f"{module}.biases")
+            scales = _tensor(tensors, f"{module}.scales")
+            biases = _tensor(tensors, f"{module}.biases")
             weights[name] = QuantizedWeight(
                 np.ascontiguousarray(arr),
                 scales.astype(np.float16),
@@ -203,7 +255,7 @@ def load_hf_dir(
             progress(i + 1, len(matrices))
     for name in tensors:
         if name.endswith(".bias"):
-            weights[name] = np.asarray(tensors[name][0].get(name), dtype=np.float32)
+            weights[name] = np.asarray(_tensor(tensors, name), dtype=np.float32)
     if config.arch == "gemma3":
         for name in list(weights):
             if name.endswith(_GEMMA_NORMS) or name == "model.norm.weight":
@@ -216,16 +268,21 @@ def load_hf_dir(
     if missing:
         raise ModelFormatError(f"{path}: missing tensors: {', '.join(missing[:5])}")
     tok_file = path / "tokenizer.json"
-    q = raw.get("quantization")
+    q = outer.get("quantization")
     return LoadedModel(
         config=config,
         weights=weights,
         tokenizer=tokenizer,
         source=path,
-        name=str(raw.get("_name_or_path") or path.name),
+        name=str(outer.get("_name_or_path") or path.name),
         quantization=f"MLX {q.get('bits')}-bit" if q else f"{bits}-bit (quantized on load)",
         fingerprint_parts=_fingerprint_parts(files, tok_file, tokenizer, config),
     )
+
+
+def _tensor(tensors: dict[str, tuple[SafetensorsFile, str]], key: str) -> np.ndarray:
+    st, stored = tensors[key]
+    return st.get(stored)
 
 
 def _fingerprint_parts(

@@ -12,6 +12,7 @@ import pytest
 
 from edge_infer.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 from edge_infer.formats.affine import QuantizedWeight
+from edge_infer.models.hf.loader import load_hf_dir
 from edge_infer.models.loader import load_model
 from edge_infer.models.spec import LoadedModel
 from tests.support.model_files import (
@@ -401,3 +402,80 @@ def test_inconsistent_safetensors_header(good_dir: Path, edit) -> None:
 def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError):
         load_model(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------- VLM directories
+
+VLM_LAYOUTS = {
+    # transformers 4.x LLaVA (and what 5.x's save_pretrained still writes for LLaVA)
+    "llava-4.x": (
+        "llava",
+        {"model.": "language_model.model.", "lm_head.": "language_model.lm_head."},
+        "vision_tower.vision_model.post_layernorm.weight",
+    ),
+    "llava-5.x": (
+        "llava",
+        {"model.": "model.language_model.", "lm_head.": "lm_head."},
+        "model.vision_tower.post_layernorm.weight",
+    ),
+    "idefics3": (
+        "idefics3",
+        {"model.": "model.text_model.", "lm_head.": "lm_head."},
+        "model.vision_model.post_layernorm.weight",
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(VLM_LAYOUTS))
+def test_vlm_directory_loads_its_text_model(tmp_path, layout):
+    """A VLM keeps the text model's settings in text_config and its weights under a prefix
+    that depends on the architecture and transformers' version; the image side is left out."""
+    from safetensors.numpy import load_file, save_file
+
+    model_type, prefixes, vision_name = VLM_LAYOUTS[layout]
+    info = write_tiny_hf_dir(tmp_path / "text", "llama", "float16", rope_theta=20000.0)
+    text = load_hf_dir(tmp_path / "text", bits=16)
+    vlm = tmp_path / "vlm"
+    vlm.mkdir()
+    renamed = {}
+    for name, arr in load_file(str(tmp_path / "text" / "model.safetensors")).items():
+        old = "lm_head." if name.startswith("lm_head.") else "model."
+        renamed[prefixes[old] + name[len(old) :]] = arr
+    renamed[vision_name] = np.ones(8, dtype=np.float16)
+    save_file(renamed, str(vlm / "model.safetensors"))
+    inner = dict(info["config"])
+    theta = inner.pop("rope_theta")
+    inner["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}  # transformers 5
+    config = {
+        "model_type": model_type,
+        "text_config": inner,
+        "vision_config": {"hidden_size": 8},
+    }
+    (vlm / "config.json").write_text(json.dumps(config))
+    for f in (tmp_path / "text").iterdir():
+        if f.name.startswith("tokenizer"):
+            (vlm / f.name).write_bytes(f.read_bytes())
+    template = "{% for m in messages %}[{{ m.content }}]{% endfor %}"
+    (vlm / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    got = load_hf_dir(vlm, bits=16)
+    assert got.config == text.config and got.config.rope_theta == 20000.0
+    assert sorted(got.weights) == sorted(text.weights)
+    for name, w in text.weights.items():
+        np.testing.assert_array_equal(got.weights[name], w, err_msg=name)
+    assert got.tokenizer.encode("hello world") == text.tokenizer.encode("hello world")
+    assert got.tokenizer.chat_template == template
+
+
+def test_vlm_text_config_falls_back_to_transformers_defaults(tmp_path):
+    """LLaVA-1.5's hub config lists only what differs from LlamaConfig's defaults."""
+    from edge_infer.models.hf.loader import config_from_hf, text_config
+
+    raw = {
+        "model_type": "llava",
+        "text_config": {"model_type": "llama", "vocab_size": 32064, "rms_norm_eps": 1e-5},
+        "tie_word_embeddings": False,
+    }
+    cfg = config_from_hf(text_config(raw), tmp_path)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers) == (4096, 11008, 32)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (32, 32, 32064)
+    assert not cfg.tie_word_embeddings

@@ -1,0 +1,209 @@
+"""What early visual-token dropping saves: one image, one prompt, every dropping method.
+
+    python -m benchmarks.vision [--shape smolvlm|llava-next|both] [--image 1024x768]
+                                [--decode-tokens 16] [--vision-layers N] [--json PATH]
+
+Vision towers and projectors have real shapes but random weights (no VLM weights can be had
+here), so the table measures cost, not answer quality. The text model is the default model's
+real SmolLM2-135M (Q4_1) on our torch backend for both shapes; the projector maps into its
+576-wide embeddings. Shapes: SmolVLM-256M's SigLIP-B/16 at 512 px (pixel shuffle 4, 64 tokens
+a tile, tiles plus a global image) and LLaVA-NeXT's CLIP-L/14-336 (anyres: base view plus
+tiles, unpadded, newline per row). TTFT = preprocessing + vision encoder + LLM prefill. KV bytes
+are the prompt's keys and values in the cache's 4-bit form (values plus per-group scales).
+Peak memory is the process's resident set high-water mark during the run, sampled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.common import machine, print_table, write_results
+from edge_infer.backends.select import create_backend
+from edge_infer.generation.runner import Runner
+from edge_infer.models.loader import load_model
+from edge_infer.vision.dropping import Budget
+from edge_infer.vision.preprocess import HALF, ImageSpec, preprocess
+from edge_infer.vision.spec import TowerSpec, VisionSpec
+from edge_infer.vision.torch.model import VisionModel
+
+METHODS = [
+    ("full", "full", 1.0),
+    ("HiRED 50%", "hired", 0.5),
+    ("HiRED 20%", "hired", 0.2),
+    ("HiRED 10%", "hired", 0.1),
+    ("uniform 20%", "uniform", 0.2),
+    ("cls-topk 20%", "cls-topk", 0.2),
+]
+
+
+def shapes(text_hidden: int, layers: int | None) -> dict[str, tuple[VisionSpec, ImageSpec]]:
+    siglip = TowerSpec(768, 12, layers or 12, 3072, 16, 512, 1e-6, "gelu_pytorch_tanh", False)
+    clip = TowerSpec(1024, 16, layers or 24, 4096, 14, 336, 1e-5, "quick_gelu", True)
+    return {
+        "smolvlm": (
+            VisionSpec("idefics3", siglip, text_hidden, 0, scale_factor=4),
+            ImageSpec(
+                kind="idefics3",
+                resample=Image.Resampling.LANCZOS,
+                mean=HALF,
+                std=HALF,
+                do_center_crop=False,
+                size={"longest_edge": 1024},
+                tile=512,
+            ),
+        ),
+        "llava-next": (
+            VisionSpec("llava_next", clip, text_hidden, 0, feature_layer=-2),
+            ImageSpec(kind="llava_next", size={"shortest_edge": 336}, crop=(336, 336)),
+        ),
+    }
+
+
+def test_image(w: int, h: int) -> Image.Image:
+    """A scene-like picture: a sky gradient, a bright object off centre, texture below."""
+    y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+    img = np.stack([40 + 80 * y, 90 + 100 * y, 200 - 60 * y], axis=-1)
+    obj = ((x - 0.7) ** 2 + (y - 0.35) ** 2) < 0.02
+    img[obj] = (230, 60, 40)
+    rng = np.random.default_rng(0)
+    img[y > 0.75] = rng.integers(40, 120, size=(int((y > 0.75).sum()), 3))
+    return Image.fromarray(img.astype(np.uint8))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+class PeakRss:
+    """Resident-set high-water mark while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self) -> PeakRss:
+        self.peak, self.stop = rss_bytes(), False
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self) -> None:
+        while not self.stop:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc) -> None:
+        self.stop = True
+        self.thread.join()
+
+
+def kv_bytes(runner: Runner, tokens: int) -> int:
+    cfg = runner.backend.config
+    group = runner.backend.kv_group_size
+    per_value = runner.backend.kv_bits / 8 + 4 / group  # float16 scale and bias per group
+    return int(tokens * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * per_value)
+
+
+def run_one(vision, spec, image, runner, before, after, method, rate, n_decode) -> dict:
+    with PeakRss() as mem:
+        t0 = time.perf_counter()
+        px = preprocess(image, spec)
+        t1 = time.perf_counter()
+        enc = vision.encode(px, method, Budget(rate, 0.5))
+        t2 = time.perf_counter()
+        cache = runner.new_cache()
+        logits = runner.prefill_segments([before, enc.embeds.numpy(), after], cache)
+        t3 = time.perf_counter()
+        token = int(np.argmax(logits))
+        for _ in range(n_decode):
+            token = int(np.argmax(runner.step(token, cache)))
+        t4 = time.perf_counter()
+    prompt = len(before) + enc.embeds.shape[0] + len(after)
+    return {
+        "image_tokens": int(enc.embeds.shape[0]),
+        "image_tokens_full": enc.total,
+        "skipped_views": enc.skipped,
+        "views": int(px.values.shape[0]),
+        "vision_ms": (t2 - t1) * 1e3,
+        "prefill_ms": (t3 - t2) * 1e3,
+        "ttft_ms": (t3 - t0) * 1e3,
+        "decode_tok_s": n_decode / (t4 - t3),
+        "peak_rss_mb": mem.peak / 2**20,
+        "prompt_tokens": prompt,
+        "kv_bytes": kv_bytes(runner, prompt),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=["smolvlm", "llava-next", "both"], default="both")
+    ap.add_argument("--image", default="1024x768", help="WIDTHxHEIGHT of the test image")
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--vision-layers", type=int, default=None, help="fewer layers: a quick run")
+    ap.add_argument("--json", type=Path, default=None, help="also save the figures here")
+    args = ap.parse_args()
+    w, h = (int(v) for v in args.image.split("x"))
+    image = test_image(w, h)
+    torch.manual_seed(0)
+    model = load_model(None)
+    runner = Runner(create_backend(model, "torch"), model.tokenizer, model.config.context_length)
+    tok = model.tokenizer
+    before = np.array(tok.encode("<|im_start|>user\n"), dtype=np.int64)
+    after = np.array(
+        tok.encode("What is in the picture?<|im_end|>\n<|im_start|>assistant\n", add_bos=False),
+        dtype=np.int64,
+    )
+    results = {}
+    names = ["smolvlm", "llava-next"] if args.shape == "both" else [args.shape]
+    for name in names:
+        vspec, ispec = shapes(model.config.hidden_size, args.vision_layers)[name]
+        vision = VisionModel(vspec).eval().requires_grad_(False)
+        run_one(vision, ispec, image, runner, before, after, "hired", 0.1, 1)  # warm-up
+        rows, full = [], None
+        for label, method, rate in METHODS:
+            r = run_one(
+                vision, ispec, image, runner, before, after, method, rate, args.decode_tokens
+            )
+            full = full or r
+            results[f"{name}/{label}"] = r
+            print(f"{name} {label}: {r}", file=sys.stderr, flush=True)  # progress of a long run
+            rows.append(
+                [
+                    label,
+                    f"{r['image_tokens']}/{r['image_tokens_full']}",
+                    f"{r['views'] - r['skipped_views']}/{r['views']}",
+                    f"{r['vision_ms']:.0f}",
+                    f"{r['prefill_ms']:.0f}",
+                    f"{r['ttft_ms']:.0f} ({full['ttft_ms'] / r['ttft_ms']:.1f}x)",
+                    f"{r['decode_tok_s']:.1f}",
+                    f"{r['peak_rss_mb']:.0f}",
+                    f"{r['kv_bytes'] / 2**20:.2f} ({full['kv_bytes'] / r['kv_bytes']:.1f}x)",
+                ]
+            )
+        layers = vspec.tower.layers
+        print_table(
+            f"{name}: {w}x{h} image, vision tower random ({layers} layers), text SmolLM2-135M Q4_1"
+            f" (torch/{runner.backend.device}); {machine()}; shared, busy machine",
+            [
+                "method",
+                "image tokens",
+                "views run",
+                "vision ms",
+                "prefill ms",
+                "TTFT ms",
+                "decode tok/s",
+                "peak RSS MB",
+                "KV MiB",
+            ],
+            rows,
+        )
+    write_results(args.json, results)
+
+
+if __name__ == "__main__":
+    main()

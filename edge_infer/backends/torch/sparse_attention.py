@@ -1,0 +1,208 @@
+"""Decode attention over the selected pages of a :class:`TorchKVCache` (CPU kernel).
+
+Each (sequence, KV head) becomes one row of the kernel's batch: a head attending every page
+points at the cache's own buffers; a head attending a selection points at its selected
+sealed rows gathered in order (and at the cache's float16 tail, where the kernel writes the
+new token). The kernel's arithmetic per head is the same either way, so a selection of every
+page computes bit for bit what dense attention computes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edge_infer.backends.torch.kv_cache import TorchKVCache
+from edge_infer.kernels import cpu as cpu_kernels
+from edge_infer.offload.bounds import group_max, quest_bounds, scores
+from edge_infer.offload.index import SparseState, StepRecord
+from edge_infer.offload.selection import (
+    always_pages,
+    certificate,
+    select_certified,
+    select_pages,
+)
+
+
+def _page_rows(selected: np.ndarray, page: int) -> torch.Tensor:
+    """Token indices of the True pages of ``selected`` [pages], in order."""
+    pages = np.flatnonzero(selected)
+    return torch.from_numpy((pages[:, None] * page + np.arange(page)).reshape(-1))
+
+
+def _log_sum_exp(s: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per row of ``s`` [n_q, T], log of the sum of exp over the True entries of ``mask``."""
+    masked = np.where(mask, s.astype(np.float64), -np.inf)
+    top = masked.max(axis=1)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    return safe + np.log(np.exp(masked - safe[:, None]).sum(axis=1))
+
+
+def _select(
+    cache: TorchKVCache, state: SparseState, layer: int, q: np.ndarray, k_new: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(selected [n_kv, pages], bounds [n_q, pages], rounds) of one sequence's layer."""
+    policy, index = state.policy, state.index
+    if cache.block_size % policy.page:
+        raise ValueError(f"page size {policy.page} does not divide the block size")
+    sealed = cache.sealed_length
+    covered = index.tokens(layer)
+    if covered < sealed:  # pages of the blocks sealed since the last step
+        index.extend(layer, cache.sealed_keys(layer, covered, sealed).cpu().numpy())
+    lo, hi = index.bounds(layer)
+    bounds = quest_bounds(q, lo, hi)
+    n_pages = lo.shape[1]
+    always = always_pages(n_pages, cache.block_size // policy.page)
+    if policy.threshold >= 1.0:
+        selected = select_pages(group_max(bounds, cache.n_kv), always, policy.budget_pages(n_pages))
+        return selected, bounds, 0
+    # the certificate needs the exact softmax total over what is attended
+    s = _scores_with_new(cache, layer, q, k_new)
+    g = q.shape[0] // cache.n_kv
+
+    def log_z_of(sel: np.ndarray) -> np.ndarray:
+        return _log_sum_exp(s, _attended_tokens(sel, policy.page, sealed, s.shape[1], g))
+
+    sizes = np.full(n_pages, policy.page)
+    selected, _, rounds = select_certified(policy, bounds, cache.n_kv, always, sizes, log_z_of)
+    return selected, bounds, rounds
+
+
+def _scores_with_new(cache: TorchKVCache, layer: int, q: np.ndarray, k_new: np.ndarray):
+    """Exact scores [n_q, length + 1] of q over the held keys and the new one ``k_new``."""
+    keys, _ = cache.readable(layer, cache.length)
+    keys = np.concatenate([keys.cpu().numpy(), k_new[:, None].astype(np.float32)], axis=1)
+    # the kernel stores the new key as float16 before scoring it
+    keys[:, -1] = keys[:, -1].astype(np.float16)
+    return scores(q, keys)
+
+
+def _attended_tokens(selected: np.ndarray, page: int, sealed: int, n: int, g: int) -> np.ndarray:
+    """bool [n_q, n]: per query head, the tokens of its KV head's selected pages and the tail."""
+    tokens = np.repeat(np.repeat(selected, page, axis=1), g, axis=0)[:, :sealed]
+    tail = np.ones((tokens.shape[0], n - sealed), dtype=bool)
+    return np.concatenate([tokens, tail], axis=1)
+
+
+def attend_sparse(
+    caches: list[TorchKVCache], layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """As ``attend_new_tokens``: one new token per cache, q [B, n_q, D], k and v
+    [B, n_kv, D] -> [B, n_q, D]; a cache with a :class:`SparseState` attends (past its dense
+    layers) only the pages its policy selects, plus the float16 tail."""
+    first = caches[0]
+    if not first.quantized:
+        raise ValueError("sparse attention needs a quantized cache (kv_bits 4 or 8)")
+    kernel = cpu_kernels.load() if first.device.type == "cpu" else None
+    B, n_q, D = q.shape
+    n_kv = k.shape[1]
+    g = n_q // n_kv
+    q32 = q.float().contiguous()
+    k32, v32 = k.float().contiguous(), v.float().contiguous()
+    ptrs: list[int] = []
+    metas: list[int] = []
+    gathered: list[torch.Tensor] = []  # alive until the kernel has run
+    records: list[tuple[int, StepRecord, np.ndarray]] = []
+    plans: list[tuple[np.ndarray | None, int]] = []
+    q_np, k_np = q32.cpu().numpy(), k32.cpu().numpy()
+    for b, cache in enumerate(caches):
+        parts, tails = cache.stored_parts(layer)
+        length, sealed, window = cache.length, cache.sealed_length, cache.windows[layer]
+        state = cache.sparse
+        selected, page = None, 0
+        if state is not None and sealed and not window and layer >= state.policy.dense_layers:
+            qb, page = q_np[b], state.policy.page
+            selected, bounds, rounds = _select(cache, state, layer, qb, k_np[b])
+            if state.record or state.measure:
+                rec = StepRecord(length, layer, selected, qb.copy() if state.record else None)
+                rec.rounds = rounds
+                records.append((b, rec, bounds))
+        elif state is not None and state.record and sealed:
+            rec = StepRecord(length, layer, np.ones((n_kv, 0), bool), q_np[b].copy())
+            state.log.append(rec)
+        plans.append((selected, page))
+        if kernel is None:
+            continue
+        for h in range(n_kv):
+            tail_ptrs = [tails[0][h].data_ptr(), tails[1][h].data_ptr()]
+            if selected is None or selected[h].all():
+                ptrs += [t[h].data_ptr() for t in parts] + tail_ptrs
+                metas += [parts[0].shape[1], cache.block_size, sealed, length + 1, sealed, window]
+                continue
+            rows = _page_rows(selected[h], page)
+            part = [t[h].index_select(0, rows) for t in parts]
+            gathered += part
+            n = rows.numel()
+            ptrs += [t.data_ptr() for t in part] + tail_ptrs
+            metas += [n, cache.block_size, n, n + length - sealed + 1, n, 0]
+    if kernel is None:
+        out = _attend_plain(caches, layer, q32, k32, v32, plans)
+    else:
+        out = kernel.attend_new_token(
+            q32.view(B * n_kv, g, D),
+            k32.view(B * n_kv, 1, D),
+            v32.view(B * n_kv, 1, D),
+            ptrs,
+            metas,
+            first.rotation,
+            first.rotation_t,
+            first.bits,
+            first.group_size,
+        )
+    for b, rec, bounds in records:
+        cache = caches[b]
+        state = cache.sparse
+        assert state is not None
+        if state.measure:
+            _measure(cache, layer, q_np[b], bounds, rec, state.policy.page)
+        state.log.append(rec)
+    return out.view(B, n_q, D)
+
+
+def _attend_plain(
+    caches: list[TorchKVCache],
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plans: list[tuple[np.ndarray | None, int]],
+) -> torch.Tensor:
+    """Plain torch where the kernel is not available: each cache stores its new token, then
+    each of its KV heads attends its selected sealed rows (all if None), the tail and it."""
+    outs = []
+    for b, (cache, (selected, page)) in enumerate(zip(caches, plans, strict=True)):
+        cache.update(layer, k[b, :, None], v[b, :, None])
+        end = cache.length + 1
+        keys, values = cache.readable(layer, end)
+        n_q, d = q.shape[1:]
+        g = n_q // cache.n_kv
+        window = cache.windows[layer]
+        out = torch.empty_like(q[b])
+        for h in range(cache.n_kv):
+            keep = torch.ones(end, dtype=torch.bool)
+            if window:
+                keep[: max(0, end - window)] = False
+            if selected is not None:
+                keep[: cache.sealed_length] = torch.from_numpy(np.repeat(selected[h], page))
+            keep = keep.to(keys.device)
+            s = q[b, h * g : (h + 1) * g] @ keys[h, keep].T / d**0.5
+            out[h * g : (h + 1) * g] = torch.softmax(s, dim=-1) @ values[h, keep]
+        outs.append(out)
+    return torch.stack(outs)
+
+
+def _measure(
+    cache: TorchKVCache, layer: int, q: np.ndarray, bounds: np.ndarray, rec: StepRecord, page: int
+) -> None:
+    """The step's certificate and the attention mass its skipped pages actually held (exact
+    scores over every key, the new one now stored)."""
+    keys, _ = cache.readable(layer, cache.length + 1)
+    s = scores(q, keys.cpu().numpy())
+    g = q.shape[0] // cache.n_kv
+    sealed = cache.sealed_length
+    attended = _attended_tokens(rec.selected, page, sealed, s.shape[1], g)
+    log_all = _log_sum_exp(s, np.ones_like(attended))
+    rec.skipped_mass = np.exp(_log_sum_exp(s, ~attended) - log_all)
+    sizes = np.full(bounds.shape[1], page)
+    skipped_q = ~np.repeat(rec.selected, g, axis=0)
+    rec.certificate = certificate(_log_sum_exp(s, attended), bounds, skipped_q, sizes)

@@ -1,0 +1,34 @@
+"""Tiered KV for long contexts: page abstracts, attention bounds, per-step page selection."""
+
+from edge_infer.offload.bounds import group_max, quest_bounds, scores, true_max_scores
+from edge_infer.offload.index import PageIndex, SparseState, StepRecord
+from edge_infer.offload.pages import block_page_bounds, page_bounds, page_count
+from edge_infer.offload.selection import (
+    SparsePolicy,
+    always_pages,
+    certificate,
+    grow_selection,
+    select_certified,
+    select_pages,
+    spans_of,
+)
+
+__all__ = [
+    "PageIndex",
+    "SparseState",
+    "StepRecord",
+    "SparsePolicy",
+    "always_pages",
+    "block_page_bounds",
+    "certificate",
+    "group_max",
+    "page_bounds",
+    "page_count",
+    "quest_bounds",
+    "scores",
+    "grow_selection",
+    "select_certified",
+    "select_pages",
+    "spans_of",
+    "true_max_scores",
+]

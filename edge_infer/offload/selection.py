@@ -1,0 +1,144 @@
+"""Which pages a decode step attends: the always-attended set, the top pages by bound up to a
+budget, and the certificate of the attention mass the skipped pages could have held."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_infer.offload.bounds import group_max
+
+
+@dataclass(frozen=True)
+class SparsePolicy:
+    """How a sparse decode step chooses pages.
+
+    ``page``: tokens per page (a divisor of the block size); ``budget``: share of the sealed
+    pages attended per layer and KV head (1.0: all, which is dense attention);
+    ``dense_layers``: the first layers attend every page; ``threshold``: when the certificate
+    of a query head exceeds it, ``grow`` more pages per KV head are fetched, until it does not
+    or nothing is left (1.0 never fetches more).
+    """
+
+    # 32-token pages: at 8K tokens of real text they find more of the attention mass than
+    # 64 or 256 under the same budget (benchmarks/offload.py)
+    page: int = 32
+    budget: float = 0.25
+    dense_layers: int = 2
+    threshold: float = 1.0
+    grow: int = 4
+
+    def __post_init__(self) -> None:
+        if self.page < 1:
+            raise ValueError(f"page must be positive, got {self.page}")
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if self.dense_layers < 0 or self.grow < 1:
+            raise ValueError("dense_layers must be >= 0 and grow >= 1")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+
+    def budget_pages(self, n_pages: int) -> int:
+        """Pages attended per KV head out of ``n_pages`` sealed ones."""
+        return min(n_pages, math.ceil(self.budget * n_pages))
+
+
+def always_pages(n_pages: int, pages_per_block: int) -> np.ndarray:
+    """bool ``[n_pages]``: the pages of the first block (attention sinks, the system prompt)
+    and of the last sealed block; the float16 tail is attended besides the pages."""
+    mask = np.zeros(n_pages, dtype=bool)
+    mask[:pages_per_block] = True
+    last = (n_pages - 1) // pages_per_block * pages_per_block
+    mask[last:] = True
+    return mask
+
+
+def select_pages(bounds_kv: np.ndarray, always: np.ndarray, budget: int) -> np.ndarray:
+    """bool ``[n_kv, pages]``: per KV head, the ``always`` pages and then the pages of the
+    highest bound (``bounds_kv`` ``[n_kv, pages]``) until ``budget`` pages are chosen."""
+    n_kv, n = bounds_kv.shape
+    selected = np.repeat(always[None], n_kv, axis=0)
+    extra = budget - int(always.sum())
+    if extra > 0:
+        ranked = np.where(always[None], -np.inf, bounds_kv)
+        top = np.argsort(-ranked, axis=1, kind="stable")[:, :extra]
+        np.put_along_axis(selected, top, True, axis=1)
+    return selected
+
+
+def grow_selection(bounds_kv: np.ndarray, selected: np.ndarray, heads: np.ndarray, count: int):
+    """``selected`` with, for each KV head where ``heads`` is True, the ``count`` skipped
+    pages of the highest bound added."""
+    out = selected.copy()
+    ranked = np.where(selected, -np.inf, bounds_kv)
+    order = np.argsort(-ranked, axis=1, kind="stable")[:, :count]
+    for h in np.flatnonzero(heads):
+        pick = order[h][np.isfinite(ranked[h, order[h]])]
+        out[h, pick] = True
+    return out
+
+
+def certificate(
+    log_z: np.ndarray, bounds_q: np.ndarray, skipped_q: np.ndarray, sizes: np.ndarray
+) -> np.ndarray:
+    """The attention mass skipped pages could have held at most, per query head:
+    ``U / (Z_S + U)`` with ``U = sum over skipped pages b of n_b * exp(u_b)``.
+
+    ``log_z`` ``[n_q]``: log of ``Z_S``, the softmax total over what was attended (scores
+    scaled as the bounds are); ``bounds_q`` ``[n_q, pages]``; ``skipped_q`` bool
+    ``[n_q, pages]``; ``sizes`` ``[pages]``: tokens per page. Computed in the log domain.
+    """
+    terms = np.where(skipped_q, bounds_q + np.log(np.maximum(sizes, 1))[None], -np.inf)
+    top = terms.max(axis=1)
+    finite = np.isfinite(top)
+    log_u = np.full(top.shape, -np.inf)
+    shifted = np.exp(terms[finite] - top[finite, None]).sum(axis=1)
+    log_u[finite] = top[finite] + np.log(shifted)
+    with np.errstate(over="ignore"):
+        return np.where(finite, 1.0 / (1.0 + np.exp(log_z - log_u)), 0.0)
+
+
+def select_certified(
+    policy: SparsePolicy,
+    bounds_q: np.ndarray,
+    n_kv: int,
+    always: np.ndarray,
+    sizes: np.ndarray,
+    log_z_of: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(selected ``[n_kv, pages]``, certificate ``[n_q]``, rounds of fetching more).
+
+    Starts from :func:`select_pages` with the policy's budget, then while some query head's
+    certificate exceeds ``policy.threshold`` adds ``policy.grow`` pages to its KV head.
+    ``log_z_of(selected)`` gives ``log Z_S`` per query head over the selected pages (and
+    whatever is always attended besides them, such as the float16 tail).
+    """
+    n_q, n = bounds_q.shape
+    g = n_q // n_kv
+    bounds_kv = group_max(bounds_q, n_kv)
+    selected = select_pages(bounds_kv, always, policy.budget_pages(n))
+    rounds = 0
+    while True:
+        cert = certificate(log_z_of(selected), bounds_q, ~np.repeat(selected, g, axis=0), sizes)
+        over = cert.reshape(n_kv, g).max(axis=1) > policy.threshold
+        over &= ~selected.all(axis=1)
+        if not over.any():
+            return selected, cert, rounds
+        selected = grow_selection(bounds_kv, selected, over, policy.grow)
+        rounds += 1
+
+
+def spans_of(mask: np.ndarray, page: int, length: int) -> list[tuple[int, int]]:
+    """Token ranges ``[start, end)`` of the True pages of ``mask``, adjacent pages merged,
+    the last page cut at ``length``."""
+    out: list[tuple[int, int]] = []
+    for p in np.flatnonzero(mask):
+        a, b = int(p) * page, min((int(p) + 1) * page, length)
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out

@@ -1,0 +1,1 @@
+"""Vision-language models: image preprocessing, vision towers and early visual-token dropping."""

@@ -1,0 +1,1 @@
+"""The vision side in MLX: CLIP/SigLIP towers and VLM projectors."""

@@ -1,0 +1,1 @@
+"""The vision side in torch: CLIP/SigLIP towers and VLM projectors."""

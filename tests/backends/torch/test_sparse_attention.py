@@ -1,0 +1,153 @@
+"""Decode attention over selected pages: an all-pages selection is dense attention bit for
+bit, a partial one is exact attention over what it selects, and the step log keeps its
+promises (always-attended pages, certificates) on the default model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edge_infer.backends.torch.kv_attention import attend_new_tokens
+from edge_infer.backends.torch.kv_cache import TorchKVCache
+from edge_infer.kernels import cpu as cpu_kernels
+from edge_infer.offload import SparsePolicy, SparseState
+from tests.support.kv_caches import filled_cache, one_token
+from tests.support.sparse_runs import decode, real_ids
+
+needs_kernel = pytest.mark.skipif(
+    cpu_kernels.load() is None, reason="the CPU attention kernel cannot be built here"
+)
+
+
+def _sparse(cache: TorchKVCache, **policy) -> SparseState:
+    state = SparseState.new(SparsePolicy(**policy), cache.num_layers, record=True)
+    cache.sparse = state
+    return state
+
+
+def _reference(cache: TorchKVCache, layer: int, q, k, v, selected, page):
+    """Plain torch: softmax over the selected sealed rows, the tail and the new token."""
+    keys, values = cache.readable(layer, cache.length)
+    keys = torch.cat([keys, k[:, None].half().float()], dim=1)
+    values = torch.cat([values, v[:, None].half().float()], dim=1)
+    n_q, d = q.shape
+    g = n_q // cache.n_kv
+    sealed = cache.sealed_length
+    out = torch.empty_like(q)
+    for h in range(cache.n_kv):
+        rows = np.repeat(selected[h], page)[:sealed]
+        keep = torch.from_numpy(np.concatenate([rows, np.ones(keys.shape[1] - sealed, bool)]))
+        s = q[h * g : (h + 1) * g] @ keys[h, keep].T / d**0.5
+        out[h * g : (h + 1) * g] = torch.softmax(s, dim=-1) @ values[h, keep]
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [255, 700, 1100])
+def test_all_pages_is_dense_bit_for_bit_and_a_budget_attends_its_pages(n):
+    n_q, n_kv, dim, group = 9, 3, 64, 64
+    dense, sparse = (filled_cache(4, n, n_kv, dim, group, seed=2) for _ in range(2))
+    q, k, v = one_token(dense, n_q)
+    for layer in range(2):
+        want = attend_new_tokens([dense], layer, q[None], k[None], v[None])
+        _sparse(sparse, page=32, budget=1.0, dense_layers=0)
+        got = attend_new_tokens([sparse], layer, q[None], k[None], v[None])
+        assert torch.equal(got, want)
+        # in a batch, next to a dense sequence, each row is still its own
+        both = attend_new_tokens(
+            [dense, sparse],
+            layer,
+            q[None].repeat(2, 1, 1),
+            k[None].repeat(2, 1, 1),
+            v[None].repeat(2, 1, 1),
+        )
+        assert torch.equal(both[0], want[0]) and torch.equal(both[1], want[0])
+        state = _sparse(sparse, page=32, budget=0.25, dense_layers=0)
+        got = attend_new_tokens([sparse], layer, q[None], k[None], v[None])[0]
+        if sparse.sealed_length == 0:
+            assert torch.equal(got, want[0]) and not state.log
+            continue
+        (rec,) = state.log
+        assert rec.selected.shape == (n_kv, sparse.sealed_length // 32)
+        ref = _reference(sparse, layer, q, k, v, rec.selected, 32)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_without_the_kernel_plain_torch_attends_the_same_pages(monkeypatch):
+    monkeypatch.setenv("EDGE_INFER_KERNELS", "off")
+    cache = filled_cache(4, 1100, 3, 64, 64, seed=3)
+    q, k, v = one_token(cache, 9)
+    state = _sparse(cache, page=64, budget=0.25, dense_layers=0)
+    got = attend_new_tokens([cache], 1, q[None], k[None], v[None])[0]
+    (rec,) = state.log
+    assert not rec.selected.all()
+    torch.testing.assert_close(got, _reference(cache, 1, q, k, v, rec.selected, 64))
+
+
+@needs_kernel
+def test_truncating_a_cache_drops_the_pages_past_the_cut():
+    cache = filled_cache(4, 800, 3, 64, 64)
+    state = _sparse(cache, page=64, budget=0.5, dense_layers=0)
+    q, k, v = one_token(cache, 9)
+    attend_new_tokens([cache], 0, q[None], k[None], v[None])
+    assert state.index.tokens(0) == 768
+    cache.truncate(300)
+    assert state.index.tokens(0) == 256
+    attend_new_tokens([cache], 0, q[None], k[None], v[None])
+    assert state.log[-1].selected.shape == (3, 4)
+
+
+@pytest.fixture(scope="module")
+def prefilled(default_model):
+    """The default model after 1100 tokens of real text (four sealed blocks and a tail)."""
+    from edge_infer.backends.torch.backend import TorchBackend
+
+    backend = TorchBackend(default_model, device="cpu", kv_bits=4)
+    ids = real_ids(default_model.tokenizer, 1100)
+    cache = backend.new_cache()
+    logits = backend.forward(ids, cache)
+    return backend, cache.blocks(), int(logits[-1].argmax())
+
+
+def _restored(backend, blocks):
+    cache = backend.new_cache()
+    cache.append_blocks(blocks)
+    return cache
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_all_pages_budget_decodes_the_dense_greedy_tokens(prefilled):
+    backend, blocks, first = prefilled
+    dense_tokens, dense_logits = decode(backend, _restored(backend, blocks), first, 128)
+    cache = _restored(backend, blocks)
+    cache.sparse = SparseState.new(SparsePolicy(page=32, budget=1.0), len(blocks[0].layers))
+    tokens, logits = decode(backend, cache, first, 128)
+    assert np.array_equal(tokens, dense_tokens)
+    assert np.array_equal(logits, dense_logits)
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_always_attended_pages_and_certificates_over_a_recorded_run(prefilled):
+    backend, blocks, first = prefilled
+    n_layers = len(blocks[0].layers)
+    cache = _restored(backend, blocks)
+    # 32 pages, 16 of them always attended: 4 more chosen by bound
+    policy = SparsePolicy(page=32, budget=0.625, dense_layers=2)
+    cache.sparse = SparseState.new(policy, n_layers, record=True, measure=True)
+    decode(backend, cache, first, 6)
+    log = cache.sparse.log
+    sparse_layers = {rec.layer for rec in log if rec.certificate is not None}
+    assert sparse_layers == set(range(2, n_layers))  # the first two layers attend densely
+    per_block = 256 // 32
+    for rec in log:
+        if rec.layer < 2:
+            continue
+        n_pages = rec.selected.shape[1]
+        last = (n_pages - 1) // per_block * per_block
+        assert rec.selected[:, :per_block].all() and rec.selected[:, last:].all()
+        assert (rec.selected.sum(axis=1) == policy.budget_pages(n_pages)).all()
+        assert np.all(rec.certificate >= rec.skipped_mass - 1e-9)
+        assert np.all(rec.skipped_mass >= 0) and np.all(rec.certificate <= 1)
