@@ -239,7 +239,9 @@ inline void store_rows(float* out, vf v, int valid, bool accumulate) {
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 // ---- AVX2: a vector holds 8 rows, a tile takes two passes ----
 constexpr int PASSES = 2;
-constexpr int NBMAX = 4;
+// 6 activation rows per weight load: spills a few of the 16 registers but reuses each decoded
+// weight vector more; measured 10-25% faster than 4 rows on prefill shapes (2 or 3 are slower)
+constexpr int NBMAX = 6;
 typedef __m256i vi;
 typedef __m256 vf;
 inline vi load_i(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const vi*>(p)); }
