@@ -10,12 +10,14 @@ kept under :func:`kernel_dir`) and returns it, or ``None`` when kernels are turn
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -83,6 +85,43 @@ def _build_name() -> str:
     return f"edge_infer_cpu_{arch()}_{digest.hexdigest()[:12]}"
 
 
+def build_folder() -> Path:
+    """Where this build of the kernels (sources, flags, torch, CPU) is compiled and kept."""
+    return kernel_dir() / _build_name()
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path) -> Iterator[None]:
+    """Held while this process loads or builds the kernels in ``folder``.
+
+    torch's builder guards a build with a ``lock`` file that only the builder removes: a
+    process killed mid-build (Ctrl-C on the first run) leaves it behind, and every later
+    load then waits on it forever. This lock is the OS's (``flock``), released when its
+    holder dies; whoever holds it knows no build is running, so a ``lock`` file left there
+    is stale and goes.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): torch's own lock file only
+        yield
+        return
+    with open(folder / "build.flock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(
+                "edge-infer: waiting for another process building the CPU kernels...",
+                file=sys.stderr,
+                flush=True,
+            )
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            (folder / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def load(verbose: bool = False) -> ModuleType | None:
     """The compiled kernel module, building it on first use; ``None`` if unavailable."""
     if not enabled():
@@ -113,8 +152,7 @@ def _build(verbose: bool) -> ModuleType | None:
 
     _ninja_on_path()
 
-    name = _build_name()
-    folder = kernel_dir() / name
+    folder = build_folder()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not any(folder.glob("*.so")):
@@ -124,14 +162,15 @@ def _build(verbose: bool) -> ModuleType | None:
                 file=sys.stderr,
                 flush=True,
             )
-        return load_extension(
-            name=name,
-            sources=[str(s) for s in SOURCES],
-            extra_cflags=_flags(),
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(folder),
-            verbose=verbose,
-        )
+        with build_lock(folder):
+            return load_extension(
+                name=folder.name,
+                sources=[str(s) for s in SOURCES],
+                extra_cflags=_flags(),
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(folder),
+                verbose=verbose,
+            )
     except Exception as exc:  # no compiler or headers, a read-only folder: plain torch works
         log.debug("CPU kernels unavailable: %s", exc)
         print(
