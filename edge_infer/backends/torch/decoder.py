@@ -30,7 +30,9 @@ HEAD_RESCORE_TOP_K = 64
 
 def _vector(w: Weight, device: torch.device) -> torch.Tensor:
     arr = w if isinstance(w, np.ndarray) else w.dequantize()
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(device)
+    # a copy: weights read from safetensors are read-only views of the file, which torch
+    # warns about sharing (and the vectors are small)
+    return torch.from_numpy(np.array(arr, dtype=np.float32)).to(device)
 
 
 @dataclass
