@@ -129,9 +129,15 @@ class TorchDecoder:
         )
 
     def embed(self, ids: np.ndarray) -> torch.Tensor:
-        """Embedding rows for token ids, float32 [T, hidden]."""
+        """Embedding rows for token ids, float32 [T, hidden]; an id outside the vocabulary
+        is an IndexError (before any kernel reads memory by it)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        vocab = self.config.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise IndexError(f"token id {bad} is outside the vocabulary [0, {vocab})")
         if self.config.tie_word_embeddings and isinstance(self.lm_head, PackedLinear):
-            h = self.lm_head.rows(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
+            h = self.lm_head.rows(torch.from_numpy(ids))
         else:
             w = self.embed_weight
             rows = w.take_rows(ids).dequantize() if isinstance(w, QuantizedWeight) else w[ids]
