@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -30,6 +31,7 @@ from edge_infer.cli.common import (
     err,
     human_size,
     load_engine,
+    readable_image,
     state,
     user_errors,
 )
@@ -57,16 +59,39 @@ def _plural(n: int, word: str) -> str:
 
 
 def _content(message: dict[str, Any]) -> str:
+    """A message's text, an image shown as ``[image]`` (its data would fill the screen)."""
     content = message.get("content")
+    if isinstance(content, list):
+        return " ".join(
+            "[image]" if p.get("type") in ("image_url", "image") else str(p.get("text", ""))
+            for p in content
+            if isinstance(p, dict)
+        )
     return content if isinstance(content, str) else str(content or "")
+
+
+def image_note(usage: Any) -> str:
+    """The image tokens a prompt held of those its images had before dropping (or "")."""
+    if not usage.image_tokens_total:
+        return ""
+    return f"image {usage.image_tokens}/{usage.image_tokens_total} tok kept"
 
 
 class ChatSession:
     """The read-answer loop: one engine, the current agent and the sampling options."""
 
-    def __init__(self, eng: Any, agent: Any, params: Any, *, interactive: bool) -> None:
+    def __init__(
+        self,
+        eng: Any,
+        agent: Any,
+        params: Any,
+        *,
+        interactive: bool,
+        images: list[Path] | None = None,
+    ) -> None:
         self.eng, self.agent, self.params = eng, agent, params
         self.interactive = interactive
+        self.images: list[Path] = list(images or ())  # attached to the next message
         self.out = Console(highlight=False, markup=False, emoji=False)
         self.visited = [agent.name]
         self.running = True
@@ -77,6 +102,7 @@ class ChatSession:
             "fork": (self.cmd_fork, "NAME", "copy this agent into NAME and switch to the copy"),
             "reset": (self.cmd_reset, "", "forget the conversation (the system prompt stays)"),
             "system": (self.cmd_system, "[TEXT]", "show, or set, the system prompt"),
+            "image": (self.cmd_image, "PATH", "attach an image to the next message"),
             "stats": (self.cmd_stats, "", "model, agent, cache and the last turn's numbers"),
             "save": (self.cmd_save, "", "write the caches to disk now"),
             "quit": (self.cmd_quit, "", "save and leave (also /exit or Ctrl-D)"),
@@ -108,7 +134,7 @@ class ChatSession:
                         self.dispatch(action)
                     else:
                         self.ask(action, stop)
-                except (EdgeInferError, ValueError, TypeError) as exc:
+                except (EdgeInferError, ValueError, TypeError, OSError) as exc:
                     if state["debug"]:
                         raise
                     self.error(str(exc))
@@ -116,11 +142,12 @@ class ChatSession:
 
     def ask(self, text: str, stop: threading.Event) -> None:
         """Stream the reply to ``text``; a Ctrl-C (``stop``) ends it, keeping what came."""
-        pieces = self.agent.stream(text, self.params)
+        pieces = self.agent.stream(text, self.params, images=self.images)
         tail, stopped, elapsed = "\n", False, 0.0
         try:
             with self.waiting():
                 piece = next(pieces, None)
+            self.images = []  # the turn has read them; a turn that failed keeps them
             start = time.perf_counter()
             while piece is not None:
                 sys.stdout.write(piece)
@@ -205,6 +232,7 @@ class ChatSession:
         parts = [
             f"prompt {u.prompt_tokens} tok",
             f"reused {u.cached_tokens}",
+            *([image_note(u)] if u.image_tokens_total else []),
             f"TTFT {u.ttft_s * 1000:.0f} ms",
             f"{speed:.1f} tok/s",
         ]
@@ -299,7 +327,8 @@ class ChatSession:
                 (
                     "last turn",
                     f"prompt {u.prompt_tokens} tok · reused {u.cached_tokens} · "
-                    f"generated {u.completion_tokens} tok · TTFT {u.ttft_s * 1000:.0f} ms · "
+                    + (f"{image_note(u)} · " if u.image_tokens_total else "")
+                    + f"generated {u.completion_tokens} tok · TTFT {u.ttft_s * 1000:.0f} ms · "
                     f"prefill {u.prefill_tokens_per_s:.0f} tok/s · "
                     f"decode {u.decode_tokens_per_s:.1f} tok/s · {u.finish_reason or 'stopped'}",
                 )
@@ -310,6 +339,31 @@ class ChatSession:
         for key, value in rows:
             table.add_row(Text(key, style="dim"), value)
         self.out.print(table)
+
+    def cmd_image(self, arg: str) -> None:
+        if not arg:
+            if self.images:
+                self.say("attached to the next message: " + ", ".join(map(str, self.images)))
+            else:
+                self.say("usage: /image PATH (attaches the image to the next message)", "yellow")
+            return
+        if self.eng.vision is None:
+            self.error(
+                f"{self.eng.model.name} is a text-only model: it takes no images (chat with a "
+                "VLM directory, or a GGUF with --mmproj)"
+            )
+            return
+        try:
+            path, (w, h) = readable_image(arg.strip().strip("'\""))
+        except ValueError as exc:
+            self.error(f"{exc} (nothing attached)")
+            return
+        self.images.append(path)
+        n = len(self.images)
+        self.say(
+            f"attached {path.name} ({w}x{h}) to the next message"
+            + (f" ({_plural(n, 'image')} now)" if n > 1 else "")
+        )
 
     def cmd_save(self, arg: str) -> None:
         self.eng.flush()
@@ -338,6 +392,19 @@ def chat(
         bool,
         typer.Option(help="When the conversation outgrows the context, drop the oldest turns."),
     ] = False,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", help="An image for the first message (repeatable; needs a VLM)."),
+    ] = None,
+    mmproj: Annotated[
+        Path | None, typer.Option(help="llama.cpp mmproj file: the image side of a text GGUF.")
+    ] = None,
+    visual_budget: Annotated[
+        float, typer.Option(help="Share of an image's tokens kept before the LLM (0-1).")
+    ] = 0.2,
+    visual_method: Annotated[
+        str, typer.Option(help="Image-token dropping: hired, full, uniform or cls-topk.")
+    ] = "hired",
 ) -> None:
     """Chat with an agent whose KV cache persists between runs."""
     with user_errors():
@@ -348,9 +415,26 @@ def chat(
         if interactive:
             with contextlib.suppress(ImportError):
                 import readline  # noqa: F401  (line editing and history for input())
-        eng = load_engine(model, backend, kv_bits)
+        images = [readable_image(str(f))[0] for f in image or ()]
+        eng = load_engine(
+            model,
+            backend,
+            kv_bits,
+            mmproj=mmproj,
+            visual_method=visual_method,
+            visual_budget=visual_budget,
+        )
+        if images and eng.vision is None:
+            raise ValueError(
+                f"{eng.model.name}: a text-only model takes no images (chat with a VLM "
+                "directory, or a GGUF with --mmproj)"
+            )
         overflow = "drop_oldest" if drop_oldest else None
         session = ChatSession(
-            eng, eng.agent(agent, system=system, overflow=overflow), params, interactive=interactive
+            eng,
+            eng.agent(agent, system=system, overflow=overflow),
+            params,
+            interactive=interactive,
+            images=images,
         )
         session.run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -59,6 +60,24 @@ def load_engine(model: str | None, backend: str, kv_bits: int = 4, **vision: Any
 
     with loading("loading model") as update:
         return Engine.load(model, backend=backend, kv_bits=kv_bits, progress=update, **vision)
+
+
+def readable_image(path: str) -> tuple[Path, tuple[int, int]]:
+    """``path`` (``~`` expanded) and its size, once the image has decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"{path}: no such image file")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            return p, img.size
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image (no format Pillow reads)") from None
+    except Exception as exc:  # Pillow raises many kinds for a broken file
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ValueError(f"{path}: not an image that can be read ({reason})") from None
 
 
 ModelOpt = Annotated[

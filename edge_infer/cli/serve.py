@@ -62,6 +62,14 @@ def resolve_api_key(
     return key or None, warnings
 
 
+def check_image_folder(folder: Path) -> Path:
+    """``folder`` resolved (symlinks too), if it is a directory."""
+    real = folder.expanduser().resolve()
+    if not real.is_dir():
+        raise ValueError(f"--image-folder {folder}: no such directory")
+    return real
+
+
 def _check_port_free(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -102,6 +110,27 @@ def serve(
         typer.Option(help="Requests decoded together (one batched forward pass per token)."),
     ] = 8,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    mmproj: Annotated[
+        Path | None, typer.Option(help="llama.cpp mmproj file: the image side of a text GGUF.")
+    ] = None,
+    visual_budget: Annotated[
+        float,
+        typer.Option(
+            help="Share of an image's tokens kept before the LLM (0-1); a request's "
+            "visual_budget overrides it."
+        ),
+    ] = 0.2,
+    visual_method: Annotated[
+        str, typer.Option(help="Image-token dropping: hired, full, uniform or cls-topk.")
+    ] = "hired",
+    image_folder: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--image-folder",
+            help="Let requests name local image files inside this folder (repeatable); "
+            "without it images come only as data: URIs.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the model over HTTP: OpenAI-compatible API plus agent routes."""
     with user_errors():
@@ -121,6 +150,7 @@ def serve(
         max_body_bytes = int(max_body_mb * 2**20)
         if max_body_bytes < 1024:
             raise ValueError(f"--max-body-mb must allow at least 1 KiB (got {max_body_mb})")
+        folders = [check_image_folder(f) for f in image_folder or ()]
         _check_port_free(host, port)
         import uvicorn
 
@@ -130,7 +160,14 @@ def serve(
         failed: list[BaseException] = []
 
         def load() -> Engine:
-            eng = load_engine(model, backend, kv_bits)
+            eng = load_engine(
+                model,
+                backend,
+                kv_bits,
+                mmproj=mmproj,
+                visual_method=visual_method,
+                visual_budget=visual_budget,
+            )
             err.print(
                 f"edge-infer: {eng.model.name} on {eng.backend.name}/{eng.backend.device} at "
                 f"http://{shown}:{port}/v1 (pid {os.getpid()}; Ctrl-C to stop)",
@@ -149,6 +186,7 @@ def serve(
             max_active=parallel,
             max_body_bytes=max_body_bytes,
             on_load_error=load_failed,
+            image_folders=folders,
         )
         config = uvicorn.Config(
             app,

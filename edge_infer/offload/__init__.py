@@ -4,16 +4,22 @@ from edge_infer.offload.bounds import group_max, quest_bounds, scores, true_max_
 from edge_infer.offload.index import PageIndex, SparseState, StepRecord
 from edge_infer.offload.pages import block_page_bounds, page_bounds, page_count
 from edge_infer.offload.selection import (
+    SELECTIONS,
     SparsePolicy,
     always_pages,
     certificate,
     grow_selection,
+    oracle_pages,
+    page_mass,
+    query_ranking,
     select_certified,
     select_pages,
     spans_of,
+    window_pages,
 )
 
 __all__ = [
+    "SELECTIONS",
     "PageIndex",
     "SparseState",
     "StepRecord",
@@ -27,8 +33,12 @@ __all__ = [
     "quest_bounds",
     "scores",
     "grow_selection",
+    "oracle_pages",
+    "page_mass",
+    "query_ranking",
     "select_certified",
     "select_pages",
     "spans_of",
     "true_max_scores",
+    "window_pages",
 ]

@@ -11,6 +11,8 @@ import numpy as np
 
 from edge_infer.offload.bounds import group_max
 
+SELECTIONS = ("bound", "oracle", "window")
+
 
 @dataclass(frozen=True)
 class SparsePolicy:
@@ -20,7 +22,12 @@ class SparsePolicy:
     pages attended per layer and KV head (1.0: all, which is dense attention);
     ``dense_layers``: the first layers attend every page; ``threshold``: when the certificate
     of a query head exceeds it, ``grow`` more pages per KV head are fetched, until it does not
-    or nothing is left (1.0 never fetches more).
+    or nothing is left (1.0 never fetches more); ``recent``: pages before the last sealed
+    block that are always attended too; ``per_query``: rank pages per query head and take
+    the union of each head's best (instead of ranking by the group's largest bound);
+    ``select``: ``"bound"`` (Quest bounds, the real thing) or a quality reference,
+    ``"oracle"`` (the pages of the most true attention mass: needs the exact scores, a dense
+    pass) or ``"window"`` (the first pages and the most recent ones, StreamingLLM-style).
     """
 
     # 32-token pages: at 8K tokens of real text they find more of the attention mass than
@@ -30,8 +37,15 @@ class SparsePolicy:
     dense_layers: int = 2
     threshold: float = 1.0
     grow: int = 4
+    recent: int = 0
+    per_query: bool = False
+    select: str = "bound"
 
     def __post_init__(self) -> None:
+        if self.select not in SELECTIONS:
+            raise ValueError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        if self.recent < 0:
+            raise ValueError(f"recent must be >= 0, got {self.recent}")
         if self.page < 1:
             raise ValueError(f"page must be positive, got {self.page}")
         if not 0.0 < self.budget <= 1.0:
@@ -46,13 +60,14 @@ class SparsePolicy:
         return min(n_pages, math.ceil(self.budget * n_pages))
 
 
-def always_pages(n_pages: int, pages_per_block: int) -> np.ndarray:
-    """bool ``[n_pages]``: the pages of the first block (attention sinks, the system prompt)
-    and of the last sealed block; the float16 tail is attended besides the pages."""
+def always_pages(n_pages: int, pages_per_block: int, recent: int = 0) -> np.ndarray:
+    """bool ``[n_pages]``: the pages of the first block (attention sinks, the system prompt),
+    of the last sealed block and the ``recent`` pages before it; the float16 tail is attended
+    besides the pages."""
     mask = np.zeros(n_pages, dtype=bool)
     mask[:pages_per_block] = True
     last = (n_pages - 1) // pages_per_block * pages_per_block
-    mask[last:] = True
+    mask[max(0, last - recent) :] = True
     return mask
 
 
@@ -67,6 +82,54 @@ def select_pages(bounds_kv: np.ndarray, always: np.ndarray, budget: int) -> np.n
         top = np.argsort(-ranked, axis=1, kind="stable")[:, :extra]
         np.put_along_axis(selected, top, True, axis=1)
     return selected
+
+
+def query_ranking(bounds_q: np.ndarray, n_kv: int, per_query: bool, always: np.ndarray):
+    """``[n_kv, pages]``, higher first: the order in which a KV head takes pages. By the
+    group's largest bound, or (``per_query``) by the best rank a page has among the group's
+    query heads (ties by that largest bound), so that the pages taken first are the union of
+    every query head's top pages even where one head's scores dwarf another's. ``always``
+    pages are left out of the ranks (they are attended anyway)."""
+    top = group_max(bounds_q, n_kv)
+    if not per_query:
+        return top
+    n_q, n = bounds_q.shape
+    ranked = np.where(always[None], -np.inf, bounds_q)
+    order = np.argsort(-ranked, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(n)[None].repeat(n_q, axis=0), axis=1)
+    best = rank.reshape(n_kv, n_q // n_kv, n).min(axis=1)
+    # a page's best rank dominates; the bound (squashed into (0, 1)) only breaks ties
+    return -best.astype(np.float64) + 0.5 / (1.0 + np.exp(-np.clip(top, -50, 50)))
+
+
+def oracle_pages(mass_kv: np.ndarray, always: np.ndarray, budget: int) -> np.ndarray:
+    """bool ``[n_kv, pages]``: the ``always`` pages and then, per KV head, the pages of the
+    most true attention mass (``mass_kv`` ``[n_kv, pages]``) up to ``budget`` pages: the best
+    any selection of that many pages can hold (a quality reference, it needs exact scores)."""
+    return select_pages(mass_kv, always, budget)
+
+
+def window_pages(n_kv: int, always: np.ndarray, budget: int) -> np.ndarray:
+    """bool ``[n_kv, pages]``: the ``always`` pages (sinks, the last block) and then the most
+    recent other pages up to ``budget`` pages, the same for every KV head (StreamingLLM-style
+    sinks plus a recent window: a quality reference that reads nothing of the keys)."""
+    newest_first = np.arange(always.shape[0], dtype=np.float64)
+    return select_pages(np.repeat(newest_first[None], n_kv, axis=0), always, budget)
+
+
+def page_mass(s: np.ndarray, page: int, sealed: int, n_kv: int) -> np.ndarray:
+    """``[n_kv, pages]``: the softmax mass of each sealed page, summed over each KV head's
+    query heads, from exact scores ``s`` ``[n_q, T]`` of every held token (the first
+    ``sealed`` of them in pages of ``page``, the rest the tail)."""
+    s = np.asarray(s, dtype=np.float64)
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    n_q = s.shape[0]
+    n = -(-sealed // page)
+    per_page = np.zeros((n_q, n * page))
+    per_page[:, :sealed] = p[:, :sealed]
+    return per_page.reshape(n_kv, n_q // n_kv, n, page).sum(axis=(1, 3))
 
 
 def grow_selection(bounds_kv: np.ndarray, selected: np.ndarray, heads: np.ndarray, count: int):
@@ -111,14 +174,15 @@ def select_certified(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """(selected ``[n_kv, pages]``, certificate ``[n_q]``, rounds of fetching more).
 
-    Starts from :func:`select_pages` with the policy's budget, then while some query head's
+    Starts from :func:`select_pages` with the policy's budget (pages ranked by
+    :func:`query_ranking`), then while some query head's
     certificate exceeds ``policy.threshold`` adds ``policy.grow`` pages to its KV head.
     ``log_z_of(selected)`` gives ``log Z_S`` per query head over the selected pages (and
     whatever is always attended besides them, such as the float16 tail).
     """
     n_q, n = bounds_q.shape
     g = n_q // n_kv
-    bounds_kv = group_max(bounds_q, n_kv)
+    bounds_kv = query_ranking(bounds_q, n_kv, policy.per_query, always)
     selected = select_pages(bounds_kv, always, policy.budget_pages(n))
     rounds = 0
     while True:

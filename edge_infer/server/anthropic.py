@@ -10,7 +10,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from edge_infer.generation.tools import ToolCall
+from edge_infer.server.images import ResolveImage
 from edge_infer.server.protocol import check_text
+from edge_infer.server.structured import RequestError
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 TOOL_USE_PREFIX, CALL_PREFIX = "toolu_", "call_"
@@ -58,7 +60,32 @@ class ToolResultBlock(_Block):
         return f"Error: {body}" if self.is_error else body
 
 
-Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock, Field(discriminator="type")]
+class ImageSource(_Block):
+    type: Literal["base64", "url"]
+    media_type: str | None = None
+    data: str | None = None
+    url: str | None = None
+
+    def as_url(self) -> str:
+        """The image as a URL: a data: URI for base64 data."""
+        if self.type == "url":
+            if self.url is None:
+                raise ValueError("an image source of type 'url' needs a url")
+            return self.url
+        if self.data is None:
+            raise ValueError("an image source of type 'base64' needs data")
+        return f"data:{self.media_type or 'image'};base64,{self.data}"
+
+
+class ImageBlock(_Block):
+    type: Literal["image"]
+    source: ImageSource
+    cache_control: dict[str, Any] | None = None
+
+
+Block = Annotated[
+    TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock, Field(discriminator="type")
+]
 
 
 class AnthropicMessage(BaseModel):
@@ -153,19 +180,25 @@ class MessagesRequest(_Request):
             return self.system
         return "".join(b.text for b in self.system)
 
-    def chat_messages(self) -> list[dict[str, Any]]:
-        """The conversation as chat-template messages (OpenAI's roles and tool fields)."""
+    def chat_messages(self, resolve: ResolveImage | None = None) -> list[dict[str, Any]]:
+        """The conversation as chat-template messages (OpenAI's roles and tool fields); image
+        blocks become ``image_url`` parts whose URL ``resolve(url, field)`` gives (without
+        ``resolve`` they are refused)."""
         out: list[dict[str, Any]] = []
         system = self.system_text()
         if system:
             out.append({"role": "system", "content": system})
-        for m in self.messages:
+        for i, m in enumerate(self.messages):
             blocks = (
                 [TextBlock(type="text", text=m.content)]
                 if isinstance(m.content, str)
                 else (m.content)
             )
             if m.role == "assistant":
+                for j, b in enumerate(blocks):
+                    if isinstance(b, ImageBlock):
+                        field = f"messages[{i}].content[{j}]"
+                        raise RequestError(field, f"{field}: an assistant message holds no image")
                 text = "".join(b.text for b in blocks if isinstance(b, TextBlock))
                 calls = [
                     ToolCall(call_id(b.id), b.name, json.dumps(b.input, ensure_ascii=False))
@@ -177,20 +210,31 @@ class MessagesRequest(_Request):
                     msg["tool_calls"] = [c.openai() for c in calls]
                 out.append(msg)
                 continue
-            text: list[str] = []
-            for b in blocks:
+            parts: list[dict[str, Any]] = []
+            for j, b in enumerate(blocks):
                 if isinstance(b, ToolResultBlock):
-                    if text:
-                        out.append({"role": "user", "content": "".join(text)})
-                        text = []
+                    if parts:
+                        out.append({"role": "user", "content": _content(parts)})
+                        parts = []
                     result = {"role": "tool", "tool_call_id": call_id(b.tool_use_id)}
                     out.append({**result, "content": b.text()})
                 elif isinstance(b, TextBlock):
-                    text.append(b.text)
+                    parts.append({"type": "text", "text": b.text})
+                elif isinstance(b, ImageBlock):
+                    field = f"messages[{i}].content[{j}].source"
+                    if resolve is None:
+                        raise RequestError(field, f"{field}: images are not taken here")
+                    try:
+                        url = resolve(b.source.as_url(), field)
+                    except ValueError as exc:
+                        if isinstance(exc, RequestError):
+                            raise
+                        raise RequestError(field, f"{field}: {exc}") from None
+                    parts.append({"type": "image_url", "image_url": {"url": url}})
                 else:
                     raise ValueError("a user message cannot hold a tool_use block")
-            if text or not blocks:
-                out.append({"role": "user", "content": "".join(text)})
+            if parts or not blocks:
+                out.append({"role": "user", "content": _content(parts)})
         return out
 
     def openai_tools(self) -> list[dict[str, Any]] | None:
@@ -217,6 +261,13 @@ class CountTokensRequest(_Request):
         )
 
 
+def _content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """Text parts as one string; with an image among them, the parts."""
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
 def new_message_id() -> str:
     return "msg_" + uuid.uuid4().hex[:24]
 
@@ -234,13 +285,19 @@ def call_id(tool_use_id: str) -> str:
 
 
 def usage_json(usage: Any) -> dict[str, int]:
+    """Anthropic's usage; a prompt with images adds the image tokens it holds (kept by
+    dropping) and how many there were before dropping."""
     cached = int(usage.cached_tokens)
-    return {
+    out = {
         "input_tokens": int(usage.prompt_tokens) - cached,
         "output_tokens": int(usage.completion_tokens),
         "cache_read_input_tokens": cached,
         "cache_creation_input_tokens": 0,
     }
+    if usage.image_tokens_total:
+        out["image_tokens"] = int(usage.image_tokens)
+        out["image_tokens_total"] = int(usage.image_tokens_total)
+    return out
 
 
 def content_blocks(text: str, calls: list[ToolCall]) -> list[dict[str, Any]]:

@@ -7,9 +7,10 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,6 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from edge_infer.agents.images import ImagePrompt, image_parts
 from edge_infer.cache_store import InvalidAgentName, validate_agent_name
 from edge_infer.engine import Engine
 from edge_infer.errors import ContextLengthError, EdgeInferError
@@ -25,6 +27,7 @@ from edge_infer.generation.sampling import SamplingParams
 from edge_infer.generation.sequence import TokenLogprob, Usage
 from edge_infer.server import anthropic, protocol
 from edge_infer.server.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
+from edge_infer.server.images import image_resolver
 from edge_infer.server.metrics import CONTENT_TYPE, CountRequests, Metrics
 from edge_infer.server.prefix_pool import PrefixPool
 from edge_infer.server.scheduler import Cancelled, Job, Scheduler, ShuttingDown
@@ -154,9 +157,16 @@ class Service:
     the metrics."""
 
     def __init__(
-        self, engine: Engine, model_id: str, metrics: Metrics, max_active: int = 8
+        self,
+        engine: Engine,
+        model_id: str,
+        metrics: Metrics,
+        max_active: int = 8,
+        image_folders: Sequence[Path] = (),
     ) -> None:
         self.engine = engine
+        # a request's image URLs as data: URIs (checked; local files only from these folders)
+        self.resolve_image = image_resolver(image_folders, engine.vision is not None)
         self.model_id = model_id
         self.metrics = metrics
         self.scheduler = Scheduler(
@@ -231,10 +241,13 @@ class Service:
         params: SamplingParams,
         top: int | None,
         tool_format: str | None = None,
+        images: ImagePrompt | None = None,
     ) -> Job:
         return self.submit(
             protocol.new_id("stateless"),
-            lambda: StatelessTask(self.engine.runner, self.prefix_pool, ids, params, tool_format),
+            lambda: StatelessTask(
+                self.engine.runner, self.prefix_pool, ids, params, tool_format, images
+            ),
             top,
         )
 
@@ -246,11 +259,18 @@ class Service:
         agent: str | None,
         prompt_cache_key: str | None = None,
         top: int | None = None,
+        visual: tuple[float | None, str | None] = (None, None),
     ) -> Job:
         """Queue a chat reply: an agent's turn, a turn on a prompt cache, or stateless (on
-        the shared prefix caches)."""
+        the shared prefix caches). ``visual``: this request's image-token budget and
+        dropping method (None: the server's)."""
         if plan.grammar is not None:
             params = SamplingParams.from_kwargs(params, grammar=plan.grammar)
+        if any(image_parts(m) for m in messages):
+            check_image_request(plan, agent, prompt_cache_key, visual)
+            if agent is None:
+                prompt = await self.prepare(self.engine.image_chat, messages, *visual)
+                return self.submit_stateless(prompt.ids, params, top, plan.call_format, prompt)
         if agent is not None:
             return self.submit_agent(agent, messages, params, top, plan)
         ids = await self.prepare(self.chat_ids, messages, plan)
@@ -259,7 +279,35 @@ class Service:
         return self.submit_stateless(ids, params, top, plan.call_format)
 
     def chat_ids(self, messages: list[dict[str, Any]], plan: OutputPlan) -> list[int]:
+        """The prompt's token ids (an image counts the tokens dropping keeps of it)."""
+        if any(image_parts(m) for m in messages):
+            return self.engine.image_chat(messages).ids
         return self.engine.runner.chat_ids(messages, tools=plan.tools)
+
+
+def check_image_request(
+    plan: OutputPlan,
+    agent: str | None,
+    prompt_cache_key: str | None,
+    visual: tuple[float | None, str | None],
+) -> None:
+    """Refuse what a request with images asks for but would not get."""
+    if plan.tools:
+        raise ApiError(400, "tools are not offered with images yet", param="tools")
+    if prompt_cache_key is not None:
+        raise ApiError(
+            400,
+            "prompt_cache_key does not take images yet: send an agent, or neither",
+            param="prompt_cache_key",
+        )
+    if agent is not None and visual != (None, None):
+        field = "visual_budget" if visual[0] is not None else "visual_method"
+        raise ApiError(
+            400,
+            f"{field}: an agent's images are encoded with the server's settings "
+            "(--visual-budget, --visual-method); send it without an agent",
+            param=field,
+        )
 
 
 async def _next_event(job: Job, request: Request) -> tuple[str, Any]:
@@ -368,10 +416,12 @@ def create_app(
     max_active: int = 8,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     on_load_error: Callable[[BaseException], None] | None = None,
+    image_folders: Sequence[Path] = (),
 ) -> FastAPI:
     """The FastAPI app serving ``engine``; with ``api_key`` every route but /health needs it,
     without one only requests addressed to this machine are served (see :class:`RequestGuard`).
-    Request bodies over ``max_body_bytes`` are refused.
+    Request bodies over ``max_body_bytes`` are refused. Images given as local paths are read
+    only from inside ``image_folders``.
 
     ``engine`` may be a function that loads it: the app then starts at once and loads the
     model on a thread, answering 503 ``loading`` (``/health`` included) until it is ready;
@@ -382,7 +432,9 @@ def create_app(
     stopping = threading.Event()
 
     def start(eng: Engine) -> None:
-        services.append(Service(eng, model_id or eng.model.name, metrics, max_active))
+        services.append(
+            Service(eng, model_id or eng.model.name, metrics, max_active, image_folders)
+        )
 
     def load(loader: Callable[[], Engine]) -> None:
         try:
@@ -547,7 +599,7 @@ def create_app(
         service = ready()
         eng = service.engine
         params = req.sampling(DEFAULT_MAX_TOKENS)
-        messages = req.message_dicts()
+        messages = await service.prepare(req.message_dicts, service.resolve_image)
         agent = _agent_from(request, req.agent)
         top = req.logprobs_top()
         if agent is not None and req.prompt_cache_key is not None:
@@ -566,7 +618,10 @@ def create_app(
                 parallel_tool_calls=req.parallel_tool_calls,
             )
         )
-        job = await service.start_chat(messages, params, plan, agent, req.prompt_cache_key, top)
+        visual = (req.visual_budget, req.visual_method)
+        job = await service.start_chat(
+            messages, params, plan, agent, req.prompt_cache_key, top, visual
+        )
         rid = protocol.new_id("chatcmpl")
         token_bytes = eng.tokenizer.token_bytes
         first = await _first_event(job, request)
@@ -640,7 +695,7 @@ def create_app(
         """Anthropic's Messages API: the same model, agents (by header) and caches."""
         service = ready()
         eng = service.engine
-        chat = req.chat_messages()
+        chat = await service.prepare(req.chat_messages, service.resolve_image)
         plan = await service.prepare(_anthropic_plan, eng, req.openai_tools(), req.tool_choice)
         params = SamplingParams.from_kwargs(
             None,
@@ -701,7 +756,8 @@ def create_app(
         eng = service.engine
         full = req.as_messages_request()
         plan = await service.prepare(_anthropic_plan, eng, full.openai_tools(), full.tool_choice)
-        ids = await service.prepare(service.chat_ids, full.chat_messages(), plan)
+        chat = await service.prepare(full.chat_messages, service.resolve_image)
+        ids = await service.prepare(service.chat_ids, chat, plan)
         return {"input_tokens": len(ids)}
 
     @app.post(

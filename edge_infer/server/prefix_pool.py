@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from edge_infer.cache_store import common_prefix_len
+
+
+def keyed_ids(ids: Sequence[int], images: Sequence[tuple[int, int, str]]) -> list[int]:
+    """``ids`` as a pool compares them: each position of an image span (start, end, key)
+    carries a negative number drawn from the image's key and the offset in the span, so a
+    cached prefix is reused across an image only for the same image (its placeholder ids are
+    the same for every image) and never matches a real token id."""
+    out = list(ids)
+    for start, end, key in images:
+        base = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 2
+        for i in range(start, end):
+            out[i] = -1 - ((base + i - start) % 2**62)
+    return out
 
 
 @dataclass(eq=False)

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 
 from edge_infer.generation.sampling import SamplingParams
 from edge_infer.generation.sequence import TokenLogprob
+from edge_infer.server.images import ResolveImage
+from edge_infer.server.structured import RequestError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_TOP_LOGPROBS = 20
@@ -29,12 +31,19 @@ def check_text(text: str) -> str:
     return text
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str
+    detail: str | None = None  # OpenAI's resolution hint; dropping sets what is kept here
+
+
 class ContentPart(BaseModel):
-    """One part of a message's content; only text parts are understood."""
+    """One part of a message's content: text, or (for a VLM) ``image_url``."""
 
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class Message(BaseModel):
@@ -74,10 +83,31 @@ class Message(BaseModel):
             pieces.append(part.text)
         return "".join(pieces)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The message as the chat template takes it ("developer" is a system message)."""
+    def parts(self, index: int, resolve: ResolveImage) -> str | list[dict[str, Any]]:
+        """The content as text, or (when it holds images) as text and ``image_url`` parts,
+        each image's URL made a data: URI by ``resolve(url, field)``."""
+        if not isinstance(self.content, list) or all(p.type == "text" for p in self.content):
+            return self.text()
+        out: list[dict[str, Any]] = []
+        for j, part in enumerate(self.content):
+            field = f"messages[{index}].content[{j}]"
+            if part.type == "text" and part.text is not None:
+                out.append({"type": "text", "text": part.text})
+            elif part.type == "image_url" and part.image_url is not None:
+                url = resolve(part.image_url.url, f"{field}.image_url")
+                out.append({"type": "image_url", "image_url": {"url": url}})
+            else:
+                raise RequestError(
+                    field, f"{field}: message content of type {part.type!r} is not supported"
+                )
+        return out
+
+    def to_dict(self, index: int = 0, resolve: ResolveImage | None = None) -> dict[str, Any]:
+        """The message as the chat template takes it ("developer" is a system message); with
+        ``resolve``, image parts are kept (see :meth:`parts`), else refused."""
         role = "system" if self.role == "developer" else self.role
-        out: dict[str, Any] = {"role": role, "content": self.text()}
+        content = self.text() if resolve is None else self.parts(index, resolve)
+        out: dict[str, Any] = {"role": role, "content": content}
         for key in ("name", "tool_calls", "tool_call_id"):
             value = getattr(self, key)
             if value is not None:
@@ -169,6 +199,9 @@ class ChatCompletionRequest(_Generation):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # image-token dropping for this request (the server's --visual-* flags otherwise)
+    visual_budget: float | None = Field(default=None, gt=0, le=1)
+    visual_method: Literal["full", "hired", "uniform", "cls-topk"] | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
@@ -176,8 +209,9 @@ class ChatCompletionRequest(_Generation):
             raise ValueError("top_logprobs needs logprobs: true")
         return self
 
-    def message_dicts(self) -> list[dict[str, Any]]:
-        return [m.to_dict() for m in self.messages]
+    def message_dicts(self, resolve: ResolveImage | None = None) -> list[dict[str, Any]]:
+        """The messages for the chat template; image parts kept only with ``resolve``."""
+        return [m.to_dict(i, resolve) for i, m in enumerate(self.messages)]
 
     def logprobs_top(self) -> int | None:
         """How many alternatives to give per token, or None for no logprobs."""
@@ -252,12 +286,17 @@ def new_id(prefix: str) -> str:
 
 
 def usage_json(usage: Any) -> dict[str, Any]:
-    """OpenAI ``usage`` from our Usage, with the timing we measured as extra fields."""
+    """OpenAI ``usage`` from our Usage, with the timing we measured as extra fields; a prompt
+    with images says how many image tokens it holds (kept by dropping) of how many."""
+    details = {"cached_tokens": usage.cached_tokens}
+    if usage.image_tokens_total:
+        details["image_tokens"] = usage.image_tokens
+        details["image_tokens_total"] = usage.image_tokens_total
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "prompt_tokens_details": details,
         "ttft_ms": round(usage.ttft_s * 1000, 1),
         "decode_tokens_per_s": round(usage.decode_tokens_per_s, 1),
     }

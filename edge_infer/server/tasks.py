@@ -7,6 +7,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from edge_infer.agents.images import ImagePrompt
 from edge_infer.agents.turn import AgentTurn
 from edge_infer.cache_store import InvalidAgentName, validate_agent_name
 from edge_infer.engine import Engine
@@ -15,7 +16,7 @@ from edge_infer.generation.sampling import SamplingParams
 from edge_infer.generation.sequence import Generation, Piece, TokenLogprob, Usage
 from edge_infer.generation.tools import Tool, ToolCall, parse_tool_calls
 from edge_infer.server.conversation import plan_turn, split_system
-from edge_infer.server.prefix_pool import PrefixPool, Slot
+from edge_infer.server.prefix_pool import PrefixPool, Slot, keyed_ids
 
 PROMPT_CACHE_PREFIX = "prompt-cache"
 
@@ -59,7 +60,10 @@ def prompt_cache_name(key: str) -> str:
 
 
 class StatelessTask:
-    """A generation on a borrowed prefix cache, given back when it ends, however it ends."""
+    """A generation on a borrowed prefix cache, given back when it ends, however it ends.
+
+    With ``images`` (the prompt ``ids`` come from) the pool matches image spans by their
+    keys, and the image embeddings past the reused prefix are prefilled here."""
 
     def __init__(
         self,
@@ -68,14 +72,26 @@ class StatelessTask:
         ids: list[int],
         params: SamplingParams,
         tool_format: str | None = None,
+        images: ImagePrompt | None = None,
     ) -> None:
         runner.check_fits(len(ids))
         self._pool = pool
         self.tool_format = tool_format
         self.pieces: list[str] = []
-        slot = pool.acquire(ids)
+        self._keyed = keyed_ids(ids, images.images) if images is not None else list(ids)
+        slot = pool.acquire(self._keyed)
         try:
+            held = slot.cache.length
+            if images is not None:
+                segments = images.segments_from(held)
+                if segments:
+                    runner.prefill_segments(segments, slot.cache)
             self.generation = Generation(runner, ids, params, slot.cache, Usage())
+            if images is not None:
+                usage = self.generation.usage
+                usage.cached_tokens = held
+                usage.image_tokens = images.image_tokens
+                usage.image_tokens_total = images.image_tokens_total
         except BaseException:
             pool.release(slot, slot.token_ids)  # untouched: it holds what it held
             raise
@@ -97,7 +113,7 @@ class StatelessTask:
         gen.cancel()
         if self._slot is not None:
             slot, self._slot = self._slot, None
-            self._pool.release(slot, gen.prompt_ids + gen.generated)
+            self._pool.release(slot, self._keyed + gen.generated)
         return gen.usage
 
 

@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import assert_one_line_error, run_cli
+from tests.support.vision_images import synthetic
+from tests.support.vision_models import llava_user_dir
+from tests.support.vision_plan import kept_tokens
+
 pexpect = pytest.importorskip("pexpect")
 
 EXE = [sys.executable, "-m", "edge_infer.cli.app"]
@@ -197,3 +202,40 @@ def test_bad_agent_name_at_start_is_one_line(cache_dir):
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: invalid agent name")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_images_by_flag_and_by_command_on_a_vlm(cache_dir, tmp_path):
+    pytest.importorskip("transformers")
+    vlm = tmp_path / "vlm"
+    llava_user_dir(vlm)
+    synthetic(41, 57, seed=9).save(tmp_path / "pic.png")
+    synthetic(30, 20, seed=4).save(tmp_path / "other.png")
+    (tmp_path / "junk.png").write_text("not an image")
+    k1, t1 = kept_tokens(vlm, tmp_path / "pic.png", "hired", 0.5)
+    k2, t2 = kept_tokens(vlm, tmp_path / "other.png", "hired", 0.5)
+    stdin = (
+        f"what is it?\n/image {tmp_path}/missing.png\n/image {tmp_path}/junk.png\n"
+        f"/image {tmp_path}/other.png\n/image\nand this one?\n/quit\n"
+    )
+    args = ["-m", str(vlm), "--kv-bits", "16", "--visual-budget", "0.5"]
+    proc = run_piped(cache_dir, stdin, *args, "--image", str(tmp_path / "pic.png"))
+    assert proc.returncode == 0, proc.stderr
+    notes = re.findall(r"reused \d+ · image (\d+)/(\d+) tok kept · TTFT", proc.stdout)
+    # the second turn's prompt holds both images: the first read from the cache
+    assert notes == [(str(k1), str(t1)), (str(k1 + k2), str(t1 + t2))], proc.stdout
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "missing.png: no such image file (nothing attached)" in errors[0]
+    assert "junk.png: not an image" in errors[1]
+    assert "attached other.png (20x30) to the next message" in proc.stdout
+    assert f"attached to the next message: {tmp_path}/other.png" in proc.stdout
+
+
+def test_images_on_a_text_model_or_missing_are_clear_errors(cache_dir, tmp_path):
+    missing = run_cli(*CHAT, "--image", str(tmp_path / "nope.png"), stdin="")
+    assert_one_line_error(missing, "nope.png: no such image file")
+    synthetic(8, 8).save(tmp_path / "pic.png")
+    proc = run_piped(cache_dir, f"/image {tmp_path}/pic.png\n/quit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "text-only model" in proc.stderr and proc.stderr.count("\n") == 1

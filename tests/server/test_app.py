@@ -213,7 +213,8 @@ def test_bad_requests_get_openai_style_errors(server):
         for field in ("max_tokens", "max_completion_tokens"):
             assert_error(httpx.post(url, json={"messages": user, field: bound}), 400, field)
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
-    assert_error(httpx.post(url, json={"messages": image}), 400, "image_url")
+    err = assert_error(httpx.post(url, json={"messages": image}), 400, "reads text only")
+    assert err["param"] == "messages[0].content[0].image_url"  # a text-only model
     bad_agent = httpx.post(url, json={"messages": user}, headers={"X-Agent-ID": "../etc"})
     assert_error(bad_agent, 400, "invalid agent name", code="invalid_agent_id")
     assert_error(httpx.post(url, json={"messages": user, "agent": "a/b"}), 400, "invalid agent")

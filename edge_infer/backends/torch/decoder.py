@@ -10,9 +10,18 @@ import torch.nn.functional as F
 
 from edge_infer.backends.torch.kv_attention import attend_new_tokens, attend_tokens
 from edge_infer.backends.torch.kv_cache import TorchKVCache
-from edge_infer.backends.torch.layers import RopeTable, gate_activation, norm_heads, query_factor
-from edge_infer.backends.torch.linear import COMPUTE_DTYPE, concat_weights, make_linear
+from edge_infer.backends.torch.layers import RopeTable, norm_heads, query_factor
+from edge_infer.backends.torch.linear import (
+    GEGLU,
+    RMS_NORM,
+    SWIGLU,
+    Linear,
+    PackedLinear,
+    concat_weights,
+    make_linear,
+)
 from edge_infer.formats.affine import QuantizedWeight
+from edge_infer.kernels import cpu as cpu_kernels
 from edge_infer.models.spec import LoadedModel, Weight
 
 # Candidates of the output head recomputed exactly in float32 per position.
@@ -28,11 +37,11 @@ def _vector(w: Weight, device: torch.device) -> torch.Tensor:
 class _Layer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: object
+    qkv: Linear
     qkv_bias: torch.Tensor | None
-    o: object
-    gate_up: object
-    down: object
+    o: Linear
+    gate_up: Linear
+    down: Linear
     local: bool = False  # a sliding-window layer (its own RoPE base)
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
@@ -41,11 +50,12 @@ class _Layer:
 
 
 class TorchDecoder:
-    """Runs the decoder; activations float32 between layers, bfloat16 into the int kernels."""
+    """Runs the decoder; activations float32 (the linear layers round them as they need)."""
 
     def __init__(self, model: LoadedModel, device: torch.device) -> None:
         cfg = self.config = model.config
         self.device = device
+        self._kernel = cpu_kernels.load() if device.type == "cpu" else None
         w = model.weights
         self.embed_weight = w["model.embed_tokens.weight"]
         self.layers: list[_Layer] = []
@@ -86,7 +96,9 @@ class TorchDecoder:
                 layer.mlp_out_norm = _vector(w[p + "post_feedforward_layernorm.weight"], device)
         self.norm = _vector(w["model.norm.weight"], device)
         head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
-        self.lm_head = make_linear(head, device)
+        # one int8 pass of the activations is enough for the head: its best candidates are
+        # rescored exactly; the layers' products take two (see PackedLinear)
+        self.lm_head = make_linear(head, device, passes=1)
         self._head_weight = head
         self._inv_freq = torch.from_numpy(cfg.rope_inv_freq()).to(
             device=device, dtype=torch.float64
@@ -94,6 +106,13 @@ class TorchDecoder:
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rope_local = RopeTable(cfg.rope_local_inv_freq(), cfg.context_length, device)
         self._q_factor = query_factor(cfg)
+        self._gate = GEGLU if cfg.hidden_act == "gelu_tanh" else SWIGLU  # fused before down
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights one decoded token reads: every projection and the head."""
+        layers = [x for la in self.layers for x in (la.qkv, la.o, la.gate_up, la.down)]
+        return sum(x.nbytes for x in layers) + self.lm_head.nbytes
 
     def new_cache(self, kv_bits: int = 4, group_size: int = 64) -> TorchKVCache:
         cfg = self.config
@@ -109,9 +128,12 @@ class TorchDecoder:
 
     def embed(self, ids: np.ndarray) -> torch.Tensor:
         """Embedding rows for token ids, float32 [T, hidden]."""
-        w = self.embed_weight
-        rows = w.take_rows(ids).dequantize() if isinstance(w, QuantizedWeight) else w[ids]
-        h = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, PackedLinear):
+            h = self.lm_head.rows(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
+        else:
+            w = self.embed_weight
+            rows = w.take_rows(ids).dequantize() if isinstance(w, QuantizedWeight) else w[ids]
+            h = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
         return h * self.config.embedding_scale if self.config.embedding_scale != 1.0 else h
 
     def _rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +152,7 @@ class TorchDecoder:
 
     @staticmethod
     def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Half-split rotation of x [H, T, D] with cos/sin [T, D/2]."""
+        """Half-split rotation of x [N, H, D] with cos/sin [N, 1, D/2]."""
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -143,23 +165,19 @@ class TorchDecoder:
         ropes = {False: self._rope(start, start + T)}
         if cfg.local_layers:
             ropes[True] = self._rope_local.get(start, start + T)
-        n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        n_q, d = cfg.num_heads, cfg.head_dim
         if T == 1:
             cache.reserve_next()
         for i, layer in enumerate(self.layers):
-            qk, v = self._qkv(layer, h)
             cos, sin = ropes[layer.local]
-            qk = self._apply_rope(qk.view(T, n_q + n_kv, d).transpose(0, 1), cos, sin)
-            v = v.view(T, n_kv, d).transpose(0, 1)
+            q, k, v = self._qkv(layer, h, cos, sin)
             if T == 1:  # the same computation as one row of forward_batch
-                attn = attend_new_tokens(
-                    [cache], i, qk[None, :n_q, 0], qk[None, n_q:, 0], v[None, :, 0]
-                )
-                attn = attn[0][:, None]
+                attn = attend_new_tokens([cache], i, q, k, v).reshape(1, n_q * d)
             else:
-                cache.update(i, qk[n_q:], v)
-                attn = attend_tokens(cache, i, qk[:n_q])
-            self._add_attention(layer, h, attn.transpose(0, 1).reshape(T, n_q * d))
+                cache.update(i, k.transpose(0, 1), v.transpose(0, 1))
+                attn = attend_tokens(cache, i, q.transpose(0, 1))
+                attn = attn.transpose(0, 1).reshape(T, n_q * d)
+            self._add_attention(layer, h, attn)
             self._add_mlp(layer, h)
         cache.advance(T)
         if not all_logits:
@@ -182,71 +200,79 @@ class TorchDecoder:
         tables = {False: self._rope(0, max(starts) + 1)}
         if cfg.local_layers:
             tables[True] = self._rope_local.get(0, max(starts) + 1)
-        # [B, 1, D/2] per kind of layer
-        ropes = {k: (c[pos][:, None], s[pos][:, None]) for k, (c, s) in tables.items()}
-        n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        ropes = {k: (c[pos], s[pos]) for k, (c, s) in tables.items()}  # [B, D/2] per kind
+        n_q, d = cfg.num_heads, cfg.head_dim
         for cache in caches:
             cache.reserve_next()
         for i, layer in enumerate(self.layers):
-            qk, v = self._qkv(layer, h)
             cos, sin = ropes[layer.local]
-            qk = self._apply_rope(qk.view(B, n_q + n_kv, d), cos, sin)  # [B, heads, D]
-            attn = attend_new_tokens(caches, i, qk[:, :n_q], qk[:, n_q:], v.view(B, n_kv, d))
+            q, k, v = self._qkv(layer, h, cos, sin)
+            attn = attend_new_tokens(caches, i, q, k, v)
             self._add_attention(layer, h, attn.reshape(B, n_q * d))
             self._add_mlp(layer, h)
         for cache in caches:
             cache.advance(1)
         return self._logits(h)
 
-    def _qkv(self, layer: _Layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normed ``h`` [N, hidden] through the fused QKV projection: (q|k, v) in float32."""
+    def _qkv(
+        self, layer: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed ``h`` [N, hidden] through the fused QKV projection, rope applied with
+        cos/sin [N, D/2]: q [N, n_q, D], k and v [N, n_kv, D], float32 (views of one tensor)."""
         cfg = self.config
-        x = F.rms_norm(h, (cfg.hidden_size,), layer.input_norm, cfg.rms_norm_eps)
-        qkv = layer.qkv(x.to(COMPUTE_DTYPE))
+        n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv = layer.qkv(h, RMS_NORM, layer.input_norm, cfg.rms_norm_eps)
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
-        d, n_q, n_kv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        qk, v = qkv.float().split([(n_q + n_kv) * d, n_kv * d], -1)
+        n = qkv.shape[0]
+        qk = qkv[:, : (n_q + n_kv) * d].view(n, n_q + n_kv, d)
         if layer.q_norm is not None and layer.k_norm is not None:
-            heads = qk.reshape(-1, n_q + n_kv, d)
-            qk = norm_heads(heads, n_q, layer.q_norm, layer.k_norm, cfg.rms_norm_eps)
-            qk = qk.reshape(-1, (n_q + n_kv) * d)
+            qk.copy_(norm_heads(qk, n_q, layer.q_norm, layer.k_norm, cfg.rms_norm_eps))
         if self._q_factor is not None:  # the kernels scale scores by 1/sqrt(head_dim)
-            qk = torch.cat([qk[:, : n_q * d] * self._q_factor, qk[:, n_q * d :]], dim=-1)
-        return qk, v
+            qk[:, :n_q].mul_(self._q_factor)
+        if self._kernel is not None:
+            self._kernel.rope_inplace(qkv, cos, sin, n_q + n_kv, d)
+        else:
+            qk = self._apply_rope(qk, cos[:, None], sin[:, None])
+        return qk[:, :n_q], qk[:, n_q:], qkv[:, (n_q + n_kv) * d :].view(n, n_kv, d)
 
     def _add_attention(self, layer: _Layer, h: torch.Tensor, attn: torch.Tensor) -> None:
         """h += o(attn) (normed first where the model has output norms), in place."""
-        out = layer.o(attn.to(COMPUTE_DTYPE))
-        if layer.attn_out_norm is not None:
-            cfg = self.config
-            out = F.rms_norm(out.float(), (cfg.hidden_size,), layer.attn_out_norm, cfg.rms_norm_eps)
-        h.add_(out)
+        if layer.attn_out_norm is None:
+            layer.o(attn, out=h)
+            return
+        cfg = self.config
+        out = layer.o(attn)
+        h.add_(F.rms_norm(out, (cfg.hidden_size,), layer.attn_out_norm, cfg.rms_norm_eps))
 
     def _add_mlp(self, layer: _Layer, h: torch.Tensor) -> None:
         """h += MLP(norm(h)), in place."""
         cfg = self.config
-        x = F.rms_norm(h, (cfg.hidden_size,), layer.post_norm, cfg.rms_norm_eps)
-        gate, up = layer.gate_up(x.to(COMPUTE_DTYPE)).chunk(2, dim=-1)
-        out = layer.down(gate_activation(cfg, gate) * up)
-        if layer.mlp_out_norm is not None:
-            out = F.rms_norm(out.float(), (cfg.hidden_size,), layer.mlp_out_norm, cfg.rms_norm_eps)
-        h.add_(out)
+        gate_up = layer.gate_up(h, RMS_NORM, layer.post_norm, cfg.rms_norm_eps)
+        if layer.mlp_out_norm is None:
+            layer.down(gate_up, self._gate, out=h)
+            return
+        out = layer.down(gate_up, self._gate)
+        h.add_(F.rms_norm(out, (cfg.hidden_size,), layer.mlp_out_norm, cfg.rms_norm_eps))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output head (top candidates rescored): float32 [N, vocab]."""
         cfg = self.config
-        h = F.rms_norm(h, (cfg.hidden_size,), self.norm, cfg.rms_norm_eps)
-        logits = self.lm_head(h.to(COMPUTE_DTYPE)).float()
-        return self._rescore_top(logits, h)
+        h = F.rms_norm(h, (cfg.hidden_size,), self.norm, cfg.rms_norm_eps).contiguous()
+        logits = self.lm_head(h)
+        k = min(HEAD_RESCORE_TOP_K, logits.shape[-1])
+        if isinstance(self.lm_head, PackedLinear):
+            self.lm_head.rescore_top(logits, h, k)
+            return logits
+        return self._rescore_top(logits, h, k)
 
-    def _rescore_top(self, logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def _rescore_top(self, logits: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:
         """Recompute the most likely candidates' logits in float32 from the exact weights.
 
-        The packed head (bfloat16 in, bfloat16 out) is fast but coarse; sampling only ever
-        reaches the top candidates, so those are made exact at the cost of k row products.
+        The packed head (rounded activations) is fast but coarse; sampling only ever reaches
+        the top candidates, so those are made exact at the cost of k row products (the CPU
+        kernel does the same on its packed rows).
         """
-        k = min(HEAD_RESCORE_TOP_K, logits.shape[-1])
         idx = logits.topk(k, dim=-1).indices  # [T, k]
         flat = idx.reshape(-1).cpu().numpy()
         w = self._head_weight

@@ -52,11 +52,3 @@ def norm_heads(
     q = F.rms_norm(qk[:, :n_q], (d,), q_weight, eps)
     k = F.rms_norm(qk[:, n_q:], (d,), k_weight, eps)
     return torch.cat([q, k], dim=1)
-
-
-def gate_activation(config: ModelConfig, gate: torch.Tensor) -> torch.Tensor:
-    """The MLP's gate nonlinearity: SiLU (Llama, Qwen) or GELU with the tanh approximation
-    (Gemma)."""
-    if config.hidden_act == "gelu_tanh":
-        return F.gelu(gate, approximate="tanh")
-    return F.silu(gate)

@@ -14,13 +14,17 @@ import torch
 
 from edge_infer.backends.torch.kv_cache import TorchKVCache
 from edge_infer.kernels import cpu as cpu_kernels
-from edge_infer.offload.bounds import group_max, quest_bounds, scores
+from edge_infer.offload.bounds import quest_bounds, scores
 from edge_infer.offload.index import SparseState, StepRecord
 from edge_infer.offload.selection import (
     always_pages,
     certificate,
+    oracle_pages,
+    page_mass,
+    query_ranking,
     select_certified,
     select_pages,
+    window_pages,
 )
 
 
@@ -52,10 +56,16 @@ def _select(
     lo, hi = index.bounds(layer)
     bounds = quest_bounds(q, lo, hi)
     n_pages = lo.shape[1]
-    always = always_pages(n_pages, cache.block_size // policy.page)
+    always = always_pages(n_pages, cache.block_size // policy.page, policy.recent)
+    budget = policy.budget_pages(n_pages)
+    if policy.select == "window":
+        return window_pages(cache.n_kv, always, budget), bounds, 0
+    if policy.select == "oracle":  # a quality reference: exact scores, a dense pass
+        mass = page_mass(_scores_with_new(cache, layer, q, k_new), policy.page, sealed, cache.n_kv)
+        return oracle_pages(mass[:, :n_pages], always, budget), bounds, 0
     if policy.threshold >= 1.0:
-        selected = select_pages(group_max(bounds, cache.n_kv), always, policy.budget_pages(n_pages))
-        return selected, bounds, 0
+        ranking = query_ranking(bounds, cache.n_kv, policy.per_query, always)
+        return select_pages(ranking, always, budget), bounds, 0
     # the certificate needs the exact softmax total over what is attended
     s = _scores_with_new(cache, layer, q, k_new)
     g = q.shape[0] // cache.n_kv

@@ -1,8 +1,11 @@
-"""The CPU attention kernels (C++, built once per machine with torch's extension builder).
+"""The CPU kernels (C++, built once per machine with torch's extension builder): attention
+over stored KV caches and products with 4/8-bit packed weights.
 
-:func:`load` compiles ``kv_attention.cpp`` on first use (about half a minute; the result is
-kept under :func:`kernel_dir`) and returns the module, or ``None`` when kernels are turned off
+:func:`load` compiles the sources into one module on first use (about a minute; the result is
+kept under :func:`kernel_dir`) and returns it, or ``None`` when kernels are turned off
 (``EDGE_INFER_KERNELS=off``) or cannot be built here; callers then use the plain-torch path.
+``EDGE_INFER_KERNEL_ARCH`` picks the instruction set: ``native`` (default, this CPU's),
+``avx2`` (x86-64-v3: AVX2, FMA, F16C, no AVX-512) or ``generic`` (no SIMD code paths).
 """
 
 from __future__ import annotations
@@ -18,10 +21,15 @@ from types import ModuleType
 
 import platformdirs
 
-SOURCE = Path(__file__).with_name("kv_attention.cpp")
+SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("module.cpp", "kv_attention.cpp", "quant_matmul.cpp", "rope.cpp")
+]
 # OpenMP as torch uses it: parallel regions run on torch's own thread pool (the library it
 # ships has the same soname, so no second runtime is loaded)
-_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+_ARCH_FLAGS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3"], "generic": []}
+# the step quant_linear fuses before its product
+PREP_PLAIN, PREP_RMS_NORM, PREP_SWIGLU, PREP_GEGLU = 0, 1, 2, 3
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 log = logging.getLogger(__name__)
@@ -40,6 +48,18 @@ def enabled() -> bool:
     return os.environ.get("EDGE_INFER_KERNELS", "on").lower() not in ("off", "0", "false", "no")
 
 
+def arch() -> str:
+    """The instruction-set class kernels are built for (``EDGE_INFER_KERNEL_ARCH``)."""
+    name = os.environ.get("EDGE_INFER_KERNEL_ARCH", "native").lower() or "native"
+    if name not in _ARCH_FLAGS:
+        raise ValueError(f"EDGE_INFER_KERNEL_ARCH={name!r} is not one of {', '.join(_ARCH_FLAGS)}")
+    return name
+
+
+def _flags() -> list[str]:
+    return ["-O3", *_ARCH_FLAGS[arch()], "-fopenmp"]
+
+
 def _cpu_features() -> str:
     """What ``-march=native`` depends on: a build is only reused on the same kind of CPU."""
     try:
@@ -55,20 +75,23 @@ def _cpu_features() -> str:
 def _build_name() -> str:
     import torch
 
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    for part in (" ".join(_FLAGS), torch.__version__, _cpu_features()):
+    digest = hashlib.sha256()
+    for source in [*SOURCES, *sorted(Path(__file__).parent.glob("*.h"))]:
+        digest.update(source.read_bytes())
+    for part in (" ".join(_flags()), torch.__version__, _cpu_features()):
         digest.update(part.encode())
-    return "edge_infer_kv_attention_" + digest.hexdigest()[:12]
+    return f"edge_infer_cpu_{arch()}_{digest.hexdigest()[:12]}"
 
 
 def load(verbose: bool = False) -> ModuleType | None:
     """The compiled kernel module, building it on first use; ``None`` if unavailable."""
     if not enabled():
         return None
+    key = arch()
     with _lock:
-        if "module" in _state:
-            return _state["module"]
-        _state["module"] = module = _build(verbose)
+        if key in _state:
+            return _state[key]
+        _state[key] = module = _build(verbose)
         return module
 
 
@@ -96,22 +119,23 @@ def _build(verbose: bool) -> ModuleType | None:
         folder.mkdir(parents=True, exist_ok=True)
         if not any(folder.glob("*.so")):
             print(
-                "edge-infer: building the CPU attention kernel (once per machine, about 30 s)...",
+                f"edge-infer: building the CPU kernels for {arch()} "
+                "(once per machine, about a minute)...",
                 file=sys.stderr,
                 flush=True,
             )
         return load_extension(
             name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=_FLAGS,
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=_flags(),
             extra_ldflags=["-fopenmp"],
             build_directory=str(folder),
             verbose=verbose,
         )
     except Exception as exc:  # no compiler or headers, a read-only folder: plain torch works
-        log.debug("CPU attention kernel unavailable: %s", exc)
+        log.debug("CPU kernels unavailable: %s", exc)
         print(
-            f"edge-infer: CPU attention kernel could not be built ({type(exc).__name__}); "
+            f"edge-infer: CPU kernels could not be built ({type(exc).__name__}); "
             "using the slower plain-torch path",
             file=sys.stderr,
         )

@@ -11,7 +11,9 @@
 // float16 row itself. R is symmetric or not: scores use q @ R^T, outputs acc @ R.
 
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
+
+#include "parallel.h"
+#include "vec16.h"
 
 #include <cmath>
 #include <cstdint>
@@ -24,10 +26,6 @@
 
 namespace {
 
-typedef float f16x __attribute__((vector_size(64)));     // 16 float lanes
-typedef uint8_t u8x16 __attribute__((vector_size(16)));  // 16 bytes
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
 inline float half_to_float(uint16_t h) {
 #if defined(__F16C__)
   return _cvtsh_ss(h);
@@ -36,34 +34,20 @@ inline float half_to_float(uint16_t h) {
 #endif
 }
 
-inline f16x load16(const float* p) {
-  f16x v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store16(float* p, f16x v) { std::memcpy(p, &v, sizeof(v)); }
-
 inline f16x halves16(const uint16_t* p) {
   f16x v;
 #if defined(__AVX512F__)
   __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   std::memcpy(&v, &x, sizeof(v));
-#elif defined(__F16C__)
-  float tmp[16];
-  _mm256_storeu_ps(tmp, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  _mm256_storeu_ps(tmp + 8,
-                   _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
-  std::memcpy(&v, tmp, sizeof(v));
+#elif defined(__F16C__) && defined(__AVX__)
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  std::memcpy(&v.p[0], &lo, 32);
+  std::memcpy(&v.p[1], &hi, 32);
 #else
-  for (int i = 0; i < 16; ++i) v[i] = half_to_float(p[i]);
+  for (int i = 0; i < 16; ++i) set_lane(v, i, half_to_float(p[i]));
 #endif
   return v;
-}
-
-inline f16x bytes_to_float(u8x16 b) {
-  i32x16 w = __builtin_convertvector(b, i32x16);
-  return __builtin_convertvector(w, f16x);
 }
 
 inline float hsum(f16x v) {
@@ -72,17 +56,11 @@ inline float hsum(f16x v) {
   std::memcpy(&x, &v, sizeof(x));
   return _mm512_reduce_add_ps(x);
 #else
-  typedef float f8x __attribute__((vector_size(32)));
-  typedef float f4x __attribute__((vector_size(16)));
-  f8x a, b;
-  std::memcpy(&a, &v, 32);
-  std::memcpy(&b, reinterpret_cast<const char*>(&v) + 32, 32);
-  a += b;
-  f4x c, d;
-  std::memcpy(&c, &a, 16);
-  std::memcpy(&d, reinterpret_cast<const char*>(&a) + 16, 16);
-  c += d;
-  return (c[0] + c[2]) + (c[1] + c[3]);
+  fpart s = v.p[0];
+  for (int k = 1; k < NPART; ++k) s += v.p[k];
+  float t = 0.f;
+  for (int i = 0; i < PART; ++i) t += s[i];
+  return t;
 #endif
 }
 
@@ -115,21 +93,8 @@ inline void hsum4(f16x a, f16x b, f16x c, f16x d, float* out) {
 #endif
 }
 
-inline f16x splat(float x) { return f16x{} + x; }
-
-inline f16x vmax(f16x a, f16x b) {
-  i32x16 m = a > b;
-  i32x16 ai, bi;
-  std::memcpy(&ai, &a, 64);
-  std::memcpy(&bi, &b, 64);
-  i32x16 r = (ai & m) | (bi & ~m);
-  f16x out;
-  std::memcpy(&out, &r, 64);
-  return out;
-}
-
 // exp(x) for x <= 0 (softmax weights): 2^n * p(f), |relative error| < 2e-7.
-inline f16x exp16(f16x x) {
+__attribute__((always_inline)) inline f16x exp16(f16x x) {
   x = vmax(x, splat(-87.0f));
   const f16x magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   f16x n = (x * 1.44269504088896341f + magic) - magic;
@@ -142,10 +107,7 @@ inline f16x exp16(f16x x) {
   p = p * f + 1.6666665459e-1f;
   p = p * f + 5.0000001201e-1f;
   p = p * f * f + f + 1.0f;
-  i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
-  f16x scale;
-  std::memcpy(&scale, &e, 64);
-  return p * scale;
+  return p * pow2(n);
 }
 
 struct Layout {
@@ -341,13 +303,13 @@ void attend_rows(const Layout& L, const LayerPtrs& p, int64_t h, const float* qr
     for (int64_t j = 0; j < lo; ++j) sr[j] = -INFINITY;  // outside the window
     f16x m = splat(-INFINITY);
     for (int64_t j = 0; j < n_pad; j += 16) m = vmax(m, load16(sr + j));
-    float mx = m[0];
-    for (int i = 1; i < 16; ++i) mx = std::max(mx, m[i]);
+    float mx = lane(m, 0);
+    for (int i = 1; i < 16; ++i) mx = std::max(mx, lane(m, i));
     f16x total = {};
     for (int64_t j = 0; j < n_pad; j += 16) {
       f16x e = exp16(load16(sr + j) - mx);
       if (j + 16 > n)
-        for (int i = static_cast<int>(n - j); i < 16; ++i) e[i] = 0.f;
+        for (int i = static_cast<int>(n - j); i < 16; ++i) set_lane(e, i, 0.f);
       store16(sr + j, e);
       total += e;
     }
@@ -480,7 +442,7 @@ torch::Tensor attend_new_token(torch::Tensor q, torch::Tensor k, torch::Tensor v
   int64_t work = 0;
   for (int64_t b = 0; b < B; ++b) work += mm[b * 6 + 3];
   const int64_t grain = work * n_kv < 1024 ? B * n_kv : 1;  // tiny jobs stay on one thread
-  at::parallel_for(0, B * n_kv, grain, [&](int64_t a, int64_t z) {
+  edge_parallel::parallel_chunks(B * n_kv, grain, [&](int64_t a, int64_t z) {
     std::vector<float> scores;
     for (int64_t item = a; item < z; ++item) {
       const int64_t b = item / n_kv, h = item % n_kv;
@@ -504,8 +466,14 @@ namespace {
 // time, one row per float lane, so that keys and values are decoded once per LANES rows, the
 // scores of a key are two vectors, and softmax runs down the lanes with no reductions.
 constexpr int LANES = 32;
-constexpr int KEYS = 8;  // keys per score micro-tile
+// micro-tiles sized to the vector registers: 32 with AVX-512, 16 (of half the width) below
+#if defined(__AVX512F__)
+constexpr int KEYS = 8;    // keys per score micro-tile
 constexpr int VCHUNK = 8;  // output dims per value micro-tile
+#else
+constexpr int KEYS = 2;
+constexpr int VCHUNK = 2;
+#endif
 
 // Rows j..j+n-1 of kv head h's keys (or values) as attention reads them in their domain:
 // sealed rows dequantized (still rotated, in decode_row's order), tail rows as stored.
@@ -666,7 +634,7 @@ void chunk_rows(const Layout& L, const LayerPtrs& p, int64_t h, int64_t start, i
   // out = (acc_rot in natural order) @ R + acc_plain, over the softmax total
   for (int lane = 0; lane < nr; ++lane) {
     const int64_t r = row0 + lane;
-    const float inv = 1.0f / (lane < 16 ? total[0][lane] : total[1][lane - 16]);
+    const float inv = 1.0f / (lane < 16 ? ::lane(total[0], lane) : ::lane(total[1], lane - 16));
     f16x res[C];
     for (int c = 0; c < C; ++c) {
       float col[16];
@@ -728,16 +696,11 @@ torch::Tensor attend_chunk(torch::Tensor q, const std::vector<int64_t>& ptrs,
   const float* rd = R.data_ptr<float>();
   const float* rtd = Rt.data_ptr<float>();
   float* od = out.data_ptr<float>();
-  at::parallel_for(0, n_kv * per_head, 1, [&](int64_t a, int64_t z) {
+  edge_parallel::parallel_chunks(n_kv * per_head, 1, [&](int64_t a, int64_t z) {
     for (int64_t task = a; task < z; ++task) {
       const int64_t h = task / per_head, row0 = (task % per_head) * LANES;
       fn(L, p, h, start, T, row0, qd, rd, rtd, od);
     }
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attend_new_token", &attend_new_token, "store one new token's K/V, attend over all");
-  m.def("attend_chunk", &attend_chunk, "causal attention of a stored prefill chunk");
 }

@@ -71,6 +71,20 @@ def test_qwen3_gguf_matches_reference(tmp_path, tensor_type):
     _check(model, _ids(info["vocab_size"]))
 
 
+def test_qwen3_gguf_of_mixed_types_matches_reference(tmp_path):
+    """llama.cpp's Q4_K_M mix: 4-bit Q4_K beside 8-bit Q6_K / Q5_K / Q8_0 in one fused
+    projection (the QKV of layer 0, gate/up of layer 1)."""
+    types = {
+        "token_embd.weight": "Q8_0",
+        "output.weight": "Q6_K",
+        "blk.0.attn_v.weight": "Q6_K",
+        "blk.1.ffn_up.weight": "Q5_K",
+        "blk.1.ffn_down.weight": "Q8_0",
+    }
+    info = write_tiny_gguf(tmp_path / "mix.gguf", "qwen3", "Q4_K", tensor_types=types)
+    _check(load_model(info["path"]), _ids(info["vocab_size"]))
+
+
 def test_qwen3_hf_dir_matches_reference(tmp_path):
     info = write_tiny_hf_dir(tmp_path / "qwen3", "qwen3")
     model = load_model(info["path"])

@@ -11,7 +11,18 @@ import torch
 from edge_infer.backends.torch.kv_attention import attend_new_tokens
 from edge_infer.backends.torch.kv_cache import TorchKVCache
 from edge_infer.kernels import cpu as cpu_kernels
-from edge_infer.offload import SparsePolicy, SparseState
+from edge_infer.offload import (
+    SparsePolicy,
+    SparseState,
+    always_pages,
+    oracle_pages,
+    page_mass,
+    query_ranking,
+    quest_bounds,
+    scores,
+    select_pages,
+    window_pages,
+)
 from tests.support.kv_caches import filled_cache, one_token
 from tests.support.sparse_runs import decode, real_ids
 
@@ -151,3 +162,37 @@ def test_always_attended_pages_and_certificates_over_a_recorded_run(prefilled):
         assert (rec.selected.sum(axis=1) == policy.budget_pages(n_pages)).all()
         assert np.all(rec.certificate >= rec.skipped_mass - 1e-9)
         assert np.all(rec.skipped_mass >= 0) and np.all(rec.certificate <= 1)
+
+
+@needs_kernel
+def test_oracle_window_and_per_query_selections_attend_what_their_functions_choose():
+    cache = filled_cache(4, 1100, 3, 64, 64, seed=5)  # 1024 sealed: 32 pages of 32
+    q, k, v = one_token(cache, 9)
+    keys, _ = cache.readable(1, cache.length)
+    new = k.half().float().numpy()[:, None]
+    s = scores(q.numpy(), np.concatenate([keys.numpy(), new], axis=1))
+    always = always_pages(32, 8, recent=2)
+
+    for select, per_query in (("oracle", False), ("window", False), ("bound", True)):
+        state = _sparse(
+            cache,
+            page=32,
+            budget=0.75,
+            dense_layers=0,
+            recent=2,
+            select=select,
+            per_query=per_query,
+        )
+        got = attend_new_tokens([cache], 1, q[None], k[None], v[None])[0]
+        (rec,) = state.log
+        if select == "oracle":
+            want = oracle_pages(page_mass(s, 32, 1024, 3), always, 24)
+        elif select == "window":
+            want = window_pages(3, always, 24)
+        else:
+            lo, hi = state.index.bounds(1)
+            bounds = quest_bounds(q.numpy(), lo, hi)
+            want = select_pages(query_ranking(bounds, 3, True, always), always, 24)
+        assert np.array_equal(rec.selected, want) and rec.selected[:, always].all()
+        assert (rec.selected.sum(axis=1) == 24).all()
+        torch.testing.assert_close(got, _reference(cache, 1, q, k, v, rec.selected, 32))
