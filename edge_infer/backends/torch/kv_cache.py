@@ -8,6 +8,14 @@ the quantized blocks and the float16 tail directly. What a query attends to is t
 function of positions only (blocks that ended before it are quantized, its own block is
 float16), never of how the context was split into chunks, turns, saves and restores, as long
 as one forward call stays inside one block (the backend splits calls to ensure it).
+
+A sliding-window layer (``windows[i] > 0``) keeps in its quantized buffers only the sealed
+blocks a later query can still see (a few blocks past its window; row ``r`` holds token
+``first + r``). The parts of older blocks leave those buffers as compact host arrays
+("hidden" parts, shared with the blocks :meth:`TorchKVCache.blocks` exports), so that
+export, truncation to any earlier token and persistence stay complete; an owner that holds
+the blocks elsewhere (or does not need them) frees them with
+:meth:`TorchKVCache.release_hidden`.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ class TorchKVCache:
         block_size: int = DEFAULT_BLOCK_SIZE,
         initial_capacity: int = 256,
         windows: list[int] | None = None,
+        bounded: bool = True,
     ) -> None:
         if kv_bits not in (4, 8, 16):
             raise ValueError(f"kv_bits must be 4, 8 or 16 (got {kv_bits})")
@@ -76,6 +85,14 @@ class TorchKVCache:
         self._half: list[list] = [[None, None] for _ in range(num_layers)]
         self._quant: list[list[list]] = [[[None] * 3, [None] * 3] for _ in range(num_layers)]
         self._pointers: list[list[int]] | None = None  # per layer, for the attention kernel
+        # sliding-window layers hold sealed tokens first[i].. in their quantized buffers
+        # (a bounded number of rows); the parts of older sealed blocks are "hidden": kept
+        # as host arrays by block start, unless released (blocks before ``_released``)
+        # (``bounded=False`` keeps every block in the buffers: the reference of tests)
+        self._bounded = [bool(w) and kv_bits < 16 and bounded for w in self.windows]
+        self._first = [0] * num_layers
+        self._hidden: dict[int, dict[int, tuple[QuantizedKV, QuantizedKV]]] = {}
+        self._released = 0
         self._length = 0
         self._sealed = 0
         # set to decode attending only selected pages of the sealed tokens (one new token
@@ -108,30 +125,43 @@ class TorchKVCache:
             spec = ((n, self.block_size, d), torch.float16)
             for i, tail in enumerate(self._carve(0, [spec] * 2 * self.num_layers)):
                 self._half[i // 2][i % 2] = tail
-        if self.quantized:
-            words, groups = d * self.bits // 32, d // self.group_size
-            specs = [
-                ((n, capacity, words), torch.int32),
-                ((n, capacity, groups), torch.float16),
-                ((n, capacity, groups), torch.float16),
-            ]
-        else:  # float16 is the stored form of every token
-            specs = [((n, capacity, d), torch.float16)]
-        new = self._carve(1, specs * 2 * self.num_layers)  # the outgrown buffer is freed
+        specs = []
         for i in range(self.num_layers):
+            rows = min(capacity, self._local_rows(i)) if self._bounded[i] else capacity
+            if self.quantized:
+                words, groups = d * self.bits // 32, d // self.group_size
+                layer = [
+                    ((n, rows, words), torch.int32),
+                    ((n, rows, groups), torch.float16),
+                    ((n, rows, groups), torch.float16),
+                ]
+            else:  # float16 is the stored form of every token
+                layer = [((n, rows, d), torch.float16)]
+            specs += layer * 2
+        per = 3 if self.quantized else 1
+        new = self._carve(1, specs)  # the outgrown buffer is freed
+        for i in range(self.num_layers):
+            held = min(keep - self._first[i], new[2 * i * per].shape[1])
             for w in range(2):
-                k = (2 * i + w) * len(specs)
-                fresh = new[k : k + len(specs)]
+                k = (2 * i + w) * per
+                fresh = new[k : k + per]
                 old = self._quant[i][w] if self.quantized else [self._half[i][w]]
                 for f, o in zip(fresh, old, strict=True):
-                    if o is not None and keep:
-                        f[:, :keep] = o[:, :keep]
+                    if o is not None and held > 0:
+                        rows = min(held, o.shape[1])
+                        f[:, :rows] = o[:, :rows]
                 if self.quantized:
                     self._quant[i][w] = fresh
                 else:
                     self._half[i][w] = fresh[0]
         self._capacity = capacity
         self._pointers = None
+
+    def _local_rows(self, i: int) -> int:
+        """Quantized rows a sliding-window layer needs: its window and two blocks (the
+        block being sealed, and the one its oldest visible token may start inside)."""
+        bs = self.block_size
+        return (-(-self.windows[i] // bs) + 2) * bs
 
     def _carve(self, slot: int, specs: list) -> list[torch.Tensor]:
         """Tensors of ``specs`` carved from one new buffer, held in ``_buffers[slot]``."""
@@ -171,18 +201,32 @@ class TorchKVCache:
             for i in range(self.num_layers):
                 quant = [0] * 6
                 if self.quantized:
-                    quant = [t.data_ptr() for w in range(2) for t in self._quant[i][w]]
+                    quant = [self._row_zero(t, i) for w in range(2) for t in self._quant[i][w]]
                 rows.append(quant + [self._half[i][0].data_ptr(), self._half[i][1].data_ptr()])
             self._pointers = rows
         if self.quantized:
-            meta = [self._capacity, self.block_size, self._sealed, length, self._sealed]
+            cap = self._quant[layer][0][0].shape[1]
+            meta = [cap, self.block_size, self._sealed, length, self._sealed]
         else:
             meta = [self._capacity, self._capacity, 0, length, 0]
         return self._pointers[layer], [*meta, self.windows[layer]]
 
+    def _row_zero(self, t: torch.Tensor, i: int, head: int = 0) -> int:
+        """The address token 0 of ``head`` would have in quantized buffer ``t`` of layer ``i``
+        (its row ``r`` holds token ``first + r``): kernels index rows by token, and read
+        only tokens a query can see, which a sliding-window layer holds."""
+        return t[head].data_ptr() - self._first[i] * t.stride(1) * t.element_size()
+
+    def head_pointers(self, layer: int, head: int) -> list[int]:
+        """For the attention kernel, one KV head as a sequence: the addresses token 0 of
+        ``head`` would have in the layer's quantized K and V parts (packed, scales,
+        biases; see :meth:`stored_parts` for the head stride)."""
+        return [self._row_zero(t, layer, head) for w in range(2) for t in self._quant[layer][w]]
+
     def stored_parts(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The layer's buffers as the attention kernel reads them: quantized K and V parts
-        (packed, scales, biases; [n_kv, capacity, ...]) and the float16 tail K and V
+        (packed, scales, biases; [n_kv, capacity, ...], row ``r`` holding token
+        ``r + first``: address them with :meth:`head_pointers`) and the float16 tail K and V
         ([n_kv, block_size, D], row 0 holding the first unsealed token)."""
         if not self.quantized:
             raise ValueError("only a quantized cache has sealed parts")
@@ -202,14 +246,16 @@ class TorchKVCache:
     ) -> None:
         """Write tokens ``0..end`` of the layer's K and V as float32 into ``keys``/``values``
         [n_kv, >= end, D]. ``rotated``: in the stored (rotated) domain, tail rows rotated;
-        else as attention reads them, sealed rows rotated back."""
+        else as attention reads them, sealed rows rotated back. A sliding-window layer
+        writes only the tokens it holds (the rows before are left as they were)."""
         sealed = min(self._sealed, end) if self.quantized else 0
+        first = min(self._first[layer], sealed)  # rows before it are not written
         for w, out in enumerate((keys, values)):
-            if sealed:
-                parts = (t[:, :sealed] for t in self._quant[layer][w])
-                out[:, :sealed] = dequantize_kv(*parts, self.bits, self.group_size)
+            if sealed > first:
+                parts = self._rows(layer, w, first, sealed)
+                out[:, first:sealed] = dequantize_kv(*parts, self.bits, self.group_size)
                 if not rotated:
-                    out[:, :sealed] = out[:, :sealed] @ self._rotation
+                    out[:, first:sealed] = out[:, first:sealed] @ self._rotation
             tail = self._tail(layer, w, sealed, end)
             if self.quantized and rotated:
                 out[:, sealed:end] = tail.float() @ self._rotation_t
@@ -219,12 +265,16 @@ class TorchKVCache:
     def readable(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of tokens ``0..end`` exactly as attention reads them, float32
         [n_kv, end, D] (plain torch, the reference of the fast paths): sealed rows
-        dequantized and rotated back, tail rows as stored."""
+        dequantized and rotated back, tail rows as stored; tokens a sliding-window layer
+        no longer holds (no query from ``length`` on sees them) read as zeros."""
         sealed = min(self._sealed, end) if self.quantized else 0
+        first = min(self._first[layer], sealed)
+        gone = torch.zeros(self.n_kv, first, self.head_dim, device=self.device)
         keys, values = (
             torch.cat(
                 [
-                    self._readable_rows(layer, w, 0, sealed),
+                    gone,
+                    self._readable_rows(layer, w, first, sealed),
                     self._tail(layer, w, sealed, end).float(),
                 ],
                 dim=1,
@@ -264,28 +314,141 @@ class TorchKVCache:
         self._length += n
         while self._sealed + self.block_size <= self._length:
             self._seal(self._sealed, self._sealed + self.block_size)
+        self._drop_unseen()
 
     def _seal(self, a: int, b: int) -> None:
         if self.bits == 16:  # float16 blocks are stored as they are
             self._sealed = b
             return
         for i in range(self.num_layers):
+            if self._bounded[i]:  # room for the block: older rows no query sees go
+                self._rebase(i, min(a, self._unseen_before(i, self._length)), a)
             for w in range(2):
                 x = self._tail(i, w, a, b).float() @ self._rotation
                 packed, scales, biases = quantize_kv(x, self.bits, self.group_size)
                 q = self._quant[i][w]
-                q[0][:, a:b], q[1][:, a:b], q[2][:, a:b] = packed, scales, biases
+                r, s = a - self._first[i], b - self._first[i]
+                q[0][:, r:s], q[1][:, r:s], q[2][:, r:s] = packed, scales, biases
         self._sealed = b
+
+    # -- sliding-window layers ------------------------------------------------------------
+    def _unseen_before(self, i: int, length: int) -> int:
+        """Start of the first block of layer ``i`` that a query at ``length`` or later may
+        see (a query at p sees tokens p-window+1..p)."""
+        bs = self.block_size
+        return max(0, length - self.windows[i] + 1) // bs * bs
+
+    def _drop_unseen(self) -> None:
+        for i in range(self.num_layers):
+            if self._bounded[i]:
+                first = min(self._sealed, self._unseen_before(i, self._length))
+                self._rebase(i, max(first, self._first[i]), self._sealed)
+
+    def _rows(self, i: int, w: int, a: int, b: int) -> list[torch.Tensor]:
+        """Quantized parts (packed, scales, biases) of sealed tokens a..b of layer ``i``,
+        from its buffers or, for a hidden block, its host arrays."""
+        if a >= self._first[i]:
+            return [t[:, a - self._first[i] : b - self._first[i]] for t in self._quant[i][w]]
+        if b - a != self.block_size or a % self.block_size:
+            raise ValueError(f"tokens {a}..{b} of layer {i} are not one hidden block")
+        kv = self._hidden_part(i, w, a)
+        parts = (kv.packed.view(np.int32), kv.scales, kv.biases)
+        return [_tensor(x).to(self.device) for x in parts]
+
+    def _hidden_part(self, i: int, w: int, a: int) -> QuantizedKV:
+        part = self._hidden.get(a, {}).get(i)
+        if part is None:
+            raise ValueError(
+                f"layer {i} no longer holds tokens {a}..{a + self.block_size} "
+                f"(released: its window has passed them)"
+            )
+        return part[w]
+
+    def _rebase(self, i: int, first: int, held_end: int) -> None:
+        """Make sliding-window layer ``i``'s buffers hold sealed tokens ``first..sealed``,
+        given that they hold ``first[i]..held_end`` and every other block is hidden:
+        blocks before ``first`` become hidden, later ones move in from the hidden ones."""
+        old, bs = self._first[i], self.block_size
+        held_end = max(held_end, old)
+        if first == old and held_end == self._sealed:
+            return
+        if self._sealed - first > self._quant[i][0][0].shape[1]:
+            raise ValueError(f"layer {i} cannot hold tokens {first}..{self._sealed}")
+        for a in range(old, min(first, held_end), bs):  # leaving the buffers
+            self._hidden.setdefault(a, {})[i] = tuple(  # type: ignore[assignment]
+                self._export(i, w, a, a + bs, True) for w in range(2)
+            )
+        keep = max(old, first)
+        if keep < held_end and first != old:  # the rows kept move (clone: they may overlap)
+            n, src, dst = held_end - keep, keep - old, keep - first
+            for w in range(2):
+                for t in self._quant[i][w]:
+                    t[:, dst : dst + n] = t[:, src : src + n].clone()
+        self._first[i] = first
+        for a in range(first, self._sealed, bs):  # coming back from the hidden parts
+            if keep <= a < held_end:
+                continue
+            for w in range(2):
+                self._write_rows(i, w, self._hidden_part(i, w, a), a, a + bs)
+            self._hidden[a].pop(i)
+        self._hidden = {a: parts for a, parts in self._hidden.items() if parts}
+        self._pointers = None
+
+    def release_hidden(self, before: int | None = None) -> int:
+        """Free the hidden parts of blocks before token ``before`` (all when None): the
+        caller holds those blocks elsewhere or does not need them. Afterwards
+        :meth:`blocks` cannot export them, and a truncation that would need them keeps
+        nothing. Returns the bytes freed."""
+        end = self._sealed if before is None else before // self.block_size * self.block_size
+        freed = 0
+        for a in [a for a in self._hidden if a < end]:
+            freed += sum(kv.nbytes for parts in self._hidden.pop(a).values() for kv in parts)
+        self._released = max(self._released, end)
+        return freed
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds: its buffers and its hidden parts."""
+        return self.buffer_nbytes() + self.hidden_nbytes()
+
+    def buffer_nbytes(self, layers: list[int] | None = None) -> int:
+        """Bytes of the buffers of ``layers`` (all when None): quantized rows and tails."""
+        total = 0
+        for i in range(self.num_layers) if layers is None else layers:
+            for w in range(2):
+                parts = [*(self._quant[i][w] if self.quantized else []), self._half[i][w]]
+                total += sum(t.numel() * t.element_size() for t in parts if t is not None)
+        return total
+
+    def hidden_nbytes(self) -> int:
+        """Bytes of the hidden parts (sliding-window layers' blocks out of their window)."""
+        return sum(kv.nbytes for p in self._hidden.values() for pair in p.values() for kv in pair)
 
     def truncate(self, n: int) -> int:
         """Keep at most the first ``n`` tokens; returns how many are kept.
 
         Cutting inside a sealed block keeps only the whole sealed blocks before it: the cut
         block's tokens would have been float16, not quantized, so they must be recomputed.
+        A sliding-window layer takes back the hidden blocks the new end sees again; if
+        some were released, nothing is kept.
         """
-        self._length, self._sealed = truncation(
-            n, self._length, self._sealed, self.block_size, self.bits < 16
-        )
+        old_sealed = self._sealed
+        length, sealed = truncation(n, self._length, old_sealed, self.block_size, self.quantized)
+        for i in range(self.num_layers):
+            if self._bounded[i]:
+                first = min(sealed, self._unseen_before(i, length))
+                if first < min(self._first[i], sealed) and first < self._released:
+                    length = sealed = 0  # the window of the new end was released
+        self._length, self._sealed = length, sealed
+        self._hidden = {a: p for a, p in self._hidden.items() if a < sealed}
+        self._released = min(self._released, sealed)
+        for i in range(self.num_layers):
+            if self._bounded[i]:
+                held_end = min(old_sealed, sealed)
+                if self._first[i] > sealed:  # its rows are all cut away
+                    self._first[i] = held_end = sealed
+                    self._pointers = None
+                self._rebase(i, min(sealed, self._unseen_before(i, length)), held_end)
         if self.sparse is not None:
             self.sparse.index.truncate(self._sealed)
         return self._length
@@ -293,7 +456,8 @@ class TorchKVCache:
     # -- export / import ------------------------------------------------------------------
     def blocks(self, start: int = 0) -> list[KVBlock]:
         """Stored blocks from the block holding ``start`` on: sealed (quantized, with key
-        abstracts) and the float16 tail, as numpy arrays (copies)."""
+        abstracts) and the float16 tail, as numpy arrays (copies, or the hidden parts
+        themselves: those never change)."""
         out = []
         pos = start // self.block_size * self.block_size
         while pos < self._length:
@@ -320,20 +484,28 @@ class TorchKVCache:
         """Sealed tokens a..b of layer ``i``'s keys (w=0) or values as attention reads them."""
         if not self.quantized:
             return self._tail(i, w, a, b).float()
-        return self._readable(*(t[:, a:b] for t in self._quant[i][w]))
+        if a >= self._first[i]:
+            return self._readable(*self._rows(i, w, a, b))
+        bs = self.block_size  # hidden blocks one at a time
+        parts = [self._readable(*self._rows(i, w, x, min(x + bs, b))) for x in range(a, b, bs)]
+        return torch.cat(parts, dim=1)
 
     def _export(self, i: int, w: int, a: int, b: int, sealed: bool) -> QuantizedKV | np.ndarray:
         # copies: the buffers are reused (the open block's for every block, all of them
         # after a truncation), while exported blocks live on in agents, forks and saves
         if not sealed or self.bits == 16:
             return _numpy_copy(self._tail(i, w, a, b))
-        p, s, z = (_numpy_copy(t[:, a:b]) for t in self._quant[i][w])
+        if a < self._first[i]:
+            return self._hidden_part(i, w, a)
+        p, s, z = (_numpy_copy(t) for t in self._rows(i, w, a, b))
         return QuantizedKV(
             packed=p.view(np.uint32), scales=s, biases=z, bits=self.bits, group_size=self.group_size
         )
 
     def append_blocks(self, blocks: list[KVBlock]) -> None:
-        """Append stored blocks (as exported, from any backend) after the held tokens."""
+        """Append stored blocks (as exported, from any backend) after the held tokens.
+        A sliding-window layer takes the sealed parts it will not attend to as hidden
+        parts (the block's own arrays, no copy)."""
         pos = self._length
         for block in blocks:
             if block.start != pos:
@@ -344,14 +516,35 @@ class TorchKVCache:
                 )
             pos = block.end
         self._reserve(pos)
+        held_end = self._sealed
         for block in blocks:
             quantized = self.quantized and block.sealed
             for i, lkv in enumerate(block.layers):
+                if quantized and self._bounded[i]:
+                    pair = (lkv.keys, lkv.values)
+                    for kv in pair:
+                        self._check_quantized(kv)
+                    self._hidden.setdefault(block.start, {})[i] = pair  # type: ignore[assignment]
+                    continue
                 for w, kv in enumerate((lkv.keys, lkv.values)):
                     self._load(i, w, kv, block.start, block.end, quantized)
             self._length = block.end
             if block.sealed:
                 self._sealed = block.end
+        for i in range(self.num_layers):
+            if self._bounded[i]:
+                first = min(self._sealed, self._unseen_before(i, self._length))
+                self._rebase(i, max(first, self._first[i]), held_end)
+
+    def _check_quantized(self, kv: QuantizedKV | np.ndarray) -> None:
+        if not isinstance(kv, QuantizedKV) or (kv.bits, kv.group_size) != (
+            self.bits,
+            self.group_size,
+        ):
+            raise ValueError(
+                f"blocks are not {self.bits}-bit group {self.group_size} K/V "
+                f"(got {getattr(kv, 'bits', 16)}-bit)"
+            )
 
     def _load(
         self, i: int, w: int, kv: QuantizedKV | np.ndarray, a: int, b: int, quantized: bool
@@ -362,19 +555,18 @@ class TorchKVCache:
             half = _tensor(np.ascontiguousarray(kv, dtype=np.float16)).to(self.device)
             self._tail(i, w, a, b).copy_(half)
             return
-        if not isinstance(kv, QuantizedKV) or (kv.bits, kv.group_size) != (
-            self.bits,
-            self.group_size,
-        ):
-            raise ValueError(
-                f"blocks are not {self.bits}-bit group {self.group_size} K/V "
-                f"(got {getattr(kv, 'bits', 16)}-bit)"
-            )
+        self._check_quantized(kv)
+        assert isinstance(kv, QuantizedKV)
+        self._write_rows(i, w, kv, a, b)
+
+    def _write_rows(self, i: int, w: int, kv: QuantizedKV, a: int, b: int) -> None:
+        """Quantized K or V of sealed tokens a..b into layer ``i``'s buffers."""
         parts = [kv.packed.view(np.int32), kv.scales, kv.biases]
         q = self._quant[i][w]
+        r, s = a - self._first[i], b - self._first[i]
         if self.device.type == "cpu":  # numpy copies: a restore makes thousands of them
             for dst, src in zip(q, parts, strict=True):
-                dst.numpy()[:, a:b] = src
+                dst.numpy()[:, r:s] = src
             return
         for dst, src in zip(q, parts, strict=True):
-            dst[:, a:b] = _tensor(np.ascontiguousarray(src)).to(self.device)
+            dst[:, r:s] = _tensor(np.ascontiguousarray(src)).to(self.device)

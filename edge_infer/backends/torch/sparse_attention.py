@@ -136,7 +136,7 @@ def attend_sparse(
         for h in range(n_kv):
             tail_ptrs = [tails[0][h].data_ptr(), tails[1][h].data_ptr()]
             if selected is None or selected[h].all():
-                ptrs += [t[h].data_ptr() for t in parts] + tail_ptrs
+                ptrs += cache.head_pointers(layer, h) + tail_ptrs
                 metas += [parts[0].shape[1], cache.block_size, sealed, length + 1, sealed, window]
                 continue
             rows = _page_rows(selected[h], page)
