@@ -413,6 +413,9 @@ def chat(
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
         interactive = sys.stdin.isatty()
         if interactive:
+            # Ctrl-C at the prompt gives a fresh prompt, even when started from a script or a
+            # background job whose SIGINT is ignored (Python then installs no handler)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             with contextlib.suppress(ImportError):
                 import readline  # noqa: F401  (line editing and history for input())
         images = [readable_image(str(f))[0] for f in image or ()]

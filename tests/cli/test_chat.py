@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,15 @@ def child_env(cache_dir: Path, term: str = "dumb") -> dict[str, str]:
     return {**os.environ, "EDGE_INFER_CACHE_DIR": str(cache_dir), "COLUMNS": "200", "TERM": term}
 
 
-def spawn(cache_dir: Path, *args: str, max_tokens: int = 16, term: str = "dumb") -> pexpect.spawn:
+def spawn(
+    cache_dir: Path,
+    *args: str,
+    max_tokens: int = 16,
+    term: str = "dumb",
+    sigint_ignored: bool = False,
+) -> pexpect.spawn:
+    """The chat in a terminal; ``sigint_ignored``: started as a background job of a script
+    is (SIGINT ignored, which the process inherits)."""
     child = pexpect.spawn(
         EXE[0],
         [*EXE[1:], *CHAT, "--max-tokens", str(max_tokens), "--agent", "alice", *args],
@@ -43,6 +52,9 @@ def spawn(cache_dir: Path, *args: str, max_tokens: int = 16, term: str = "dumb")
         encoding="utf-8",
         timeout=120,
         dimensions=(50, 200),
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        if sigint_ignored
+        else None,
     )
     child.expect_exact(PROMPT)
     return child
@@ -239,3 +251,13 @@ def test_images_on_a_text_model_or_missing_are_clear_errors(cache_dir, tmp_path)
     proc = run_piped(cache_dir, f"/image {tmp_path}/pic.png\n/quit\n")
     assert proc.returncode == 0, proc.stderr
     assert "text-only model" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_ctrl_c_at_the_prompt_works_when_started_with_sigint_ignored(cache_dir):
+    child = spawn(cache_dir, sigint_ignored=True)
+    child.sendintr()
+    child.expect_exact(PROMPT)  # a fresh prompt, not an ignored key
+    prompt, _ = ask(child, "Hi")
+    assert prompt > 0
+    child.sendeof()
+    child.expect(pexpect.EOF)
