@@ -17,7 +17,10 @@ from edge_infer.cli.cache_cmd import cache_app
 from edge_infer.cli.chat import chat
 from edge_infer.cli.common import (
     BackendOpt,
+    MmprojOpt,
     ModelOpt,
+    VisualBudgetOpt,
+    VisualMethodOpt,
     err,
     human_size,
     load_engine,
@@ -76,15 +79,9 @@ def run(
         list[Path] | None,
         typer.Option("--image", help="An image to ask about (repeatable; needs a VLM)."),
     ] = None,
-    mmproj: Annotated[
-        Path | None, typer.Option(help="llama.cpp mmproj file: the image side of a text GGUF.")
-    ] = None,
-    visual_budget: Annotated[
-        float, typer.Option(help="Share of an image's tokens kept before the LLM (0-1).")
-    ] = 0.2,
-    visual_method: Annotated[
-        str, typer.Option(help="Image-token dropping: hired, full, uniform or cls-topk.")
-    ] = "hired",
+    mmproj: MmprojOpt = None,
+    visual_budget: VisualBudgetOpt = 0.2,
+    visual_method: VisualMethodOpt = "hired",
 ) -> None:
     """Answer one prompt, streaming the reply to stdout."""
     with user_errors():

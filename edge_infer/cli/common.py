@@ -89,6 +89,15 @@ ModelOpt = Annotated[
 BackendOpt = Annotated[
     str, typer.Option("--backend", "-b", help=f"One of {', '.join(BACKEND_CHOICES)}.")
 ]
+MmprojOpt = Annotated[
+    Path | None, typer.Option(help="llama.cpp mmproj file: the image side of a text GGUF.")
+]
+VisualBudgetOpt = Annotated[
+    float, typer.Option(help="Share of an image's tokens kept before the LLM (0-1).")
+]
+VisualMethodOpt = Annotated[
+    str, typer.Option(help="Image-token dropping: hired, full, uniform or cls-topk.")
+]
 
 
 def human_size(n: int) -> str:

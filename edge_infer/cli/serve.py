@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from edge_infer.cli.common import BackendOpt, ModelOpt, err, load_engine, user_errors
+from edge_infer.cli.common import (
+    BackendOpt,
+    MmprojOpt,
+    ModelOpt,
+    VisualMethodOpt,
+    err,
+    load_engine,
+    user_errors,
+)
 from edge_infer.errors import EdgeInferError
 from edge_infer.server.guard import DEFAULT_MAX_BODY_BYTES, is_loopback
 
@@ -110,9 +118,7 @@ def serve(
         typer.Option(help="Requests decoded together (one batched forward pass per token)."),
     ] = 8,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
-    mmproj: Annotated[
-        Path | None, typer.Option(help="llama.cpp mmproj file: the image side of a text GGUF.")
-    ] = None,
+    mmproj: MmprojOpt = None,
     visual_budget: Annotated[
         float,
         typer.Option(
@@ -120,9 +126,7 @@ def serve(
             "visual_budget overrides it."
         ),
     ] = 0.2,
-    visual_method: Annotated[
-        str, typer.Option(help="Image-token dropping: hired, full, uniform or cls-topk.")
-    ] = "hired",
+    visual_method: VisualMethodOpt = "hired",
     image_folder: Annotated[
         list[Path] | None,
         typer.Option(
