@@ -140,6 +140,7 @@ def allocate_hired(
     mode: str = "spatial",
     tile_of_token: np.ndarray | None = None,
     n: int | None = None,
+    capacity: np.ndarray | None = None,
 ) -> Allocation:
     """HiRED's partition stage: how many tokens the base view and each tile keep.
 
@@ -150,16 +151,25 @@ def allocate_hired(
     a flat slice does not depend on the grid's shape, so that swap changes nothing here).
     ``spatial`` (default) counts the marked tokens inside the region each tile covers
     (``tile_of_token``), spends the whole budget by largest remainders, and hands what tiles
-    cannot take back to the base view, so ``rate=1`` keeps everything.
+    cannot take back to the base view, so ``rate=1`` keeps everything. ``capacity`` (spatial
+    only) is how many of each tile's tokens the language model would see without dropping
+    (LLaVA-NeXT's unpadding cuts some): the budget is then ``r`` of what full would pass, not of
+    the padded grid, and no tile is given more than it holds.
     """
     first_base = np.asarray(first_base, dtype=np.float64)
     n = first_base.shape[-1] if n is None else n
-    n_partitions = n_tiles + 1
-    b_total = total_budget(n_partitions, n, budget.rate)
-    b_full = min(int(b_total * budget.alpha), n)
-    b_sub = min(b_total - b_full, n_tiles * n)
     if mode not in HIRED_MODES:
         raise ValueError(f"unknown HiRED mode {mode!r}; expected one of {HIRED_MODES}")
+    if mode == "reference" or capacity is None:
+        cap = np.full(n_tiles, n, dtype=np.int64)
+        b_total = total_budget(n_tiles + 1, n, budget.rate)
+    else:
+        cap = np.asarray(capacity, dtype=np.int64)
+        if cap.shape != (n_tiles,) or (cap < 0).any() or (cap > n).any():
+            raise ValueError(f"tile capacity must be {n_tiles} counts in [0, {n}], got {cap}")
+        b_total = int((n + int(cap.sum())) * budget.rate)
+    b_full = min(int(b_total * budget.alpha), n)
+    b_sub = min(b_total - b_full, int(cap.sum()))
     if n_tiles == 0:  # a single view (LLaVA-1.5): one top-k over the whole budget
         return Allocation(min(b_total, n), np.zeros(0, dtype=np.int64))
     marked = np.zeros(first_base.shape[-1], dtype=bool)
@@ -179,7 +189,7 @@ def allocate_hired(
     tile_of_token = np.asarray(tile_of_token)
     inside = tile_of_token >= 0
     counts = np.bincount(tile_of_token[marked & inside], minlength=n_tiles)[:n_tiles]
-    tiles = share(b_sub, counts, n)
+    tiles = share(b_sub, counts, cap)
     base = min(n, b_full + (b_total - b_full - int(tiles.sum())))
     return Allocation(base, tiles)
 
@@ -230,18 +240,33 @@ def full(n_partitions: int, n: int) -> list[np.ndarray]:
     return [np.arange(n, dtype=np.int64) for _ in range(n_partitions)]
 
 
-def uniform(n_partitions: int, n: int, rate: float) -> list[np.ndarray]:
-    """Baseline: the budget split evenly, evenly spaced tokens in each partition."""
+def baseline_split(n_partitions: int, n: int, rate: float, valid: np.ndarray | None) -> np.ndarray:
+    """Tokens each partition keeps under a baseline: ``rate`` of all tokens split evenly, or,
+    given ``valid`` [partitions, n] (the tokens the language model would see without
+    dropping), ``rate`` of the valid ones split in proportion to each partition's share."""
+    if valid is None:
+        return even_split(total_budget(n_partitions, n, rate), n_partitions, n)
+    counts = np.asarray(valid, dtype=bool).sum(axis=1).astype(np.int64)
+    return share(int(int(counts.sum()) * rate), counts, counts)
+
+
+def uniform(
+    n_partitions: int, n: int, rate: float, valid: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Baseline: evenly spaced tokens in each partition (among its ``valid`` ones if given)."""
     kept = []
-    for k in even_split(total_budget(n_partitions, n, rate), n_partitions, n):
-        idx = np.floor((np.arange(k) + 0.5) * n / max(int(k), 1)).astype(np.int64)
-        kept.append(np.minimum(idx, n - 1))
+    for p, k in enumerate(baseline_split(n_partitions, n, rate, valid)):
+        pool = np.arange(n, dtype=np.int64) if valid is None else np.flatnonzero(valid[p])
+        idx = np.floor((np.arange(k) + 0.5) * len(pool) / max(int(k), 1)).astype(np.int64)
+        kept.append(pool[np.minimum(idx, len(pool) - 1)] if k else np.zeros(0, dtype=np.int64))
     return kept
 
 
-def cls_topk(final: np.ndarray, rate: float) -> list[np.ndarray]:
-    """Baseline: the budget split evenly, the top final-layer scores in each partition."""
+def cls_topk(final: np.ndarray, rate: float, valid: np.ndarray | None = None) -> list[np.ndarray]:
+    """Baseline: the top final-layer scores in each partition (``valid`` as for uniform)."""
     final = np.asarray(final)
     n_partitions, n = final.shape
-    ks = even_split(total_budget(n_partitions, n, rate), n_partitions, n)
+    ks = baseline_split(n_partitions, n, rate, valid)
+    if valid is not None:
+        final = np.where(valid, final, -np.inf)
     return [top_k(final[p], int(k)) for p, k in enumerate(ks)]

@@ -94,9 +94,18 @@ def plan(
     if last in base_scores:
         scores[px.base] = base_scores[last][0]
     run, alloc = tiles, None
+    # the budget is a share of the tokens full would pass (LLaVA-NeXT's unpadding cuts some),
+    # except in HiRED's reference mode, which keeps the official count
+    valid = valid_tokens(spec, px)
     if method == "hired":
         alloc = dropping.allocate_hired(
-            base_scores[0][0], len(tiles), budget, mode=mode, tile_of_token=tile_map(spec, px), n=n
+            base_scores[0][0],
+            len(tiles),
+            budget,
+            mode=mode,
+            tile_of_token=tile_map(spec, px),
+            n=n,
+            capacity=valid[tiles].sum(axis=1),
         )
         run = [i for i, k in zip(tiles, alloc.tiles, strict=True) if k > 0]
     if run:
@@ -104,13 +113,13 @@ def plan(
         if last in tile_scores:
             scores[run] = tile_scores[last]
     if mode == "spatial" or method == "cls-topk":  # padding is picked last
-        scores = np.where(valid_tokens(spec, px), scores, -np.inf)
+        scores = np.where(valid, scores, -np.inf)
     if method == "full":
         kept = dropping.full(n_views, n)
     elif method == "uniform":
-        kept = dropping.uniform(n_views, n, budget.rate)
+        kept = dropping.uniform(n_views, n, budget.rate, valid)
     elif method == "cls-topk":
-        kept = dropping.cls_topk(scores, budget.rate)
+        kept = dropping.cls_topk(scores, budget.rate, valid)
     else:
         assert alloc is not None
         ran = set(run)

@@ -98,6 +98,43 @@ def test_spatial_mode_follows_a_wide_grid_and_padding():
     assert alloc.tiles.tolist() == [0, int(3 * 576 * 0.2) - alloc.base]
 
 
+def test_spatial_budget_is_a_share_of_the_tokens_full_would_pass():
+    rng = np.random.default_rng(4)
+    n = 576
+    first = rng.random(n)
+    tiles = dropping.anyres_tile_map((480, 640), (672, 672), 336, (24, 24))
+    # the lower half of the bottom tiles is padding: they hold 288 tokens each
+    cap = np.array([576, 576, 288, 288])
+    alloc = dropping.allocate_hired(first, 4, Budget(0.2), tile_of_token=tiles, capacity=cap)
+    assert alloc.total == int((n + cap.sum()) * 0.2)
+    assert (alloc.tiles <= cap).all()
+    # a budget larger than a tile holds goes to the others, and rate 1 keeps exactly what is there
+    full = dropping.allocate_hired(first, 4, Budget(1.0), tile_of_token=tiles, capacity=cap)
+    assert full.base == n and full.tiles.tolist() == cap.tolist()
+    # the reference mode keeps the official count over the padded grid
+    ref = dropping.allocate_hired(first, 4, Budget(0.2), mode="reference", capacity=cap)
+    assert ref.total <= dropping.total_budget(5, n, 0.2) and ref.base == 288
+    with pytest.raises(ValueError, match="tile capacity"):
+        dropping.allocate_hired(first, 4, Budget(0.2), tile_of_token=tiles, capacity=cap[:3])
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.2, 0.5, 1.0])
+def test_baselines_spend_the_budget_on_valid_tokens_only(rate):
+    rng = np.random.default_rng(5)
+    valid = np.ones((3, 64), dtype=bool)
+    valid[1, 40:] = False
+    valid[2, :] = False
+    valid[2, ::7] = True
+    final = rng.random((3, 64))
+    for kept in (dropping.uniform(3, 64, rate, valid), dropping.cls_topk(final, rate, valid)):
+        assert sum(len(k) for k in kept) == int(valid.sum() * rate)
+        for p, idx in enumerate(kept):
+            assert valid[p, idx].all() and np.all(np.diff(idx) > 0)
+    # in proportion to what each partition holds
+    sizes = [len(k) for k in dropping.uniform(3, 64, 0.5, valid)]
+    assert sizes == [32, 20, 5]
+
+
 def test_stretched_tiles_map_the_global_image_onto_the_grid():
     m = dropping.stretched_tile_map(2, 3, (8, 8)).reshape(8, 8)
     assert m[0, 0] == 0 and m[0, 7] == 2 and m[7, 0] == 3 and m[7, 7] == 5

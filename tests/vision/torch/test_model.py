@@ -285,8 +285,10 @@ def test_llava_next_dropping_keeps_order_and_skips_padding(llava_next):
     valid = ours.valid_tokens(px)
     assert valid[0].all() and not valid[1:].all()
     full = ours.encode(px, "full").embeds
-    for method in ("hired", "cls-topk"):
+    for method in ("hired", "cls-topk", "uniform"):
         enc = ours.encode(px, method, Budget(0.5))
+        # the budget is half of what full passes, not of the padded grid
+        assert sum(len(k) for k in enc.kept) == int(valid.sum() * 0.5)
         # every kept tile token is inside the image, and packed tokens appear in full's order
         for v, k in zip(valid[1:], enc.kept[1:], strict=True):
             assert v[k].all()
