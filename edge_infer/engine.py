@@ -43,17 +43,19 @@ def is_vlm_dir(path: Path) -> bool:
 
 
 def mmproj_image_spec(path: Path) -> ImageSpec:
-    """Preprocessing for an mmproj file: its tower's side, mean and std (no preprocessor file)."""
+    """Preprocessing for an mmproj file: its tower's side, mean and std (no preprocessor file),
+    and LLaVA-NeXT's tile canvases."""
     mm = read_mmproj(path)
     side = int(mm.config["vision_config"]["image_size"])
-    kind = "idefics3" if mm.projector == "idefics3" else "clip"
+    kind = {"idefics3": "idefics3", "llava_next": "llava_next"}.get(mm.config["model_type"], "clip")
     return ImageSpec(
         kind=kind,
         mean=mm.image_mean,
         std=mm.image_std,
-        size={"shortest_edge": side} if kind == "clip" else {"longest_edge": side},
+        size={"longest_edge": side} if kind == "idefics3" else {"shortest_edge": side},
         crop=(side, side),
         tile=side,
+        pinpoints=tuple(tuple(p) for p in mm.config.get("image_grid_pinpoints", ())),
     )
 
 

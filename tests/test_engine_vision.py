@@ -129,3 +129,56 @@ def test_prompt_ends_in_text():
     p.add_ids([3])
     assert p.ids == [1, 2, 9, 9, 3]
     assert [len(s) for s in p.segments_before_last()] == [2, 2]
+
+
+def test_llava_next_text_gguf_with_mmproj_answers_as_its_directory(tmp_path):
+    """llama.cpp's text GGUF + LLaVA-NeXT mmproj through Engine.load and an agent's chat:
+    anyres tiles from the mmproj's pinpoints, and the reply the same weights give as one HF
+    directory with the same preprocessing."""
+    import json
+
+    from edge_infer.engine import mmproj_image_spec
+    from edge_infer.vision.preprocess import image_token_count, preprocess
+    from tests.support.vision_models import (
+        NEXT_PINPOINTS,
+        add_tokenizer,
+        tiny_llava_next,
+        write_mmproj,
+        write_text_gguf,
+    )
+
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    vlm = tmp_path / "vlm"
+    tiny_llava_next(vlm, seed=4)
+    add_tokenizer(vlm, template)
+    (vlm / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "LlavaNextImageProcessor",
+                "size": {"shortest_edge": 28},
+                "crop_size": {"height": 28, "width": 28},
+                "image_grid_pinpoints": NEXT_PINPOINTS,
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+            }
+        )
+    )
+    mmproj = write_mmproj(vlm, tmp_path / "mmproj.gguf")
+    text = write_text_gguf(vlm, tmp_path / "text.gguf", template)
+    spec = mmproj_image_spec(mmproj)
+    assert spec.kind == "llava_next" and spec.crop == (28, 28)
+    assert spec.pinpoints == tuple(tuple(p) for p in NEXT_PINPOINTS)
+    picture = tmp_path / "wide.png"
+    synthetic(30, 70, seed=5).save(picture)
+    px = preprocess(picture, spec)
+    assert px.grid == (1, 3)
+    total = image_token_count(px, spec, patch=7)
+
+    replies = []
+    for model, extra in ((text, {"mmproj": mmproj}), (vlm, {})):
+        eng = Engine.load(model, "torch", kv_bits=16, visual_budget=1.0, **extra)
+        agent = eng.agent("viewer")
+        reply = agent.chat("What is in it?", images=[picture], max_tokens=6, temperature=0.0)
+        assert (agent.usage.image_tokens, agent.usage.image_tokens_total) == (total, total)
+        replies.append(reply)
+    assert replies[0] == replies[1] and replies[0]

@@ -47,8 +47,9 @@ def tiny_llava(path: Path, seed: int = 0, image_size: int = 28, patch: int = 7):
     return model
 
 
-def tiny_llava_next(path: Path, seed: int = 0):
-    """A LLaVA-NeXT (CLIP, anyres tiles of 28 px, 4x4 tokens each, image_newline)."""
+def tiny_llava_next(path: Path, seed: int = 0, feature_layer: int = -2):
+    """A LLaVA-NeXT (CLIP, anyres tiles of 28 px, 4x4 tokens each, image_newline) whose
+    projector reads hidden state ``feature_layer``."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
     from transformers import LlavaNextForConditionalGeneration as LlavaNext
@@ -68,6 +69,7 @@ def tiny_llava_next(path: Path, seed: int = 0):
         text_config=LlamaConfig(**TEXT),
         image_token_index=IMAGE_TOKEN,
         image_grid_pinpoints=NEXT_PINPOINTS,
+        vision_feature_layer=feature_layer,
     )
     model = LlavaNext(cfg).eval()
     scale_up(model)
@@ -159,6 +161,10 @@ def write_mmproj(vlm_dir: Path, out: Path, legacy: bool = False) -> Path:
 
     LLaVA's file holds every layer (llama.cpp reads the last but one); ``legacy`` writes it as
     old exports did: without the last layer's tensors and with FFN up/down names swapped.
+    A feature layer other than the last but one is written as llama.cpp's converter does: a
+    hidden-state index in ``clip.vision.feature_layer``, and only the blocks below it.
+    LLaVA-NeXT adds its pinpoints (flat, width before height), merge type ``spatial_unpad``
+    and ``image_newline`` (``model.image_newline`` in legacy files, ``v.image_newline`` else).
     """
     import json
 
@@ -170,13 +176,16 @@ def write_mmproj(vlm_dir: Path, out: Path, legacy: bool = False) -> Path:
     cfg = json.loads((vlm_dir / "config.json").read_text())
     v = cfg["vision_config"]
     idefics3 = cfg["model_type"] in ("idefics3", "smolvlm")
+    layers = v["num_hidden_layers"]
+    picked = cfg.get("vision_feature_layer", -2)
+    picked = None if idefics3 or picked == -2 else picked % (layers + 1)
     w = gguf.GGUFWriter(str(out), arch="clip")
     w.add_string("clip.projector_type", "idefics3" if idefics3 else "mlp")
     w.add_bool("clip.has_vision_encoder", True)
     w.add_bool("clip.use_gelu", idefics3)
     w.add_uint32("clip.vision.embedding_length", v["hidden_size"])
     w.add_uint32("clip.vision.feed_forward_length", v["intermediate_size"])
-    w.add_uint32("clip.vision.block_count", v["num_hidden_layers"])
+    w.add_uint32("clip.vision.block_count", layers if picked is None else picked)
     w.add_uint32("clip.vision.attention.head_count", v["num_attention_heads"])
     w.add_float32("clip.vision.attention.layer_norm_epsilon", v["layer_norm_eps"])
     w.add_uint32("clip.vision.image_size", v["image_size"])
@@ -185,10 +194,24 @@ def write_mmproj(vlm_dir: Path, out: Path, legacy: bool = False) -> Path:
     w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
     if idefics3:
         w.add_uint32("clip.vision.projector.scale_factor", cfg["scale_factor"])
-    last = v["num_hidden_layers"] - 1
+    if picked is not None:
+        w.add_array("clip.vision.feature_layer", [picked])
+    if cfg["model_type"] == "llava_next":
+        w.add_array(
+            "clip.vision.image_grid_pinpoints",
+            [x for h, wd in cfg["image_grid_pinpoints"] for x in (wd, h)],
+        )
+        w.add_string("clip.vision.mm_patch_merge_type", "spatial_unpad")
+        w.add_uint32("clip.vision.image_crop_resolution", v["image_size"])
+    last = layers - 1
     for name, arr in sorted(load_file(str(vlm_dir / "model.safetensors")).items()):
         key = vision_key(name)
         if key is None:
+            continue
+        if key == "newline":
+            w.add_tensor(
+                "model.image_newline" if legacy else "v.image_newline", arr.astype(np.float32)
+            )
             continue
         rest = key.split(".", 1)[1]
         if key.startswith("projector."):
@@ -203,6 +226,8 @@ def write_mmproj(vlm_dir: Path, out: Path, legacy: bool = False) -> Path:
             layer, tail = rest[len("encoder.layers.") :].split(".", 1)
             module, kind = tail.rsplit(".", 1)
             part = _MMPROJ_BLOCK[module]
+            if picked is not None and int(layer) >= picked:
+                continue
             if legacy:
                 if int(layer) == last:
                     continue
@@ -235,9 +260,10 @@ _TEXT_LAYER_NAMES = (
 )
 
 
-def write_text_gguf(vlm_dir: Path, out: Path) -> Path:
+def write_text_gguf(vlm_dir: Path, out: Path, template: str | None = None) -> Path:
     """A VLM directory's language model as llama.cpp's text GGUF (F32, Q/K rows permuted as
-    its converter does; the test tokenizer padded to the vocabulary with ``<image>`` last)."""
+    its converter does; the test tokenizer padded to the vocabulary with ``<image>`` last;
+    ``template`` its chat template)."""
     import json
 
     import gguf
@@ -285,6 +311,8 @@ def write_text_gguf(vlm_dir: Path, out: Path) -> Path:
     w.add_bos_token_id(BOS_ID)
     w.add_eos_token_id(EOS_ID)
     w.add_add_bos_token(False)
+    if template is not None:
+        w.add_chat_template(template)
     for name, arr in sorted(load_file(str(vlm_dir / "model.safetensors")).items()):
         if name.endswith("lm_head.weight"):
             w.add_tensor("output.weight", arr.astype(np.float32))

@@ -15,6 +15,7 @@ from edge_infer.models.gguf.quants import UnsupportedTensorType, dequantize
 from edge_infer.models.gguf.reader import GGUFFile
 
 PROJECTORS = ("mlp", "idefics3")
+MERGE_TYPES = ("flat", "spatial_unpad")  # LLaVA-1.5's one view; LLaVA-NeXT's unpadded tiles
 _MODEL_TYPE = {"mlp": "llava", "idefics3": "idefics3"}
 _TOWER = {"mlp": "vision_tower.vision_model.", "idefics3": "model.vision_model."}
 _GLOBAL_NAMES = {
@@ -43,6 +44,9 @@ _PROJECTOR_NAMES = {
     "mm.2.weight": "multi_modal_projector.linear_2.weight",
     "mm.2.bias": "multi_modal_projector.linear_2.bias",
     "mm.model.fc.weight": "connector.modality_projection.proj.weight",
+    # LLaVA-NeXT's row-end embedding: the legacy converter's name, then clip.cpp's newer one
+    "model.image_newline": "image_newline",
+    "v.image_newline": "image_newline",
 }
 _BLOCK = re.compile(r"v\.blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -54,7 +58,9 @@ class Mmproj:
     ``config`` is shaped like a transformers VLM config.json (``model_type``, ``vision_config``,
     ``text_config.hidden_size``, ...) listing only the encoder layers the projector reads;
     ``tensors`` float32 arrays under transformers 4.x names; ``ffn_swapped`` says the file was
-    an old export whose FFN up/down names were swapped (and were put right here).
+    an old export whose FFN up/down names were swapped (and were put right here). A LLaVA-NeXT
+    file (merge type ``spatial_unpad``) reads as ``model_type`` ``llava_next`` with its
+    ``image_grid_pinpoints`` as (height, width) pairs, as transformers lists them.
     """
 
     path: Path
@@ -164,6 +170,13 @@ def read_mmproj(path: str | Path) -> Mmproj:
     }
     if projector == "mlp":
         config |= {"vision_feature_layer": -1, "image_token_index": -1}
+        pinpoints = anyres_pinpoints(meta, path)
+        if pinpoints:
+            if "image_newline" not in tensors:
+                raise ModelFormatError(
+                    f"{path}: spatial_unpad mmproj lacks tensor model.image_newline"
+                )
+            config |= {"model_type": "llava_next", "image_grid_pinpoints": pinpoints}
     else:
         scale = int(meta.get("clip.vision.projector.scale_factor", 2))
         config |= {"scale_factor": scale, "image_token_id": -1}
@@ -176,6 +189,44 @@ def read_mmproj(path: str | Path) -> Mmproj:
         image_std=tuple(float(x) for x in meta.get("clip.vision.image_std", (0.5,) * 3)),
         ffn_swapped=swapped,
     )
+
+
+def anyres_pinpoints(meta: dict[str, Any], path: Path) -> list[list[int]]:
+    """LLaVA-NeXT's tile canvases as [height, width] pairs, or [] for one view (LLaVA-1.5).
+
+    llama.cpp keeps ``clip.vision.image_grid_pinpoints`` flat and reads each pair as (width,
+    height); ``clip.vision.mm_patch_merge_type`` says how the tiles' tokens are laid out, and
+    only ``spatial_unpad`` (unpadded rows, each ended by ``image_newline``) is LLaVA-NeXT's.
+    ``clip.vision.image_crop_resolution`` is not read: the tiles are the tower's image size."""
+    merge = meta.get("clip.vision.mm_patch_merge_type", "flat")
+    if merge not in MERGE_TYPES:
+        raise UnsupportedModelError(
+            f"{path}: clip.vision.mm_patch_merge_type {merge!r} is not supported "
+            f"(supported: {', '.join(MERGE_TYPES)})"
+        )
+    flat = meta.get("clip.vision.image_grid_pinpoints") or []
+    if (
+        not isinstance(flat, list)
+        or len(flat) % 2
+        or not all(isinstance(v, int) and v > 0 for v in flat)
+    ):
+        raise ModelFormatError(
+            f"{path}: clip.vision.image_grid_pinpoints must be width, height pairs of "
+            f"positive integers, got {flat!r}"
+        )
+    if merge == "flat":
+        if flat:
+            raise UnsupportedModelError(
+                f"{path}: clip.vision.mm_patch_merge_type 'flat' with image_grid_pinpoints "
+                "(tiles without unpadding) is not supported"
+            )
+        return []
+    if not flat:
+        raise ModelFormatError(
+            f"{path}: clip.vision.mm_patch_merge_type 'spatial_unpad' needs "
+            "clip.vision.image_grid_pinpoints"
+        )
+    return [[int(h), int(w)] for w, h in zip(flat[::2], flat[1::2], strict=True)]
 
 
 def _activation(meta: dict[str, Any], projector: str) -> str:

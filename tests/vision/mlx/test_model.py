@@ -219,3 +219,42 @@ def test_mlx_vlm_directory_with_channels_last_patch_kernel_loads_the_same(vlm, t
     )
     ref = TorchVisionModel.load(path).features(torch.from_numpy(x))
     torch.testing.assert_close(TorchVisionModel.load(tmp_path).features(torch.from_numpy(x)), ref)
+
+
+@pytest.mark.parametrize("legacy, layer", [(False, -2), (True, 1)])
+def test_llava_next_text_gguf_and_mmproj_give_the_directory_logits(tmp_path, legacy, layer):
+    """LLaVA-NeXT on MLX from llama.cpp's text GGUF + mmproj and from the HF directory: the
+    same packed features (with image_newline), prefill logits and 16 greedy tokens."""
+    from edge_infer.backends.mlx.backend import MLXBackend
+    from edge_infer.generation.runner import Runner
+    from edge_infer.models.gguf.loader import load_gguf
+    from edge_infer.models.hf.loader import load_hf_dir
+    from tests.support.vision_models import add_tokenizer, write_text_gguf
+
+    vlm = tmp_path / "vlm"
+    tiny_llava_next(vlm, seed=4, feature_layer=layer)
+    add_tokenizer(vlm)
+    mmproj = write_mmproj(vlm, tmp_path / "mmproj.gguf", legacy=legacy)
+    ours, ref = VisionModel.load(mmproj), VisionModel.load(vlm)
+    assert ours.spec.arch == "llava_next" and ours.spec.layers_run == ref.spec.layers_run
+    px = image_pixels("llava_next", seed=9)
+    got, want = ours.encode(px, "full").embeds, ref.encode(px, "full").embeds
+    close(got, want, rel=1e-6)
+    torch_got = TorchVisionModel.load(mmproj).encode(px, "full").embeds.numpy()
+    close(got, torch_got)
+
+    def prompt(text, embeds):
+        runner = Runner(MLXBackend(text, dtype="float32", kv_bits=16), text.tokenizer, 2048)
+        cache = runner.new_cache()
+        segments = [np.array([5, 17, 42]), np.array(embeds), np.array([60, 61, 99, 7])]
+        logits = first = runner.prefill_segments(segments, cache)
+        tokens = []
+        for _ in range(16):
+            tokens.append(int(np.argmax(logits)))
+            logits = runner.step(tokens[-1], cache)
+        return first, tokens
+
+    ref_logits, ref_tokens = prompt(load_hf_dir(vlm), want)
+    logits, tokens = prompt(load_gguf(write_text_gguf(vlm, tmp_path / "text.gguf")), got)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
+    assert tokens == ref_tokens and len(set(tokens)) > 1

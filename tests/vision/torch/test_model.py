@@ -435,3 +435,54 @@ def test_text_gguf_and_mmproj_give_the_directory_logits(tmp_path, arch):
     got, tokens = image_prompt_logits(text_gguf, from_gguf, before, after)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     assert tokens == ref_tokens and len(set(tokens)) > 1
+
+
+@pytest.mark.parametrize("legacy, layer", [(False, -2), (True, -2), (False, 1)])
+def test_llava_next_text_gguf_and_mmproj_give_the_directory_logits(tmp_path, legacy, layer):
+    """LLaVA-NeXT as llama.cpp's text GGUF + mmproj (pinpoints, spatial_unpad, image_newline,
+    a feature layer) and as one HF directory: the same spec, packed features as transformers',
+    HiRED's choices, prefill logits and 16 greedy tokens."""
+    from edge_infer.models.gguf.loader import load_gguf
+    from edge_infer.models.hf.loader import load_hf_dir
+    from edge_infer.vision.preprocess import preprocess
+    from tests.support.vision_images import synthetic
+    from tests.support.vision_models import (
+        add_tokenizer,
+        tiny_llava_next,
+        write_mmproj,
+        write_text_gguf,
+    )
+
+    vlm = tmp_path / "vlm"
+    hf = tiny_llava_next(vlm, seed=4, feature_layer=layer)
+    hf.set_attn_implementation("eager")
+    add_tokenizer(vlm)
+    mmproj = write_mmproj(vlm, tmp_path / "mmproj.gguf", legacy=legacy)
+    ours, ref = VisionModel.load(mmproj), VisionModel.load(vlm)
+    assert ours.spec.arch == "llava_next" and ours.spec.pinpoints == ref.spec.pinpoints
+    assert ours.spec.layers_run == ref.spec.layers_run == (2 if layer == -2 else 1)
+    torch.testing.assert_close(ours.newline, ref.newline, rtol=0, atol=0)
+
+    px = preprocess(synthetic(30, 70, seed=5), next_spec())  # 1x3 tiles, columns padded
+    got, want = ours.encode(px, "full").embeds, ref.encode(px, "full").embeds
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        hf_feats = hf.model.get_image_features(
+            pixel_values=torch.from_numpy(px.values)[None],
+            image_sizes=torch.tensor([px.image_hw]),
+            vision_feature_layer=layer,
+            vision_feature_select_strategy="default",
+        )
+    hf_feats = getattr(hf_feats, "pooler_output", hf_feats)
+    hf_feats = torch.cat(list(hf_feats)) if isinstance(hf_feats, (list, tuple)) else hf_feats
+    torch.testing.assert_close(got, hf_feats, rtol=1e-5, atol=1e-5 * float(hf_feats.abs().max()))
+    hired, hired_dir = ours.encode(px, "hired", Budget(0.2)), ref.encode(px, "hired", Budget(0.2))
+    assert [k.tolist() for k in hired.kept] == [k.tolist() for k in hired_dir.kept]
+
+    text_dir = load_hf_dir(vlm)
+    text_gguf = load_gguf(write_text_gguf(vlm, tmp_path / "text.gguf"))
+    before, after = [5, 17, 42], [60, 61, 99, 7]
+    ref_logits, ref_tokens = image_prompt_logits(text_dir, want.numpy(), before, after)
+    logits, tokens = image_prompt_logits(text_gguf, got.numpy(), before, after)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
+    assert tokens == ref_tokens and len(set(tokens)) > 1
