@@ -2,14 +2,19 @@
 
     python -m benchmarks.vision [--shape smolvlm|llava-next|both] [--image 1024x768]
                                 [--decode-tokens 16] [--vision-layers N] [--json PATH]
+                                [--text-model default|llama-1b|llama-7b]
 
 Vision towers and projectors have real shapes but random weights (no VLM weights can be had
 here), so the table measures cost, not answer quality. The text model is the default model's
-real SmolLM2-135M (Q4_1) on our torch backend for both shapes; the projector maps into its
-576-wide embeddings. Shapes: SmolVLM-256M's SigLIP-B/16 at 512 px (pixel shuffle 4, 64 tokens
-a tile, tiles plus a global image) and LLaVA-NeXT's CLIP-L/14-336 (anyres: base view plus
-tiles, unpadded, newline per row). TTFT = preprocessing + vision encoder + LLM prefill. KV bytes
-are the prompt's keys and values in the cache's 4-bit form (values plus per-group scales).
+real SmolLM2-135M (Q4_1) on our torch backend unless ``--text-model`` names a Llama shape:
+then a GGUF of that shape with random Q4_0 weights (and the default model's tokenizer) is
+written to a temporary folder and loaded like any user's file. ``llama-7b`` is the shape of
+LLaVA-NeXT-7B's Vicuna text model, where the language model, not the tower, dominates prefill.
+The projector maps into the text model's embeddings. Shapes: SmolVLM-256M's SigLIP-B/16 at
+512 px (pixel shuffle 4, 64 tokens a tile, tiles plus a global image) and LLaVA-NeXT's
+CLIP-L/14-336 (anyres: base view plus tiles, unpadded, newline per row). TTFT = preprocessing +
+vision encoder + LLM prefill. KV bytes are the prompt's keys and values in the cache's 4-bit
+form (values plus per-group scales).
 Peak memory is the process's resident set high-water mark during the run, sampled.
 """
 
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import machine, print_table, write_results
+from benchmarks.common import machine, print_table, temporary_dir, write_results
 from edge_infer.backends.select import create_backend
 from edge_infer.generation.runner import Runner
 from edge_infer.models.loader import load_model
@@ -33,6 +38,12 @@ from edge_infer.vision.dropping import Budget
 from edge_infer.vision.preprocess import HALF, ImageSpec, preprocess
 from edge_infer.vision.spec import TowerSpec, VisionSpec
 from edge_infer.vision.torch.model import VisionModel
+
+# Llama shapes for a random text model: hidden, layers, heads, kv heads, feed-forward
+TEXT_SHAPES = {
+    "llama-1b": (2048, 22, 32, 4, 5632),  # TinyLlama-1.1B
+    "llama-7b": (4096, 32, 32, 32, 11008),  # Vicuna-7B, LLaVA-NeXT-7B's text model
+}
 
 METHODS = [
     ("full", "full", 1.0),
@@ -65,6 +76,66 @@ def shapes(text_hidden: int, layers: int | None) -> dict[str, tuple[VisionSpec, 
             ImageSpec(kind="llava_next", size={"shortest_edge": 336}, crop=(336, 336)),
         ),
     }
+
+
+def random_text_gguf(folder: Path, shape: str) -> Path:
+    """A Llama-shaped GGUF with random Q4_0 matrices (values of about 0.02) and the default
+    model's tokenizer, written as llama.cpp's converter lays one out."""
+    import gguf
+
+    hidden, layers, heads, kv_heads, ffn = TEXT_SHAPES[shape]
+    source = gguf.GGUFReader(str(load_model(None).source))
+    path = folder / f"random-{shape}-q4_0.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    vocab = 0
+    for name, field in source.fields.items():
+        if name.startswith("tokenizer."):
+            value = field.contents()
+            if name == "tokenizer.ggml.tokens":
+                vocab = len(value)
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(name, value, field.types[0], sub_type=sub)
+    writer.add_name(f"random {shape}")
+    writer.add_context_length(8192)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    rng = np.random.default_rng(0)
+
+    def q4_0(rows: int, cols: int) -> np.ndarray:
+        raw = rng.integers(0, 256, size=(rows * cols // 32, 18), dtype=np.uint8)
+        d = np.full(len(raw), 0.02 / 4.6, dtype="<f2")  # (q - 8) * d has a std of about 0.02
+        raw[:, :2] = d.view(np.uint8).reshape(-1, 2)
+        return raw.reshape(rows, cols // 32 * 18)
+
+    def add(name: str, data: np.ndarray) -> None:
+        kind = gguf.GGMLQuantizationType.F32 if data.dtype == np.float32 else None
+        writer.add_tensor(name, data, raw_dtype=kind or gguf.GGMLQuantizationType.Q4_0)
+
+    head_dim, ones = hidden // heads, np.ones(hidden, dtype=np.float32)
+    add("token_embd.weight", q4_0(vocab, hidden))
+    add("output_norm.weight", ones)
+    add("output.weight", q4_0(vocab, hidden))
+    for i in range(layers):
+        add(f"blk.{i}.attn_norm.weight", ones)
+        add(f"blk.{i}.ffn_norm.weight", ones)
+        add(f"blk.{i}.attn_q.weight", q4_0(hidden, hidden))
+        add(f"blk.{i}.attn_k.weight", q4_0(kv_heads * head_dim, hidden))
+        add(f"blk.{i}.attn_v.weight", q4_0(kv_heads * head_dim, hidden))
+        add(f"blk.{i}.attn_output.weight", q4_0(hidden, hidden))
+        add(f"blk.{i}.ffn_gate.weight", q4_0(ffn, hidden))
+        add(f"blk.{i}.ffn_up.weight", q4_0(ffn, hidden))
+        add(f"blk.{i}.ffn_down.weight", q4_0(hidden, ffn))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 def test_image(w: int, h: int) -> Image.Image:
@@ -146,11 +217,23 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--vision-layers", type=int, default=None, help="fewer layers: a quick run")
     ap.add_argument("--json", type=Path, default=None, help="also save the figures here")
+    ap.add_argument(
+        "--text-model",
+        choices=["default", *TEXT_SHAPES],
+        default="default",
+        help="the default model's real weights, or a random Llama shape",
+    )
     args = ap.parse_args()
     w, h = (int(v) for v in args.image.split("x"))
     image = test_image(w, h)
     torch.manual_seed(0)
-    model = load_model(None)
+    if args.text_model == "default":
+        model, text_name = load_model(None), "SmolLM2-135M Q4_1"
+    else:
+        print(f"writing a random {args.text_model} GGUF...", file=sys.stderr, flush=True)
+        folder = temporary_dir("edge-infer-vision-")
+        model = load_model(random_text_gguf(folder, args.text_model))
+        text_name = f"{args.text_model} shape, random Q4_0"
     runner = Runner(create_backend(model, "torch"), model.tokenizer, model.config.context_length)
     tok = model.tokenizer
     before = np.array(tok.encode("<|im_start|>user\n"), dtype=np.int64)
@@ -187,7 +270,7 @@ def main() -> None:
             )
         layers = vspec.tower.layers
         print_table(
-            f"{name}: {w}x{h} image, vision tower random ({layers} layers), text SmolLM2-135M Q4_1"
+            f"{name}: {w}x{h} image, vision tower random ({layers} layers), text {text_name}"
             f" (torch/{runner.backend.device}); {machine()}; shared, busy machine",
             [
                 "method",
