@@ -210,6 +210,26 @@ def test_load_runs_the_tower_on_the_backends_framework(llava):
     assert (on_mlx.last_usage.image_tokens, on_mlx.last_usage.image_tokens_total) == (3, 16)
 
 
+def test_mmproj_runs_on_the_backends_framework(llava, tmp_path):
+    """A text GGUF with its mmproj file: the MLX engine's tower is the MLX one, and it reads
+    the image as the torch engine does."""
+    pytest.importorskip("mlx.core")
+    pytest.importorskip("gguf")
+    from edge_infer.vision.mlx.model import VisionModel as MLXVisionModel
+    from tests.support.vision_models import write_mmproj, write_text_gguf
+
+    path, _ = llava
+    text = write_text_gguf(path, tmp_path / "text.gguf")
+    mm = write_mmproj(path, tmp_path / "mm.gguf")
+    kw = dict(mmproj=mm, kv_bits=16, visual_method="full")
+    on_mlx, on_torch = Engine.load(text, "mlx", **kw), Engine.load(text, "torch", **kw)
+    assert on_mlx.vision is not None and isinstance(on_mlx.vision.model, MLXVisionModel)
+    msgs = messages({"type": "image", "image": synthetic(41, 57, seed=9)})
+    assert on_mlx.image_chat(msgs).ids == on_torch.image_chat(msgs).ids
+    on_mlx.chat(msgs, max_tokens=2, temperature=0.0)
+    assert on_mlx.last_usage.image_tokens == on_mlx.last_usage.image_tokens_total == 16
+
+
 def test_tools_are_rendered_with_images(llava):
     from edge_infer.generation.tools import parse_tools
 
