@@ -22,6 +22,7 @@ from edge_infer.config import cache_root, default_backend
 from edge_infer.generation.runner import DEFAULT_PREFILL_CHUNK, Runner
 from edge_infer.generation.sampling import SamplingParams
 from edge_infer.generation.sequence import Generation, Usage
+from edge_infer.generation.tools import Tool, prompt_messages
 from edge_infer.models.chat_template import render_chat_parts
 from edge_infer.models.fingerprint import Fingerprint
 from edge_infer.models.gguf.mmproj import read_mmproj
@@ -30,7 +31,7 @@ from edge_infer.models.spec import LoadedModel
 from edge_infer.vision.dropping import Budget
 from edge_infer.vision.preprocess import ImageSpec, preprocess
 from edge_infer.vision.prompt import IMAGE, image_key, image_prompt
-from edge_infer.vision.torch.model import VisionModel
+from edge_infer.vision.tower import VisionTower, load_tower
 
 METHODS = ("full", "hired", "uniform", "cls-topk")
 _SENTINEL = "\ue000image\ue000"  # stands for an image part while the chat is rendered
@@ -64,7 +65,7 @@ class Vision:
 
     def __init__(
         self,
-        model: VisionModel,
+        model: VisionTower,
         image_spec: ImageSpec,
         method: str = "hired",
         budget: Budget | None = None,
@@ -93,7 +94,7 @@ class Vision:
             else [len(k) for k in enc.kept]
         )
         text = image_prompt(self.model.spec.arch, px, kept)
-        embeds = enc.embeds.float().cpu().numpy()
+        embeds = enc.numpy_embeds()
         self.recent[key] = (embeds, text, key, enc.total)
         while len(self.recent) > 8:
             self.recent.pop(next(iter(self.recent)))
@@ -128,7 +129,7 @@ class Engine:
         self.tokenizer = model.tokenizer
         self.runner = Runner(backend, model.tokenizer, model.config.context_length, prefill_chunk)
         self.agent_manager = AgentManager(
-            self.runner, agent_store(model, backend), images=self.image_chat
+            self.runner, agent_store(model, backend), images=self.agent_images
         )
         self.last_usage = Usage()
 
@@ -153,25 +154,12 @@ class Engine:
         ``kv_bits`` (4 = default, 8, or 16 = float16).
 
         A VLM directory (or a text model with its llama.cpp ``mmproj`` file) also loads the
-        image side; ``visual_method`` ("full", "hired", "uniform", "cls-topk") and
-        ``visual_budget`` (r, the share of image tokens kept) set the dropping."""
+        image side, on the backend's framework; ``visual_method`` ("full", "hired",
+        "uniform", "cls-topk") and ``visual_budget`` (r, the share of image tokens kept) set
+        the dropping."""
+        if visual_method not in METHODS:  # before the weights load, not after
+            raise ValueError(f"visual method must be one of {METHODS}, got {visual_method!r}")
         loaded = load_model(model, progress=progress)
-        vision = None
-        budget = Budget(visual_budget, visual_alpha)
-        if mmproj is not None:
-            vision = Vision(
-                VisionModel.load(Path(mmproj)),
-                mmproj_image_spec(Path(mmproj)),
-                visual_method,
-                budget,
-            )
-        elif model is not None and is_vlm_dir(Path(model)):
-            vision = Vision(
-                VisionModel.load(Path(model)),
-                ImageSpec.from_dir(Path(model)),
-                visual_method,
-                budget,
-            )
         be = create_backend(
             loaded,
             backend or default_backend(),
@@ -179,6 +167,22 @@ class Engine:
             kv_bits=kv_bits,
             kv_group_size=kv_group_size,
         )
+        vision = None
+        budget = Budget(visual_budget, visual_alpha)
+        if mmproj is not None:
+            vision = Vision(
+                load_tower(Path(mmproj), be.name, be.device),
+                mmproj_image_spec(Path(mmproj)),
+                visual_method,
+                budget,
+            )
+        elif model is not None and is_vlm_dir(Path(model)):
+            vision = Vision(
+                load_tower(Path(model), be.name, be.device),
+                ImageSpec.from_dir(Path(model)),
+                visual_method,
+                budget,
+            )
         return cls(loaded, be, prefill_chunk=prefill_chunk, vision=vision)
 
     @property
@@ -210,12 +214,18 @@ class Engine:
         return self.agent_manager.chat_many(requests, params, kwargs)
 
     def start_prefix_turn(
-        self, name: str, prompt_ids: Sequence[int], params: SamplingParams
+        self,
+        name: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        images: ImagePrompt | None = None,
     ) -> AgentTurn:
         """Begin generating after ``prompt_ids`` on the persistent KV cache ``name`` (stored
         like an agent's, but holding no conversation): the longest token prefix it shares
-        with the prompt is reused. Drive it like :meth:`Agent.start_turn`'s turn."""
-        return self.agent_manager.begin_prefix_turn(name, list(prompt_ids), params)
+        with the prompt is reused. With ``images`` (from :meth:`image_chat`, whose ids
+        ``prompt_ids`` are) a cached image span is reused only for the same image. Drive it
+        like :meth:`Agent.start_turn`'s turn."""
+        return self.agent_manager.begin_prefix_turn(name, list(prompt_ids), params, images)
 
     def agents(self) -> list[AgentInfo]:
         """Agents in memory or on disk: tokens held, bytes in memory and on disk, last use."""
@@ -323,9 +333,14 @@ class Engine:
         messages: list[dict[str, Any]],
         rate: float | None = None,
         method: str | None = None,
+        *,
+        tools: Sequence[Tool] = (),
     ) -> ImagePrompt:
         """``messages`` with image parts as one prompt: token ids (image positions hold the
-        image token), prefill segments (ids, or image embeddings) and each image's key."""
+        image token), prefill segments (ids, or image embeddings) and each image's key.
+
+        ``tools``, earlier calls and tool results are rendered as :meth:`Runner.chat_ids`
+        renders them for a text-only chat."""
         if self.vision is None:
             raise ValueError(
                 f"{self.model.name}: a text-only model takes no images "
@@ -347,6 +362,7 @@ class Engine:
                 else:
                     text.append(str(part.get("text", "")))
             flat.append({**m, "content": "".join(text)})
+        flat, extra = prompt_messages(flat, tools, tok.chat_template)
         rendered = render_chat_parts(
             tok.chat_template,
             flat,
@@ -354,6 +370,7 @@ class Engine:
             add_generation_prompt=True,
             bos_token=tok.bos_token,
             eos_token=tok.eos_token,
+            **extra,
         )
         groups: list[list[tuple[str, bool]]] = [[]]
         for text, markup in rendered:
@@ -388,6 +405,13 @@ class Engine:
             out.image_tokens_total += total
             out.add_ids(tok.encode_parts(group, add_bos=False) if group else [])
         return out
+
+    def agent_images(
+        self, messages: list[dict[str, Any]], tools: Sequence[Tool] = ()
+    ) -> ImagePrompt:
+        """An agent's conversation with images as one prompt (the engine's dropping settings;
+        ``tools`` rendered in)."""
+        return self.image_chat(messages, tools=tools)
 
     def generate_image_tokens(
         self,

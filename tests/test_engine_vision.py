@@ -1,9 +1,14 @@
-"""The engine with a VLM: images in chats, dropping settings, usage, text-only refusal."""
+"""The engine with a VLM on either backend: images in chats (the tower runs on the backend's
+framework), dropping settings, usage, tools, restore in a new process, text-only refusal."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +16,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from edge_infer.engine import Engine  # noqa: E402
+from tests.support import REPO  # noqa: E402
 from tests.support.vision_images import synthetic  # noqa: E402
 from tests.support.vision_models import llava_user_dir  # noqa: E402
 
@@ -182,3 +188,161 @@ def test_llava_next_text_gguf_with_mmproj_answers_as_its_directory(tmp_path):
         assert (agent.usage.image_tokens, agent.usage.image_tokens_total) == (total, total)
         replies.append(reply)
     assert replies[0] == replies[1] and replies[0]
+
+
+def greedy_reference(hf, prompt, pixels, n: int):
+    """transformers' greedy tokens after ``prompt`` and the margin of its closest choice."""
+    import torch
+
+    ids = torch.tensor([prompt.ids])
+    with torch.no_grad():
+        gen = hf.generate(
+            input_ids=ids,
+            pixel_values=torch.from_numpy(pixels),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    margin = min(float(torch.topk(s[0], 2).values.diff().abs()) for s in gen.logits)
+    return gen.sequences[0, ids.shape[1] :].tolist(), margin
+
+
+def test_image_chat_on_mlx_matches_transformers_greedy(llava):
+    """The MLX tower feeding the MLX decoder (float32) through the engine: the same image
+    tokens as the torch engine's prompt, and transformers' 16 greedy tokens."""
+    pytest.importorskip("mlx.core")
+    from edge_infer.backends.mlx.backend import MLXBackend
+    from edge_infer.engine import Vision
+    from edge_infer.models.hf.loader import load_hf_dir
+    from edge_infer.vision.preprocess import ImageSpec, preprocess
+    from edge_infer.vision.tower import load_tower
+
+    path, hf = llava
+    text = load_hf_dir(path, bits=16)
+    vision = Vision(load_tower(path, "mlx"), ImageSpec.from_dir(path), "full")
+    eng = Engine(text, MLXBackend(text, dtype="float32", kv_bits=16), vision=vision)
+    img = synthetic(41, 57, seed=9)
+    msgs = messages({"type": "image", "image": img})
+    prompt = eng.image_chat(msgs)
+    assert prompt.image_tokens == prompt.image_tokens_total == 16
+    torch_vision = Vision(load_tower(path, "torch"), ImageSpec.from_dir(path), "full")
+    assert prompt.ids == Engine(text, eng.backend, vision=torch_vision).image_chat(msgs).ids
+    expected, _ = greedy_reference(hf, prompt, preprocess(img, vision.image_spec).values, 16)
+    got = [t for t, _ in eng.generate_image_tokens(prompt, max_tokens=16, temperature=0.0)]
+    assert [t for t in got if t is not None] == expected
+    assert eng.last_usage.image_tokens == 16
+
+
+def test_load_runs_the_tower_on_the_backends_framework(llava):
+    """``Engine.load(..., backend)`` picks the tower of the backend's framework; both keep the
+    same tokens of an image and give it the same embeddings."""
+    pytest.importorskip("mlx.core")
+    from edge_infer.vision.mlx.model import VisionModel as MLXVisionModel
+    from edge_infer.vision.torch.model import VisionModel as TorchVisionModel
+    from edge_infer.vision.tower import VisionTower
+
+    path, _ = llava
+    on_mlx = Engine.load(path, "mlx", kv_bits=16)  # hired at r=0.2 by default
+    on_torch = Engine.load(path, "torch", kv_bits=16)
+    assert on_mlx.vision is not None and on_torch.vision is not None
+    assert isinstance(on_mlx.vision.model, MLXVisionModel)
+    assert isinstance(on_torch.vision.model, TorchVisionModel)
+    assert isinstance(on_mlx.vision.model, VisionTower)
+    img = synthetic(33, 47, seed=4)
+    msgs = messages({"type": "image", "image": img})
+    a, b = on_mlx.image_chat(msgs), on_torch.image_chat(msgs)
+    assert a.ids == b.ids and a.images == b.images
+    assert (a.image_tokens, a.image_tokens_total) == (b.image_tokens, b.image_tokens_total)
+    assert a.image_tokens == 3  # floor(16 * 0.2)
+    (ea,), (eb,) = [s for s in a.segments if s.ndim == 2], [s for s in b.segments if s.ndim == 2]
+    assert ea.dtype == eb.dtype == np.float32
+    np.testing.assert_allclose(ea, eb, rtol=1e-4, atol=1e-4 * float(np.abs(eb).max()))
+    on_mlx.chat(msgs, max_tokens=3, temperature=0.0)
+    assert (on_mlx.last_usage.image_tokens, on_mlx.last_usage.image_tokens_total) == (3, 16)
+
+
+def test_mmproj_runs_on_the_backends_framework(llava, tmp_path):
+    """A text GGUF with its mmproj file: the MLX engine's tower is the MLX one, and it reads
+    the image as the torch engine does."""
+    pytest.importorskip("mlx.core")
+    pytest.importorskip("gguf")
+    from edge_infer.vision.mlx.model import VisionModel as MLXVisionModel
+    from tests.support.vision_models import write_mmproj, write_text_gguf
+
+    path, _ = llava
+    text = write_text_gguf(path, tmp_path / "text.gguf")
+    mm = write_mmproj(path, tmp_path / "mm.gguf")
+    kw = dict(mmproj=mm, kv_bits=16, visual_method="full")
+    on_mlx, on_torch = Engine.load(text, "mlx", **kw), Engine.load(text, "torch", **kw)
+    assert on_mlx.vision is not None and isinstance(on_mlx.vision.model, MLXVisionModel)
+    msgs = messages({"type": "image", "image": synthetic(41, 57, seed=9)})
+    assert on_mlx.image_chat(msgs).ids == on_torch.image_chat(msgs).ids
+    on_mlx.chat(msgs, max_tokens=2, temperature=0.0)
+    assert on_mlx.last_usage.image_tokens == on_mlx.last_usage.image_tokens_total == 16
+
+
+def test_tools_are_rendered_with_images(llava):
+    from edge_infer.generation.tools import parse_tools
+
+    path, _ = llava
+    eng = Engine.load(path, "torch", kv_bits=16, visual_method="full")
+    tools = parse_tools(
+        [{"type": "function", "function": {"name": "look", "parameters": {"type": "object"}}}]
+    )
+    msgs = messages({"type": "image", "image": synthetic(20, 20, seed=2)})
+    plain, with_tools = eng.image_chat(msgs), eng.image_chat(msgs, tools=tools)
+    # this template renders no tools: they go in a system turn, as for a text-only chat
+    listing = eng.runner.render_chat([{"role": "user", "content": "x"}], tools=tools)
+    assert "look" in listing and "look" in eng.detokenize(with_tools.ids)
+    assert "look" not in eng.detokenize(plain.ids)
+    assert with_tools.image_tokens == plain.image_tokens == 16
+    assert with_tools.ids.count(271) == plain.ids.count(271) == 16
+
+
+AGENT_SCRIPT = """
+import json, sys
+from edge_infer.engine import Engine
+vlm, backend, name, image, *turns = sys.argv[1:]
+eng = Engine.load(vlm, backend, kv_bits=16, visual_method="full")
+agent = eng.agent(name)
+for i, text in enumerate(turns):
+    images = [image] if i == 0 and image != "-" else []
+    reply = agent.chat(text, images=images, max_tokens=6, temperature=0.0, ignore_eos=True)
+    u = agent.usage
+    ids = eng.agent_manager.state(name).token_ids
+    print(json.dumps({"reply": reply, "prompt": u.prompt_tokens, "cached": u.cached_tokens,
+                      "image": u.image_tokens, "ids": ids}))
+eng.flush()
+"""
+
+
+def agent_turns(vlm, backend, cache_dir, name, image, *turns) -> list[dict]:
+    proc = subprocess.run(
+        [sys.executable, "-c", AGENT_SCRIPT, str(vlm), backend, name, str(image), *turns],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env={**os.environ, "EDGE_INFER_CACHE_DIR": str(cache_dir)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_mlx_agent_with_an_image_restores_in_a_new_process_token_identically(llava, tmp_path):
+    pytest.importorskip("mlx.core")
+    path, _ = llava
+    pic = tmp_path / "pic.png"
+    synthetic(41, 57, seed=9).save(pic)
+    first = agent_turns(path, "mlx", tmp_path / "a", "iris", pic, "what is it?")
+    restored = agent_turns(path, "mlx", tmp_path / "a", "iris", "-", "and then?")
+    continued = agent_turns(path, "mlx", tmp_path / "b", "iris", pic, "what is it?", "and then?")
+    assert first[0]["image"] == 16 and first[0]["cached"] == 0
+    assert first[0]["reply"] == continued[0]["reply"]
+    assert restored[0]["ids"] == continued[1]["ids"]
+    assert restored[0]["reply"] == continued[1]["reply"]
+    # the new process read the image's KV from disk: only the new turn was prefilled
+    assert restored[0]["cached"] >= first[0]["prompt"]
+    assert restored[0]["cached"] == continued[1]["cached"]

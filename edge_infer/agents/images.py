@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edge_infer.generation.tools import Tool
 
 ImageSource = str | Path | bytes | Any  # a path, encoded bytes or a PIL image
 
@@ -89,7 +91,8 @@ class ImagePrompt:
         return keep
 
 
-ImageRender = Callable[[list[dict[str, Any]]], ImagePrompt]
+# renders a conversation with images (and its tools) as one prompt
+ImageRender = Callable[[list[dict[str, Any]], Sequence[Tool]], ImagePrompt]
 
 
 def storable(src: ImageSource) -> dict[str, Any]:

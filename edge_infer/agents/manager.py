@@ -196,9 +196,9 @@ class AgentManager:
                 raise ValueError("this engine takes no images")
             render = self.images
             messages, _ = fit_messages(
-                lambda m: render(m).ids, messages, limit, st.extra.get("overflow", "error")
+                lambda m: render(m, tools).ids, messages, limit, st.extra.get("overflow", "error")
             )
-            prompt = render(messages)  # the image side keeps recent encodings
+            prompt = render(messages, tools)  # the image side keeps recent encodings
             ids = prompt.ids
         else:
             messages, ids = fit_messages(
@@ -262,11 +262,21 @@ class AgentManager:
         return AgentTurn(self, name, st, gen, messages, first_changed, locks, tool_format)
 
     def begin_prefix_turn(
-        self, name: str, prompt_ids: list[int], params: SamplingParams
+        self,
+        name: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        images: ImagePrompt | None = None,
     ) -> AgentTurn:
         """Start generating after ``prompt_ids`` on the persistent cache ``name``, reusing the
         longest token prefix it shares with them; no conversation is kept, only the KV of
-        the prompt and the reply (for the next prompt that starts the same way)."""
+        the prompt and the reply (for the next prompt that starts the same way).
+
+        With ``images`` (the prompt ``prompt_ids`` come from) a cached image span is reused
+        only where it holds the same image, and the image embeddings past the reused prefix
+        are prefilled here."""
+        if images is not None and images.ids != list(prompt_ids):
+            raise ValueError("prompt_ids must be the ids of the image prompt given")
         self.runner.check_fits(len(prompt_ids))
         st = self.state(name)
         locks = ExitStack()
@@ -277,10 +287,21 @@ class AgentManager:
             locks.enter_context(_busy(st))
             cache = self._live_cache(name, st)
             keep = common_prefix_len(st.token_ids, prompt_ids)
+            # placeholder ids are alike for every image: a cached image span needs its key
+            keep = (images or ImagePrompt()).reusable(st.extra.get("images", []), keep)
             keep = cache.truncate(min(keep, len(prompt_ids) - 1))
             st.token_ids = st.token_ids[:keep]
+            st.extra["images"] = [list(x) for x in images.images] if images else []
+            if images is not None:  # the embeddings go in now; the generation does the rest
+                segments = images.segments_from(cache.length)
+                if segments:
+                    self.runner.prefill_segments(segments, cache)
             usage = self._usage[name] = Usage()
             gen = Generation(self.runner, prompt_ids, params, cache, usage)
+            if images is not None:
+                usage.cached_tokens = keep
+                usage.image_tokens = images.image_tokens
+                usage.image_tokens_total = images.image_tokens_total
         except BaseException:
             locks.close()
             raise

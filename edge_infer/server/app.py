@@ -227,13 +227,14 @@ class Service:
         params: SamplingParams,
         top: int | None,
         tool_format: str | None = None,
+        images: ImagePrompt | None = None,
     ) -> Job:
         name = prompt_cache_name(key)
-        return self.submit(
-            name,
-            lambda: self._timed(lambda: prefix_task(self.engine, name, ids, params, tool_format)),
-            top,
-        )
+
+        def start() -> Inner:
+            return prefix_task(self.engine, name, ids, params, tool_format, images)
+
+        return self.submit(name, lambda: self._timed(start), top)
 
     def submit_stateless(
         self,
@@ -267,9 +268,13 @@ class Service:
         if plan.grammar is not None:
             params = SamplingParams.from_kwargs(params, grammar=plan.grammar)
         if any(image_parts(m) for m in messages):
-            check_image_request(plan, agent, prompt_cache_key, visual)
+            check_image_request(agent, visual)
             if agent is None:
-                prompt = await self.prepare(self.engine.image_chat, messages, *visual)
+                prompt = await self.prepare(self.image_prompt, messages, plan, visual)
+                if prompt_cache_key is not None:
+                    return self.submit_prompt_cache(
+                        prompt_cache_key, prompt.ids, params, top, plan.call_format, prompt
+                    )
                 return self.submit_stateless(prompt.ids, params, top, plan.call_format, prompt)
         if agent is not None:
             return self.submit_agent(agent, messages, params, top, plan)
@@ -278,28 +283,25 @@ class Service:
             return self.submit_prompt_cache(prompt_cache_key, ids, params, top, plan.call_format)
         return self.submit_stateless(ids, params, top, plan.call_format)
 
+    def image_prompt(
+        self,
+        messages: list[dict[str, Any]],
+        plan: OutputPlan,
+        visual: tuple[float | None, str | None] = (None, None),
+    ) -> ImagePrompt:
+        """A chat with images as one prompt, with the plan's tools rendered in."""
+        rate, method = visual
+        return self.engine.image_chat(messages, rate, method, tools=plan.tools)
+
     def chat_ids(self, messages: list[dict[str, Any]], plan: OutputPlan) -> list[int]:
         """The prompt's token ids (an image counts the tokens dropping keeps of it)."""
         if any(image_parts(m) for m in messages):
-            return self.engine.image_chat(messages).ids
+            return self.image_prompt(messages, plan).ids
         return self.engine.runner.chat_ids(messages, tools=plan.tools)
 
 
-def check_image_request(
-    plan: OutputPlan,
-    agent: str | None,
-    prompt_cache_key: str | None,
-    visual: tuple[float | None, str | None],
-) -> None:
+def check_image_request(agent: str | None, visual: tuple[float | None, str | None]) -> None:
     """Refuse what a request with images asks for but would not get."""
-    if plan.tools:
-        raise ApiError(400, "tools are not offered with images yet", param="tools")
-    if prompt_cache_key is not None:
-        raise ApiError(
-            400,
-            "prompt_cache_key does not take images yet: send an agent, or neither",
-            param="prompt_cache_key",
-        )
     if agent is not None and visual != (None, None):
         field = "visual_budget" if visual[0] is not None else "visual_method"
         raise ApiError(

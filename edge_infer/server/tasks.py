@@ -42,10 +42,16 @@ def agent_task(
 
 
 def prefix_task(
-    engine: Engine, name: str, ids: list[int], params: SamplingParams, tool_format: str | None
+    engine: Engine,
+    name: str,
+    ids: list[int],
+    params: SamplingParams,
+    tool_format: str | None,
+    images: ImagePrompt | None = None,
 ) -> AgentTurn:
-    """A turn on the persistent prefix cache ``name`` (calls parsed in ``tool_format``)."""
-    turn = engine.start_prefix_turn(name, ids, params)
+    """A turn on the persistent prefix cache ``name`` (calls parsed in ``tool_format``;
+    ``images``: the image prompt ``ids`` come from)."""
+    turn = engine.start_prefix_turn(name, ids, params, images)
     turn.tool_format = tool_format
     return turn
 

@@ -1,9 +1,11 @@
 """`edge-infer serve` with a VLM: images through the OpenAI and Anthropic clients, the image
-tokens usage counts, field-named 400s, and KV reused only for the same image."""
+tokens usage counts, field-named 400s, tools beside images, and KV (stateless, an agent's or a
+prompt_cache_key's) reused only for the same image."""
 
 from __future__ import annotations
 
 import base64
+import json
 
 import httpx
 import openai
@@ -164,13 +166,87 @@ def test_an_agent_keeps_the_image_and_reads_it_from_its_cache(files, client, ser
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "visual_budget"
 
 
-def test_prompt_cache_key_and_tools_with_images_are_refused(server):
-    img = png_data_uri(synthetic(20, 20))
-    resp = post(server, ask(img), prompt_cache_key="k")
-    assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt_cache_key"
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    resp = post(server, ask(img), tools=[tool])
-    assert resp.status_code == 400 and resp.json()["error"]["param"] == "tools"
+LOOK = {
+    "type": "function",
+    "function": {
+        "name": "look",
+        "description": "Look closer at one half of the picture.",
+        "parameters": {
+            "type": "object",
+            "properties": {"half": {"enum": ["top", "bottom"]}},
+            "required": ["half"],
+            "additionalProperties": False,
+        },
+    },
+}
+CALL = {"tools": [LOOK], "tool_choice": "required", "parallel_tool_calls": False}
+
+
+def text_only(messages: list[dict]) -> list[dict]:
+    """``messages`` without their image parts."""
+    out = []
+    for m in messages:
+        if isinstance(m["content"], list):
+            m = {**m, "content": "".join(p.get("text", "") for p in m["content"])}
+        out.append(m)
+    return out
+
+
+def the_call(response) -> dict:
+    assert response.choices[0].finish_reason == "tool_calls"
+    (call,) = response.choices[0].message.tool_calls
+    assert call.function.name == "look"
+    return json.loads(call.function.arguments)
+
+
+def test_tools_with_an_image_are_in_the_prompt_and_calls_are_parsed(client):
+    img = png_data_uri(synthetic(41, 57, seed=9))
+    kw = dict(model="m", temperature=0, max_tokens=120)
+    plain = client.chat.completions.create(messages=ask(img), **kw)
+    r = client.chat.completions.create(messages=ask(img), **CALL, **kw)
+    assert the_call(r)["half"] in ("top", "bottom")
+    assert details(r)["image_tokens"] == details(plain)["image_tokens"] > 0
+    # the tools take as many prompt tokens with an image as without one
+    text = text_only(ask(img))
+    bare = client.chat.completions.create(messages=text, **kw)
+    tooled = client.chat.completions.create(messages=text, **CALL, **kw)
+    assert r.usage.prompt_tokens - plain.usage.prompt_tokens > 0
+    assert r.usage.prompt_tokens - plain.usage.prompt_tokens == (
+        tooled.usage.prompt_tokens - bare.usage.prompt_tokens
+    )
+    # streamed, and on an agent's turn, the call comes back parsed alike
+    with client.chat.completions.stream(messages=ask(img), **CALL, **kw) as stream:
+        final = stream.get_final_completion()
+    assert the_call(final) == the_call(r)
+    agent = client.chat.completions.create(
+        messages=ask(img), extra_headers={"X-Agent-ID": "looker"}, **CALL, **kw
+    )
+    assert the_call(agent) == the_call(r)
+
+
+def test_prompt_cache_key_with_images_reuses_only_the_same_image(client):
+    first, other = synthetic(41, 57, seed=31), synthetic(41, 57, seed=32)
+
+    def send(img, key: str = "pics"):
+        return client.chat.completions.create(
+            model="m",
+            messages=ask(png_data_uri(img), "and so?"),
+            extra_body={"prompt_cache_key": key},
+            **GREEDY,
+        )
+
+    a = send(first)
+    assert details(a)["cached_tokens"] == 0 and details(a)["image_tokens"] > 0
+    again = send(first)
+    assert again.usage.prompt_tokens == a.usage.prompt_tokens
+    assert details(again)["cached_tokens"] == again.usage.prompt_tokens - 1  # all but the last
+    assert again.choices[0].message.content == a.choices[0].message.content
+    # another image with the same placeholder ids: nothing from the image's span on
+    b = send(other)
+    prefix = b.usage.prompt_tokens - details(b)["image_tokens"]
+    assert 0 < details(b)["cached_tokens"] < prefix
+    assert details(send(first))["cached_tokens"] < prefix  # the cache now holds the other one
+    assert details(send(first, "elsewhere"))["cached_tokens"] == 0  # a key has its own cache
 
 
 def test_anthropic_messages_take_base64_image_blocks(files, server):

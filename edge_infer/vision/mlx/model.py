@@ -224,6 +224,10 @@ class Encoded:
     total: int
     skipped: int
 
+    def numpy_embeds(self) -> np.ndarray:
+        """``embeds`` as float32 numpy."""
+        return np.array(self.embeds.astype(mx.float32))
+
 
 def cls_row(q: mx.array, k: mx.array, scale: float) -> mx.array:
     """The CLS query's attention on the patch tokens, heads summed: [B, S-1]."""

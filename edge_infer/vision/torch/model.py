@@ -65,6 +65,10 @@ class Encoded:
     total: int
     skipped: int
 
+    def numpy_embeds(self) -> np.ndarray:
+        """``embeds`` as float32 numpy, on the CPU."""
+        return self.embeds.float().cpu().numpy()
+
 
 class VisionModel(nn.Module):
     """Tower + projector of a LLaVA-1.5 or Idefics3/SmolVLM directory."""
