@@ -150,9 +150,10 @@ class DenseLinear(_TorchLinear):
     """y = x @ W.T with W held densely (bfloat16)."""
 
     def __init__(self, weight: np.ndarray, device: torch.device) -> None:
-        self.weight = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)).to(
-            device=device, dtype=COMPUTE_DTYPE
-        )
+        w = np.ascontiguousarray(weight, dtype=np.float32)
+        if not w.flags.writeable:  # a file mapping: torch refuses to wrap it without a copy
+            w = w.copy()
+        self.weight = torch.from_numpy(w).to(device=device, dtype=COMPUTE_DTYPE)
         self.out_features = self.weight.shape[0]
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
