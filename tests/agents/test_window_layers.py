@@ -68,3 +68,22 @@ def test_window_layers_persist_restore_and_edit_back(gemma_path, tmp_path, monke
     assert 256 <= again.usage.cached_tokens < held.length - 256
     cold = engine(gemma_path, tmp_path / "c", monkeypatch).agent("w")
     assert cold.chat(edited, **GREEDY) == text
+
+
+def test_window_layers_saved_on_torch_continue_on_mlx(gemma_path, tmp_path, monkeypatch):
+    """The cross-backend cache: an agent saved by the torch backend (sealed blocks beyond
+    the local layers' window) is restored and continued by the MLX backend from its cache."""
+    pytest.importorskip("mlx_lm")
+    monkeypatch.setenv("EDGE_INFER_CACHE_DIR", str(tmp_path))
+    long, later = words(260, 1), words(20, 2)
+    first = Engine.load(gemma_path, backend="torch")
+    first.agent("x").chat(long, **GREEDY)
+    held = first.agent_manager.state("x").cache.length
+    first.flush()
+
+    on_mlx = Engine.load(gemma_path, backend="mlx")
+    agent = on_mlx.agent("x")
+    assert agent.tokens == held > 3 * 256
+    reply = agent.chat(later, **GREEDY)
+    assert agent.usage.cached_tokens > 3 * 256
+    assert reply

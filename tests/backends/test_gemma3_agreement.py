@@ -1,10 +1,11 @@
-"""The torch backend on the real Gemma 3 270M file against a float64 numpy reference."""
+"""Both backends on the real Gemma 3 270M file against a float64 numpy reference."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.support.agreement import agreement, corpus_text
+from tests.support.installed import HAS_MLX
 from tests.support.reference_gemma3 import ReferenceGemma3, gemma3_file
 from tests.support.reference_llama import log_softmax64
 
@@ -31,12 +32,25 @@ def model(gemma3_path):
 
 
 @pytest.fixture(scope="module")
-def engine(model):
-    from edge_infer.backends.torch.backend import TorchBackend
+def engines(model):
+    """An engine per backend, built on first use; float16 KV: this checks the model's
+    arithmetic (KV quantization is measured apart)."""
+    from edge_infer.backends.select import create_backend
     from edge_infer.engine import Engine
 
-    # float16 KV: this checks the model's arithmetic; KV quantization is measured apart
-    return Engine(model, TorchBackend(model, device="cpu", kv_bits=16))
+    built = {}
+
+    def get(backend: str):
+        if backend == "mlx" and not HAS_MLX:
+            pytest.skip("mlx not installed")
+        if backend not in built:
+            device = "cpu" if backend == "torch" else None
+            built[backend] = Engine(
+                model, create_backend(model, backend, device=device, kv_bits=16)
+            )
+        return built[backend]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +76,23 @@ def test_config_and_template(model):
     assert "attention" in model.fingerprint_parts
 
 
-def test_teacher_forced_matches_reference(engine, reference, text_ids):
-    ref = log_softmax64(reference.forward(text_ids))
-    ours = engine.logits(text_ids)
-    top1, kl = agreement(ref, ours)
-    print(f"gemma3 torch: top-1 agreement {top1:.4f}, mean KL {kl:.5f}")
+@pytest.fixture(scope="module")
+def reference_logprobs(reference, text_ids):
+    return log_softmax64(reference.forward(text_ids))
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_teacher_forced_matches_reference(engines, backend, reference_logprobs, text_ids):
+    ours = engines(backend).logits(text_ids)
+    top1, kl = agreement(reference_logprobs, ours)
+    print(f"gemma3 {backend}: top-1 agreement {top1:.4f}, mean KL {kl:.5f}")
     assert top1 >= 0.97
     assert kl <= 0.01
 
 
-def test_greedy_generation_matches_reference(engine, reference):
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_greedy_generation_matches_reference(engines, backend, reference):
+    engine = engines(backend)
     for prompt in PROMPTS:
         ids = engine.chat_ids([{"role": "user", "content": prompt}])
         ref_tokens, margins = reference.greedy(ids, 32)

@@ -6,36 +6,56 @@ the stored (Hadamard-rotated) domain: ``q . (dequantize(k) @ H) == (q @ H) . deq
 (``(p @ dequantize(v)) @ H``); both rotations are fast Walsh-Hadamard transforms. The open
 block's float16 rows are attended as they are, and one softmax runs over both parts. This is
 the computation of the torch backend's CPU kernel, so both backends attend the same stored
-bytes the same way. :func:`attend_reference` is the plain computation over a dequantized
-copy that the fast path is tested against.
+bytes the same way. On a sliding-window layer only the rows some query's window reaches are
+read (the cache itself keeps every token). :func:`attend_reference` is the plain computation
+over a dequantized copy that the fast path is tested against.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from edge_infer.backends.mlx.kv_cache import MLXCache, hadamard_rotate
+from edge_infer.backends.mlx.kv_cache import MLXCache, Parts, hadamard_rotate
 from edge_infer.backends.mlx.kv_quant import dequantize_kv
 
 
-def _causal(scores: mx.array, start: int, first_key: int) -> mx.array:
+def _causal(scores: mx.array, start: int, first_key: int, window: int = 0) -> mx.array:
     """Scores [..., T, K] of queries at ``start..`` over keys at ``first_key..``: a query
-    sees the keys up to its own position."""
+    sees the keys up to its own position (and with a ``window`` only that many latest)."""
     t, k = scores.shape[-2:]
     rows = mx.arange(start, start + t)[:, None]
     cols = mx.arange(first_key, first_key + k)[None]
-    return mx.where(rows >= cols, scores, mx.finfo(scores.dtype).min)
+    seen = rows >= cols
+    if window:
+        seen = seen & (cols > rows - window)
+    return mx.where(seen, scores, mx.finfo(scores.dtype).min)
 
 
-def attend(cache: MLXCache, layer: int, q: mx.array, scale: float) -> mx.array:
+def _rows_from(sealed: tuple[Parts, Parts], lo: int) -> tuple[Parts, Parts]:
+    """The sealed K and V parts of tokens ``lo..``."""
+    k, v = (tuple(x[:, :, lo:] for x in parts) for parts in sealed)
+    return k, v  # type: ignore[return-value]
+
+
+def attend(cache: MLXCache, layer: int, q: mx.array, scale: float, window: int = 0) -> mx.array:
     """q [1, n_q, T, D] (rope applied) of the T tokens just stored after ``cache.length``
     (``cache.update``, not yet committed) -> attention output [1, n_q, T, D]; each token
-    sees the tokens before it and itself."""
+    sees the tokens before it and itself, with a ``window`` only the ``window`` latest of
+    them (itself included). Keys before every query's window are not read."""
     _, n_q, t, d = q.shape
     start = cache.length
+    lo = max(0, start - window + 1) if window else 0  # the first key any query sees
     q = q.reshape(cache.n_kv, n_q // cache.n_kv, t, d)  # query heads grouped per KV head
     sealed = cache.sealed_rows(layer)
+    if sealed is not None and lo > 0:
+        sealed = _rows_from(sealed, lo) if lo < cache.sealed_length else None
     tail = cache.tail_rows(layer, start + t)
+    skip = lo - cache.tail_start  # tail rows before the window
+    if tail is not None and skip > 0:
+        tail = (tail[0][:, :, skip:], tail[1][:, :, skip:])
+    first_tail = max(lo, cache.tail_start)
+    # with a window some query's first key may lie after lo: mask every part then
+    wide = bool(window) and start + t - lo > window
     quant = {"group_size": cache.group_size, "bits": cache.bits}
     scores = []
     if sealed is not None:  # in the stored domain: (q @ H) . dequantize(k)
@@ -43,10 +63,11 @@ def attend(cache: MLXCache, layer: int, q: mx.array, scale: float) -> mx.array:
         scores.append(mx.quantized_matmul(qr, *sealed[0], transpose=True, **quant))
     if tail is not None:
         s = (q * scale) @ tail[0].astype(q.dtype).swapaxes(-1, -2)
-        scores.append(_causal(s, start, cache.tail_start) if t > 1 else s)
-    probs = mx.softmax(
-        scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=-1), axis=-1, precise=True
-    )
+        scores.append(_causal(s, start, first_tail) if t > 1 and not wide else s)
+    joined = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=-1)
+    if wide:
+        joined = _causal(joined, start, lo, window)
+    probs = mx.softmax(joined, axis=-1, precise=True)
     out = None
     n_sealed = 0
     if sealed is not None:  # the weighted sum of stored values, rotated back once
@@ -77,15 +98,20 @@ def readable(cache: MLXCache, layer: int, end: int) -> tuple[mx.array, mx.array]
     return out[0], out[1]
 
 
-def attend_reference(cache: MLXCache, layer: int, q: mx.array, scale: float) -> mx.array:
+def attend_reference(
+    cache: MLXCache, layer: int, q: mx.array, scale: float, window: int = 0
+) -> mx.array:
     """What :func:`attend` computes, over a float32 copy of the layer's K and V
     (:func:`readable`) with MLX's fused attention: the reference of the fast path."""
     start, t = cache.length, q.shape[2]
     keys, values = readable(cache, layer, start + t)
     mask = None
-    if t > 1:
+    if t > 1 or window:
         rows = mx.arange(start, start + t)[:, None]
-        mask = rows >= mx.arange(start + t)[None]
+        cols = mx.arange(start + t)[None]
+        mask = rows >= cols
+        if window:
+            mask = mask & (cols > rows - window)
     return mx.fast.scaled_dot_product_attention(
         q.astype(mx.float32), keys, values, scale=scale, mask=mask
     )

@@ -75,3 +75,48 @@ def test_float16_queries_stay_close():
     assert got.dtype == mx.float16
     want = np.array(attend_reference(cache, 0, q, SCALE))
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), want, atol=2e-2)
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+@pytest.mark.parametrize(
+    "held,t,window",
+    [(0, 7, 4), (9, 7, 4), (37, 1, 5), (37, 11, 5), (40, 8, 20), (48, 1, 16), (48, 16, 3)],
+    ids=lambda x: str(x),
+)
+def test_window_matches_reference(bits, held, t, window):
+    """A sliding-window layer: each query sees only its ``window`` latest keys, in prefill
+    chunks (windows starting inside and after sealed blocks) and in decode."""
+    rng = np.random.default_rng(held * 100 + t + window + bits)
+    cache = MLXCache(1, N_KV, D, bits, 32, block_size=BLOCK)
+    _fill(cache, held, rng)
+    k, v = (mx.array(rng.standard_normal((1, N_KV, t, D)).astype(np.float32)) for _ in "kv")
+    cache.update(0, k, v)
+    q = _query(rng, t)
+    got = attend(cache, 0, q, SCALE, window=window)
+    want = attend_reference(cache, 0, q, SCALE, window=window)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5, rtol=1e-4)
+    if held + t > window:  # the window changes the result
+        full = np.array(attend_reference(cache, 0, q, SCALE))
+        assert not np.allclose(np.array(got)[:, :, -1], full[:, :, -1], atol=1e-3)
+
+
+def test_window_reference_is_the_plain_computation():
+    """The windowed reference against softmax over the visible keys written out in numpy."""
+    rng = np.random.default_rng(7)
+    cache = MLXCache(1, N_KV, D, 16, 32, block_size=BLOCK)
+    _fill(cache, 20, rng)
+    k, v = (mx.array(rng.standard_normal((1, N_KV, 4, D)).astype(np.float32)) for _ in "kv")
+    cache.update(0, k, v)
+    q = _query(rng, 4)
+    got = np.array(attend_reference(cache, 0, q, SCALE, window=6))
+    keys, values = (np.array(x)[0].astype(np.float64) for x in readable(cache, 0, 24))
+    qs = np.array(q)[0].astype(np.float64)
+    group = N_Q // N_KV
+    for h in range(N_Q):
+        for r in range(4):
+            pos = 20 + r
+            lo = pos - 6 + 1
+            s = keys[h // group, lo : pos + 1] @ qs[h, r] * SCALE
+            p = np.exp(s - s.max())
+            want = (p / p.sum()) @ values[h // group, lo : pos + 1]
+            np.testing.assert_allclose(got[0, h, r], want, atol=1e-4)
