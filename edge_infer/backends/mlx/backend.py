@@ -222,7 +222,12 @@ class MLXBackend:
         """An empty KV cache for one sequence."""
         cfg = self.config
         return MLXCache(
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_bits, self.kv_group_size
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            self.kv_bits,
+            self.kv_group_size,
+            windows=self._windows,
         )
 
     def forward(

@@ -7,15 +7,15 @@ the stored (Hadamard-rotated) domain: ``q . (dequantize(k) @ H) == (q @ H) . deq
 block's float16 rows are attended as they are, and one softmax runs over both parts. This is
 the computation of the torch backend's CPU kernel, so both backends attend the same stored
 bytes the same way. On a sliding-window layer only the rows some query's window reaches are
-read (the cache itself keeps every token). :func:`attend_reference` is the plain computation
-over a dequantized copy that the fast path is tested against.
+read (the cache holds little more of such a layer in its buffers). :func:`attend_reference`
+is the plain computation over a dequantized copy that the fast path is tested against.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from edge_infer.backends.mlx.kv_cache import MLXCache, Parts, hadamard_rotate
+from edge_infer.backends.mlx.kv_cache import MLXCache, hadamard_rotate
 from edge_infer.backends.mlx.kv_quant import dequantize_kv
 
 
@@ -31,12 +31,6 @@ def _causal(scores: mx.array, start: int, first_key: int, window: int = 0) -> mx
     return mx.where(seen, scores, mx.finfo(scores.dtype).min)
 
 
-def _rows_from(sealed: tuple[Parts, Parts], lo: int) -> tuple[Parts, Parts]:
-    """The sealed K and V parts of tokens ``lo..``."""
-    k, v = (tuple(x[:, :, lo:] for x in parts) for parts in sealed)
-    return k, v  # type: ignore[return-value]
-
-
 def attend(cache: MLXCache, layer: int, q: mx.array, scale: float, window: int = 0) -> mx.array:
     """q [1, n_q, T, D] (rope applied) of the T tokens just stored after ``cache.length``
     (``cache.update``, not yet committed) -> attention output [1, n_q, T, D]; each token
@@ -46,9 +40,7 @@ def attend(cache: MLXCache, layer: int, q: mx.array, scale: float, window: int =
     start = cache.length
     lo = max(0, start - window + 1) if window else 0  # the first key any query sees
     q = q.reshape(cache.n_kv, n_q // cache.n_kv, t, d)  # query heads grouped per KV head
-    sealed = cache.sealed_rows(layer)
-    if sealed is not None and lo > 0:
-        sealed = _rows_from(sealed, lo) if lo < cache.sealed_length else None
+    sealed = cache.sealed_rows(layer, lo)
     tail = cache.tail_rows(layer, start + t)
     skip = lo - cache.tail_start  # tail rows before the window
     if tail is not None and skip > 0:
@@ -83,12 +75,14 @@ def attend(cache: MLXCache, layer: int, q: mx.array, scale: float, window: int =
 
 def readable(cache: MLXCache, layer: int, end: int) -> tuple[mx.array, mx.array]:
     """K and V of tokens ``0..end`` exactly as attention reads them, float32
-    [1, n_kv, end, D]: sealed rows dequantized and rotated back, tail rows as stored."""
+    [1, n_kv, end, D]: sealed rows dequantized and rotated back, tail rows as stored;
+    tokens a sliding-window layer no longer holds in its buffers read as zeros."""
     out = []
-    sealed = cache.sealed_rows(layer)
+    first = cache.held_from(layer)
+    sealed = cache.sealed_rows(layer, first)
     tail = cache.tail_rows(layer, end)
     for w in range(2):
-        parts = []
+        parts = [mx.zeros((cache.n_kv, 1, first, cache.head_dim))] if first else []
         if sealed is not None:
             parts.append(hadamard_rotate(dequantize_kv(*sealed[w], cache.bits, cache.group_size)))
         if tail is not None:

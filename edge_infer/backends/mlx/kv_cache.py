@@ -9,6 +9,14 @@ to is a function of positions only (blocks that ended before it quantized, its o
 float16), so saving, restoring and moving blocks between backends never changes a later token.
 One forward call stays inside one block (the backend splits calls to ensure it); the tokens
 it stores are committed, and a full block sealed, by :meth:`MLXCache.advance` afterwards.
+
+A sliding-window layer (``windows[i] > 0``) keeps in its quantized buffers only the sealed
+blocks a later query can still see (its window and two blocks; row ``r`` holds token
+``first + r``), as the torch cache does. The parts of older blocks leave those buffers as
+numpy arrays ("hidden" parts, shared with the blocks :meth:`MLXCache.blocks` exports), so
+that export, truncation to any earlier token and persistence stay complete; an owner that
+holds the blocks elsewhere (or does not need them) frees them with
+:meth:`MLXCache.release_hidden`.
 """
 
 from __future__ import annotations
@@ -42,6 +50,11 @@ def _rows(x: mx.array, n: int) -> mx.array:
     return x if x.shape[2] == n else x[:, :, :n]
 
 
+def _span(x: mx.array, a: int, b: int) -> mx.array:
+    """Rows ``a..b`` (axis 2) of a buffer, without a slice when they are all of it."""
+    return x if a == 0 and x.shape[2] == b else x[:, :, a:b]
+
+
 def hadamard_rotate(x: mx.array, scale: float = 1.0) -> mx.array:
     """``scale * x @ H`` along the last axis, H the normalized Hadamard matrix of
     :mod:`edge_infer.cache_store.rotation` (symmetric, its own inverse)."""
@@ -53,7 +66,8 @@ class MLXCache:
 
     Buffers are ``[n_kv, 1, capacity, ...]``: the unit axis lets a KV head's group of query
     heads broadcast over its rows. The sealed part grows by whole blocks with an
-    eighth of headroom (so a long prefill copies it a bounded number of times); the tail grows
+    eighth of headroom (so a long prefill copies it a bounded number of times), but for a
+    sliding-window layer's, which has a fixed number of rows (``windows``); the tail grows
     by :data:`TAIL_STEP` rows and is released when its block seals. With ``kv_bits=16`` every
     token stays float16 in the tail buffer, which then starts at token 0.
     """
@@ -66,6 +80,8 @@ class MLXCache:
         kv_bits: int,
         group_size: int,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        windows: list[int] | None = None,
+        bounded: bool = True,
     ) -> None:
         if kv_bits not in (4, 8, 16):
             raise ValueError(f"kv_bits must be 4, 8 or 16 (got {kv_bits})")
@@ -77,9 +93,21 @@ class MLXCache:
         self.bits, self.group_size, self.block_size = kv_bits, group_size, block_size
         self._length = 0
         self._sealed = 0
-        self._capacity = 0  # rows of the sealed buffers
+        self._capacity = 0  # rows of the global layers' sealed buffers
         self._quant: list[list[list[mx.array]]] = [[[], []] for _ in range(num_layers)]
         self._tail: list[list[mx.array | None]] = [[None, None] for _ in range(num_layers)]
+        # per layer, how many latest tokens a query sees (0 = all: a global layer)
+        self.windows = list(windows) if windows is not None else [0] * num_layers
+        if len(self.windows) != num_layers or min(self.windows, default=0) < 0:
+            raise ValueError(f"windows must list {num_layers} sizes >= 0 (got {windows})")
+        # sliding-window layers hold sealed tokens first[i].. in their quantized buffers (a
+        # fixed number of rows); the parts of older sealed blocks are "hidden": numpy arrays
+        # by block start, unless released (blocks before ``_released``)
+        # (``bounded=False`` keeps every block in the buffers: the reference of tests)
+        self._bounded = [bool(w) and kv_bits < 16 and bounded for w in self.windows]
+        self._first = [0] * num_layers
+        self._hidden: dict[int, dict[int, tuple[QuantizedKV, QuantizedKV]]] = {}
+        self._released = 0
 
     # -- what attention reads ---------------------------------------------------------------
     @property
@@ -102,11 +130,21 @@ class MLXCache:
         """The token held in the tail buffer's first row."""
         return self._sealed if self.quantized else 0
 
-    def sealed_rows(self, layer: int) -> tuple[Parts, Parts] | None:
-        """The layer's quantized K and V parts of the sealed tokens, or None if none are."""
-        if not self.quantized or self._sealed == 0:
+    def held_from(self, layer: int) -> int:
+        """The first sealed token the layer's quantized buffers hold (0 but for a
+        sliding-window layer whose window has passed earlier blocks)."""
+        return min(self._first[layer], self._sealed)
+
+    def sealed_rows(self, layer: int, start: int = 0) -> tuple[Parts, Parts] | None:
+        """The layer's quantized K and V parts of sealed tokens ``start..``, or None if none
+        are; ``start`` must not precede :meth:`held_from`."""
+        if not self.quantized or self._sealed <= start:
             return None
-        k, v = (tuple(_rows(t, self._sealed) for t in self._quant[layer][w]) for w in range(2))
+        first = self._first[layer]
+        if start < first:
+            raise ValueError(f"layer {layer} no longer holds token {start} in its buffers")
+        a, b = start - first, self._sealed - first
+        k, v = (tuple(_span(t, a, b) for t in self._quant[layer][w]) for w in range(2))
         return k, v  # type: ignore[return-value]
 
     def tail_rows(self, layer: int, end: int) -> tuple[mx.array, mx.array] | None:
@@ -162,21 +200,38 @@ class MLXCache:
         # fresh allocations of their own size: MLX would otherwise hand out cached buffers up
         # to twice as large, and the cache would hold that much more for as long as it lives
         mx.clear_cache()
-        d, bits, g = self.head_dim, self.bits, self.group_size
-        specs = [(d * bits // 32, mx.uint32), (d // g, mx.float16), (d // g, mx.float16)]
-        for layer in self._quant:
-            for w in range(2):
-                layer[w] = [
-                    _grown(
-                        layer[w][j] if layer[w] else None,
-                        self._sealed,
-                        (self.n_kv, 1, cap, width),
-                        dtype,
-                    )
-                    for j, (width, dtype) in enumerate(specs)
-                ]
+        for i, layer in enumerate(self._quant):
+            if self._bounded[i]:
+                if not layer[0]:  # a fixed number of rows, allocated once
+                    layer[:] = self._grown_parts(i, self._local_rows(i), 0)
+                continue
+            layer[:] = self._grown_parts(i, cap, self._sealed)
         self._capacity = cap
         mx.eval([t for layer in self._quant for parts in layer for t in parts])
+
+    def _grown_parts(self, i: int, rows: int, keep: int) -> list[list[mx.array]]:
+        """Layer ``i``'s K and V quantized parts with ``rows`` rows, the first ``keep`` of
+        the held ones copied."""
+        d, bits, g = self.head_dim, self.bits, self.group_size
+        specs = [(d * bits // 32, mx.uint32), (d // g, mx.float16), (d // g, mx.float16)]
+        return [
+            [
+                _grown(
+                    self._quant[i][w][j] if self._quant[i][w] else None,
+                    keep,
+                    (self.n_kv, 1, rows, width),
+                    dtype,
+                )
+                for j, (width, dtype) in enumerate(specs)
+            ]
+            for w in range(2)
+        ]
+
+    def _local_rows(self, i: int) -> int:
+        """Quantized rows a sliding-window layer needs: its window and two blocks (the
+        block being sealed, and the one its oldest visible token may start inside)."""
+        bs = self.block_size
+        return (-(-self.windows[i] // bs) + 2) * bs
 
     def advance(self, n: int) -> None:
         """Commit ``n`` tokens stored by :meth:`update` (after the call's attention is
@@ -186,6 +241,7 @@ class MLXCache:
             return
         while self._sealed + self.block_size <= self._length:
             self._seal()
+        self._drop_unseen()
         mx.eval(self.arrays())
 
     def _seal(self) -> None:
@@ -195,6 +251,9 @@ class MLXCache:
             return
         self._reserve_sealed(b)
         for i in range(self.num_layers):
+            if self._bounded[i]:  # room for the block: older rows no query sees go
+                self._rebase(i, min(a, self._unseen_before(i, self._length)), a)
+            r, q = a - self._first[i], b - self._first[i]
             for w in range(2):
                 tail = self._tail[i][w]
                 assert tail is not None
@@ -202,7 +261,7 @@ class MLXCache:
                 for buf, part in zip(
                     self._quant[i][w], quantize_kv(x, self.bits, self.group_size), strict=True
                 ):
-                    buf[:, :, a:b] = part
+                    buf[:, :, r:q] = part
             self._tail[i] = [None, None]  # the next block starts a new tail
         self._sealed = b
 
@@ -211,11 +270,95 @@ class MLXCache:
 
         Cutting inside a sealed block keeps only the whole sealed blocks before it: the cut
         block's tokens would have been float16, not quantized, so they must be recomputed.
+        A sliding-window layer takes back the hidden blocks the new end sees again; if
+        some were released, nothing is kept.
         """
-        self._length, self._sealed = truncation(
-            n, self._length, self._sealed, self.block_size, self.quantized
-        )
+        old_sealed = self._sealed
+        length, sealed = truncation(n, self._length, old_sealed, self.block_size, self.quantized)
+        for i in range(self.num_layers):
+            if self._bounded[i]:
+                first = min(sealed, self._unseen_before(i, length))
+                if first < min(self._first[i], sealed) and first < self._released:
+                    length = sealed = 0  # the window of the new end was released
+        self._length, self._sealed = length, sealed
+        self._hidden = {a: p for a, p in self._hidden.items() if a < sealed}
+        self._released = min(self._released, sealed)
+        for i in range(self.num_layers):
+            if self._bounded[i]:
+                held_end = min(old_sealed, sealed)
+                if self._first[i] > sealed:  # its rows are all cut away
+                    self._first[i] = held_end = sealed
+                self._rebase(i, min(sealed, self._unseen_before(i, length)), held_end)
+        mx.eval(self.arrays())
         return self._length
+
+    # -- sliding-window layers --------------------------------------------------------------
+    def _unseen_before(self, i: int, length: int) -> int:
+        """Start of the first block of layer ``i`` that a query at ``length`` or later may
+        see (a query at p sees tokens p-window+1..p)."""
+        bs = self.block_size
+        return max(0, length - self.windows[i] + 1) // bs * bs
+
+    def _drop_unseen(self) -> None:
+        for i in range(self.num_layers):
+            if self._bounded[i]:
+                first = min(self._sealed, self._unseen_before(i, self._length))
+                self._rebase(i, max(first, self._first[i]), self._sealed)
+
+    def _hidden_part(self, i: int, w: int, a: int) -> QuantizedKV:
+        part = self._hidden.get(a, {}).get(i)
+        if part is None:
+            raise ValueError(
+                f"layer {i} no longer holds tokens {a}..{a + self.block_size} "
+                f"(released: its window has passed them)"
+            )
+        return part[w]
+
+    def _rebase(self, i: int, first: int, held_end: int) -> None:
+        """Make sliding-window layer ``i``'s buffers hold sealed tokens ``first..sealed``,
+        given that they hold ``first[i]..held_end`` and every other block is hidden:
+        blocks before ``first`` become hidden, later ones move in from the hidden ones."""
+        old, bs = self._first[i], self.block_size
+        held_end = max(held_end, old)
+        if first == old and held_end == self._sealed:
+            return
+        if not self._quant[i][0]:
+            self._quant[i][:] = self._grown_parts(i, self._local_rows(i), 0)
+        if self._sealed - first > self._quant[i][0][0].shape[2]:
+            raise ValueError(f"layer {i} cannot hold tokens {first}..{self._sealed}")
+        for a in range(old, min(first, held_end), bs):  # leaving the buffers
+            self._hidden.setdefault(a, {})[i] = tuple(  # type: ignore[assignment]
+                self._export(i, w, a, a + bs, True) for w in range(2)
+            )
+        keep = max(old, first)
+        if keep < held_end and first != old:  # the rows kept move to their new place
+            n, src, dst = held_end - keep, keep - old, keep - first
+            for w in range(2):
+                for buf in self._quant[i][w]:
+                    buf[:, :, dst : dst + n] = buf[:, :, src : src + n]
+        self._first[i] = first
+        for a in range(first, self._sealed, bs):  # coming back from the hidden parts
+            if keep <= a < held_end:
+                continue
+            for w in range(2):
+                kv = self._hidden_part(i, w, a)
+                parts = (kv.packed, kv.scales, kv.biases)
+                for buf, part in zip(self._quant[i][w], parts, strict=True):
+                    buf[:, :, a - first : a - first + bs] = mx.array(part)[:, None]
+            self._hidden[a].pop(i)
+        self._hidden = {a: parts for a, parts in self._hidden.items() if parts}
+
+    def release_hidden(self, before: int | None = None) -> int:
+        """Free the hidden parts of blocks before token ``before`` (all when None): the
+        caller holds those blocks elsewhere or does not need them. Afterwards
+        :meth:`blocks` cannot export them, and a truncation that would need them keeps
+        nothing. Returns the bytes freed."""
+        end = self._sealed if before is None else before // self.block_size * self.block_size
+        freed = 0
+        for a in [a for a in self._hidden if a < end]:
+            freed += sum(kv.nbytes for parts in self._hidden.pop(a).values() for kv in parts)
+        self._released = max(self._released, end)
+        return freed
 
     # -- memory -----------------------------------------------------------------------------
     def arrays(self) -> list[mx.array]:
@@ -225,13 +368,27 @@ class MLXCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the arrays the cache holds (their whole capacity)."""
-        return sum(int(a.nbytes) for a in self.arrays())
+        """Bytes the cache holds: its buffers (their whole capacity) and its hidden parts."""
+        return self.buffer_nbytes() + self.hidden_nbytes()
+
+    def buffer_nbytes(self, layers: list[int] | None = None) -> int:
+        """Bytes of the buffers of ``layers`` (all when None): quantized rows and tails."""
+        total = 0
+        for i in range(self.num_layers) if layers is None else layers:
+            for w in range(2):
+                parts = [*self._quant[i][w], self._tail[i][w]]
+                total += sum(int(t.nbytes) for t in parts if t is not None)
+        return total
+
+    def hidden_nbytes(self) -> int:
+        """Bytes of the hidden parts (sliding-window layers' blocks out of their window)."""
+        return sum(kv.nbytes for p in self._hidden.values() for pair in p.values() for kv in pair)
 
     # -- export / import --------------------------------------------------------------------
     def blocks(self, start: int = 0) -> list[KVBlock]:
         """Stored blocks from the block holding ``start`` on: sealed (quantized, with key
-        abstracts) and the float16 tail, as numpy arrays (copies)."""
+        abstracts) and the float16 tail, as numpy arrays (copies, or the hidden parts
+        themselves: those never change)."""
         out, bs = [], self.block_size
         pos = start // bs * bs
         while pos < self._length:
@@ -259,7 +416,13 @@ class MLXCache:
             t = self._tail[i][0]
             assert t is not None
             return np.array(t[:, 0, a:b].astype(mx.float32))
-        parts = (t[:, 0, a:b] for t in self._quant[i][0])
+        if a < self._first[i]:
+            kv = self._hidden_part(i, 0, a)
+            parts = tuple(mx.array(x) for x in (kv.packed, kv.scales, kv.biases))
+        else:
+            parts = tuple(
+                t[:, 0, a - self._first[i] : b - self._first[i]] for t in self._quant[i][0]
+            )
         return np.array(hadamard_rotate(dequantize_kv(*parts, self.bits, self.group_size)))
 
     def _export(self, i: int, w: int, a: int, b: int, sealed: bool) -> QuantizedKV | np.ndarray:
@@ -268,14 +431,20 @@ class MLXCache:
             assert t is not None
             off = self.tail_start
             return np.array(t[:, 0, a - off : b - off])
-        p, s, z = (np.array(t[:, 0, a:b]) for t in self._quant[i][w])
+        if a < self._first[i]:
+            return self._hidden_part(i, w, a)
+        r, q = a - self._first[i], b - self._first[i]
+        p, s, z = (np.array(t[:, 0, r:q]) for t in self._quant[i][w])
         return QuantizedKV(
             packed=p.view(np.uint32), scales=s, biases=z, bits=self.bits, group_size=self.group_size
         )
 
     def append_blocks(self, blocks: list[KVBlock]) -> None:
-        """Append stored blocks (as exported, from any backend) after the held tokens."""
+        """Append stored blocks (as exported, from any backend) after the held tokens.
+        A sliding-window layer takes the sealed parts it will not attend to as hidden
+        parts (the block's own arrays, no copy)."""
         pos, sealed_end = self._length, self._sealed
+        held_end = self._sealed
         for block in blocks:
             if block.start != pos:
                 raise ValueError(f"block at {block.start} does not follow {pos} tokens")
@@ -311,28 +480,43 @@ class MLXCache:
             self._length = block.end
             if block.sealed:
                 self._sealed = block.end
+        for i in range(self.num_layers):
+            if self._bounded[i]:
+                first = min(self._sealed, self._unseen_before(i, self._length))
+                self._rebase(i, max(first, self._first[i]), held_end)
         mx.eval(self.arrays())
 
     def _load_sealed(self, blocks: list[KVBlock]) -> None:
-        """Quantized sealed blocks, contiguous from ``sealed_length``: one write per array."""
-        layout = (self.bits, self.group_size)
+        """Quantized sealed blocks, contiguous from ``sealed_length``: one write per array
+        (a sliding-window layer's parts are held as hidden parts until it rebases)."""
         a, b = blocks[0].start, blocks[-1].end
         self._reserve_sealed(b, exact=True)
         for i in range(self.num_layers):
+            for blk in blocks:
+                self._check_quantized(blk.layers[i].keys)
+                self._check_quantized(blk.layers[i].values)
+            if self._bounded[i]:
+                for blk in blocks:
+                    pair = (blk.layers[i].keys, blk.layers[i].values)
+                    self._hidden.setdefault(blk.start, {})[i] = pair  # type: ignore[assignment]
+                continue
             for w in range(2):
                 kvs = [blk.layers[i].values if w else blk.layers[i].keys for blk in blocks]
-                for kv in kvs:
-                    if not isinstance(kv, QuantizedKV) or (kv.bits, kv.group_size) != layout:
-                        got = kv.bits if isinstance(kv, QuantizedKV) else 16
-                        raise ValueError(
-                            f"blocks are not {self.bits}-bit group {self.group_size} K/V "
-                            f"(got {got}-bit)"
-                        )
                 parts = (
-                    np.concatenate([kv.packed for kv in kvs], axis=1),
-                    np.concatenate([kv.scales for kv in kvs], axis=1),
-                    np.concatenate([kv.biases for kv in kvs], axis=1),
+                    np.concatenate([kv.packed for kv in kvs], axis=1),  # type: ignore[union-attr]
+                    np.concatenate([kv.scales for kv in kvs], axis=1),  # type: ignore[union-attr]
+                    np.concatenate([kv.biases for kv in kvs], axis=1),  # type: ignore[union-attr]
                 )
                 for buf, part in zip(self._quant[i][w], parts, strict=True):
                     buf[:, :, a:b] = mx.array(part)[:, None]
         self._length = self._sealed = b
+
+    def _check_quantized(self, kv: QuantizedKV | np.ndarray) -> None:
+        if not isinstance(kv, QuantizedKV) or (kv.bits, kv.group_size) != (
+            self.bits,
+            self.group_size,
+        ):
+            got = kv.bits if isinstance(kv, QuantizedKV) else 16
+            raise ValueError(
+                f"blocks are not {self.bits}-bit group {self.group_size} K/V (got {got}-bit)"
+            )
