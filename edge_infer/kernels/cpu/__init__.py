@@ -122,6 +122,21 @@ def build_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def copy_sources(folder: Path) -> list[Path]:
+    """The sources and headers copied into ``folder/src`` (rewritten only when they differ):
+    the builder records source paths, so compiling from a copy named by content keeps a second
+    checkout or install of the same code from rebuilding the module. Returns the sources."""
+    dest = folder / "src"
+    dest.mkdir(exist_ok=True)
+    for source in [*SOURCES, *sorted(Path(__file__).parent.glob("*.h"))]:
+        data, copy = source.read_bytes(), dest / source.name
+        if not copy.is_file() or copy.read_bytes() != data:
+            tmp = copy.with_suffix(copy.suffix + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(copy)
+    return [dest / s.name for s in SOURCES]
+
+
 def load(verbose: bool = False) -> ModuleType | None:
     """The compiled kernel module, building it on first use; ``None`` if unavailable."""
     if not enabled():
@@ -165,7 +180,7 @@ def _build(verbose: bool) -> ModuleType | None:
         with build_lock(folder):
             return load_extension(
                 name=folder.name,
-                sources=[str(s) for s in SOURCES],
+                sources=[str(s) for s in copy_sources(folder)],
                 extra_cflags=_flags(),
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(folder),
