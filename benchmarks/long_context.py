@@ -13,7 +13,7 @@ decoding continues token-identically.
 
 ``--passkey``: the classic passkey test. A 5-digit key hidden at each ``--depths`` share of
 ``--tokens`` tokens of filler sentences, then "What is the pass key? The pass key is"; the
-same token ids go to edge-infer (torch, KV in ``--kv-bits``) and to llama.cpp
+same token ids go to edge-infer (torch, KV in each of ``--kv-bits``) and to llama.cpp
 (llama-cpp-python run by ``--llama-python``, same GGUF file, f16 KV with a full-size window
 cache so that a prefix can be cut back), each in its own process, both at once unless
 ``--serial``. Greedy decoding of ``--new`` tokens; a trial is a hit when the first 5-digit
@@ -126,7 +126,7 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return int(diff[0]) if len(diff) else n
 
 
-def passkey_worker(spec_path: str) -> None:
+def passkey_worker(spec_path: str, kv_bits: int) -> None:
     """edge-infer's side of ``--passkey``: one JSON line per trial (the answer's ids)."""
     import torch
 
@@ -134,7 +134,7 @@ def passkey_worker(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
-    engine = Engine.load(spec["model"], backend="torch", kv_bits=spec["kv_bits"])
+    engine = Engine.load(spec["model"], backend="torch", kv_bits=kv_bits)
     cache = engine.runner.new_cache()
     held: list[int] = []
     for trial in spec["trials"]:
@@ -152,7 +152,8 @@ def passkey_worker(spec_path: str) -> None:
         seconds = time.perf_counter() - t0
         print(json.dumps({"answer": out, "reused": reused, "seconds": seconds}), flush=True)
         print(
-            f"edge-infer: depth {trial['depth']:.0%} key {trial['key']}: {seconds:.0f} s",
+            f"edge-infer KV{kv_bits}: depth {trial['depth']:.0%} key {trial['key']}: "
+            f"{seconds:.0f} s",
             file=sys.stderr,
             flush=True,
         )
@@ -198,7 +199,6 @@ def passkey(args) -> None:
                 "trials": trials,
                 "new": args.new,
                 "threads": args.threads,
-                "kv_bits": args.kv_bits,
                 "kv": "f16",
             }
         )
@@ -206,16 +206,11 @@ def passkey(args) -> None:
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     )
-    commands = {
-        "edge-infer": [
-            sys.executable,
-            "-m",
-            "benchmarks.long_context",
-            "--passkey-worker",
-            str(spec),
-        ],
-        "llama.cpp": [_llama_python(args.llama_python), str(LLAMA_WORKER), str(spec)],
-    }
+    bits = [int(b) for b in args.kv_bits.split(",") if b]
+    worker = [sys.executable, "-m", "benchmarks.long_context", "--passkey-worker", str(spec)]
+    commands = {f"edge-infer KV{b}": [*worker, "--kv-bits", str(b)] for b in bits}
+    commands["llama.cpp"] = [_llama_python(args.llama_python), str(LLAMA_WORKER), str(spec)]
+    ours = [name for name in commands if name != "llama.cpp"]
     t0 = time.perf_counter()
     answers: dict[str, list[dict]] = {}
     procs = {}
@@ -246,44 +241,31 @@ def passkey(args) -> None:
                 "seconds": [g["seconds"] for g in got],
                 "reused": [g["reused"] for g in got],
             }
-        same = sum(
-            answers["edge-infer"][i]["answer"] == answers["llama.cpp"][i]["answer"] for i in idx
-        )
-        row["same_answer"] = same
+        for name in ours:
+            row[name]["same_as_llama_cpp"] = sum(
+                answers[name][i]["answer"] == answers["llama.cpp"][i]["answer"] for i in idx
+            )
         results.append(row)
-        e, m = row["edge-infer"], row["llama.cpp"]
         rows.append(
-            [
-                f"{depth:.0%}",
-                str(row["tokens"]),
-                f"{e['hits']}/{len(idx)}",
-                f"{m['hits']}/{len(idx)}",
-                f"{same}/{len(idx)}",
-                f"{np.median(e['seconds']):.0f}",
-                f"{np.median(m['seconds']):.0f}",
-            ]
+            [f"{depth:.0%}", str(row["tokens"])]
+            + [f"{row[name]['hits']}/{len(idx)}" for name in commands]
+            + [f"{row[name]['same_as_llama_cpp']}/{len(idx)}" for name in ours]
+            + [f"{np.median(row[name]['seconds']):.0f}" for name in commands]
         )
     print_table(
         f"Passkey retrieval, {args.model}, {args.tokens} tokens, greedy {args.new} tokens, "
-        f"{args.trials} keys per depth (seed {args.seed}); edge-infer torch KV {args.kv_bits}-bit, "
-        f"llama.cpp {version} f16 KV; {args.threads} threads each, "
-        f"{'one after the other' if args.serial else 'both at once'}, {elapsed:.0f} s in all",
-        [
-            "depth",
-            "tokens",
-            "edge-infer hits",
-            "llama.cpp hits",
-            "same answer ids",
-            "edge-infer s/trial",
-            "llama.cpp s/trial",
-        ],
+        f"{args.trials} keys per depth (seed {args.seed}); edge-infer torch, llama.cpp "
+        f"{version} f16 KV; {args.threads} threads each, "
+        f"{'one after the other' if args.serial else 'all at once'}, {elapsed:.0f} s in all",
+        ["depth", "tokens"]
+        + [f"{name} hits" for name in commands]
+        + [f"{name} same answer as llama.cpp" for name in ours]
+        + [f"{name} s/trial" for name in commands],
         rows,
     )
     for r in results:
-        print(
-            f"{r['depth']:.0%}: edge-infer {r['edge-infer']['answers']}\n"
-            f"     llama.cpp  {r['llama.cpp']['answers']}"
-        )
+        for name in commands:
+            print(f"{r['depth']:.0%} {name}: {r[name]['answers']}")
     print(f"\n{machine()}; shared, busy machine: seconds are indicative only")
     write_results(args.json, {"passkey": results, "model": args.model, "tokens": args.tokens})
 
@@ -299,7 +281,9 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=5, help="passkey keys per depth")
     p.add_argument("--depths", default="0.1,0.5,0.9")
     p.add_argument("--seed", type=int, default=0, help="passkey keys")
-    p.add_argument("--kv-bits", type=int, default=4, help="edge-infer KV bits (passkey)")
+    p.add_argument(
+        "--kv-bits", default="4", help="edge-infer KV bits, comma-separated (passkey: 4,8,16)"
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--llama-python", help="a Python with llama-cpp-python (passkey)")
     p.add_argument("--serial", action="store_true", help="passkey engines one after the other")
@@ -308,7 +292,7 @@ def main() -> None:
     p.add_argument("--passkey-worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.passkey_worker:
-        passkey_worker(args.passkey_worker)
+        passkey_worker(args.passkey_worker, int(args.kv_bits))
         return
     if args.tokens is None:
         args.tokens = 16384 if args.passkey else 24576
