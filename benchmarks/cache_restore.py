@@ -1,7 +1,9 @@
 """Time to first token with an agent's cache cold, warm (restored from disk in a new process)
-and hot (in memory), on the default model; bytes per token Q4 vs FP16; restore speed.
+and hot (in memory), on the default model or ``--model``; bytes per token Q4 vs FP16; restore
+speed.
 
     python -m benchmarks.cache_restore [--contexts 1024,2048,4096,8192] [--backend torch]
+        [--model gemma3-270m --contexts 4096,16384,32768]
 
 Cold: the agent's context (a slice of the Python docs) is prefilled from scratch. Warm: a new
 process loads the engine, then restores the agent from disk and answers one more short
@@ -29,7 +31,9 @@ QUESTION = "Summarise that in one sentence."
 
 def context_message(eng, n_tokens: int) -> str:
     """Text whose chat rendering is about ``n_tokens`` tokens."""
-    ids = eng.tokenize(corpus_text())[: n_tokens - 160]  # room for the template and a reply
+    # a slice long enough (a token is a few characters), without BOS: this is a message
+    ids = eng.tokenize(corpus_text()[: 8 * n_tokens], add_bos=False)
+    ids = ids[: n_tokens - 160]  # room for the template and a reply
     return eng.detokenize(ids)
 
 
@@ -41,11 +45,11 @@ def first_piece(agent, message: str) -> float:
     return t
 
 
-def worker(name: str, backend: str, kv_bits: int) -> None:
+def worker(name: str, model: str | None, backend: str, kv_bits: int) -> None:
     """Warm measurement in a fresh process: prints one JSON line."""
     from edge_infer import Engine
 
-    eng = Engine.load(backend=backend, kv_bits=kv_bits)
+    eng = Engine.load(model, backend=backend, kv_bits=kv_bits)
     eng.generate("Hello", max_tokens=2)  # first-call kernel set-up is not part of a restore
     t0 = time.perf_counter()
     agent = eng.agent(name)
@@ -91,7 +95,7 @@ def disk_read_mb_s(folder: Path, size: int = 256 << 20) -> float:
     return total / elapsed / 1e6
 
 
-def warm_run(name: str, backend: str, kv_bits: int) -> dict:
+def warm_run(name: str, model: str | None, backend: str, kv_bits: int) -> dict:
     """One warm measurement, in a new process."""
     proc = subprocess.run(
         [
@@ -104,6 +108,7 @@ def warm_run(name: str, backend: str, kv_bits: int) -> dict:
             backend,
             "--kv-bits",
             str(kv_bits),
+            *(["--model", model] if model else []),
         ],
         capture_output=True,
         text=True,
@@ -114,10 +119,10 @@ def warm_run(name: str, backend: str, kv_bits: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(n: int, backend: str, kv_bits: int, repeats: int) -> dict:
+def measure(n: int, model: str | None, backend: str, kv_bits: int, repeats: int) -> dict:
     from edge_infer import Engine
 
-    eng = Engine.load(backend=backend, kv_bits=kv_bits)
+    eng = Engine.load(model, backend=backend, kv_bits=kv_bits)
     name = f"bench-{n}-q{kv_bits}"
     eng.delete_agent(name)
     agent = eng.agent(name)
@@ -136,7 +141,7 @@ def measure(n: int, backend: str, kv_bits: int, repeats: int) -> dict:
     hot = first_piece(agent, QUESTION) - t0
     hot_cached = agent.usage.cached_tokens
     eng.flush()
-    runs = [warm_run(copy, backend, kv_bits) for copy in copies]
+    runs = [warm_run(copy, model, backend, kv_bits) for copy in copies]
     warm = {key: statistics.median(r[key] for r in runs) for key in ("ttft", "restore")}
     warm.update(cached=runs[0]["cached"], bytes=runs[0]["bytes"], runs=runs)
     return {
@@ -157,19 +162,20 @@ def main() -> None:
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--kv-bits", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3, help="warm runs per context (median)")
+    ap.add_argument("--model", help="a model file, folder or packaged key (default: the default)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.backend, args.kv_bits)
+        worker(args.worker, args.model, args.backend, args.kv_bits)
         return
     os.environ.setdefault("EDGE_INFER_CACHE_DIR", str(temporary_dir("edge-infer-bench-")))
     disk = disk_read_mb_s(Path(os.environ["EDGE_INFER_CACHE_DIR"]))
     rows, results = [], []
     for n in [int(x) for x in args.contexts.split(",") if x]:
         print(f"context {n} ...", flush=True)
-        r = measure(n, args.backend, args.kv_bits, args.repeats)
-        f16 = measure(n, args.backend, 16, args.repeats) if n == 1024 else None
+        r = measure(n, args.model, args.backend, args.kv_bits, args.repeats)
+        f16 = measure(n, args.model, args.backend, 16, args.repeats) if n == 1024 else None
         results.append({**r, "f16": f16})
         w = r["warm"]
         rows.append(
@@ -202,8 +208,8 @@ def main() -> None:
                 ]
             )
     print_table(
-        f"Agent cache restore, default model, {args.backend}, KV {args.kv_bits}-bit, disk reads "
-        f"{disk:.0f} MB/s (O_DIRECT) - {machine()}",
+        f"Agent cache restore, {args.model or 'default model'}, {args.backend}, KV "
+        f"{args.kv_bits}-bit, disk reads {disk:.0f} MB/s (O_DIRECT) - {machine()}; shared, busy",
         [
             "context tok",
             "cold TTFT ms",

@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: corpus text, timing statistics, table printing."""
+"""Shared helpers for the benchmarks: corpus text, passkey prompts, timing statistics, table
+printing."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import platform
 import shutil
 import statistics
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from pydoc_data.topics import topics
 
@@ -17,6 +19,56 @@ from pydoc_data.topics import topics
 def corpus_text() -> str:
     """Real English text: the Python documentation topics that ship with CPython."""
     return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+PASSKEY_FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+PASSKEY_INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+    "it. I will quiz you about the important information there.\n"
+)
+PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    """The classic passkey prompt as token pieces: ``before`` (intro and filler up to the key,
+    the same for every key at one depth), the ``needle`` holding the key, the filler ``after``
+    it and the ``question``."""
+
+    key: int
+    before: list[int]
+    needle: list[int]
+    after: list[int]
+    question: list[int]
+
+    @property
+    def ids(self) -> list[int]:
+        return self.before + self.needle + self.after + self.question
+
+
+def passkey_prompt(
+    encode: Callable[..., list[int]], tokens: int, depth: float, key: int, align: int = 1
+) -> PasskeyPrompt:
+    """A ``tokens``-token passkey prompt with ``key`` at ``depth`` (0..1) of it.
+
+    ``encode(text, add_bos=...)`` is a tokenizer's: only the intro gets the model's BOS. The
+    key starts on a multiple of ``align`` tokens, so that a cache of ``before`` can be cut
+    back exactly to it (a block boundary) for the next key."""
+    intro = encode(PASSKEY_INTRO)
+    question = encode(PASSKEY_QUESTION, add_bos=False)
+    needle = encode(PASSKEY_NEEDLE.format(key=key), add_bos=False)
+    filler = encode(PASSKEY_FILLER * (tokens // 8 + 8), add_bos=False)
+    body = tokens - len(intro) - len(needle) - len(question)
+    if body <= align:
+        raise ValueError(f"passkey prompt: {tokens} tokens leave no room for filler")
+    cut = round((len(intro) + depth * body) / align) * align
+    cut = min(max(cut, len(intro) + align - len(intro) % align), len(intro) + body)
+    before = intro + filler[: cut - len(intro)]
+    after = filler[cut - len(intro) : body]
+    return PasskeyPrompt(key, before, needle, after, question)
 
 
 def summarize(samples: Sequence[float]) -> tuple[float, float]:

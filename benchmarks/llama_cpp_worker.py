@@ -1,11 +1,13 @@
-"""llama-cpp-python's side of ``benchmarks/generate.py``, run by any Python that has it.
+"""llama-cpp-python's side of ``benchmarks/generate.py`` and of ``benchmarks/long_context.py
+--passkey``, run by any Python that has it.
 
     /path/to/venv/bin/python benchmarks/llama_cpp_worker.py SPEC.json
 
 It imports only the standard library, numpy and llama_cpp (so a separate virtualenv with its
-own llama.cpp build, e.g. one for AVX2 only, can run it). It prints one JSON line describing
-the engine, then answers each ``run`` line on stdin with one JSON line: prefill and decode
-tokens per second, greedy decoding on the same token ids.
+own llama.cpp build, e.g. one for AVX2 only, can run it). For ``generate.py`` it prints one
+JSON line describing the engine, then answers each ``run`` line on stdin with one JSON line:
+prefill and decode tokens per second, greedy decoding on the same token ids. A spec with
+``trials`` (passkey prompts as token ids) gets one JSON line per trial: the greedy answer's ids.
 """
 
 from __future__ import annotations
@@ -24,9 +26,61 @@ KV_TYPES = {
 }
 
 
+def passkey(spec: dict) -> None:
+    """Greedy answers to each trial's prompt; the cache is cut back to the prefix a prompt
+    shares with the one before (the window layers keep every position, ``swa_full``, so that
+    it can be)."""
+    trials, n_new, threads = spec["trials"], spec["new"], spec["threads"]
+    kv = spec.get("kv", "f16")
+    llm = llama_cpp.Llama(
+        model_path=spec["model"],
+        n_ctx=max(len(t["ids"]) for t in trials) + n_new + 16,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        type_k=KV_TYPES[kv],
+        type_v=KV_TYPES[kv],
+        flash_attn=kv != "f16",
+        swa_full=True,
+        verbose=False,
+    )
+    n_vocab = llm.n_vocab()
+    version = getattr(llama_cpp, "__version__", "?")
+    held: list[int] = []
+    for trial in trials:
+        ids = trial["ids"]
+        t0 = time.perf_counter()
+        reused = 0
+        while reused < min(len(held), len(ids) - 1) and held[reused] == ids[reused]:
+            reused += 1
+        if not llm._ctx.kv_cache_seq_rm(-1, reused, -1):
+            reused = 0
+        llm.n_tokens = reused
+        llm.eval(ids[reused:])
+        out: list[int] = []
+        while True:
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+            out.append(int(np.argmax(logits)))
+            if len(out) == n_new:
+                break
+            llm.eval([out[-1]])
+        held = ids + out[:-1]
+        seconds = time.perf_counter() - t0
+        line = {"answer": out, "reused": reused, "seconds": seconds, "version": version}
+        print(json.dumps(line), flush=True)
+        print(
+            f"llama.cpp: depth {trial['depth']:.0%} key {trial['key']}: {seconds:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
+    if "trials" in spec:
+        passkey(spec)
+        return
     ids, n_decode, threads = spec["ids"], spec["decode_tokens"], spec["threads"]
     kv = spec.get("kv", "f16")
     llm = llama_cpp.Llama(

@@ -40,7 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import corpus_text, machine, print_table, write_results
+from benchmarks.common import (
+    corpus_text,
+    machine,
+    passkey_prompt,
+    print_table,
+    write_results,
+)
 from edge_infer.backends.torch.backend import TorchBackend
 from edge_infer.generation.sampling import log_softmax
 from edge_infer.models.default_model import default_model_path
@@ -220,42 +226,24 @@ def decode_run(backend, blocks, ids, n_layers, policy: SparsePolicy | None):
     return np.array(out), np.array(ms), share
 
 
-FILLER = (
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-)
-INTRO = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
-    "it. I will quiz you about the important information there.\n"
-)
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
-QUESTION = "\nWhat is the pass key? The pass key is"
-
-
 def passkey(backend, tokenizer, n_layers, policy, tokens, depths, trials, block_size):
     """Accuracy per depth, dense and sparse, of greedy retrieval of a 5-digit key."""
     rng = np.random.default_rng(0)
-    enc = tokenizer.encode
-    intro = enc(INTRO)
-    question = enc(QUESTION)
-    filler = enc(FILLER * (tokens // 8))
-    needle_len = len(enc(NEEDLE.format(key=12345)))
-    body = tokens - len(intro) - len(question) - needle_len - 8
     rows, results = [], []
     for depth in depths:
         # the text before the key ends on a block boundary: one prefill of it serves every
         # trial at this depth
-        cut = max(block_size, round((len(intro) + depth * body) / block_size) * block_size)
-        before = intro + filler[: cut - len(intro)]
-        after = filler[cut - len(intro) : body]
+        keys = [int(k) for k in rng.integers(10000, 100000, size=trials)]
+        prompts = [passkey_prompt(tokenizer.encode, tokens, depth, k, block_size) for k in keys]
         t0 = time.perf_counter()
         cache = backend.new_cache()
-        backend.forward(np.asarray(before), cache)
+        backend.forward(np.asarray(prompts[0].before), cache)
         shared = cache.blocks()
         hits = {"dense": 0, "sparse": 0}
-        for _ in range(trials):
-            key = int(rng.integers(10000, 100000))
+        for prompt in prompts:
+            key, question = prompt.key, prompt.question
             cache = restored(backend, shared)
-            backend.forward(np.asarray(enc(NEEDLE.format(key=key)) + after), cache)
+            backend.forward(np.asarray(prompt.needle + prompt.after), cache)
             context = cache.blocks()
             for mode in hits:
                 cache = restored(backend, context)
@@ -269,7 +257,7 @@ def passkey(backend, tokenizer, n_layers, policy, tokens, depths, trials, block_
                     answer.append(tok)
                 found = re.search(r"\d{5}", tokenizer.decode(answer))
                 hits[mode] += bool(found and int(found.group()) == key)
-        length = len(before) + needle_len + len(after) + len(question)
+        length = len(prompts[0].ids)
         results.append({"depth": depth, "tokens": length, "trials": trials, **hits})
         rows.append(
             [

@@ -381,9 +381,12 @@ class TorchKVCache:
         keep = max(old, first)
         if keep < held_end and first != old:  # the rows kept move (clone: they may overlap)
             n, src, dst = held_end - keep, keep - old, keep - first
-            for w in range(2):
-                for t in self._quant[i][w]:
-                    t[:, dst : dst + n] = t[:, src : src + n].clone()
+            # the buffers were carved during a forward pass (inference tensors): only an
+            # inference-mode update may write them in place
+            with torch.inference_mode():
+                for w in range(2):
+                    for t in self._quant[i][w]:
+                        t[:, dst : dst + n] = t[:, src : src + n].clone()
         self._first[i] = first
         for a in range(first, self._sealed, bs):  # coming back from the hidden parts
             if keep <= a < held_end:
