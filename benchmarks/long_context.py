@@ -266,7 +266,7 @@ def passkey(args) -> None:
     for r in results:
         for name in commands:
             print(f"{r['depth']:.0%} {name}: {r[name]['answers']}")
-    print(f"\n{machine()}; shared, busy machine: seconds are indicative only")
+    print(f"\n{machine()}")
     write_results(args.json, {"passkey": results, "model": args.model, "tokens": args.tokens})
 
 
@@ -321,7 +321,7 @@ def main() -> None:
             ]
         )
     print_table(
-        f"{args.tokens}-token prompt, {args.model}, torch CPU ({machine()}; shared, busy)",
+        f"{args.tokens}-token prompt, {args.model}, torch CPU ({machine()})",
         [
             "run",
             "s",

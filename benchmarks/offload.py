@@ -309,7 +309,7 @@ def main() -> None:
         results = passkey(
             backend, model.tokenizer, n_layers, policy, args.tokens, depths, args.trials, 256
         )
-        print(f"\n{machine()}; shared, busy machine")
+        print(f"\n{machine()}")
         write_results(args.json, {"passkey": results, "policy": describe(policy)})
         return
     specs = args.policy or ["select=bound", "select=oracle", "select=window"]
@@ -428,7 +428,7 @@ def main() -> None:
         ],
         rows,
     )
-    print(f"\n{machine()}; shared, busy machine: timings are indicative only")
+    print(f"\n{machine()}")
     write_results(args.json, results)
 
 

@@ -271,7 +271,7 @@ def main() -> None:
         layers = vspec.tower.layers
         print_table(
             f"{name}: {w}x{h} image, vision tower random ({layers} layers), text {text_name}"
-            f" (torch/{runner.backend.device}); {machine()}; shared, busy machine",
+            f" (torch/{runner.backend.device}); {machine()}",
             [
                 "method",
                 "image tokens",
