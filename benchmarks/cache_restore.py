@@ -209,7 +209,7 @@ def main() -> None:
             )
     print_table(
         f"Agent cache restore, {args.model or 'default model'}, {args.backend}, KV "
-        f"{args.kv_bits}-bit, disk reads {disk:.0f} MB/s (O_DIRECT) - {machine()}; shared, busy",
+        f"{args.kv_bits}-bit, disk reads {disk:.0f} MB/s (O_DIRECT) - {machine()}",
         [
             "context tok",
             "cold TTFT ms",
