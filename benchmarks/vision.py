@@ -3,7 +3,6 @@
     python -m benchmarks.vision [--shape smolvlm|llava-next|both] [--image 1024x768]
                                 [--decode-tokens 16] [--vision-layers N] [--json PATH]
                                 [--text-model default|llama-1b|llama-7b]
-                                [--scene photo|half-blank]
 
 Vision towers and projectors have real shapes but random weights (no VLM weights can be had
 here), so the table measures cost, not answer quality. The text model is the default model's
@@ -139,17 +138,14 @@ def random_text_gguf(folder: Path, shape: str) -> Path:
     return path
 
 
-def test_image(w: int, h: int, scene: str = "photo") -> Image.Image:
-    """A scene-like picture: a sky gradient, a bright object off centre, texture below
-    (``half-blank``: its right half a flat mid-grey, as a plain wall or an empty page)."""
+def test_image(w: int, h: int) -> Image.Image:
+    """A scene-like picture: a sky gradient, a bright object off centre, texture below."""
     y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
     img = np.stack([40 + 80 * y, 90 + 100 * y, 200 - 60 * y], axis=-1)
     obj = ((x - 0.7) ** 2 + (y - 0.35) ** 2) < 0.02
     img[obj] = (230, 60, 40)
     rng = np.random.default_rng(0)
     img[y > 0.75] = rng.integers(40, 120, size=(int((y > 0.75).sum()), 3))
-    if scene == "half-blank":
-        img[:, w // 2 :] = 128
     return Image.fromarray(img.astype(np.uint8))
 
 
@@ -218,12 +214,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=["smolvlm", "llava-next", "both"], default="both")
     ap.add_argument("--image", default="1024x768", help="WIDTHxHEIGHT of the test image")
-    ap.add_argument(
-        "--scene",
-        choices=["photo", "half-blank"],
-        default="photo",
-        help="the test picture; half-blank leaves tiles with nothing in them",
-    )
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--vision-layers", type=int, default=None, help="fewer layers: a quick run")
     ap.add_argument("--json", type=Path, default=None, help="also save the figures here")
@@ -235,7 +225,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     w, h = (int(v) for v in args.image.split("x"))
-    image = test_image(w, h, args.scene)
+    image = test_image(w, h)
     torch.manual_seed(0)
     if args.text_model == "default":
         model, text_name = load_model(None), "SmolLM2-135M Q4_1"
@@ -280,7 +270,7 @@ def main() -> None:
             )
         layers = vspec.tower.layers
         print_table(
-            f"{name}: {w}x{h} {args.scene} image, vision tower random ({layers} layers), "
+            f"{name}: {w}x{h} image, vision tower random ({layers} layers), "
             f"text {text_name} (torch/{runner.backend.device}); {machine()}",
             [
                 "method",
