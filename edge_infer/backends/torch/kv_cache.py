@@ -544,9 +544,11 @@ class TorchKVCache:
             self.bits,
             self.group_size,
         ):
+            got = (
+                f"{kv.bits}-bit group {kv.group_size}" if isinstance(kv, QuantizedKV) else "float16"
+            )
             raise ValueError(
-                f"blocks are not {self.bits}-bit group {self.group_size} K/V "
-                f"(got {getattr(kv, 'bits', 16)}-bit)"
+                f"blocks are not {self.bits}-bit group {self.group_size} K/V (got {got})"
             )
 
     def _load(

@@ -157,3 +157,14 @@ def test_truncating_into_released_tokens_keeps_nothing(gemma):
     with pytest.raises(ValueError, match="no longer holds"):
         cache.blocks()
     assert len(cache.blocks(256)) == 7  # the blocks from 256 on are whole
+
+
+def test_blocks_of_another_kv_format_are_refused_naming_both(gemma, tmp_path):
+    backend, ids = gemma
+    model = load_model(write_tiny_gemma3_gguf(tmp_path / "g.gguf", "Q8_0")["path"])
+    wide = TorchBackend(model, device="cpu", kv_bits=8, kv_group_size=32)
+    source = new_cache(wide)
+    run(wide, source, ids[:70])
+    blocks = [b for b in source.blocks() if b.sealed]
+    with pytest.raises(ValueError, match="not 4-bit group 32 K/V \\(got 8-bit group 32\\)"):
+        new_cache(backend).append_blocks(blocks)
