@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,6 +43,16 @@ def is_vlm_dir(path: Path) -> bool:
     """Whether ``path`` is a Hugging Face VLM directory (its config has a vision side)."""
     cfg = path / "config.json"
     return path.is_dir() and cfg.is_file() and "vision_config" in json.loads(cfg.read_text())
+
+
+def return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system: glibc keeps freed blocks below its
+    mmap threshold (a model's per-layer arrays) for reuse, so they would still count as the
+    process's memory. Elsewhere this does nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def mmproj_image_spec(path: Path) -> ImageSpec:
@@ -183,6 +195,10 @@ class Engine:
                 visual_method,
                 budget,
             )
+        # the backend holds the weights in its own form now; the loader's copy would double
+        # the model's memory for as long as the engine lives
+        loaded = dataclasses.replace(loaded, weights={})
+        return_freed_memory()
         return cls(loaded, be, prefill_chunk=prefill_chunk, vision=vision)
 
     @property

@@ -21,6 +21,14 @@ def test_load_default_model_auto_backend():
     assert eng.context_length == 8192
 
 
+def test_load_keeps_the_weights_once_and_answers_as_a_fresh_backend(torch_engine):
+    """The backend holds the weights in its own form; the loader's copy is let go."""
+    eng = Engine.load(backend="torch", kv_bits=16)
+    assert eng.model.weights == {}
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    assert eng.chat(QUESTION, params) == torch_engine.chat(QUESTION, params)
+
+
 def test_chat_answers_and_stops_at_end_of_turn(torch_engine):
     reply = torch_engine.chat(QUESTION, temperature=0, max_tokens=48)
     assert "Paris" in reply
