@@ -29,6 +29,7 @@ import numpy as np
 from edge_infer.backends.mlx.kv_quant import dequantize_kv, quantize_kv
 from edge_infer.cache_store.blocks import KVBlock, key_bounds, tokens_to_block_end, truncation
 from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV
+from edge_infer.cache_store.window import HiddenParts, unseen_before
 
 DEFAULT_BLOCK_SIZE = 256
 TAIL_STEP = 64  # rows the float16 tail grows by: a short tail holds little more than itself
@@ -102,12 +103,11 @@ class MLXCache:
             raise ValueError(f"windows must list {num_layers} sizes >= 0 (got {windows})")
         # sliding-window layers hold sealed tokens first[i].. in their quantized buffers (a
         # fixed number of rows); the parts of older sealed blocks are "hidden": numpy arrays
-        # by block start, unless released (blocks before ``_released``)
+        # by block start, unless released
         # (``bounded=False`` keeps every block in the buffers: the reference of tests)
         self._bounded = [bool(w) and kv_bits < 16 and bounded for w in self.windows]
         self._first = [0] * num_layers
-        self._hidden: dict[int, dict[int, tuple[QuantizedKV, QuantizedKV]]] = {}
-        self._released = 0
+        self._hidden = HiddenParts(block_size)
 
     # -- what attention reads ---------------------------------------------------------------
     @property
@@ -278,11 +278,10 @@ class MLXCache:
         for i in range(self.num_layers):
             if self._bounded[i]:
                 first = min(sealed, self._unseen_before(i, length))
-                if first < min(self._first[i], sealed) and first < self._released:
+                if first < min(self._first[i], sealed) and first < self._hidden.released:
                     length = sealed = 0  # the window of the new end was released
         self._length, self._sealed = length, sealed
-        self._hidden = {a: p for a, p in self._hidden.items() if a < sealed}
-        self._released = min(self._released, sealed)
+        self._hidden.cut(sealed)
         for i in range(self.num_layers):
             if self._bounded[i]:
                 held_end = min(old_sealed, sealed)
@@ -294,25 +293,13 @@ class MLXCache:
 
     # -- sliding-window layers --------------------------------------------------------------
     def _unseen_before(self, i: int, length: int) -> int:
-        """Start of the first block of layer ``i`` that a query at ``length`` or later may
-        see (a query at p sees tokens p-window+1..p)."""
-        bs = self.block_size
-        return max(0, length - self.windows[i] + 1) // bs * bs
+        return unseen_before(length, self.windows[i], self.block_size)
 
     def _drop_unseen(self) -> None:
         for i in range(self.num_layers):
             if self._bounded[i]:
                 first = min(self._sealed, self._unseen_before(i, self._length))
                 self._rebase(i, max(first, self._first[i]), self._sealed)
-
-    def _hidden_part(self, i: int, w: int, a: int) -> QuantizedKV:
-        part = self._hidden.get(a, {}).get(i)
-        if part is None:
-            raise ValueError(
-                f"layer {i} no longer holds tokens {a}..{a + self.block_size} "
-                f"(released: its window has passed them)"
-            )
-        return part[w]
 
     def _rebase(self, i: int, first: int, held_end: int) -> None:
         """Make sliding-window layer ``i``'s buffers hold sealed tokens ``first..sealed``,
@@ -327,8 +314,8 @@ class MLXCache:
         if self._sealed - first > self._quant[i][0][0].shape[2]:
             raise ValueError(f"layer {i} cannot hold tokens {first}..{self._sealed}")
         for a in range(old, min(first, held_end), bs):  # leaving the buffers
-            self._hidden.setdefault(a, {})[i] = tuple(  # type: ignore[assignment]
-                self._export(i, w, a, a + bs, True) for w in range(2)
+            self._hidden.put(
+                a, i, (self._export(i, 0, a, a + bs, True), self._export(i, 1, a, a + bs, True))
             )
         keep = max(old, first)
         if keep < held_end and first != old:  # the rows kept move to their new place
@@ -341,12 +328,11 @@ class MLXCache:
             if keep <= a < held_end:
                 continue
             for w in range(2):
-                kv = self._hidden_part(i, w, a)
+                kv = self._hidden.get(a, i, w)
                 parts = (kv.packed, kv.scales, kv.biases)
                 for buf, part in zip(self._quant[i][w], parts, strict=True):
                     buf[:, :, a - first : a - first + bs] = mx.array(part)[:, None]
-            self._hidden[a].pop(i)
-        self._hidden = {a: parts for a, parts in self._hidden.items() if parts}
+            self._hidden.drop(a, i)
 
     def release_hidden(self, before: int | None = None) -> int:
         """Free the hidden parts of blocks before token ``before`` (all when None): the
@@ -354,11 +340,7 @@ class MLXCache:
         :meth:`blocks` cannot export them, and a truncation that would need them keeps
         nothing. Returns the bytes freed."""
         end = self._sealed if before is None else before // self.block_size * self.block_size
-        freed = 0
-        for a in [a for a in self._hidden if a < end]:
-            freed += sum(kv.nbytes for parts in self._hidden.pop(a).values() for kv in parts)
-        self._released = max(self._released, end)
-        return freed
+        return self._hidden.release(end)
 
     # -- memory -----------------------------------------------------------------------------
     def arrays(self) -> list[mx.array]:
@@ -382,7 +364,7 @@ class MLXCache:
 
     def hidden_nbytes(self) -> int:
         """Bytes of the hidden parts (sliding-window layers' blocks out of their window)."""
-        return sum(kv.nbytes for p in self._hidden.values() for pair in p.values() for kv in pair)
+        return self._hidden.nbytes
 
     # -- export / import --------------------------------------------------------------------
     def blocks(self, start: int = 0) -> list[KVBlock]:
@@ -417,7 +399,7 @@ class MLXCache:
             assert t is not None
             return np.array(t[:, 0, a:b].astype(mx.float32))
         if a < self._first[i]:
-            kv = self._hidden_part(i, 0, a)
+            kv = self._hidden.get(a, i, 0)
             parts = tuple(mx.array(x) for x in (kv.packed, kv.scales, kv.biases))
         else:
             parts = tuple(
@@ -432,7 +414,7 @@ class MLXCache:
             off = self.tail_start
             return np.array(t[:, 0, a - off : b - off])
         if a < self._first[i]:
-            return self._hidden_part(i, w, a)
+            return self._hidden.get(a, i, w)
         r, q = a - self._first[i], b - self._first[i]
         p, s, z = (np.array(t[:, 0, r:q]) for t in self._quant[i][w])
         return QuantizedKV(
@@ -498,7 +480,7 @@ class MLXCache:
             if self._bounded[i]:
                 for blk in blocks:
                     pair = (blk.layers[i].keys, blk.layers[i].values)
-                    self._hidden.setdefault(blk.start, {})[i] = pair  # type: ignore[assignment]
+                    self._hidden.put(blk.start, i, pair)
                 continue
             for w in range(2):
                 kvs = [blk.layers[i].values if w else blk.layers[i].keys for blk in blocks]

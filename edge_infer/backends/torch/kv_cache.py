@@ -31,6 +31,7 @@ from edge_infer.backends.torch.kv_quant import dequantize_kv, quantize_kv
 from edge_infer.cache_store.blocks import KVBlock, key_bounds, tokens_to_block_end, truncation
 from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV
 from edge_infer.cache_store.rotation import hadamard
+from edge_infer.cache_store.window import HiddenParts, unseen_before
 from edge_infer.offload.index import SparseState
 
 DEFAULT_BLOCK_SIZE = 256
@@ -87,12 +88,11 @@ class TorchKVCache:
         self._pointers: list[list[int]] | None = None  # per layer, for the attention kernel
         # sliding-window layers hold sealed tokens first[i].. in their quantized buffers
         # (a bounded number of rows); the parts of older sealed blocks are "hidden": kept
-        # as host arrays by block start, unless released (blocks before ``_released``)
+        # as host arrays by block start, unless released
         # (``bounded=False`` keeps every block in the buffers: the reference of tests)
         self._bounded = [bool(w) and kv_bits < 16 and bounded for w in self.windows]
         self._first = [0] * num_layers
-        self._hidden: dict[int, dict[int, tuple[QuantizedKV, QuantizedKV]]] = {}
-        self._released = 0
+        self._hidden = HiddenParts(block_size)
         self._length = 0
         self._sealed = 0
         # set to decode attending only selected pages of the sealed tokens (one new token
@@ -333,10 +333,7 @@ class TorchKVCache:
 
     # -- sliding-window layers ------------------------------------------------------------
     def _unseen_before(self, i: int, length: int) -> int:
-        """Start of the first block of layer ``i`` that a query at ``length`` or later may
-        see (a query at p sees tokens p-window+1..p)."""
-        bs = self.block_size
-        return max(0, length - self.windows[i] + 1) // bs * bs
+        return unseen_before(length, self.windows[i], self.block_size)
 
     def _drop_unseen(self) -> None:
         for i in range(self.num_layers):
@@ -351,18 +348,9 @@ class TorchKVCache:
             return [t[:, a - self._first[i] : b - self._first[i]] for t in self._quant[i][w]]
         if b - a != self.block_size or a % self.block_size:
             raise ValueError(f"tokens {a}..{b} of layer {i} are not one hidden block")
-        kv = self._hidden_part(i, w, a)
+        kv = self._hidden.get(a, i, w)
         parts = (kv.packed.view(np.int32), kv.scales, kv.biases)
         return [_tensor(x).to(self.device) for x in parts]
-
-    def _hidden_part(self, i: int, w: int, a: int) -> QuantizedKV:
-        part = self._hidden.get(a, {}).get(i)
-        if part is None:
-            raise ValueError(
-                f"layer {i} no longer holds tokens {a}..{a + self.block_size} "
-                f"(released: its window has passed them)"
-            )
-        return part[w]
 
     def _rebase(self, i: int, first: int, held_end: int) -> None:
         """Make sliding-window layer ``i``'s buffers hold sealed tokens ``first..sealed``,
@@ -375,8 +363,8 @@ class TorchKVCache:
         if self._sealed - first > self._quant[i][0][0].shape[1]:
             raise ValueError(f"layer {i} cannot hold tokens {first}..{self._sealed}")
         for a in range(old, min(first, held_end), bs):  # leaving the buffers
-            self._hidden.setdefault(a, {})[i] = tuple(  # type: ignore[assignment]
-                self._export(i, w, a, a + bs, True) for w in range(2)
+            self._hidden.put(
+                a, i, (self._export(i, 0, a, a + bs, True), self._export(i, 1, a, a + bs, True))
             )
         keep = max(old, first)
         if keep < held_end and first != old:  # the rows kept move (clone: they may overlap)
@@ -392,9 +380,8 @@ class TorchKVCache:
             if keep <= a < held_end:
                 continue
             for w in range(2):
-                self._write_rows(i, w, self._hidden_part(i, w, a), a, a + bs)
-            self._hidden[a].pop(i)
-        self._hidden = {a: parts for a, parts in self._hidden.items() if parts}
+                self._write_rows(i, w, self._hidden.get(a, i, w), a, a + bs)
+            self._hidden.drop(a, i)
         self._pointers = None
 
     def release_hidden(self, before: int | None = None) -> int:
@@ -403,11 +390,7 @@ class TorchKVCache:
         :meth:`blocks` cannot export them, and a truncation that would need them keeps
         nothing. Returns the bytes freed."""
         end = self._sealed if before is None else before // self.block_size * self.block_size
-        freed = 0
-        for a in [a for a in self._hidden if a < end]:
-            freed += sum(kv.nbytes for parts in self._hidden.pop(a).values() for kv in parts)
-        self._released = max(self._released, end)
-        return freed
+        return self._hidden.release(end)
 
     @property
     def nbytes(self) -> int:
@@ -425,7 +408,7 @@ class TorchKVCache:
 
     def hidden_nbytes(self) -> int:
         """Bytes of the hidden parts (sliding-window layers' blocks out of their window)."""
-        return sum(kv.nbytes for p in self._hidden.values() for pair in p.values() for kv in pair)
+        return self._hidden.nbytes
 
     def truncate(self, n: int) -> int:
         """Keep at most the first ``n`` tokens; returns how many are kept.
@@ -440,11 +423,10 @@ class TorchKVCache:
         for i in range(self.num_layers):
             if self._bounded[i]:
                 first = min(sealed, self._unseen_before(i, length))
-                if first < min(self._first[i], sealed) and first < self._released:
+                if first < min(self._first[i], sealed) and first < self._hidden.released:
                     length = sealed = 0  # the window of the new end was released
         self._length, self._sealed = length, sealed
-        self._hidden = {a: p for a, p in self._hidden.items() if a < sealed}
-        self._released = min(self._released, sealed)
+        self._hidden.cut(sealed)
         for i in range(self.num_layers):
             if self._bounded[i]:
                 held_end = min(old_sealed, sealed)
@@ -499,7 +481,7 @@ class TorchKVCache:
         if not sealed or self.bits == 16:
             return _numpy_copy(self._tail(i, w, a, b))
         if a < self._first[i]:
-            return self._hidden_part(i, w, a)
+            return self._hidden.get(a, i, w)
         p, s, z = (_numpy_copy(t) for t in self._rows(i, w, a, b))
         return QuantizedKV(
             packed=p.view(np.uint32), scales=s, biases=z, bits=self.bits, group_size=self.group_size
@@ -527,7 +509,7 @@ class TorchKVCache:
                     pair = (lkv.keys, lkv.values)
                     for kv in pair:
                         self._check_quantized(kv)
-                    self._hidden.setdefault(block.start, {})[i] = pair  # type: ignore[assignment]
+                    self._hidden.put(block.start, i, pair)
                     continue
                 for w, kv in enumerate((lkv.keys, lkv.values)):
                     self._load(i, w, kv, block.start, block.end, quantized)
