@@ -6,9 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +13,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from edge_infer.engine import Engine  # noqa: E402
-from tests.support import REPO  # noqa: E402
+from tests.support.image_agent_script import image_agent_turns  # noqa: E402
 from tests.support.vision_images import synthetic  # noqa: E402
 from tests.support.vision_models import llava_user_dir  # noqa: E402
 
@@ -141,7 +138,6 @@ def test_llava_next_text_gguf_with_mmproj_answers_as_its_directory(tmp_path):
     """llama.cpp's text GGUF + LLaVA-NeXT mmproj through Engine.load and an agent's chat:
     anyres tiles from the mmproj's pinpoints, and the reply the same weights give as one HF
     directory with the same preprocessing."""
-    import json
 
     from edge_infer.engine import mmproj_image_spec
     from edge_infer.vision.preprocess import image_token_count, preprocess
@@ -301,44 +297,16 @@ def test_tools_are_rendered_with_images(llava):
     assert with_tools.ids.count(271) == plain.ids.count(271) == 16
 
 
-AGENT_SCRIPT = """
-import json, sys
-from edge_infer.engine import Engine
-vlm, backend, name, image, *turns = sys.argv[1:]
-eng = Engine.load(vlm, backend, kv_bits=16, visual_method="full")
-agent = eng.agent(name)
-for i, text in enumerate(turns):
-    images = [image] if i == 0 and image != "-" else []
-    reply = agent.chat(text, images=images, max_tokens=6, temperature=0.0, ignore_eos=True)
-    u = agent.usage
-    ids = eng.agent_manager.state(name).token_ids
-    print(json.dumps({"reply": reply, "prompt": u.prompt_tokens, "cached": u.cached_tokens,
-                      "image": u.image_tokens, "ids": ids}))
-eng.flush()
-"""
-
-
-def agent_turns(vlm, backend, cache_dir, name, image, *turns) -> list[dict]:
-    proc = subprocess.run(
-        [sys.executable, "-c", AGENT_SCRIPT, str(vlm), backend, name, str(image), *turns],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-        env={**os.environ, "EDGE_INFER_CACHE_DIR": str(cache_dir)},
-    )
-    assert proc.returncode == 0, proc.stderr
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-
-
 def test_mlx_agent_with_an_image_restores_in_a_new_process_token_identically(llava, tmp_path):
     pytest.importorskip("mlx.core")
     path, _ = llava
     pic = tmp_path / "pic.png"
     synthetic(41, 57, seed=9).save(pic)
-    first = agent_turns(path, "mlx", tmp_path / "a", "iris", pic, "what is it?")
-    restored = agent_turns(path, "mlx", tmp_path / "a", "iris", "-", "and then?")
-    continued = agent_turns(path, "mlx", tmp_path / "b", "iris", pic, "what is it?", "and then?")
+    first = image_agent_turns(path, "mlx", tmp_path / "a", "iris", pic, "what is it?")
+    restored = image_agent_turns(path, "mlx", tmp_path / "a", "iris", "-", "and then?")
+    continued = image_agent_turns(
+        path, "mlx", tmp_path / "b", "iris", pic, "what is it?", "and then?"
+    )
     assert first[0]["image"] == 16 and first[0]["cached"] == 0
     assert first[0]["reply"] == continued[0]["reply"]
     assert restored[0]["ids"] == continued[1]["ids"]

@@ -2,48 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
 
 from edge_infer.agents.images import ImagePrompt  # noqa: E402
-from tests.support import REPO  # noqa: E402
+from tests.support.image_agent_script import image_agent_turns  # noqa: E402
 from tests.support.vision_images import synthetic  # noqa: E402
 from tests.support.vision_models import llava_user_dir  # noqa: E402
-
-SCRIPT = """
-import json, sys
-from edge_infer.engine import Engine
-vlm, name, image, *turns = sys.argv[1:]
-eng = Engine.load(vlm, "torch", kv_bits=16, visual_method="full")
-agent = eng.agent(name)
-for i, text in enumerate(turns):
-    images = [image] if i == 0 and image != "-" else []
-    reply = agent.chat(text, images=images, max_tokens=6, temperature=0.0, ignore_eos=True)
-    u = agent.usage
-    print(json.dumps({"reply": reply, "prompt": u.prompt_tokens, "cached": u.cached_tokens,
-                      "image": u.image_tokens}))
-eng.flush()
-"""
-
-
-def run_turns(vlm, cache_dir, name, image, *turns) -> list[dict]:
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(vlm), name, str(image), *turns],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-        env={**os.environ, "EDGE_INFER_CACHE_DIR": str(cache_dir)},
-    )
-    assert proc.returncode == 0, proc.stderr
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +23,11 @@ def vlm(tmp_path_factory):
 def test_agent_with_an_image_restores_in_a_new_process_token_identically(vlm, tmp_path):
     pic = tmp_path / "pic.png"
     synthetic(41, 57, seed=9).save(pic)
-    first = run_turns(vlm, tmp_path / "a", "alice", pic, "what is it?")
-    restored = run_turns(vlm, tmp_path / "a", "alice", "-", "and then?")
-    continued = run_turns(vlm, tmp_path / "b", "alice", pic, "what is it?", "and then?")
+    first = image_agent_turns(vlm, "torch", tmp_path / "a", "alice", pic, "what is it?")
+    restored = image_agent_turns(vlm, "torch", tmp_path / "a", "alice", "-", "and then?")
+    continued = image_agent_turns(
+        vlm, "torch", tmp_path / "b", "alice", pic, "what is it?", "and then?"
+    )
     assert first[0]["image"] == 16 and first[0]["cached"] == 0
     assert first[0]["reply"] == continued[0]["reply"]
     assert restored[0]["reply"] == continued[1]["reply"]
