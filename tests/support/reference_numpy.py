@@ -7,6 +7,18 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from edge_infer.formats.affine import QuantizedWeight
+from edge_infer.models.spec import LoadedModel
+
+
+def held_weights(model: LoadedModel) -> dict[str, np.ndarray]:
+    """A loaded model's weights as the backends hold them, dequantized: a reference built
+    from them checks the backends' arithmetic, not the re-quantization of float files."""
+    return {
+        k: w.dequantize() if isinstance(w, QuantizedWeight) else np.asarray(w)
+        for k, w in model.weights.items()
+    }
+
 
 def _norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from edge_infer.backends.torch.backend import TorchBackend
-from edge_infer.formats.affine import QuantizedWeight
 from edge_infer.models.hf.loader import load_hf_dir
 from edge_infer.models.loader import load_model
 from tests.support.agreement import agreement
@@ -21,7 +20,7 @@ from tests.support.model_files import (
 )
 from tests.support.reference_gemma3 import ReferenceGemma3
 from tests.support.reference_llama import log_softmax64
-from tests.support.reference_numpy import reference_logits
+from tests.support.reference_numpy import held_weights, reference_logits
 
 pytest.importorskip("gguf")
 try:
@@ -60,10 +59,7 @@ def test_qwen3_matches_reference_and_torch(tmp_path, source):
     cfg = model.config
     assert cfg.qk_norm and "model.layers.1.self_attn.q_norm.weight" in model.weights
     ids = _ids(vocab, 96)
-    held = {  # the weights as the backends hold them: the reference checks arithmetic
-        k: w.dequantize() if isinstance(w, QuantizedWeight) else np.asarray(w)
-        for k, w in model.weights.items()
-    }
+    held = held_weights(model)
     ref = log_softmax64(
         reference_logits(
             held,

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from edge_infer.backends.torch.backend import TorchBackend
-from edge_infer.formats.affine import QuantizedWeight
 from edge_infer.models.hf.loader import load_hf_dir
 from edge_infer.models.loader import load_model
 from edge_infer.models.spec import attention_tag
@@ -22,23 +21,14 @@ from tests.support.model_files import (
 )
 from tests.support.reference_gemma3 import ReferenceGemma3
 from tests.support.reference_llama import log_softmax64
-from tests.support.reference_numpy import reference_logits
+from tests.support.reference_numpy import held_weights, reference_logits
 
 pytest.importorskip("gguf")
 
 
-def _loaded(model) -> dict[str, np.ndarray]:
-    """The weights as the backend holds them (the reference checks arithmetic, not the
-    re-quantization of float files)."""
-    return {
-        k: w.dequantize() if isinstance(w, QuantizedWeight) else np.asarray(w)
-        for k, w in model.weights.items()
-    }
-
-
 def _check(model, ids) -> None:
     cfg = model.config
-    weights = _loaded(model)
+    weights = held_weights(model)
     assert cfg.qk_norm
     ref = log_softmax64(
         reference_logits(
