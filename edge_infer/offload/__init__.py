@@ -1,4 +1,4 @@
-"""Tiered KV for long contexts: page abstracts, attention bounds, per-step page selection."""
+"""Tiered KV for long contexts: page abstracts, attention bounds, page selection, RAM/disk tiers."""
 
 from edge_infer.offload.bounds import group_max, quest_bounds, scores, true_max_scores
 from edge_infer.offload.index import PageIndex, SparseState, StepRecord
@@ -17,9 +17,13 @@ from edge_infer.offload.selection import (
     spans_of,
     window_pages,
 )
+from edge_infer.offload.tiers import HostPool, SequenceTiers, TierCounters
 
 __all__ = [
     "SELECTIONS",
+    "HostPool",
+    "SequenceTiers",
+    "TierCounters",
     "PageIndex",
     "SparseState",
     "StepRecord",
