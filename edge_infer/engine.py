@@ -20,7 +20,7 @@ from edge_infer.agents.turn import AgentTurn
 from edge_infer.backends.base import Backend
 from edge_infer.backends.select import create_backend
 from edge_infer.cache_store import AgentStore, KVFormat
-from edge_infer.config import cache_root, default_backend
+from edge_infer.config import cache_root, default_backend, kv_memory_setting, parse_bytes
 from edge_infer.generation.runner import DEFAULT_PREFILL_CHUNK, Runner
 from edge_infer.generation.sampling import SamplingParams
 from edge_infer.generation.sequence import Generation, Usage
@@ -30,6 +30,8 @@ from edge_infer.models.fingerprint import Fingerprint
 from edge_infer.models.gguf.mmproj import read_mmproj
 from edge_infer.models.loader import load_model
 from edge_infer.models.spec import LoadedModel
+from edge_infer.offload.settings import DEFAULT_POLICY, OffloadSettings
+from edge_infer.offload.tiers import HostPool
 from edge_infer.vision.dropping import Budget
 from edge_infer.vision.preprocess import ImageSpec, preprocess
 from edge_infer.vision.prompt import IMAGE, image_key, image_prompt
@@ -125,6 +127,26 @@ def agent_store(model: LoadedModel, backend: Backend) -> AgentStore:
     )
 
 
+def offload_settings(
+    kv_memory: str | int | None, kv_sparsity: float | None = None
+) -> OffloadSettings | None:
+    """The offloading ``Engine.load`` sets up for a ``kv_memory`` budget (None: none, unless
+    ``EDGE_INFER_KV_MEMORY`` gives one)."""
+    if kv_memory is None:
+        kv_memory = kv_memory_setting()
+    if kv_memory is None:
+        if kv_sparsity is not None:
+            raise ValueError("kv_sparsity applies to offloaded agents: give kv_memory too")
+        return None
+    pool = HostPool(parse_bytes(kv_memory, "kv_memory"))
+    policy = DEFAULT_POLICY
+    if kv_sparsity is not None:
+        if not 0.0 < kv_sparsity <= 1.0:
+            raise ValueError(f"kv_sparsity must be in (0, 1], got {kv_sparsity}")
+        policy = dataclasses.replace(policy, budget=kv_sparsity)
+    return OffloadSettings(pool, policy)
+
+
 class Engine:
     """A loaded model on a backend. Create with :meth:`Engine.load`."""
 
@@ -134,6 +156,7 @@ class Engine:
         backend: Backend,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         vision: Vision | None = None,
+        offload: OffloadSettings | None = None,
     ) -> None:
         self.model = model
         self.vision = vision
@@ -141,7 +164,7 @@ class Engine:
         self.tokenizer = model.tokenizer
         self.runner = Runner(backend, model.tokenizer, model.config.context_length, prefill_chunk)
         self.agent_manager = AgentManager(
-            self.runner, agent_store(model, backend), images=self.agent_images
+            self.runner, agent_store(model, backend), images=self.agent_images, offload=offload
         )
         self.last_usage = Usage()
 
@@ -160,6 +183,8 @@ class Engine:
         visual_method: str = "hired",
         visual_budget: float = 0.2,
         visual_alpha: float = 0.5,
+        kv_memory: str | int | None = None,
+        kv_sparsity: float | None = None,
     ) -> Engine:
         """Load ``model`` (a .gguf file or a Hugging Face/MLX directory; None = the embedded
         default) on ``backend`` ("auto", "torch" or "mlx"). KV caches hold keys and values in
@@ -168,9 +193,19 @@ class Engine:
         A VLM directory (or a text model with its llama.cpp ``mmproj`` file) also loads the
         image side, on the backend's framework; ``visual_method`` ("full", "hired",
         "uniform", "cls-topk") and ``visual_budget`` (r, the share of image tokens kept) set
-        the dropping."""
+        the dropping.
+
+        ``kv_memory`` ("256MB", bytes, or ``EDGE_INFER_KV_MEMORY``) is a host-memory budget
+        for agents' KV: an agent whose KV would not fit is offloaded (its layers past the
+        first two kept in that pool and on disk), and decodes attending ``kv_sparsity`` of
+        its pages (default 0.5), the ones that can matter most to each step."""
         if visual_method not in METHODS:  # before the weights load, not after
             raise ValueError(f"visual method must be one of {METHODS}, got {visual_method!r}")
+        offload = offload_settings(kv_memory, kv_sparsity)
+        if offload is not None and (backend or default_backend()) == "mlx":
+            raise ValueError(
+                "kv_memory (offloading KV to host memory and disk) needs the torch backend"
+            )
         loaded = load_model(model, progress=progress)
         be = create_backend(
             loaded,
@@ -199,7 +234,12 @@ class Engine:
         # the model's memory for as long as the engine lives
         loaded = dataclasses.replace(loaded, weights={})
         return_freed_memory()
-        return cls(loaded, be, prefill_chunk=prefill_chunk, vision=vision)
+        if offload is not None and be.name != "torch":
+            raise ValueError(
+                f"kv_memory (offloading KV to host memory and disk) needs the torch backend, "
+                f"not {be.name}"
+            )
+        return cls(loaded, be, prefill_chunk=prefill_chunk, vision=vision, offload=offload)
 
     @property
     def prefill_chunk(self) -> int:
@@ -210,11 +250,19 @@ class Engine:
         return self.runner.context_length
 
     # -- agents ---------------------------------------------------------------------------------
-    def agent(self, name: str, system: str | None = None, overflow: str | None = None) -> Agent:
+    def agent(
+        self,
+        name: str,
+        system: str | None = None,
+        overflow: str | None = None,
+        offload: bool | None = None,
+    ) -> Agent:
         """Agent ``name``: created, or restored from its cache on disk. ``system`` sets its
         system prompt; ``overflow="drop_oldest"`` drops the oldest turns instead of failing
-        when the conversation outgrows the context."""
-        return self.agent_manager.agent(name, system=system, overflow=overflow)
+        when the conversation outgrows the context; ``offload`` keeps its KV in the
+        ``kv_memory`` pool and on disk (True), in memory (False), or lets the budget decide
+        (None)."""
+        return self.agent_manager.agent(name, system=system, overflow=overflow, offload=offload)
 
     def chat_many(
         self,

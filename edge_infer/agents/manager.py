@@ -13,6 +13,8 @@ from contextlib import ExitStack
 from datetime import datetime
 from typing import Any
 
+import numpy as np
+
 from edge_infer.agents.agent import Agent, as_messages
 from edge_infer.agents.images import ImagePrompt, ImageRender, image_parts
 from edge_infer.agents.saver import BackgroundSaver
@@ -28,17 +30,22 @@ from edge_infer.backends.base import KVCache
 from edge_infer.cache_store import (
     AgentStore,
     BlockPool,
+    KVBlock,
+    QuantizedKV,
     StoredAgent,
     common_prefix_len,
     default_budget_bytes,
     validate_agent_name,
 )
+from edge_infer.cache_store.blocks import maps_a_file
 from edge_infer.errors import EdgeInferError
 from edge_infer.generation.batch import decode_together
 from edge_infer.generation.runner import Runner
 from edge_infer.generation.sampling import SamplingParams
 from edge_infer.generation.sequence import Generation, Usage
 from edge_infer.generation.tools import Tool
+from edge_infer.offload.index import PageIndex, SparseState
+from edge_infer.offload.settings import OffloadSettings
 
 log = logging.getLogger("edge_infer.cache")
 
@@ -58,8 +65,10 @@ class AgentManager:
         store: AgentStore,
         pool_bytes: int | None = None,
         images: ImageRender | None = None,
+        offload: OffloadSettings | None = None,
     ) -> None:
         self.images = images  # renders a conversation with images (a VLM's engine gives it)
+        self.offload = offload  # None: every agent's KV stays in memory
         self.runner = runner
         self.store = store
         self.fmt = store.fmt
@@ -72,13 +81,29 @@ class AgentManager:
         atexit.register(self.saver.flush)
 
     # -- lookup -----------------------------------------------------------------------------
-    def agent(self, name: str, system: str | None = None, overflow: str | None = None) -> Agent:
-        """Get or create agent ``name`` (restored from disk when it has a cache there)."""
+    def agent(
+        self,
+        name: str,
+        system: str | None = None,
+        overflow: str | None = None,
+        offload: bool | None = None,
+    ) -> Agent:
+        """Get or create agent ``name`` (restored from disk when it has a cache there).
+        ``offload``: keep its KV in the tiers (True), in memory (False), or decide by the
+        budget (None, the default; a setting given before is kept)."""
         validate_agent_name(name)
         if overflow is not None and overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES} (got {overflow!r})")
+        if offload and self.offload is None:
+            raise ValueError(
+                "offload=True needs a host-memory budget for KV: load the engine with "
+                "kv_memory (for example Engine.load(kv_memory='256MB') or --kv-memory 256MB)"
+            )
         st = self.state(name)
         with st.lock:
+            if offload is not None and offload != st.extra.get("offload"):
+                st.extra["offload"] = offload
+                self._persist(name, st)
             if overflow is not None and overflow != st.extra.get("overflow", "error"):
                 st.extra["overflow"] = overflow
                 self._persist(name, st)
@@ -104,7 +129,9 @@ class AgentManager:
 
     def _load(self, name: str) -> AgentState:
         st = AgentState()
-        snap = self.store.load(name)
+        # with offloading, block files are mapped, not read: an offloaded agent reads only
+        # the pages attention asks for; their hashes are checked on a thread meanwhile
+        snap = self.store.load(name, verify=self.offload is None)
         if snap is None:
             mismatched = self.store.find_mismatched(name)
             if mismatched:
@@ -120,17 +147,43 @@ class AgentManager:
         st.extra = dict(snap.extra)
         st.blocks = list(snap.blocks)
         st.token_ids = list(snap.token_ids[: snap.valid_tokens])
+        st.files = list(snap.files)
         self.pool.put(name, st.blocks)
+        if not snap.verified and snap.blocks:
+            threading.Thread(target=self._verify, args=(name, st), daemon=True).start()
         return st
+
+    def _verify(self, name: str, st: AgentState) -> None:
+        """Hash the files of an agent loaded unverified; any that fail make its next turn
+        load it again, verified (which sets the bad files aside)."""
+        try:
+            bad = self.store.corrupt_files(name)
+        except Exception as e:  # noqa: BLE001 - a thread must not die silently
+            log.warning("agent %r: its block files could not be verified (%s)", name, e)
+            bad = ["?"]
+        if bad:
+            log.warning("agent %r: block file(s) %s fail their hash", name, ", ".join(bad))
+            st.suspect = True
 
     def _refresh(self, name: str, st: AgentState) -> None:
         """Reload the agent from disk if another process saved it since this one did."""
-        if self.saver.has_pending(name) or not self.store.changed_elsewhere(name):
+        if st.suspect:
+            fresh = AgentState()
+            snap = self.store.load(name)  # verified: bad files are set aside
+            if snap is not None:
+                fresh.messages, fresh.extra = list(snap.messages), dict(snap.extra)
+                fresh.blocks, fresh.files = list(snap.blocks), list(snap.files)
+                fresh.token_ids = list(snap.token_ids[: snap.valid_tokens])
+                self.pool.put(name, fresh.blocks)
+            st.suspect = False
+        elif self.saver.has_pending(name) or not self.store.changed_elsewhere(name):
             return
-        log.info("agent %r was saved by another process; continuing from its version", name)
-        fresh = self._load(name)
-        st.messages, st.extra = fresh.messages, fresh.extra
+        else:
+            log.info("agent %r was saved by another process; continuing from its version", name)
+            fresh = self._load(name)
+        st.messages, st.extra, st.files = fresh.messages, fresh.extra, fresh.files
         st.blocks, st.token_ids, st.cache = fresh.blocks, fresh.token_ids, None
+        st.tiers = st.sparse = None
         with self._lock:
             self._live.pop(name, None)
         if not st.blocks:
@@ -144,6 +197,9 @@ class AgentManager:
     def _live_cache(self, name: str, st: AgentState) -> KVCache:
         if st.cache is None:
             cache = self.runner.new_cache()
+            st.tiers = st.sparse = None
+            if self._wants_offload(st, len(st.token_ids)):
+                self._offload(name, st, cache)
             if st.blocks:
                 cache.append_blocks(st.blocks)
             st.cache = cache
@@ -160,7 +216,42 @@ class AgentManager:
                     self._live.pop(old)
                     if other is not None:
                         other.cache = None  # its blocks stay in the pool and on disk
+                        other.tiers = other.sparse = None
         return st.cache
+
+    # -- offloading ------------------------------------------------------------------------------
+    def _kv_bytes(self, tokens: int) -> int:
+        """Bytes ``tokens`` tokens of KV take in the store's format (keys and values)."""
+        cfg = self.runner.backend.config
+        d, bits, group = cfg.head_dim, self.fmt.bits, self.fmt.group_size
+        per_row = d * 2 if bits == 16 else d * bits // 8 + 4 * (d // group)
+        return tokens * cfg.num_layers * cfg.num_kv_heads * 2 * per_row
+
+    def _wants_offload(self, st: AgentState, tokens: int) -> bool:
+        if self.offload is None or st.tiers is not None:
+            return False
+        return self.offload.wants(st.extra.get("offload"), self._kv_bytes(tokens))
+
+    def _offload(self, name: str, st: AgentState, cache: KVCache) -> None:
+        """Move ``cache``'s offloadable layers into new tiers; its decoding attends the
+        pages the policy selects, ranked by the page index kept beside the agent's blocks
+        (rebuilt from the blocks when missing or stale)."""
+        assert self.offload is not None
+        settings = self.offload
+        n_layers = len(cache.windows)
+        sparse = SparseState.new(settings.policy, n_layers)
+        index = PageIndex.load(
+            self.store.page_index_path(name),
+            st.files,
+            n_layers,
+            settings.policy.page,
+            self.fmt.block_size,
+        )
+        if index is not None:
+            sparse.index = index
+        tiers = settings.tiers(cache.windows, self.fmt.block_size)
+        cache.offload(tiers, sparse)
+        st.tiers, st.sparse = tiers, sparse
 
     def _sync_blocks(self, name: str, st: AgentState, cache: KVCache, first_changed: int) -> None:
         """Re-export blocks from the one holding ``first_changed`` and persist in background."""
@@ -173,12 +264,23 @@ class AgentManager:
         self._persist(name, st)
 
     def _persist(self, name: str, st: AgentState) -> None:
-        """Save a snapshot of the agent's state on the background saver."""
+        """Save a snapshot of the agent's state on the background saver (and an offloaded
+        agent's page index beside it)."""
         ids, blocks = list(st.token_ids), list(st.blocks)
         messages, extra = [dict(m) for m in st.messages], dict(st.extra)
-        self.saver.submit(
-            name, lambda: self.store.save(name, ids, blocks, messages=messages, extra=extra)
-        )
+        index = st.sparse.index.snapshot() if st.sparse is not None else None
+        bs = self.fmt.block_size
+
+        def save() -> None:
+            m = self.store.save(name, ids, blocks, messages=messages, extra=extra)
+            st.files = [e.file for e in m.blocks]
+            if index is not None and index.covered() >= bs:
+                files = [e.file for e in m.blocks if e.sealed][: index.covered() // bs]
+                index.truncate(len(files) * bs)
+                if files:
+                    index.save(self.store.page_index_path(name), files)
+
+        self.saver.submit(name, save)
 
     def _prepare(
         self,
@@ -208,6 +310,8 @@ class AgentManager:
                 st.extra.get("overflow", "error"),
             )
         cache = self._live_cache(name, st)
+        if self._wants_offload(st, len(ids)):  # this prompt takes it over the budget
+            self._offload(name, st, cache)
         if prompt is None:
             ids = reuse_cached_spelling(st.token_ids, ids, self.runner.tokenizer.token_bytes)
         keep = common_prefix_len(st.token_ids, ids)
@@ -286,6 +390,8 @@ class AgentManager:
             self._refresh(name, st)
             locks.enter_context(_busy(st))
             cache = self._live_cache(name, st)
+            if self._wants_offload(st, len(prompt_ids)):
+                self._offload(name, st, cache)
             keep = common_prefix_len(st.token_ids, prompt_ids)
             # placeholder ids are alike for every image: a cached image span needs its key
             keep = (images or ImagePrompt()).reusable(st.extra.get("images", []), keep)
@@ -429,14 +535,19 @@ class AgentManager:
         for n in names:
             st = self._states.get(n)
             disk = on_disk.get(n)
+            tiers = st.tiers if st is not None else None
             out.append(
                 AgentInfo(
                     name=n,
                     tokens=len(st.token_ids) if st else (disk.tokens if disk else 0),
-                    bytes_in_memory=sum(b.nbytes for b in st.blocks) if st else 0,
+                    bytes_in_memory=_held_bytes(st.blocks) if st else 0,
                     bytes_on_disk=disk.bytes_on_disk if disk else 0,
                     last_used=st.last_used if st and st.last_used else _timestamp(disk),
                     messages=len(st.messages) if st else (disk.messages if disk else 0),
+                    offloaded=tiers is not None,
+                    kv_ram_bytes=tiers.nbytes_ram() if tiers is not None else 0,
+                    kv_disk_bytes=tiers.nbytes_disk() if tiers is not None else 0,
+                    hit_rate=tiers.counters.hit_rate if tiers is not None else None,
                 )
             )
         return out
@@ -444,6 +555,15 @@ class AgentManager:
     def flush(self, name: str | None = None) -> None:
         """Wait until agents' caches (``name``'s, or all) are written to disk."""
         self.saver.flush(name)
+
+
+def _held_bytes(blocks: Sequence[KVBlock]) -> int:
+    """Bytes of ``blocks`` held in memory (blocks that map their file are on disk)."""
+    return sum(b.nbytes for b in blocks if not b.layers or not _mapped(b.layers[0].keys))
+
+
+def _mapped(kv: QuantizedKV | np.ndarray) -> bool:
+    return maps_a_file(kv.packed if isinstance(kv, QuantizedKV) else kv)
 
 
 @contextlib.contextmanager

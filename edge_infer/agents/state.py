@@ -10,6 +10,8 @@ from typing import Any
 from edge_infer.backends.base import KVCache
 from edge_infer.cache_store import KVBlock, common_prefix_len
 from edge_infer.errors import ContextLengthError
+from edge_infer.offload.index import SparseState
+from edge_infer.offload.tiers import SequenceTiers
 
 OVERFLOW_POLICIES = ("error", "drop_oldest")
 
@@ -24,6 +26,12 @@ class AgentInfo:
     bytes_on_disk: int
     last_used: float
     messages: int
+    # offloaded KV (see ``Engine.load(kv_memory=...)``): its bytes in the host pool and
+    # left on disk, and the share of pages read that the pool served (None: not offloaded)
+    offloaded: bool = False
+    kv_ram_bytes: int = 0
+    kv_disk_bytes: int = 0
+    hit_rate: float | None = None
 
 
 @dataclass
@@ -35,6 +43,10 @@ class AgentState:
     token_ids: list[int] = field(default_factory=list)  # ids the blocks/cache hold
     blocks: list[KVBlock] = field(default_factory=list)  # exported form of the cache
     cache: KVCache | None = None  # live backend cache (hot), or None
+    tiers: SequenceTiers | None = None  # where the live cache's offloaded layers are
+    sparse: SparseState | None = None  # the offloaded cache's page selection and index
+    files: list[str] = field(default_factory=list)  # block files ``blocks`` came from
+    suspect: bool = False  # files mapped unverified failed their hash later: reload
     last_used: float = 0.0
     busy: int = 0  # turns in progress (guarded by ``lock``)
     lock: threading.RLock = field(default_factory=threading.RLock)

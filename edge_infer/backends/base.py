@@ -9,6 +9,8 @@ import numpy as np
 
 from edge_infer.cache_store.blocks import KVBlock
 from edge_infer.models.spec import ModelConfig
+from edge_infer.offload.index import SparseState
+from edge_infer.offload.tiers import SequenceTiers
 
 
 @runtime_checkable
@@ -41,6 +43,17 @@ class KVCache(Protocol):
 
     def append_blocks(self, blocks: list[KVBlock]) -> None:
         """Append blocks (as ``blocks`` gives them, starting at ``length``) to the cache."""
+        ...
+
+    @property
+    def windows(self) -> list[int]:
+        """Per layer, how many latest tokens a query sees (0: all, a global layer)."""
+        ...
+
+    def offload(self, tiers: SequenceTiers, sparse: SparseState | None = None) -> None:
+        """Keep the sealed blocks of ``tiers.layers`` in ``tiers`` (host memory under a
+        budget, disk) instead of in memory, and decode attending the pages ``sparse``
+        selects; ValueError where the backend cannot."""
         ...
 
 

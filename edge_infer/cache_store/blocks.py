@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -218,3 +219,14 @@ def token_chains(token_ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> 
         out.append(prev)
         pos = start + length
     return out
+
+
+def maps_a_file(arr: np.ndarray) -> bool:
+    """Whether ``arr``'s memory is a mapping of a file (a block read from disk without a
+    copy: its pages come from the file when touched), not memory of its own."""
+    base = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return isinstance(base, mmap.mmap)

@@ -4,6 +4,7 @@ Layout under the cache root::
 
     agents/<fingerprint digest>/<agent>/manifest.json
     agents/<fingerprint digest>/<agent>/b{start:08d}-{sha256[:16]}.safetensors
+    agents/<fingerprint digest>/<agent>/pages.safetensors   (page abstracts of offloaded layers)
     agents/<fingerprint digest>/<agent>/quarantine/         (files that failed verification)
     agents/<fingerprint digest>/.locks/<agent>.lock         (inter-process lock)
     agents/<fingerprint digest>/.deleting-<agent>-<hex8>/   (an agent folder being removed)
@@ -35,6 +36,7 @@ AGENTS_DIR = "agents"
 # Patterns are whole-string (fullmatch): ``$`` would also match before a final newline.
 _AGENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 QUARANTINE_DIR = "quarantine"
+PAGE_INDEX_NAME = "pages.safetensors"
 LOCKS_DIR = ".locks"
 MODEL_RECORD_NAME = "model.json"
 DELETING_PREFIX = ".deleting-"
@@ -220,3 +222,8 @@ def dir_bytes(path: Path) -> int:
             except OSError:
                 pass
     return total
+
+
+def page_index_path(agent_dir: Path) -> Path:
+    """The agent's page index file (rebuildable from its blocks: losing it costs a read)."""
+    return Path(agent_dir) / PAGE_INDEX_NAME

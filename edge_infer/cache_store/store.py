@@ -43,6 +43,7 @@ from edge_infer.cache_store.layout import (
     is_link,
     is_regular_file,
     link_problem,
+    page_index_path,
     private_subdir,
     read_nofollow,
     refuse_links,
@@ -75,6 +76,8 @@ class AgentSnapshot:
     quarantined: list[str] = field(default_factory=list)  # block/manifest files set aside
     created: str = ""
     updated: str = ""
+    files: list[str] = field(default_factory=list)  # the blocks' file names, in order
+    verified: bool = True  # False: the files' hashes were not checked (``verify=False``)
 
 
 @dataclass(frozen=True)
@@ -350,8 +353,13 @@ class AgentStore:
             return f"not in KV format {self.fmt.describe()}"
         return block
 
-    def load(self, agent: str) -> AgentSnapshot | None:
+    def load(self, agent: str, verify: bool = True) -> AgentSnapshot | None:
         """Restore ``agent`` (its verified block prefix), or None if it has no usable cache.
+
+        ``verify=False`` maps the block files without hashing them: their arrays are views
+        of the files and nothing but the headers is read until they are used (an offloaded
+        agent reads only the pages attention asks for). Everything else is still checked
+        (header, token ids, span, format); :meth:`corrupt_files` hashes them later.
 
         Raises FingerprintMismatch if the manifest names another model or KV format, and
         CacheVersionError for a manifest format this version does not read.
@@ -401,7 +409,11 @@ class AgentStore:
             # this one parses those already hashed
             unusable: tuple[int, str] | None = None
             with ThreadPoolExecutor(max_workers=2) as pool:
-                files = pool.map(_mapped_with_digest, [d / e.file for e in m.blocks])
+                paths = [d / e.file for e in m.blocks]
+                if verify:
+                    files = pool.map(_mapped_with_digest, paths)
+                else:  # trusted for now: the manifest's digest stands in for the file's
+                    files = ((_map_file(p), e.sha256) for p, e in zip(paths, m.blocks, strict=True))
                 for i, entry in enumerate(m.blocks):
                     got = self._read_block(entry, chains[i], *next(files))
                     if isinstance(got, str):
@@ -424,10 +436,32 @@ class AgentStore:
                     len(later),
                     d / QUARANTINE_DIR,
                 )
-        return self._snapshot(m, blocks, quarantined)
+        return self._snapshot(m, blocks, quarantined, verify)
+
+    def corrupt_files(self, agent: str) -> list[str]:
+        """Block files of ``agent``'s manifest whose content no longer matches their sha256
+        (or that cannot be read): what a load with ``verify=False`` did not check."""
+        d = self.agent_dir(agent)
+        m = self._read_manifest_quiet(d)
+        if m is None:
+            return []
+        bad = []
+        for entry in m.blocks:
+            data, digest = _mapped_with_digest(d / entry.file)
+            if digest != entry.sha256:
+                bad.append(entry.file)
+            if isinstance(data, mmap.mmap):
+                data.close()
+        return bad
+
+    def page_index_path(self, agent: str) -> Path:
+        """Where ``agent``'s page index (the offloaded layers' page abstracts) is kept."""
+        return page_index_path(self.agent_dir(agent))
 
     @staticmethod
-    def _snapshot(m: Manifest, blocks: list[KVBlock], quarantined: list[str]) -> AgentSnapshot:
+    def _snapshot(
+        m: Manifest, blocks: list[KVBlock], quarantined: list[str], verified: bool = True
+    ) -> AgentSnapshot:
         return AgentSnapshot(
             token_ids=m.token_ids,
             messages=m.messages,
@@ -437,6 +471,8 @@ class AgentStore:
             quarantined=quarantined,
             created=m.created,
             updated=m.updated,
+            files=[e.file for e in m.blocks[: len(blocks)]],
+            verified=verified,
         )
 
     # -- housekeeping ------------------------------------------------------------------

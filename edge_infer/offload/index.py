@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
 
+from edge_infer.cache_store.atomic_io import write_atomic
 from edge_infer.offload.pages import page_bounds
 from edge_infer.offload.selection import SparsePolicy
+
+INDEX_FORMAT = "edge-infer-page-index"
+INDEX_VERSION = "1"
 
 
 class PageIndex:
@@ -52,9 +62,84 @@ class PageIndex:
                 self._lo[i] = lo[:, :keep] if keep else None
                 self._hi[i] = hi[:, :keep] if keep else None
 
+    def covered(self) -> int:
+        """Tokens every layer with pages covers (0 when none has any)."""
+        held = [self.tokens(i) for i, lo in enumerate(self._lo) if lo is not None]
+        return min(held, default=0)
+
+    def snapshot(self) -> PageIndex:
+        """A copy that later growth or truncation of this index does not change (the page
+        arrays are replaced, never written in place, so they are shared)."""
+        out = PageIndex(len(self._lo), self.page)
+        out._lo, out._hi = list(self._lo), list(self._hi)
+        return out
+
     @property
     def nbytes(self) -> int:
         return sum(int(x.nbytes) for x in (*self._lo, *self._hi) if x is not None)
+
+    def save(self, path: Path, files: list[str]) -> None:
+        """Write the index (crash-safe) to ``path``, recording the block files it was
+        computed from (``files``: one per block its pages cover, in order)."""
+        tensors = {}
+        for i, (lo, hi) in enumerate(zip(self._lo, self._hi, strict=True)):
+            if lo is not None and hi is not None:
+                tensors[f"layers.{i}.key_min"] = np.ascontiguousarray(lo)
+                tensors[f"layers.{i}.key_max"] = np.ascontiguousarray(hi)
+        meta = {
+            "format": INDEX_FORMAT,
+            "format_version": INDEX_VERSION,
+            "page": str(self.page),
+            "n_layers": str(len(self._lo)),
+            "files": ",".join(files),
+        }
+        write_atomic(Path(path), st_save(tensors, metadata=meta))
+
+    @classmethod
+    def load(
+        cls, path: Path, files: list[str], n_layers: int, page: int, block_size: int
+    ) -> PageIndex | None:
+        """The index at ``path`` cut to the blocks it shares with ``files`` (the agent's
+        block files now, in order), or None when it is missing, corrupt, made for another
+        page size or layer count, or shares no block: then it is rebuilt from the blocks."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            tensors = st_load(data)
+            meta = _metadata(data)
+        except (OSError, SafetensorError, ValueError, struct.error):
+            return None
+        if (
+            meta.get("format") != INDEX_FORMAT
+            or meta.get("format_version") != INDEX_VERSION
+            or meta.get("page") != str(page)
+            or meta.get("n_layers") != str(n_layers)
+        ):
+            return None
+        covered = [f for f in meta.get("files", "").split(",") if f]
+        shared = 0
+        while shared < min(len(covered), len(files)) and covered[shared] == files[shared]:
+            shared += 1
+        if not shared:
+            return None
+        index = cls(n_layers, page)
+        want = len(covered) * block_size // page
+        for i in range(n_layers):
+            lo, hi = tensors.get(f"layers.{i}.key_min"), tensors.get(f"layers.{i}.key_max")
+            if lo is None and hi is None:
+                continue
+            if (
+                lo is None
+                or hi is None
+                or lo.dtype != np.float16
+                or lo.shape != hi.shape
+                or lo.ndim != 3
+                or lo.shape[1] != want
+            ):
+                return None
+            index._lo[i], index._hi[i] = lo, hi
+        index.truncate(shared * block_size)
+        return index
 
 
 @dataclass
@@ -96,3 +181,13 @@ class SparseState:
         cls, policy: SparsePolicy, n_layers: int, record: bool = False, measure: bool = False
     ) -> SparseState:
         return cls(policy, PageIndex(n_layers, policy.page), record, measure)
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes (ValueError when malformed)."""
+    (n,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8 : 8 + n])
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    if not isinstance(meta, dict):
+        raise ValueError("bad metadata")
+    return meta

@@ -30,7 +30,7 @@ _SPILL_ALIGN = mmap.ALLOCATIONGRANULARITY
 
 @dataclass
 class TierCounters:
-    """What the tiers served, for every sequence of one pool."""
+    """What tiers served: one sequence's, or every sequence's of one pool."""
 
     hits: int = 0  # pages served from host memory
     misses: int = 0  # pages read from the disk tier
@@ -43,6 +43,13 @@ class TierCounters:
     def hit_rate(self) -> float:
         seen = self.hits + self.misses
         return self.hits / seen if seen else 1.0
+
+    def add_reads(self, reads: TierCounters) -> None:
+        """Add the hits, misses and bytes of ``reads``."""
+        self.hits += reads.hits
+        self.misses += reads.misses
+        self.bytes_ram += reads.bytes_ram
+        self.bytes_disk += reads.bytes_disk
 
 
 class _Entry:
@@ -198,6 +205,7 @@ class SequenceTiers:
         self._pinned_order: OrderedDict[tuple[int, int], _Block] = OrderedDict()  # oldest first
         self._spill: list[IO[bytes] | None] = [None]
         self._finalizer = weakref.finalize(self, _release, pool, self._owner, self._spill)
+        self.counters = TierCounters()  # this sequence's reads (the pool's count everyone's)
 
     # -- adding -------------------------------------------------------------------------
 
@@ -311,7 +319,7 @@ class SequenceTiers:
         cuts = np.flatnonzero(blk_of[1:] != blk_of[:-1]) + 1
         bounds = np.concatenate(([0], cuts, [len(pages)])).tolist()
         paged_out = tuple(o.reshape(len(pages), page, -1) for o in out)
-        counters = self.pool.counters
+        counters = TierCounters()  # this call's reads, added to the pool's and ours
         with self.pool._lock:
             for s, e in zip(bounds[:-1], bounds[1:], strict=True):
                 b = int(blk_of[s])
@@ -329,7 +337,12 @@ class SequenceTiers:
                     counters.misses += e - s - hits
                     counters.bytes_ram += hits * row_bytes
                     counters.bytes_disk += (e - s - hits) * row_bytes
+            self._count(counters)
         return out
+
+    def _count(self, reads: TierCounters) -> None:
+        self.counters.add_reads(reads)
+        self.pool.counters.add_reads(reads)
 
     def _check_pages(self, layer: int, blocks: list[_Block], pages: np.ndarray) -> None:
         if not len(pages):
@@ -403,7 +416,7 @@ class SequenceTiers:
         )
         n_kv = layout.widths[0][0]
         head_bytes = layout.row_bytes * bs
-        counters = self.pool.counters
+        counters = TierCounters()  # this call's reads, added to the pool's and ours
         with self.pool._lock:
             for i in range(a // bs, b // bs):
                 block = blocks[i]
@@ -430,6 +443,7 @@ class SequenceTiers:
                     n_ram = int(have.sum())
                     counters.bytes_ram += n_ram * page * layout.row_bytes
                     counters.bytes_disk += (ppb - n_ram) * page * layout.row_bytes
+            self._count(counters)
         (kb, vb), (kg, vg) = layout.bits, layout.group_size
         return QuantizedKV(*out[:3], kb, kg), QuantizedKV(*out[3:], vb, vg)
 

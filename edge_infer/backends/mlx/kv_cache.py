@@ -30,6 +30,8 @@ from edge_infer.backends.mlx.kv_quant import dequantize_kv, quantize_kv
 from edge_infer.cache_store.blocks import KVBlock, key_bounds, tokens_to_block_end, truncation
 from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV
 from edge_infer.cache_store.window import HiddenParts, unseen_before
+from edge_infer.offload.index import SparseState
+from edge_infer.offload.tiers import SequenceTiers
 
 DEFAULT_BLOCK_SIZE = 256
 TAIL_STEP = 64  # rows the float16 tail grows by: a short tail holds little more than itself
@@ -420,6 +422,10 @@ class MLXCache:
         return QuantizedKV(
             packed=p.view(np.uint32), scales=s, biases=z, bits=self.bits, group_size=self.group_size
         )
+
+    def offload(self, tiers: SequenceTiers, sparse: SparseState | None = None) -> None:
+        """Not on MLX: its caches keep every layer in (unified) memory."""
+        raise ValueError("offloading KV to host memory and disk needs the torch backend")
 
     def append_blocks(self, blocks: list[KVBlock]) -> None:
         """Append stored blocks (as exported, from any backend) after the held tokens.

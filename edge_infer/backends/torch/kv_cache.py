@@ -16,6 +16,11 @@ blocks a later query can still see (a few blocks past its window; row ``r`` hold
 export, truncation to any earlier token and persistence stay complete; an owner that holds
 the blocks elsewhere (or does not need them) frees them with
 :meth:`TorchKVCache.release_hidden`.
+
+An *offloaded* layer (see :meth:`TorchKVCache.offload`) keeps no sealed rows in its buffers:
+its sealed blocks live in the sequence's tiers (host memory under a budget, or disk). Sparse
+decoding gathers the selected pages from there; a dense read (a prefill chunk, or decoding
+without a page selection) streams the layer's rows into a staging buffer first.
 """
 
 from __future__ import annotations
@@ -28,11 +33,18 @@ import torch
 from edge_infer.backends.torch.buffer_pool import POOL
 from edge_infer.backends.torch.host_memory import carve, carved_nbytes
 from edge_infer.backends.torch.kv_quant import dequantize_kv, quantize_kv
-from edge_infer.cache_store.blocks import KVBlock, key_bounds, tokens_to_block_end, truncation
+from edge_infer.cache_store.blocks import (
+    KVBlock,
+    key_bounds,
+    maps_a_file,
+    tokens_to_block_end,
+    truncation,
+)
 from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV
 from edge_infer.cache_store.rotation import hadamard
 from edge_infer.cache_store.window import HiddenParts, unseen_before
 from edge_infer.offload.index import SparseState
+from edge_infer.offload.tiers import SequenceTiers
 
 DEFAULT_BLOCK_SIZE = 256
 
@@ -45,6 +57,11 @@ def _numpy_copy(t: torch.Tensor) -> np.ndarray:
 def _tensor(arr: np.ndarray) -> torch.Tensor:
     """A tensor over ``arr`` (a copy if it is read-only: torch wants writable memory)."""
     return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+
+
+def _parts(kv: QuantizedKV) -> list[np.ndarray]:
+    """packed (as int32, what the kernels read), scales and biases of quantized K or V."""
+    return [kv.packed.view(np.int32), kv.scales, kv.biases]
 
 
 def _give_back(buffers: list) -> None:
@@ -98,6 +115,10 @@ class TorchKVCache:
         # set to decode attending only selected pages of the sealed tokens (one new token
         # at a time; prefill chunks stay dense)
         self.sparse: SparseState | None = None
+        # layers whose sealed blocks live in ``tiers`` instead of the buffers (offload())
+        self.tiers: SequenceTiers | None = None
+        self._offloaded = [False] * num_layers
+        self._stage: list[torch.Tensor] = []  # an offloaded layer's rows for a dense read
         # the byte buffers the tensors above are carved from: [open block's, the rest];
         # when this cache is dropped they go back to the pool for the next one
         self._buffers: list[torch.Tensor | None] = [None, None]
@@ -128,6 +149,8 @@ class TorchKVCache:
         specs = []
         for i in range(self.num_layers):
             rows = min(capacity, self._local_rows(i)) if self._bounded[i] else capacity
+            if self._offloaded[i]:
+                rows = 0
             if self.quantized:
                 words, groups = d * self.bits // 32, d // self.group_size
                 layer = [
@@ -142,6 +165,8 @@ class TorchKVCache:
         new = self._carve(1, specs)  # the outgrown buffer is freed
         for i in range(self.num_layers):
             held = min(keep - self._first[i], new[2 * i * per].shape[1])
+            if self._offloaded[i]:
+                held = 0
             for w in range(2):
                 k = (2 * i + w) * per
                 fresh = new[k : k + per]
@@ -196,11 +221,13 @@ class TorchKVCache:
         biases K, the same for V, float16 tail K and V) and its layout (capacity, tail
         capacity, sealed tokens, ``length`` tokens to attend over, tail's first token,
         window: how many latest tokens a query sees, 0 for all)."""
+        if self._offloaded[layer]:
+            return self._staged_layout(layer, length)
         if self._pointers is None:
             rows = []
             for i in range(self.num_layers):
                 quant = [0] * 6
-                if self.quantized:
+                if self.quantized and not self._offloaded[i]:
                     quant = [self._row_zero(t, i) for w in range(2) for t in self._quant[i][w]]
                 rows.append(quant + [self._half[i][0].data_ptr(), self._half[i][1].data_ptr()])
             self._pointers = rows
@@ -210,6 +237,32 @@ class TorchKVCache:
         else:
             meta = [self._capacity, self._capacity, 0, length, 0]
         return self._pointers[layer], [*meta, self.windows[layer]]
+
+    def _staged_layout(self, layer: int, length: int) -> tuple[list[int], list[int]]:
+        """:meth:`kernel_layout` of an offloaded layer: its sealed rows streamed from the
+        tiers into the staging buffer (row ``r`` holding token ``r``)."""
+        stage = self.staged_rows(layer)
+        tails = [self._half[layer][0].data_ptr(), self._half[layer][1].data_ptr()]
+        meta = [stage[0].shape[1], self.block_size, self._sealed, length, self._sealed]
+        return [t.data_ptr() for t in stage] + tails, [*meta, self.windows[layer]]
+
+    def staged_rows(self, layer: int) -> list[torch.Tensor]:
+        """An offloaded layer's sealed K and V parts (packed, scales, biases; [n_kv, sealed,
+        ...]) read from the tiers into this cache's staging buffer, valid until the next
+        call (one layer at a time: a dense read of everything the layer holds)."""
+        if self.tiers is None or not self._offloaded[layer]:
+            raise ValueError(f"layer {layer} is not offloaded")
+        n, sealed = self.n_kv, max(self._sealed, 1)
+        words, groups = self.head_dim * self.bits // 32, self.head_dim // self.group_size
+        shapes = [(words, torch.int32), (groups, torch.float16), (groups, torch.float16)] * 2
+        if not self._stage or self._stage[0].shape[1] < sealed:
+            rows = max(sealed, 2 * (self._stage[0].shape[1] if self._stage else 0))
+            self._stage = [torch.empty(n, rows, width, dtype=dt) for width, dt in shapes]
+        if self._sealed:
+            keys, values = self.tiers.read(layer, 0, self._sealed)
+            for dst, src in zip(self._stage, _parts(keys) + _parts(values), strict=True):
+                dst.numpy()[:, : self._sealed] = src
+        return self._stage
 
     def _row_zero(self, t: torch.Tensor, i: int, head: int = 0) -> int:
         """The address token 0 of ``head`` would have in quantized buffer ``t`` of layer ``i``
@@ -221,6 +274,8 @@ class TorchKVCache:
         """For the attention kernel, one KV head as a sequence: the addresses token 0 of
         ``head`` would have in the layer's quantized K and V parts (packed, scales,
         biases; see :meth:`stored_parts` for the head stride)."""
+        if self._offloaded[layer]:
+            raise ValueError(f"layer {layer} is offloaded: gather its pages from the tiers")
         return [self._row_zero(t, layer, head) for w in range(2) for t in self._quant[layer][w]]
 
     def stored_parts(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -230,7 +285,14 @@ class TorchKVCache:
         ([n_kv, block_size, D], row 0 holding the first unsealed token)."""
         if not self.quantized:
             raise ValueError("only a quantized cache has sealed parts")
+        if self._offloaded[layer]:
+            raise ValueError(f"layer {layer} is offloaded: its sealed parts are in the tiers")
         return [*self._quant[layer][0], *self._quant[layer][1]], list(self._half[layer])
+
+    def tails(self, layer: int) -> list[torch.Tensor]:
+        """The layer's float16 tail K and V ([n_kv, block_size, D], row 0 holding the first
+        unsealed token, unless KV is float16: then every token)."""
+        return list(self._half[layer])
 
     def sealed_keys(self, layer: int, a: int, b: int) -> torch.Tensor:
         """Keys of sealed tokens a..b as attention reads them, float32 [n_kv, b-a, D]."""
@@ -250,6 +312,8 @@ class TorchKVCache:
         writes only the tokens it holds (the rows before are left as they were)."""
         sealed = min(self._sealed, end) if self.quantized else 0
         first = min(self._first[layer], sealed)  # rows before it are not written
+        if self._offloaded[layer]:
+            first = 0
         for w, out in enumerate((keys, values)):
             if sealed > first:
                 parts = self._rows(layer, w, first, sealed)
@@ -268,7 +332,7 @@ class TorchKVCache:
         dequantized and rotated back, tail rows as stored; tokens a sliding-window layer
         no longer holds (no query from ``length`` on sees them) read as zeros."""
         sealed = min(self._sealed, end) if self.quantized else 0
-        first = min(self._first[layer], sealed)
+        first = 0 if self._offloaded[layer] else min(self._first[layer], sealed)
         gone = torch.zeros(self.n_kv, first, self.head_dim, device=self.device)
         keys, values = (
             torch.cat(
@@ -323,6 +387,11 @@ class TorchKVCache:
         for i in range(self.num_layers):
             if self._bounded[i]:  # room for the block: older rows no query sees go
                 self._rebase(i, min(a, self._unseen_before(i, self._length)), a)
+            if self._offloaded[i]:
+                assert self.tiers is not None
+                kv = [self._quantized_block(i, w, a, b) for w in range(2)]
+                self.tiers.add_block(a, i, kv[0], kv[1], on_disk=False)
+                continue
             for w in range(2):
                 x = self._tail(i, w, a, b).float() @ self._rotation
                 packed, scales, biases = quantize_kv(x, self.bits, self.group_size)
@@ -330,6 +399,46 @@ class TorchKVCache:
                 r, s = a - self._first[i], b - self._first[i]
                 q[0][:, r:s], q[1][:, r:s], q[2][:, r:s] = packed, scales, biases
         self._sealed = b
+
+    def _quantized_block(self, i: int, w: int, a: int, b: int) -> QuantizedKV:
+        """Tail tokens a..b of layer ``i``'s keys (w=0) or values, rotated and quantized."""
+        x = self._tail(i, w, a, b).float() @ self._rotation
+        p, s, z = (_numpy_copy(t) for t in quantize_kv(x, self.bits, self.group_size))
+        return QuantizedKV(p.view(np.uint32), s, z, self.bits, self.group_size)
+
+    # -- offloaded layers -----------------------------------------------------------------
+    def offload(self, tiers: SequenceTiers, sparse: SparseState | None = None) -> None:
+        """Move the sealed blocks of ``tiers.layers`` out of the buffers into ``tiers``
+        (host memory within its pool's budget, the rest spilled to disk); from then on those
+        layers seal into the tiers, and decoding attends the pages ``sparse`` selects (all
+        of them, streamed, without it). Only global layers of a quantized cache can go."""
+        if not self.quantized:
+            raise ValueError("only a quantized cache (kv_bits 4 or 8) can be offloaded")
+        if self.tiers is not None:
+            raise ValueError("this cache is already offloaded")
+        for i in tiers.layers:
+            if not 0 <= i < self.num_layers or self.windows[i]:
+                raise ValueError(f"layer {i} cannot be offloaded (not a global layer)")
+        if tiers.length:
+            raise ValueError("the tiers must start empty")
+        bs = self.block_size
+        for i in tiers.layers:
+            for a in range(0, self._sealed, bs):
+                kv = [self._export(i, w, a, a + bs, True) for w in range(2)]
+                tiers.add_block(a, i, kv[0], kv[1], on_disk=False)  # type: ignore[arg-type]
+        self.tiers = tiers
+        if sparse is not None:
+            self.sparse = sparse
+        # the buffers are carved again with no sealed rows for those layers
+        self._offloaded = [i in tiers.layers for i in range(self.num_layers)]
+        capacity, self._capacity = self._capacity, 0
+        if capacity:
+            self._reserve(capacity)
+        self._pointers = None
+
+    def offloaded_layers(self) -> list[int]:
+        """Layers whose sealed blocks live in :attr:`tiers`."""
+        return [i for i in range(self.num_layers) if self._offloaded[i]]
 
     # -- sliding-window layers ------------------------------------------------------------
     def _unseen_before(self, i: int, length: int) -> int:
@@ -343,7 +452,11 @@ class TorchKVCache:
 
     def _rows(self, i: int, w: int, a: int, b: int) -> list[torch.Tensor]:
         """Quantized parts (packed, scales, biases) of sealed tokens a..b of layer ``i``,
-        from its buffers or, for a hidden block, its host arrays."""
+        from its buffers, the tiers of an offloaded layer, or a hidden block's host arrays."""
+        if self._offloaded[i]:
+            assert self.tiers is not None
+            kv = self.tiers.read(i, a, b)[w]
+            return [_tensor(x).to(self.device) for x in _parts(kv)]
         if a >= self._first[i]:
             return [t[:, a - self._first[i] : b - self._first[i]] for t in self._quant[i][w]]
         if b - a != self.block_size or a % self.block_size:
@@ -394,8 +507,11 @@ class TorchKVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the cache holds: its buffers and its hidden parts."""
-        return self.buffer_nbytes() + self.hidden_nbytes()
+        """Bytes the cache holds: its buffers, its hidden parts, its staging buffer and what
+        its tiers hold in host memory (not what they leave on disk)."""
+        staged = sum(t.numel() * t.element_size() for t in self._stage)
+        tiers = self.tiers.nbytes_ram() if self.tiers is not None else 0
+        return self.buffer_nbytes() + self.hidden_nbytes() + staged + tiers
 
     def buffer_nbytes(self, layers: list[int] | None = None) -> int:
         """Bytes of the buffers of ``layers`` (all when None): quantized rows and tails."""
@@ -436,6 +552,8 @@ class TorchKVCache:
                 self._rebase(i, min(sealed, self._unseen_before(i, length)), held_end)
         if self.sparse is not None:
             self.sparse.index.truncate(self._sealed)
+        if self.tiers is not None:
+            self.tiers.truncate(self._sealed)
         return self._length
 
     # -- export / import ------------------------------------------------------------------
@@ -469,7 +587,7 @@ class TorchKVCache:
         """Sealed tokens a..b of layer ``i``'s keys (w=0) or values as attention reads them."""
         if not self.quantized:
             return self._tail(i, w, a, b).float()
-        if a >= self._first[i]:
+        if a >= self._first[i] or self._offloaded[i]:
             return self._readable(*self._rows(i, w, a, b))
         bs = self.block_size  # hidden blocks one at a time
         parts = [self._readable(*self._rows(i, w, x, min(x + bs, b))) for x in range(a, b, bs)]
@@ -480,6 +598,9 @@ class TorchKVCache:
         # after a truncation), while exported blocks live on in agents, forks and saves
         if not sealed or self.bits == 16:
             return _numpy_copy(self._tail(i, w, a, b))
+        if self._offloaded[i]:
+            assert self.tiers is not None
+            return self.tiers.read(i, a, b)[w]
         if a < self._first[i]:
             return self._hidden.get(a, i, w)
         p, s, z = (_numpy_copy(t) for t in self._rows(i, w, a, b))
@@ -490,7 +611,9 @@ class TorchKVCache:
     def append_blocks(self, blocks: list[KVBlock]) -> None:
         """Append stored blocks (as exported, from any backend) after the held tokens.
         A sliding-window layer takes the sealed parts it will not attend to as hidden
-        parts (the block's own arrays, no copy)."""
+        parts (the block's own arrays, no copy). An offloaded layer hands its sealed parts
+        to the tiers: as the disk tier when they map their block file (nothing is read
+        until attention asks for a page), else copied into host memory."""
         pos = self._length
         for block in blocks:
             if block.start != pos:
@@ -505,6 +628,13 @@ class TorchKVCache:
         for block in blocks:
             quantized = self.quantized and block.sealed
             for i, lkv in enumerate(block.layers):
+                if quantized and self._offloaded[i]:
+                    assert self.tiers is not None
+                    for kv in (lkv.keys, lkv.values):
+                        self._check_quantized(kv)
+                    on_disk = maps_a_file(lkv.keys.packed) and maps_a_file(lkv.values.packed)
+                    self.tiers.add_block(block.start, i, lkv.keys, lkv.values, on_disk)
+                    continue
                 if quantized and self._bounded[i]:
                     pair = (lkv.keys, lkv.values)
                     for kv in pair:

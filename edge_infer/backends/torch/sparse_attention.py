@@ -34,6 +34,11 @@ def _page_rows(selected: np.ndarray, page: int) -> torch.Tensor:
     return torch.from_numpy((pages[:, None] * page + np.arange(page)).reshape(-1))
 
 
+def _tensor_of(x: np.ndarray) -> torch.Tensor:
+    """A tensor over gathered rows (packed words as int32: the kernel reads bytes)."""
+    return torch.from_numpy(x.view(np.int32) if x.dtype == np.uint32 else x)
+
+
 def _log_sum_exp(s: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Per row of ``s`` [n_q, T], log of the sum of exp over the True entries of ``mask``."""
     masked = np.where(mask, s.astype(np.float64), -np.inf)
@@ -115,8 +120,12 @@ def attend_sparse(
     records: list[tuple[int, StepRecord, np.ndarray]] = []
     plans: list[tuple[np.ndarray | None, int]] = []
     q_np, k_np = q32.cpu().numpy(), k32.cpu().numpy()
+    offloaded = [set(cache.offloaded_layers()) for cache in caches]
     for b, cache in enumerate(caches):
-        parts, tails = cache.stored_parts(layer)
+        if layer in offloaded[b]:
+            parts, tails = [], cache.tails(layer)
+        else:
+            parts, tails = cache.stored_parts(layer)
         length, sealed, window = cache.length, cache.sealed_length, cache.windows[layer]
         state = cache.sparse
         selected, page = None, 0
@@ -133,8 +142,21 @@ def attend_sparse(
         plans.append((selected, page))
         if kernel is None:
             continue
+        tiers = cache.tiers if layer in offloaded[b] else None
         for h in range(n_kv):
             tail_ptrs = [tails[0][h].data_ptr(), tails[1][h].data_ptr()]
+            if tiers is not None:  # the pages come from host memory or disk
+                if page and page != tiers.page:
+                    raise ValueError(f"pages of {page} tokens, tiers of {tiers.page}")
+                chosen = np.arange(sealed // tiers.page)
+                if selected is not None:
+                    chosen = np.flatnonzero(selected[h])
+                part = [_tensor_of(x) for x in tiers.gather(layer, h, chosen)]
+                gathered += part
+                n = part[0].shape[0]
+                ptrs += [t.data_ptr() for t in part] + tail_ptrs
+                metas += [n, cache.block_size, n, n + length - sealed + 1, n, 0]
+                continue
             if selected is None or selected[h].all():
                 ptrs += cache.head_pointers(layer, h) + tail_ptrs
                 metas += [parts[0].shape[1], cache.block_size, sealed, length + 1, sealed, window]

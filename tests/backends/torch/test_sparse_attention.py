@@ -196,3 +196,87 @@ def test_oracle_window_and_per_query_selections_attend_what_their_functions_choo
         assert np.array_equal(rec.selected, want) and rec.selected[:, always].all()
         assert (rec.selected.sum(axis=1) == 24).all()
         torch.testing.assert_close(got, _reference(cache, 1, q, k, v, rec.selected, 32))
+
+
+# -- offloaded layers: the pages come from the tiers (host memory under a budget, disk) ------
+
+
+def _offloaded(backend, blocks, budget_bytes: int, page: int = 32, first_layer: int = 2):
+    """A cache of the default model whose layers from ``first_layer`` on live in tiers of a
+    pool of ``budget_bytes``, holding ``blocks``."""
+    from edge_infer.offload import HostPool, SequenceTiers
+
+    cache = backend.new_cache()
+    pool = HostPool(budget_bytes)
+    layers = range(first_layer, cache.num_layers)
+    cache.offload(SequenceTiers(pool, layers, cache.block_size, page))
+    cache.append_blocks(blocks)
+    return cache, pool
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_offloaded_cache_decodes_as_the_resident_one_within_its_budget(prefilled):
+    backend, blocks, first = prefilled
+    n_layers = len(blocks[0].layers)
+    policy = SparsePolicy(page=32, budget=0.5)
+    resident = _restored(backend, blocks)
+    resident.sparse = SparseState.new(policy, n_layers, record=True)
+    want_tokens, want_logits = decode(backend, resident, first, 40)
+    kv_bytes = sum(b.nbytes for b in blocks)
+    cache, pool = _offloaded(backend, blocks, kv_bytes // 8)
+    cache.sparse = SparseState.new(policy, n_layers, record=True)
+    tokens, logits = decode(backend, cache, first, 40)
+    # the same pages selected, the same bytes attended: bit for bit
+    assert np.array_equal(tokens, want_tokens) and np.array_equal(logits, want_logits)
+    for a, b in zip(resident.sparse.log, cache.sparse.log, strict=True):
+        assert np.array_equal(a.selected, b.selected)
+    assert pool.peak_bytes <= pool.budget_bytes
+    counters = pool.counters
+    assert counters.hits + counters.misses > 0 and counters.bytes_disk > 0
+    # what it exports (to save) is what the resident cache exports
+    for a, b in zip(resident.blocks(), cache.blocks(), strict=True):
+        for la, lb in zip(a.layers, b.layers, strict=True):
+            for x, y in ((la.keys, lb.keys), (la.values, lb.values)):
+                if isinstance(x, np.ndarray):
+                    assert np.array_equal(x, y)
+                else:
+                    assert np.array_equal(x.packed, y.packed)
+                    assert np.array_equal(x.scales, y.scales)
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_offloaded_cache_prefills_and_decodes_densely_as_the_resident_one(prefilled):
+    backend, blocks, first = prefilled
+    ids = np.arange(300, 300 + 200)  # a prefill chunk over the offloaded layers' pages
+    resident = _restored(backend, blocks)
+    want = backend.forward(ids, resident)
+    cache, pool = _offloaded(backend, blocks, 0)  # nothing held: every read streams
+    got = backend.forward(ids, cache)
+    assert np.array_equal(got, want)
+    want_tokens, want_logits = decode(backend, resident, first, 8)
+    tokens, logits = decode(backend, cache, first, 8)
+    assert np.array_equal(tokens, want_tokens) and np.array_equal(logits, want_logits)
+    assert pool.peak_bytes == 0
+    # the tokens sealed on the way went to the tiers (spilled: the budget is zero)
+    assert cache.tiers is not None and cache.tiers.length == cache.sealed_length
+
+
+@needs_kernel
+def test_a_live_cache_offloads_its_sealed_blocks_and_answers_the_same():
+    from edge_infer.offload import HostPool, SequenceTiers
+
+    cache = filled_cache(4, 1100, 3, 64, 64, seed=3)
+    twin = filled_cache(4, 1100, 3, 64, 64, seed=3)
+    twin.offload(SequenceTiers(HostPool(1 << 20), [1], twin.block_size, 32))
+    assert twin.offloaded_layers() == [1]
+    for layer in range(2):
+        q, k, v = one_token(cache, 9, seed=layer)
+        for c in (cache, twin):
+            c.reserve_next()
+        want = attend_new_tokens([cache], layer, q[None], k[None], v[None])
+        got = attend_new_tokens([twin], layer, q[None], k[None], v[None])
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="already offloaded"):
+        twin.offload(SequenceTiers(HostPool(0), [0], twin.block_size, 32))
