@@ -242,6 +242,12 @@ class Engine:
         return cls(loaded, be, prefill_chunk=prefill_chunk, vision=vision, offload=offload)
 
     @property
+    def kv_memory(self) -> int | None:
+        """The host-memory budget for offloaded KV in bytes (None: agents stay in memory)."""
+        offload = self.agent_manager.offload
+        return offload.pool.budget_bytes if offload is not None else None
+
+    @property
     def prefill_chunk(self) -> int:
         return self.runner.prefill_chunk
 

@@ -17,6 +17,7 @@ from edge_infer.cli.cache_cmd import cache_app
 from edge_infer.cli.chat import chat
 from edge_infer.cli.common import (
     BackendOpt,
+    KvMemoryOpt,
     MmprojOpt,
     ModelOpt,
     VisualBudgetOpt,
@@ -71,6 +72,7 @@ def run(
     raw: Annotated[bool, typer.Option("--raw", help="Plain completion: no chat template.")] = False,
     stats: Annotated[bool, typer.Option(help="Print token counts and speed to stderr.")] = True,
     kv_bits: Annotated[int, typer.Option(help="KV cache precision: 4, 8 or 16 (float16).")] = 4,
+    kv_memory: KvMemoryOpt = None,
     json_schema: Annotated[
         Path | None,
         typer.Option(help="Answer with JSON valid against the schema in this file."),
@@ -123,6 +125,7 @@ def run(
             model,
             backend,
             kv_bits,
+            kv_memory,
             mmproj=mmproj,
             visual_method=visual_method,
             visual_budget=visual_budget,

@@ -27,6 +27,7 @@ from edge_infer.cli.chat_input import (
 )
 from edge_infer.cli.common import (
     BackendOpt,
+    KvMemoryOpt,
     MmprojOpt,
     ModelOpt,
     VisualBudgetOpt,
@@ -258,8 +259,12 @@ class ChatSession:
 
     def cmd_agents(self, arg: str) -> None:
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        for col in ("", "agent", "tokens", "messages", "on disk"):
-            table.add_column(col, justify="right" if col in ("tokens", "on disk") else "left")
+        offloading = self.eng.kv_memory is not None
+        columns = ["", "agent", "tokens", "messages", "on disk"]
+        if offloading:  # where an offloaded agent's KV is, and how often the pool served it
+            columns += ["KV in pool", "KV on disk", "hit rate"]
+        for col in columns:
+            table.add_column(col, justify="left" if col in ("", "agent", "messages") else "right")
         for info in self.eng.agents():
             current = info.name == self.agent.name
             # agents not loaded in this process report no message count
@@ -270,6 +275,15 @@ class ChatSession:
                 str(info.tokens),
                 str(info.messages) if loaded else "-",
                 human_size(info.bytes_on_disk) if info.bytes_on_disk else "-",
+                *(
+                    [
+                        human_size(info.kv_ram_bytes) if info.offloaded else "-",
+                        human_size(info.kv_disk_bytes) if info.offloaded else "-",
+                        f"{info.hit_rate:.0%}" if info.hit_rate is not None else "-",
+                    ]
+                    if offloading
+                    else []
+                ),
             )
         self.out.print(table)
 
@@ -387,6 +401,7 @@ def chat(
     ] = "default",
     backend: BackendOpt = "auto",
     kv_bits: Annotated[int, typer.Option(help="KV cache precision: 4, 8 or 16 (float16).")] = 4,
+    kv_memory: KvMemoryOpt = None,
     system: Annotated[str | None, typer.Option(help="Set the agent's system prompt.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 512,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
@@ -420,6 +435,7 @@ def chat(
             model,
             backend,
             kv_bits,
+            kv_memory,
             mmproj=mmproj,
             visual_method=visual_method,
             visual_budget=visual_budget,

@@ -54,12 +54,25 @@ def loading(label: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
-def load_engine(model: str | None, backend: str, kv_bits: int = 4, **vision: Any) -> Any:
+def load_engine(
+    model: str | None,
+    backend: str,
+    kv_bits: int = 4,
+    kv_memory: str | None = None,
+    **vision: Any,
+) -> Any:
     """The engine for ``model``; ``vision``: Engine.load's mmproj and visual settings."""
     from edge_infer.engine import Engine
 
     with loading("loading model") as update:
-        return Engine.load(model, backend=backend, kv_bits=kv_bits, progress=update, **vision)
+        return Engine.load(
+            model,
+            backend=backend,
+            kv_bits=kv_bits,
+            kv_memory=kv_memory,
+            progress=update,
+            **vision,
+        )
 
 
 def readable_image(path: str) -> tuple[Path, tuple[int, int]]:
@@ -97,6 +110,14 @@ VisualBudgetOpt = Annotated[
 ]
 VisualMethodOpt = Annotated[
     str, typer.Option(help="Image-token dropping: hired, full, uniform or cls-topk.")
+]
+KvMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Host-memory budget for agents' KV (e.g. 256MB): an agent that would need more "
+        "is offloaded to that pool and disk, and decodes reading only the pages that matter "
+        "(torch backend; EDGE_INFER_KV_MEMORY).",
+    ),
 ]
 
 

@@ -15,6 +15,7 @@ import typer
 
 from edge_infer.cli.common import (
     BackendOpt,
+    KvMemoryOpt,
     MmprojOpt,
     ModelOpt,
     VisualMethodOpt,
@@ -113,6 +114,7 @@ def serve(
     ] = DEFAULT_MAX_BODY_BYTES / 2**20,
     backend: BackendOpt = "auto",
     kv_bits: Annotated[int, typer.Option(help="KV cache precision: 4, 8 or 16 (float16).")] = 4,
+    kv_memory: KvMemoryOpt = None,
     parallel: Annotated[
         int,
         typer.Option(help="Requests decoded together (one batched forward pass per token)."),
@@ -168,6 +170,7 @@ def serve(
                 model,
                 backend,
                 kv_bits,
+                kv_memory,
                 mmproj=mmproj,
                 visual_method=visual_method,
                 visual_budget=visual_budget,

@@ -417,3 +417,26 @@ def test_linked_block_files_and_manifest_are_not_followed(store: AgentStore, tmp
     assert store.load("a") is None and not store.exists("a")
     assert (outside / "manifest.json").is_file()
     assert sorted(p.name for p in outside.iterdir()) == sorted([good.name, "manifest.json"])
+
+
+def test_an_unverified_load_maps_the_files_and_corrupt_files_finds_bad_ones(
+    store: AgentStore,
+) -> None:
+    from edge_infer.cache_store.blocks import maps_a_file
+
+    blocks, m, d = _saved(store)
+    snap = store.load("a", verify=False)
+    assert not snap.verified and snap.files == [e.file for e in m.blocks]
+    assert_blocks_equal(snap.blocks, blocks)
+    assert all(maps_a_file(b.layers[0].keys.packed) for b in snap.blocks if b.sealed)
+    assert store.load("a").verified
+    assert store.corrupt_files("a") == []
+    bad = d / m.blocks[1].file
+    data = bytearray(bad.read_bytes())
+    data[-3] ^= 0x01  # tensor data: the header still parses, only the hash tells
+    bad.write_bytes(bytes(data))
+    assert store.load("a", verify=False).valid_tokens == 56  # not read: not noticed
+    assert store.corrupt_files("a") == [m.blocks[1].file]
+    assert store.load("a").valid_tokens == 16  # a verified load sets it aside
+    assert store.corrupt_files("nobody") == []
+    assert store.page_index_path("a").parent == d

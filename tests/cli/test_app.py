@@ -274,3 +274,9 @@ def test_run_with_an_image_on_a_text_model_is_one_line_error(tmp_path):
     synthetic(8, 8).save(tmp_path / "pic.png")
     proc = run_cli("run", "--max-tokens", "2", "--image", str(tmp_path / "pic.png"), "hi")
     assert_one_line_error(proc, "text-only model takes no images")
+
+
+def test_run_with_a_kv_memory_budget():
+    proc = run_cli("run", "--kv-memory", "1MB", "--temperature", "0", "--max-tokens", "6", "Hi")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()

@@ -261,3 +261,21 @@ def test_ctrl_c_at_the_prompt_works_when_started_with_sigint_ignored(cache_dir):
     assert prompt > 0
     child.sendeof()
     child.expect(pexpect.EOF)
+
+
+def test_kv_memory_offloads_an_agent_and_the_listing_shows_where_its_kv_is(cache_dir):
+    # a budget below one block of KV: the agent goes to the pool and disk at once
+    child = spawn(cache_dir, "--kv-memory", "64KB")
+    long = " ".join(f"word{i}" for i in range(300))
+    ask(child, f"Repeat after me: {long}")
+    table = command(child, "/agents")
+    assert re.search(r"KV in pool\s+KV on disk\s+hit rate", table), table
+    assert re.search(r"^\s*\*\s+alice\s+\d+\s+2\s.*\d+%\s*$", table, re.M), table
+    child.sendline("/exit")
+    child.expect_exact("saved agent 'alice'")
+    finish(child)
+
+
+def test_a_bad_kv_memory_is_one_line():
+    proc = run_cli("chat", "--kv-memory", "lots")
+    assert_one_line_error(proc, "kv_memory", "256MB")
