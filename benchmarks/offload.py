@@ -4,6 +4,8 @@ what attending only them costs in quality, on the default model over real Englis
     python -m benchmarks.offload [--tokens 8192] [--steps 256] [--pages 256,64,32]
                                  [--budget 0.25] [--record 32] [--policy "select=oracle" ...]
                                  [--json PATH]
+    python -m benchmarks.offload --tiers [--tokens 8192] [--steps 64] [--budget 0.25]
+                                 [--pool 0.25] [--model gemma3-270m]
     python -m benchmarks.offload --passkey [--trials 10] [--depths 0.1,0.5,0.9]
                                  [--policy "page=32 budget=0.25 ..."]
 
@@ -24,6 +26,15 @@ run after it starts from a copy of that cache (restored from its blocks).
    distributions, ms per token (median, p90; runs one after the other on a shared machine:
    read ratios only), and whether an all-pages budget gives the dense logits bit for bit.
 
+``--tiers``: where the KV lives, modes interleaved step by step over ``--steps``
+teacher-forced tokens: dense in RAM; dense streamed from disk (layers past the first two
+offloaded with no pool, the block files' pages dropped from the page cache before each step
+with ``posix_fadvise``); sparse in RAM (``--budget`` of the pages by Quest bound); sparse
+tiered (the same pages from a pool of ``--pool`` of the KV and the block files, page cache
+dropped likewise). Then time to first token of the agent on disk: a full restore (hash,
+read, copy) against an offloaded resume (map the files, load the page index, read the pages
+the first step selects), page cache dropped before each.
+
 ``--passkey``: a 5-digit key hidden at each ``--depths`` share of ``--tokens`` tokens of
 filler; after a dense prefill of the context, the question is fed and the answer greedily
 decoded token by token, dense and sparse (the first ``--policy``, else the default) from the
@@ -34,6 +45,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import mmap
+import os
 import re
 import time
 from pathlib import Path
@@ -45,11 +58,14 @@ from benchmarks.common import (
     machine,
     passkey_prompt,
     print_table,
+    temporary_dir,
     write_results,
 )
 from edge_infer.backends.torch.backend import TorchBackend
+from edge_infer.cache_store import AgentStore, KVFormat
 from edge_infer.generation.sampling import log_softmax
 from edge_infer.models.default_model import default_model_path
+from edge_infer.models.fingerprint import Fingerprint
 from edge_infer.models.loader import load_model
 from edge_infer.offload import (
     SparsePolicy,
@@ -64,6 +80,9 @@ from edge_infer.offload import (
     select_pages,
     window_pages,
 )
+from edge_infer.offload.index import PageIndex
+from edge_infer.offload.settings import OffloadSettings
+from edge_infer.offload.tiers import HostPool
 
 DENSE_LAYERS = 2
 
@@ -280,6 +299,232 @@ def passkey(backend, tokenizer, n_layers, policy, tokens, depths, trials, block_
     return results
 
 
+def _mappings(blocks) -> list[mmap.mmap]:
+    """The file mappings the blocks' arrays are views of."""
+    out: dict[int, mmap.mmap] = {}
+    for block in blocks:
+        keys = block.layers[0].keys
+        base = keys if isinstance(keys, np.ndarray) else keys.packed
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        if isinstance(base, memoryview):
+            base = base.obj
+        if isinstance(base, mmap.mmap):
+            out[id(base)] = base
+    return list(out.values())
+
+
+def drop_page_cache(folder: Path, maps: list[mmap.mmap]) -> None:
+    """Make the next read of the block files come from the disk: unmap their pages from
+    this process, then drop them from the page cache."""
+    for m in maps:
+        m.madvise(mmap.MADV_DONTNEED)
+    for path in folder.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def kv_nbytes(blocks, layers=None) -> int:
+    """Bytes of the blocks' KV (of ``layers`` only, when given)."""
+    total = 0
+    for block in blocks:
+        for i, layer in enumerate(block.layers):
+            if layers is None or i in layers:
+                for x in (layer.keys, layer.values):
+                    total += (
+                        x.nbytes
+                        if isinstance(x, np.ndarray)
+                        else x.packed.nbytes + x.scales.nbytes + x.biases.nbytes
+                    )
+    return total
+
+
+def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
+    """The --tiers tables (see the module's docstring)."""
+    n_layers = model.config.num_layers
+    bs = 256
+    root = temporary_dir("edge-infer-offload-")
+    fmt = KVFormat(bits=4, group_size=backend.kv_group_size, block_size=bs)
+    fp = Fingerprint.of(weights="benchmark", kv_format=fmt.fingerprint_tag())
+    store = AgentStore(root, fp, fmt)
+    store.save("long", prefix.tolist(), blocks)
+    folder = store.agent_dir("long")
+    policy = SparsePolicy(budget=args.budget)
+    windows = restored(backend, []).windows
+    settings = OffloadSettings(HostPool(0), policy)
+    offloaded_layers = settings.tiers(windows, bs).layers
+    kv_total = kv_nbytes(blocks)
+    kv_resident = kv_nbytes(blocks, set(range(n_layers)) - set(offloaded_layers))
+    pool_bytes = int(args.pool * kv_total)
+
+    def tiered(budget: int, sparse: bool):
+        snap = store.load("long", verify=False)
+        cache = backend.new_cache()
+        tiers = OffloadSettings(HostPool(budget), policy).tiers(cache.windows, bs)
+        state = SparseState.new(policy, n_layers) if sparse else None
+        cache.offload(tiers, state)
+        cache.append_blocks(snap.blocks)
+        return cache, _mappings(snap.blocks)
+
+    caches = {}
+    caches["dense in RAM"] = (restored(backend, blocks), [])
+    caches["dense streamed from disk"] = tiered(0, sparse=False)
+    ram = restored(backend, blocks)
+    ram.sparse = SparseState.new(policy, n_layers)
+    caches["sparse in RAM"] = (ram, [])
+    caches["sparse tiered"] = tiered(pool_bytes, sparse=True)
+    modes = list(caches)
+    logits: dict[str, list[np.ndarray]] = {m: [] for m in modes}
+    ms: dict[str, list[float]] = {m: [] for m in modes}
+    reads = {m: [0, 0] for m in modes}  # bytes from RAM, from disk (tiers only)
+    held = dict.fromkeys(modes, 0)
+    for step, tok in enumerate(rest):
+        for mode in modes:
+            cache, maps = caches[mode]
+            tiers = cache.tiers
+            if maps:
+                drop_page_cache(folder, maps)
+            before = (tiers.counters.bytes_ram, tiers.counters.bytes_disk) if tiers else (0, 0)
+            t0 = time.perf_counter()
+            out = backend.forward(np.array([tok]), cache)[-1].copy()
+            elapsed = 1e3 * (time.perf_counter() - t0)
+            if step == 0:  # the first step builds the page index (a one-time full read)
+                if cache.sparse is not None:
+                    cache.sparse.select_seconds = 0.0
+                continue
+            ms[mode].append(elapsed)
+            logits[mode].append(out)
+            if tiers is not None:
+                reads[mode][0] += tiers.counters.bytes_ram - before[0]
+                reads[mode][1] += tiers.counters.bytes_disk - before[1]
+            held[mode] = max(held[mode], cache.nbytes)
+        if step % 16 == 0:
+            print(f"step {step}: " + ", ".join(f"{m} {ms[m][-1]:.0f} ms" for m in modes if ms[m]))
+    steps = len(rest) - 1
+    dense = np.array(logits["dense in RAM"])
+    ref = log_softmax(dense).astype(np.float64)
+    rows, results = [], []
+    dense_ms = float(np.median(ms["dense in RAM"]))
+    for mode in modes:
+        cache, _ = caches[mode]
+        out = np.array(logits[mode])
+        lp = log_softmax(out).astype(np.float64)
+        kl = (np.exp(ref) * (ref - lp)).sum(axis=1)
+        agree = float((out.argmax(axis=1) == dense.argmax(axis=1)).mean())
+        sparse = cache.sparse
+        n_pages = len(prefix) // policy.page
+        share = policy.budget_pages(n_pages) / n_pages if sparse is not None else 1.0
+        if cache.tiers is None:  # attention reads what it attends from RAM
+            from_ram = kv_resident + share * (kv_total - kv_resident)
+            from_disk = 0.0
+        else:
+            from_ram = kv_resident + reads[mode][0] / steps
+            from_disk = reads[mode][1] / steps
+        hit = f"{cache.tiers.counters.hit_rate:.0%}" if sparse and cache.tiers else "-"
+        select = 1e3 * sparse.select_seconds / steps if sparse is not None else 0.0
+        r = {
+            "mode": mode,
+            "ms_median": float(np.median(ms[mode])),
+            "ms_p90": float(np.percentile(ms[mode], 90)),
+            "kv_ram_per_token": from_ram,
+            "kv_disk_per_token": from_disk,
+            "kv_held": held[mode],
+            "hit_rate": cache.tiers.counters.hit_rate if cache.tiers is not None else None,
+            "select_ms": select,
+            "top1": agree,
+            "kl_mean": float(kl.mean()),
+        }
+        results.append(r)
+        rows.append(
+            [
+                mode,
+                f"{r['ms_median']:.0f} ({dense_ms / r['ms_median']:.2f}x)",
+                f"{r['ms_p90']:.0f}",
+                f"{from_ram / 2**20:.2f}",
+                f"{from_disk / 2**20:.2f}",
+                f"{held[mode] / 2**20:.1f}",
+                hit,
+                f"{select:.1f}",
+                f"{100 * agree:.1f}%",
+                f"{kl.mean():.4f}",
+            ]
+        )
+    print_table(
+        f"Where the KV lives: {len(prefix)} tokens, {steps} teacher-forced steps, modes "
+        f"interleaved; sparse = {args.budget:.0%} of pages by Quest bound (first "
+        f"{policy.dense_layers} layers dense); pool {args.pool:.0%} of the KV "
+        f"({pool_bytes / 2**20:.1f} MiB of {kv_total / 2**20:.1f} MiB)",
+        [
+            "mode",
+            "ms/tok p50 (vs dense RAM)",
+            "p90",
+            "KV MiB/tok from RAM",
+            "from disk",
+            "KV held MiB",
+            "hit rate",
+            "select ms/tok",
+            "top-1 vs dense",
+            "KL mean",
+        ],
+        rows,
+    )
+    tiered_cache = caches["sparse tiered"][0]
+    index = tiered_cache.sparse.index.snapshot()
+    files = [e for e in store.load("long").files][: index.covered() // bs]
+    index.truncate(len(files) * bs)
+    index.save(store.page_index_path("long"), files)
+    del caches, ram
+
+    # time to first token of the agent on disk
+    tok = int(rest[0])
+    resume: dict[str, list[float]] = {"full restore": [], "offloaded resume": []}
+    for _ in range(args.resume_runs):
+        for mode in resume:
+            snap = store.load("long", verify=False)
+            drop_page_cache(folder, _mappings(snap.blocks))
+            del snap
+            t0 = time.perf_counter()
+            if mode == "full restore":
+                snap = store.load("long")
+                cache = backend.new_cache()
+                cache.append_blocks(snap.blocks)
+            else:
+                snap = store.load("long", verify=False)
+                cache = backend.new_cache()
+                state = SparseState.new(policy, n_layers)
+                index = PageIndex.load(
+                    store.page_index_path("long"), snap.files, n_layers, policy.page, bs
+                )
+                assert index is not None, "the page index was not saved"
+                state.index = index
+                cache.offload(settings_for(pool_bytes, policy).tiers(cache.windows, bs), state)
+                cache.append_blocks(snap.blocks)
+            backend.forward(np.array([tok]), cache)
+            resume[mode].append(1e3 * (time.perf_counter() - t0))
+            del cache, snap
+    full = float(np.median(resume["full restore"]))
+    rows = [[m, f"{np.median(v):.0f}", f"{full / np.median(v):.2f}x"] for m, v in resume.items()]
+    print_table(
+        f"Time to first token of the {len(prefix)}-token agent on disk (page cache dropped; "
+        f"median of {args.resume_runs}, interleaved)",
+        ["mode", "ms", "vs full restore"],
+        rows,
+    )
+    return {
+        "modes": results,
+        "resume_ms": {m: [float(x) for x in v] for m, v in resume.items()},
+        "budget": args.budget,
+        "pool": args.pool,
+    }
+
+
+def settings_for(pool_bytes: int, policy: SparsePolicy) -> OffloadSettings:
+    return OffloadSettings(HostPool(pool_bytes), policy)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=8192)
@@ -293,6 +538,10 @@ def main() -> None:
         help="SparsePolicy fields as key=value (repeatable); default: bound, oracle and "
         "window at --budget, and the default policy",
     )
+    ap.add_argument("--tiers", action="store_true", help="where the KV lives: RAM, disk")
+    ap.add_argument("--pool", type=float, default=0.25, help="pool share of the KV (--tiers)")
+    ap.add_argument("--resume-runs", type=int, default=3)
+    ap.add_argument("--model", default=None, help="a catalog name or file (default model)")
     ap.add_argument("--passkey", action="store_true", help="passkey retrieval by depth")
     ap.add_argument("--trials", type=int, default=10, help="passkey trials per depth")
     ap.add_argument("--depths", default="0.1,0.5,0.9")
@@ -300,7 +549,7 @@ def main() -> None:
     args = ap.parse_args()
     pages = [int(p) for p in args.pages.split(",")]
     budgets = [args.budget]
-    model = load_model(default_model_path())
+    model = load_model(args.model or default_model_path())
     n_layers = model.config.num_layers
     backend = TorchBackend(model, device="cpu", kv_bits=4)
     if args.passkey:
@@ -325,6 +574,11 @@ def main() -> None:
     del cache
     print(f"prefill {len(prefix)} tokens: {time.perf_counter() - t0:.0f} s", flush=True)
     results: dict = {"tokens": args.tokens, "budgets": budgets}
+    if args.tiers:
+        results["tiers"] = tiers_run(args, backend, model, blocks, prefix, rest)
+        print(f"\n{machine()}")
+        write_results(args.json, results)
+        return
 
     t0 = time.perf_counter()
     start, qs, keys = record_queries(backend, blocks, rest[: args.record], n_layers)

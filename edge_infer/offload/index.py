@@ -175,6 +175,7 @@ class SparseState:
     record: bool = False
     measure: bool = False
     log: list[StepRecord] = field(default_factory=list)
+    select_seconds: float = 0.0  # time spent choosing pages (bounds, ranking), all steps
 
     @classmethod
     def new(

@@ -53,15 +53,30 @@ class TierCounters:
 
 
 class _Entry:
-    """One KV head's rows of one disk-tier block, held in the pool page by page."""
+    """The pages of one KV head of one disk-tier block that the pool holds, packed: only
+    those pages take memory (a selection touches a few pages of every block, so entries
+    the size of whole blocks would leave room for a fraction of what a step reads)."""
 
-    __slots__ = ("rows", "present", "nbytes")
+    __slots__ = ("rows", "slot", "nbytes", "page_nbytes")
 
     def __init__(self, like: Rows) -> None:
-        # allocated full: the budget counts what the allocator hands out, not what is filled
-        self.rows = tuple(np.empty_like(r) for r in like)  # [pages, page, w] each
-        self.present = np.zeros(len(like[0]), bool)
-        self.nbytes = sum(r.nbytes for r in self.rows)
+        self.rows = tuple(np.empty((0, *r.shape[1:]), r.dtype) for r in like)  # [n, page, w]
+        self.slot = np.full(len(like[0]), -1, np.int64)  # page -> its row in ``rows``, or -1
+        self.nbytes = 0
+        self.page_nbytes = sum(r[0].nbytes for r in like)
+
+    @property
+    def present(self) -> np.ndarray:
+        return self.slot >= 0
+
+    def add(self, pages: np.ndarray, rows: Rows) -> None:
+        """Hold ``pages`` (absent so far) with their rows ([len(pages), page, w] each)."""
+        n = len(self.rows[0])
+        self.rows = tuple(
+            np.concatenate([old, new]) for old, new in zip(self.rows, rows, strict=True)
+        )
+        self.slot[pages] = np.arange(n, n + len(pages))
+        self.nbytes += len(pages) * self.page_nbytes
 
 
 class HostPool:
@@ -105,6 +120,19 @@ class HostPool:
             key, entry = self._cache.popitem(last=False)
             self._forget(key[0], entry)
             self.counters.evictions += 1
+
+    def _grow(self, key: EntryKey, entry: _Entry, need: int) -> bool:
+        """Make room for ``need`` more bytes of the held ``entry`` (most recently used),
+        evicting other entries; False (and nothing evicted) when it cannot fit."""
+        if self._pinned + entry.nbytes + need > self.budget_bytes:
+            return False
+        del self._cache[key]  # not a candidate for eviction itself
+        self._evict(need)
+        self._cache[key] = entry
+        self._cached += need
+        self._cached_by[key[0]] = self._cached_by.get(key[0], 0) + need
+        self._peak = max(self._peak, self.held_bytes)
+        return True
 
     def _forget(self, owner: int, entry: _Entry) -> None:
         self._cached -= entry.nbytes
@@ -369,31 +397,35 @@ class SequenceTiers:
         entry = pool._cache.get(key)
         if entry is not None:
             pool._cache.move_to_end(key)
-            have = entry.present[local]
+            slots = entry.slot[local]
+            have = slots >= 0
             n_hit = int(have.sum())
         else:
-            have, n_hit = None, 0
+            slots, have, n_hit = None, None, 0
         if n_hit == len(local):
+            assert entry is not None and slots is not None
             for d, r in zip(dst, entry.rows, strict=True):
-                np.take(r, local, 0, d, "clip")
+                np.take(r, slots, 0, d, "clip")
             return n_hit
         miss = local if have is None else local[~have]
         source = block.head(head, self.page)
+        fetched = []
         for i, (d, r) in enumerate(zip(dst, source, strict=True)):
             # fancy indexing a file view reads just those pages' rows
             rows = r[miss]
+            fetched.append(rows)
             if have is None or not n_hit:
                 d[...] = rows
             else:
+                assert entry is not None and slots is not None
                 d[~have] = rows
-                d[have] = entry.rows[i][local[have]]
+                d[have] = entry.rows[i][slots[have]]
         if entry is None:
             entry = _Entry(source)
             if not pool._insert(key, entry):
-                return n_hit  # no room even for one entry: served, not cached
-        for d, r in zip(dst, entry.rows, strict=True):
-            r[miss] = d if have is None else d[~have]
-        entry.present[miss] = True
+                return n_hit  # no room: served, not cached
+        if pool._grow(key, entry, len(miss) * entry.page_nbytes):
+            entry.add(miss, tuple(fetched))
         return n_hit
 
     def read(self, layer: int, a: int, b: int) -> tuple[QuantizedKV, QuantizedKV]:
@@ -436,9 +468,10 @@ class SequenceTiers:
                         counters.bytes_disk += head_bytes
                         continue
                     source = block.head(h, page)
+                    assert entry is not None
                     for d, r, m in zip(dst, source, entry.rows, strict=True):
                         dh = d[h].reshape(ppb, page, -1)
-                        dh[have] = m[have]
+                        dh[have] = m[entry.slot[have]]
                         dh[~have] = r[~have]
                     n_ram = int(have.sum())
                     counters.bytes_ram += n_ram * page * layout.row_bytes

@@ -206,8 +206,8 @@ def test_second_gather_hits_and_counters_add_up(files):
     assert c.hit_rate == 0.0
     seq.check_gather(1, 0, pages)
     assert (c.hits, c.misses, c.bytes_ram) == (4, 4, 4 * PAGE * ROW_BYTES)
-    # one entry per touched (block, head), counted full
-    assert pool.held_bytes == 3 * ENTRY == seq.tiers.nbytes_ram()
+    # one entry per touched (block, head), holding (and counting) just its pages
+    assert pool.held_bytes == 4 * PAGE * ROW_BYTES == seq.tiers.nbytes_ram()
     seq.check_gather(1, 0, np.array([1, 2]))  # page 1 new, page 2 held: one entry, both kinds
     assert (c.hits, c.misses) == (5, 5)
     assert c.bytes_ram + c.bytes_disk == 10 * PAGE * ROW_BYTES
@@ -225,7 +225,7 @@ def test_second_gather_hits_and_counters_add_up(files):
 
 def test_eviction_is_least_recently_used(tmp_path):
     three = _Files(tmp_path, 1, seed=3, n_kv=3)
-    pool = HostPool(2 * ENTRY)
+    pool = HostPool(2 * PAGE * ROW_BYTES)  # room for two one-page entries
     tiers = SequenceTiers(pool, [1], BS, PAGE)
     kv = three.layer(0, 1)
     tiers.add_block(0, 1, kv.keys, kv.values, on_disk=True)
@@ -240,7 +240,10 @@ def test_eviction_is_least_recently_used(tmp_path):
     assert (c.misses, c.evictions) == (4, 2)  # head 1 had gone; head 2 (older than 0) goes now
     tiers.gather(1, 0, p)
     assert c.hits == 3
-    assert pool.held_bytes == 2 * ENTRY == pool.peak_bytes
+    assert pool.held_bytes == 2 * PAGE * ROW_BYTES == pool.peak_bytes
+    tiers.gather(1, 0, np.array([0, 1]))  # head 0's entry grows: head 1 (the oldest) goes
+    assert (c.hits, c.misses, c.evictions) == (4, 5, 3)
+    assert pool.held_bytes == 2 * PAGE * ROW_BYTES
 
 
 def test_spill_keeps_the_data_and_the_budget(tmp_path):

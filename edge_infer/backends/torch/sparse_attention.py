@@ -9,6 +9,8 @@ page computes bit for bit what dense attention computes.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -131,7 +133,9 @@ def attend_sparse(
         selected, page = None, 0
         if state is not None and sealed and not window and layer >= state.policy.dense_layers:
             qb, page = q_np[b], state.policy.page
+            t0 = time.perf_counter()
             selected, bounds, rounds = _select(cache, state, layer, qb, k_np[b])
+            state.select_seconds += time.perf_counter() - t0
             if state.record or state.measure:
                 rec = StepRecord(length, layer, selected, qb.copy() if state.record else None)
                 rec.rounds = rounds
