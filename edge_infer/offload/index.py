@@ -21,8 +21,9 @@ INDEX_VERSION = "1"
 
 
 class PageIndex:
-    """Per layer, page boxes (float16 ``[n_kv, pages, D]`` min and max) of the keys of the
-    first ``tokens(layer)`` sealed tokens, as attention reads them; grown as blocks seal."""
+    """Per layer, page boxes (``[n_kv, pages, D]`` min and max: float16 values, held as
+    float32 so that no step converts them) of the keys of the first ``tokens(layer)``
+    sealed tokens, as attention reads them; grown as blocks seal."""
 
     def __init__(self, n_layers: int, page: int) -> None:
         self.page = page
@@ -41,14 +42,14 @@ class PageIndex:
             raise ValueError(f"{keys.shape[1]} tokens are not whole pages of {self.page}")
         if keys.shape[1] == 0:
             return
-        lo, hi = page_bounds(keys, self.page)
+        lo, hi = (x.astype(np.float32) for x in page_bounds(keys, self.page))
         old_lo, old_hi = self._lo[layer], self._hi[layer]
         if old_lo is not None and old_hi is not None:
             lo, hi = np.concatenate([old_lo, lo], axis=1), np.concatenate([old_hi, hi], axis=1)
         self._lo[layer], self._hi[layer] = lo, hi
 
     def bounds(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """(min, max) float16 ``[n_kv, pages, D]`` of the layer (ValueError when empty)."""
+        """(min, max) ``[n_kv, pages, D]`` of the layer (ValueError when empty)."""
         lo, hi = self._lo[layer], self._hi[layer]
         if lo is None or hi is None:
             raise ValueError(f"layer {layer} has no pages yet")
@@ -84,8 +85,9 @@ class PageIndex:
         tensors = {}
         for i, (lo, hi) in enumerate(zip(self._lo, self._hi, strict=True)):
             if lo is not None and hi is not None:
-                tensors[f"layers.{i}.key_min"] = np.ascontiguousarray(lo)
-                tensors[f"layers.{i}.key_max"] = np.ascontiguousarray(hi)
+                # float16 values: the conversion is exact
+                tensors[f"layers.{i}.key_min"] = np.ascontiguousarray(lo, dtype=np.float16)
+                tensors[f"layers.{i}.key_max"] = np.ascontiguousarray(hi, dtype=np.float16)
         meta = {
             "format": INDEX_FORMAT,
             "format_version": INDEX_VERSION,
@@ -137,7 +139,7 @@ class PageIndex:
                 or lo.shape[1] != want
             ):
                 return None
-            index._lo[i], index._hi[i] = lo, hi
+            index._lo[i], index._hi[i] = lo.astype(np.float32), hi.astype(np.float32)
         index.truncate(shared * block_size)
         return index
 

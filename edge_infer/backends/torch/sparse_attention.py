@@ -30,10 +30,28 @@ from edge_infer.offload.selection import (
 )
 
 
-def _page_rows(selected: np.ndarray, page: int) -> torch.Tensor:
-    """Token indices of the True pages of ``selected`` [pages], in order."""
-    pages = np.flatnonzero(selected)
-    return torch.from_numpy((pages[:, None] * page + np.arange(page)).reshape(-1))
+def _gather_heads(
+    parts: list[torch.Tensor], selected: np.ndarray, page: int
+) -> list[list[torch.Tensor]]:
+    """Per KV head, per part (quantized K and V parts, [n_kv, capacity, w]), the rows of its
+    selected pages (``selected`` [n_kv, pages]) in order, each contiguous: one page-wise
+    numpy gather per part for all heads (a head attending every page gets its rows too,
+    unused). numpy, not ``index_select``: torch spreads large gathers over OpenMP threads,
+    which spin and crawl when another process holds a core."""
+    n_kv, cap = parts[0].shape[:2]
+    if cap % page:
+        raise ValueError(f"buffers of {cap} rows are not whole pages of {page}")
+    heads, pages = np.nonzero(selected)
+    index = heads * (cap // page) + pages
+    ends = np.cumsum(selected.sum(axis=1) * page).tolist()
+    starts = [0, *ends[:-1]]
+    rows = []
+    for t in parts:
+        a = t.numpy()
+        rows.append(
+            torch.from_numpy(a.reshape(-1, page, a.shape[2])[index].reshape(-1, a.shape[2]))
+        )
+    return [[r[a:b] for r in rows] for a, b in zip(starts, ends, strict=True)]
 
 
 def _tensor_of(x: np.ndarray) -> torch.Tensor:
@@ -147,6 +165,10 @@ def attend_sparse(
         if kernel is None:
             continue
         tiers = cache.tiers if layer in offloaded[b] else None
+        # the selected rows of every partly attended head, one gather per part
+        picked = None
+        if tiers is None and selected is not None and not selected.all():
+            picked = _gather_heads(parts, selected, page)
         for h in range(n_kv):
             tail_ptrs = [tails[0][h].data_ptr(), tails[1][h].data_ptr()]
             if tiers is not None:  # the pages come from host memory or disk
@@ -165,10 +187,10 @@ def attend_sparse(
                 ptrs += cache.head_pointers(layer, h) + tail_ptrs
                 metas += [parts[0].shape[1], cache.block_size, sealed, length + 1, sealed, window]
                 continue
-            rows = _page_rows(selected[h], page)
-            part = [t[h].index_select(0, rows) for t in parts]
+            assert picked is not None
+            part = picked[h]
             gathered += part
-            n = rows.numel()
+            n = part[0].shape[0]
             ptrs += [t.data_ptr() for t in part] + tail_ptrs
             metas += [n, cache.block_size, n, n + length - sealed + 1, n, 0]
     if kernel is None:
