@@ -11,7 +11,12 @@ from edge_infer.backends.base import Backend, KVCache
 from edge_infer.errors import ContextLengthError
 from edge_infer.generation.sampling import log_softmax
 from edge_infer.generation.tools import Tool, prompt_messages
-from edge_infer.models.chat_template import compile_template, render_chat, render_chat_parts
+from edge_infer.models.chat_template import (
+    compile_template,
+    render_chat,
+    render_chat_parts,
+    special_finder,
+)
 from edge_infer.models.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -37,6 +42,7 @@ class Runner:
             compile_template(tokenizer.chat_template)
         except ValueError:
             pass
+        special_finder(tuple(tokenizer.special_texts))
 
     @property
     def vocab_size(self) -> int:
