@@ -4,7 +4,7 @@ what attending only them costs in quality, on the default model over real Englis
     python -m benchmarks.offload [--tokens 8192] [--steps 256] [--pages 256,64,32]
                                  [--budget 0.25] [--record 32] [--policy "select=oracle" ...]
                                  [--json PATH]
-    python -m benchmarks.offload --tiers [--tokens 8192] [--steps 64] [--budget 0.25]
+    python -m benchmarks.offload --tiers [--tokens 8192] [--steps 64] [--budgets 0.25,0.5]
                                  [--pool 0.25] [--model gemma3-270m]
     python -m benchmarks.offload --passkey [--trials 10] [--depths 0.1,0.5,0.9]
                                  [--policy "page=32 budget=0.25 ..."]
@@ -31,7 +31,7 @@ teacher-forced tokens: dense in RAM; dense streamed from disk (layers past the f
 offloaded with no pool, the block files' pages dropped from the page cache before each step
 with ``posix_fadvise``); sparse in RAM (``--budget`` of the pages by Quest bound); sparse
 tiered (the same pages from a pool of ``--pool`` of the KV and the block files, page cache
-dropped likewise). Then time to first token of the agent on disk: a full restore (hash,
+dropped likewise), for each of ``--budgets``. Then time to first token of the agent on disk: a full restore (hash,
 read, copy) against an offloaded resume (map the files, load the page index, read the pages
 the first step selects), page cache dropped before each.
 
@@ -360,22 +360,28 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
     kv_resident = kv_nbytes(blocks, set(range(n_layers)) - set(offloaded_layers))
     pool_bytes = int(args.pool * kv_total)
 
-    def tiered(budget: int, sparse: bool):
+    budgets = [float(b) for b in args.budgets.split(",")]
+
+    def tiered(pool: int, budget: float | None):
         snap = store.load("long", verify=False)
         cache = backend.new_cache()
-        tiers = OffloadSettings(HostPool(budget), policy).tiers(cache.windows, bs)
-        state = SparseState.new(policy, n_layers) if sparse else None
+        tiers = OffloadSettings(HostPool(pool), policy).tiers(cache.windows, bs)
+        state = None
+        if budget is not None:
+            state = SparseState.new(dataclasses.replace(policy, budget=budget), n_layers)
         cache.offload(tiers, state)
         cache.append_blocks(snap.blocks)
         return cache, _mappings(snap.blocks)
 
     caches = {}
     caches["dense in RAM"] = (restored(backend, blocks), [])
-    caches["dense streamed from disk"] = tiered(0, sparse=False)
-    ram = restored(backend, blocks)
-    ram.sparse = SparseState.new(policy, n_layers)
-    caches["sparse in RAM"] = (ram, [])
-    caches["sparse tiered"] = tiered(pool_bytes, sparse=True)
+    caches["dense streamed from disk"] = tiered(0, None)
+    for budget in budgets:
+        ram = restored(backend, blocks)
+        ram.sparse = SparseState.new(dataclasses.replace(policy, budget=budget), n_layers)
+        caches[f"sparse {budget:.0%} in RAM"] = (ram, [])
+        caches[f"sparse {budget:.0%} tiered"] = tiered(pool_bytes, budget)
+    del ram
     modes = list(caches)
     logits: dict[str, list[np.ndarray]] = {m: [] for m in modes}
     ms: dict[str, list[float]] = {m: [] for m in modes}
@@ -416,7 +422,7 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
         agree = float((out.argmax(axis=1) == dense.argmax(axis=1)).mean())
         sparse = cache.sparse
         n_pages = len(prefix) // policy.page
-        share = policy.budget_pages(n_pages) / n_pages if sparse is not None else 1.0
+        share = sparse.policy.budget_pages(n_pages) / n_pages if sparse is not None else 1.0
         if cache.tiers is None:  # attention reads what it attends from RAM
             from_ram = kv_resident + share * (kv_total - kv_resident)
             from_disk = 0.0
@@ -454,7 +460,7 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
         )
     print_table(
         f"Where the KV lives: {len(prefix)} tokens, {steps} teacher-forced steps, modes "
-        f"interleaved; sparse = {args.budget:.0%} of pages by Quest bound (first "
+        f"interleaved; sparse = that share of pages by Quest bound (first "
         f"{policy.dense_layers} layers dense); pool {args.pool:.0%} of the KV "
         f"({pool_bytes / 2**20:.1f} MiB of {kv_total / 2**20:.1f} MiB)",
         [
@@ -471,12 +477,12 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
         ],
         rows,
     )
-    tiered_cache = caches["sparse tiered"][0]
+    tiered_cache = caches[f"sparse {budgets[0]:.0%} tiered"][0]
     index = tiered_cache.sparse.index.snapshot()
     files = [e for e in store.load("long").files][: index.covered() // bs]
     index.truncate(len(files) * bs)
     index.save(store.page_index_path("long"), files)
-    del caches, ram
+    del caches
 
     # time to first token of the agent on disk
     tok = int(rest[0])
@@ -516,7 +522,7 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
     return {
         "modes": results,
         "resume_ms": {m: [float(x) for x in v] for m, v in resume.items()},
-        "budget": args.budget,
+        "budgets": budgets,
         "pool": args.pool,
     }
 
@@ -540,6 +546,7 @@ def main() -> None:
     )
     ap.add_argument("--tiers", action="store_true", help="where the KV lives: RAM, disk")
     ap.add_argument("--pool", type=float, default=0.25, help="pool share of the KV (--tiers)")
+    ap.add_argument("--budgets", default="0.25,0.5", help="shares of pages (--tiers)")
     ap.add_argument("--resume-runs", type=int, default=3)
     ap.add_argument("--model", default=None, help="a catalog name or file (default model)")
     ap.add_argument("--passkey", action="store_true", help="passkey retrieval by depth")

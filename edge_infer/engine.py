@@ -234,6 +234,11 @@ class Engine:
         # the model's memory for as long as the engine lives
         loaded = dataclasses.replace(loaded, weights={})
         return_freed_memory()
+        if offload is not None and be.name == "torch" and be.device != "cpu":
+            raise ValueError(
+                f"kv_memory (offloading KV to host memory and disk) runs on the CPU; this "
+                f"engine is on {be.device} (load it with device='cpu')"
+            )
         if offload is not None and be.name != "torch":
             raise ValueError(
                 f"kv_memory (offloading KV to host memory and disk) needs the torch backend, "

@@ -414,6 +414,8 @@ class TorchKVCache:
         of them, streamed, without it). Only global layers of a quantized cache can go."""
         if not self.quantized:
             raise ValueError("only a quantized cache (kv_bits 4 or 8) can be offloaded")
+        if self.device.type != "cpu":  # the tiers are host memory the CPU kernel reads
+            raise ValueError(f"offloading KV runs on the CPU, not on {self.device.type}")
         if self.tiers is not None:
             raise ValueError("this cache is already offloaded")
         for i in tiers.layers:
