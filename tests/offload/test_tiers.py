@@ -20,7 +20,8 @@ N_KV, D, BS, PAGE, N_LAYERS = 2, 64, 32, 8, 4
 LAYERS = (1, 3)
 PPB = BS // PAGE
 ROW_BYTES = 2 * (D * 4 // 32 * 4 + 2 * (D // 64) * 2)  # one token of one head: K and V rows
-ENTRY = BS * ROW_BYTES  # one pool entry: a head of a block
+ENTRY = BS * ROW_BYTES  # a head of a block
+PAGE_BYTES = PAGE * ROW_BYTES  # one slab slot: a page of a head
 BLOCK = N_KV * ENTRY  # one layer of a block, all heads
 
 
@@ -206,9 +207,9 @@ def test_second_gather_hits_and_counters_add_up(files):
     assert c.hit_rate == 0.0
     seq.check_gather(1, 0, pages)
     assert (c.hits, c.misses, c.bytes_ram) == (4, 4, 4 * PAGE * ROW_BYTES)
-    # one entry per touched (block, head), holding (and counting) just its pages
-    assert pool.held_bytes == 4 * PAGE * ROW_BYTES == seq.tiers.nbytes_ram()
-    seq.check_gather(1, 0, np.array([1, 2]))  # page 1 new, page 2 held: one entry, both kinds
+    # one slab slot per page read, held (and counted) page by page
+    assert pool.held_bytes == 4 * PAGE_BYTES == seq.tiers.nbytes_ram()
+    seq.check_gather(1, 0, np.array([1, 2]))  # page 1 new, page 2 held: both kinds in a call
     assert (c.hits, c.misses) == (5, 5)
     assert c.bytes_ram + c.bytes_disk == 10 * PAGE * ROW_BYTES
     assert c.hit_rate == 0.5
@@ -225,7 +226,7 @@ def test_second_gather_hits_and_counters_add_up(files):
 
 def test_eviction_is_least_recently_used(tmp_path):
     three = _Files(tmp_path, 1, seed=3, n_kv=3)
-    pool = HostPool(2 * PAGE * ROW_BYTES)  # room for two one-page entries
+    pool = HostPool(2 * PAGE_BYTES)  # room for two pages
     tiers = SequenceTiers(pool, [1], BS, PAGE)
     kv = three.layer(0, 1)
     tiers.add_block(0, 1, kv.keys, kv.values, on_disk=True)
@@ -241,7 +242,7 @@ def test_eviction_is_least_recently_used(tmp_path):
     tiers.gather(1, 0, p)
     assert c.hits == 3
     assert pool.held_bytes == 2 * PAGE * ROW_BYTES == pool.peak_bytes
-    tiers.gather(1, 0, np.array([0, 1]))  # head 0's entry grows: head 1 (the oldest) goes
+    tiers.gather(1, 0, np.array([0, 1]))  # head 0's page 1 comes: head 1 (the oldest) goes
     assert (c.hits, c.misses, c.evictions) == (4, 5, 3)
     assert pool.held_bytes == 2 * PAGE * ROW_BYTES
 
