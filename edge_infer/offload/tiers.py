@@ -226,12 +226,58 @@ class _Block:
     rows: Rows  # [n_kv, block_size, w] each: pool memory when pinned, else file views
     pinned: bool
     nbytes: int
-    paged: Rows | None = None  # rows as [n_kv, pages, page, w], views made once
+    paged: Rows | None = None  # rows as [n_kv * pages, page, w], views made once
+    units: _Units | None = None
 
     def pages(self, page: int) -> Rows:
         if self.paged is None:
-            self.paged = tuple(r.reshape(r.shape[0], -1, page, r.shape[2]) for r in self.rows)
+            self.paged = tuple(r.reshape(-1, page, r.shape[2]) for r in self.rows)
         return self.paged
+
+    def as_units(self, page: int) -> _Units | None:
+        """The block's buffer in units that every page of every part spans whole, when
+        all six parts lie in one buffer (a block or spill file): a page of all parts is
+        then one take; None otherwise."""
+        if self.units is None and not self.pinned:
+            self.units = _units(self.rows, page) or _Units(np.empty(0), np.empty(0), 0)
+        return self.units if self.units is not None and self.units.size else None
+
+
+@dataclass(frozen=True)
+class _Units:
+    buffer: np.ndarray  # the whole buffer as units of ``size`` bytes: [n, size] uint8
+    first: np.ndarray  # [units of a page, all parts]: those of page 0, part after part
+    size: int
+    step: int = 0  # units from one page to the next, per unit of ``first``
+    steps: np.ndarray | None = None
+
+
+def _root(a: np.ndarray) -> object:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    root = a.base
+    while isinstance(root, memoryview):
+        root = root.obj
+    return root
+
+
+def _units(rows: Rows, page: int) -> _Units | None:
+    root = _root(rows[0])
+    if root is None or any(_root(r) is not root or not r.flags.c_contiguous for r in rows):
+        return None
+    whole = np.frombuffer(root, np.uint8)  # type: ignore[call-overload]
+    start = whole.__array_interface__["data"][0]
+    offsets = [r.__array_interface__["data"][0] - start for r in rows]
+    chunks = [page * r.shape[2] * r.itemsize for r in rows]
+    size = 64
+    while size > 1 and any(x % size for x in (*offsets, *chunks)):
+        size //= 2
+    buffer = whole[: len(whole) // size * size].reshape(-1, size)
+    first = np.concatenate(
+        [np.arange(c // size) + off // size for off, c in zip(offsets, chunks, strict=True)]
+    )
+    steps = np.concatenate([np.full(c // size, c // size) for c in chunks])
+    return _Units(buffer, first, size, steps=steps)
 
 
 @dataclass(frozen=True)
@@ -327,7 +373,7 @@ class SequenceTiers:
         while self._pinned_order and pool.held_bytes + nbytes > pool.budget_bytes:
             _, old = self._pinned_order.popitem(last=False)
             old.rows = self._write_spill(old.rows)
-            old.paged = None
+            old.paged = old.units = None
             old.pinned = False
             pool._unpin(self._owner, old.nbytes)
         if pool.held_bytes + nbytes > pool.budget_bytes:
@@ -434,55 +480,66 @@ class SequenceTiers:
         clock = pool._tick()
         hit = slots >= 0
         n_slab = int(hit.sum())
-        if n_slab:
-            pool._used_at[slots[hit]] = clock
-            if n_slab == n:
-                for o, part in zip(paged_out, pool._slab, strict=True):
-                    np.take(part, slots, 0, o)
-            else:
-                at = np.flatnonzero(hit)
-                for o, part in zip(paged_out, pool._slab, strict=True):
-                    o[at] = part[slots[at]]
-        n_pinned = 0
-        if n_slab < n and pinned.any():
-            at = np.flatnonzero(pinned)
-            n_pinned = len(at)
-            self._copy_by_block(blocks, heads, pages, at, paged_out, at)
+        pool._used_at[slots[hit]] = clock
         missed = np.flatnonzero(~hit & ~pinned)
+        fetched: Rows = ()
         if missed.size:
-            fetched = tuple(np.empty((len(missed), *o.shape[1:]), o.dtype) for o in paged_out)
-            self._copy_by_block(blocks, heads, pages, missed, fetched, np.arange(len(missed)))
+            # read and cached first, so that one take per part serves all the slab holds
+            missed, fetched = self._read_blocks(blocks, heads, pages, missed, paged_out)
+            pool._insert(self._owner, layer, heads[missed], pages[missed], fetched, clock)
+            slots = self._slots[layer][heads, pages]
+        in_slab = slots >= 0
+        if in_slab.any():
+            for o, part in zip(paged_out, pool._slab, strict=True):
+                np.take(part, np.maximum(slots, 0), 0, o)  # the others are written below
+        if missed.size and not in_slab[missed].all():
             for o, f in zip(paged_out, fetched, strict=True):
                 o[missed] = f
-            pool._insert(self._owner, layer, heads[missed], pages[missed], fetched, clock)
+        n_pinned = 0
+        if pinned.any():
+            at, rows = self._read_blocks(blocks, heads, pages, np.flatnonzero(pinned), paged_out)
+            n_pinned = len(at)
+            for o, r in zip(paged_out, rows, strict=True):
+                o[at] = r
         hits, misses = n_slab + n_pinned, len(missed)
         page_bytes = self._layouts[layer].row_bytes * page
         reads = TierCounters(hits, misses, hits * page_bytes, misses * page_bytes)
         self._count(reads)
         return out
 
-    def _copy_by_block(
-        self,
-        blocks: list[_Block],
-        heads: np.ndarray,
-        pages: np.ndarray,
-        at: np.ndarray,
-        dst: Rows,
-        dst_at: np.ndarray,
-    ) -> None:
-        """Copy the pages ``at`` from their blocks' rows into ``dst`` at ``dst_at``, block
-        by block: one advanced index per part per block (a file view reads just those)."""
+    def _read_blocks(
+        self, blocks: list[_Block], heads: np.ndarray, pages: np.ndarray, at: np.ndarray, like: Rows
+    ) -> tuple[np.ndarray, Rows]:
+        """The pages ``at`` sorted by block, and their rows ([len(at), page, w] each, in that
+        order), block by block: one take of all parts from a file's buffer, else one per
+        part (a file view reads just those pages)."""
         ppb = self._pages_per_block
         block_of = pages[at] // ppb
         order = np.argsort(block_of, kind="stable")
-        at, dst_at, block_of = at[order], dst_at[order], block_of[order]
+        at, block_of = at[order], block_of[order]
+        flat = heads[at] * ppb + pages[at] - block_of * ppb  # page of the block, all heads
+        # all parts of a page side by side in one buffer, each part a view of its columns
+        widths = [self.page * o.shape[2] * o.itemsize for o in like]
+        joined = np.empty((len(at), sum(widths)), np.uint8)
+        cols = np.cumsum([0, *widths])
+        rows = tuple(
+            joined[:, a:b].view(o.dtype).reshape(len(at), self.page, -1)
+            for o, a, b in zip(like, cols[:-1], cols[1:], strict=True)
+        )
         cuts = np.flatnonzero(block_of[1:] != block_of[:-1]) + 1
         bounds = [0, *cuts.tolist(), len(at)]
         for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-            b = int(block_of[s])
-            hh, lp = heads[at[s:e]], pages[at[s:e]] - b * ppb
-            for d, r in zip(dst, blocks[b].pages(self.page), strict=True):
-                d[dst_at[s:e]] = r[hh, lp]
+            block = blocks[int(block_of[s])]
+            idx = flat[s:e]
+            units = block.as_units(self.page)
+            if units is not None:
+                assert units.steps is not None
+                where = units.first + idx[:, None] * units.steps
+                units.buffer.take(where, 0, joined[s:e].reshape(*where.shape, units.size))
+                continue
+            for d, r in zip(rows, block.pages(self.page), strict=True):
+                d[s:e] = r[idx]
+        return at, rows
 
     def _count(self, reads: TierCounters) -> None:
         self.counters.add_reads(reads)
@@ -546,7 +603,7 @@ class SequenceTiers:
                     for d, r, part in zip(dst, block.pages(page), self.pool._slab, strict=True):
                         d4 = d.reshape(d.shape[0], ppb, page, -1)
                         d4[have] = part[slots[have]]
-                        d4[~have] = r[~have]
+                        d4[~have] = r[~have.ravel()]
                 counters.bytes_ram += n_ram * page_bytes
                 counters.bytes_disk += block.nbytes - n_ram * page_bytes
             self._count(counters)

@@ -492,3 +492,14 @@ def test_pages_of_another_layout_are_served_without_caching(files, tmp_path):
     b.check_gather(1, 0, np.arange(PPB // 2))
     assert b.tiers.counters.hits == PPB // 2
     b.check_read(1, 0, BS)
+
+
+def test_disk_tier_arrays_in_separate_buffers_are_read_part_by_part(files):
+    rng = np.random.default_rng(13)
+    pool = HostPool(ENTRY)
+    seq = _Seq(pool)
+    seq.add_all(None, files, 0, on_disk=True)  # one file: all parts of a page in one take
+    seq.add_all(_ram_block(rng), None, 1, on_disk=True)  # six arrays of their own
+    for _ in range(2):
+        _check_gather_layer(seq, 1, rng.random((N_KV, 2 * PPB)) < 0.6)
+        seq.check_read(3, 0, 2 * BS)
