@@ -265,9 +265,14 @@ def _units(rows: Rows, page: int) -> _Units | None:
     root = _root(rows[0])
     if root is None or any(_root(r) is not root or not r.flags.c_contiguous for r in rows):
         return None
-    whole = np.frombuffer(root, np.uint8)  # type: ignore[call-overload]
+    try:
+        whole = np.frombuffer(root, np.uint8)  # type: ignore[call-overload]
+    except (TypeError, ValueError):  # not a buffer (a tensor's storage, say)
+        return None
     start = whole.__array_interface__["data"][0]
     offsets = [r.__array_interface__["data"][0] - start for r in rows]
+    if any(off < 0 or off + r.nbytes > len(whole) for off, r in zip(offsets, rows, strict=True)):
+        return None
     chunks = [page * r.shape[2] * r.itemsize for r in rows]
     size = 64
     while size > 1 and any(x % size for x in (*offsets, *chunks)):
