@@ -239,7 +239,7 @@ class _Block:
         all six parts lie in one buffer (a block or spill file): a page of all parts is
         then one take; None otherwise."""
         if self.units is None and not self.pinned:
-            self.units = _units(self.rows, page) or _Units(np.empty(0), np.empty(0), 0)
+            self.units = _units(self.rows, page) or _Units(np.empty(0), np.empty(0), np.empty(0), 0)
         return self.units if self.units is not None and self.units.size else None
 
 
@@ -247,9 +247,8 @@ class _Block:
 class _Units:
     buffer: np.ndarray  # the whole buffer as units of ``size`` bytes: [n, size] uint8
     first: np.ndarray  # [units of a page, all parts]: those of page 0, part after part
+    steps: np.ndarray  # units from one page to the next, per unit of ``first``
     size: int
-    step: int = 0  # units from one page to the next, per unit of ``first``
-    steps: np.ndarray | None = None
 
 
 def _root(a: np.ndarray) -> object:
@@ -282,7 +281,7 @@ def _units(rows: Rows, page: int) -> _Units | None:
         [np.arange(c // size) + off // size for off, c in zip(offsets, chunks, strict=True)]
     )
     steps = np.concatenate([np.full(c // size, c // size) for c in chunks])
-    return _Units(buffer, first, size, steps=steps)
+    return _Units(buffer, first, steps, size)
 
 
 @dataclass(frozen=True)
@@ -538,7 +537,6 @@ class SequenceTiers:
             idx = flat[s:e]
             units = block.as_units(self.page)
             if units is not None:
-                assert units.steps is not None
                 where = units.first + idx[:, None] * units.steps
                 units.buffer.take(where, 0, joined[s:e].reshape(*where.shape, units.size))
                 continue
