@@ -249,6 +249,7 @@ class _Units:
     first: np.ndarray  # [units of a page, all parts]: those of page 0, part after part
     steps: np.ndarray  # units from one page to the next, per unit of ``first``
     size: int
+    places: tuple[int, ...] = ()  # the parts' offsets and the unit size: equal, same units
 
 
 def _root(a: np.ndarray) -> object:
@@ -281,7 +282,7 @@ def _units(rows: Rows, page: int) -> _Units | None:
         [np.arange(c // size) + off // size for off, c in zip(offsets, chunks, strict=True)]
     )
     steps = np.concatenate([np.full(c // size, c // size) for c in chunks])
-    return _Units(buffer, first, steps, size)
+    return _Units(buffer, first, steps, size, (*offsets, *chunks, size))
 
 
 @dataclass(frozen=True)
@@ -532,16 +533,20 @@ class SequenceTiers:
         )
         cuts = np.flatnonzero(block_of[1:] != block_of[:-1]) + 1
         bounds = [0, *cuts.tolist(), len(at)]
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-            block = blocks[int(block_of[s])]
-            idx = flat[s:e]
-            units = block.as_units(self.page)
-            if units is not None:
-                where = units.first + idx[:, None] * units.steps
-                units.buffer.take(where, 0, joined[s:e].reshape(*where.shape, units.size))
+        starts = block_of[bounds[:-1]].tolist()
+        runs = [(s, e, blocks[b]) for s, e, b in zip(bounds[:-1], bounds[1:], starts, strict=True)]
+        units = [block.as_units(self.page) for _, _, block in runs]
+        first = units[0]
+        where = None
+        if first is not None and all(u is not None and u.places == first.places for u in units):
+            where = first.first + flat[:, None] * first.steps  # the same places in every file
+        for (s, e, block), u in zip(runs, units, strict=True):
+            if u is not None:
+                w = where[s:e] if where is not None else u.first + flat[s:e, None] * u.steps
+                u.buffer.take(w, 0, joined[s:e].reshape(*w.shape, u.size))
                 continue
             for d, r in zip(rows, block.pages(self.page), strict=True):
-                d[s:e] = r[idx]
+                d[s:e] = r[flat[s:e]]
         return at, rows
 
     def _count(self, reads: TierCounters) -> None:
