@@ -8,8 +8,8 @@ import tempfile
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -20,12 +20,10 @@ from edge_infer.cache_store.kv_format import QuantizedKV
 Rows = tuple[np.ndarray, ...]
 """``(k_packed, k_scales, k_biases, v_packed, v_scales, v_biases)``."""
 
-EntryKey = tuple[int, int, int, int]
-"""``(owner, layer, block start, kv head)`` of a pool entry."""
-
 _owners = itertools.count()
 # spill writes start on mmap's granularity so each spilled block maps on its own
 _SPILL_ALIGN = mmap.ALLOCATIONGRANULARITY
+_MIN_SLOTS = 64  # the slab's first size (pages), when the budget has room for that many
 
 
 @dataclass
@@ -36,7 +34,7 @@ class TierCounters:
     misses: int = 0  # pages read from the disk tier
     bytes_ram: int = 0  # bytes of KV rows copied out of host memory
     bytes_disk: int = 0  # bytes of KV rows read from the disk tier
-    evictions: int = 0  # pool entries dropped to make room
+    evictions: int = 0  # pages dropped from the pool to make room
     spilled_bytes: int = 0  # bytes written to a spill file
 
     @property
@@ -52,35 +50,13 @@ class TierCounters:
         self.bytes_disk += reads.bytes_disk
 
 
-class _Entry:
-    """The pages of one KV head of one disk-tier block that the pool holds, packed: only
-    those pages take memory (a selection touches a few pages of every block, so entries
-    the size of whole blocks would leave room for a fraction of what a step reads)."""
-
-    __slots__ = ("rows", "slot", "nbytes", "page_nbytes")
-
-    def __init__(self, like: Rows) -> None:
-        self.rows = tuple(np.empty((0, *r.shape[1:]), r.dtype) for r in like)  # [n, page, w]
-        self.slot = np.full(len(like[0]), -1, np.int64)  # page -> its row in ``rows``, or -1
-        self.nbytes = 0
-        self.page_nbytes = sum(r[0].nbytes for r in like)
-
-    @property
-    def present(self) -> np.ndarray:
-        return self.slot >= 0
-
-    def add(self, pages: np.ndarray, rows: Rows) -> None:
-        """Hold ``pages`` (absent so far) with their rows ([len(pages), page, w] each)."""
-        n = len(self.rows[0])
-        self.rows = tuple(
-            np.concatenate([old, new]) for old, new in zip(self.rows, rows, strict=True)
-        )
-        self.slot[pages] = np.arange(n, n + len(pages))
-        self.nbytes += len(pages) * self.page_nbytes
+Tables = dict[int, np.ndarray]
+"""One sequence's slab slots: per layer ``[n_kv, pages held]``, -1 where not in the pool."""
 
 
 class HostPool:
-    """Host memory for offloaded KV under a byte budget, shared by an engine's sequences (LRU)."""
+    """Host memory for offloaded KV under a byte budget, shared by an engine's sequences:
+    pinned blocks, and a slab of disk-tier pages (one slot per page of one KV head, LRU)."""
 
     def __init__(self, budget_bytes: int) -> None:
         if budget_bytes < 0:
@@ -90,16 +66,28 @@ class HostPool:
         # a prefetch thread gathers while the decode thread adds blocks; reentrant because a
         # weakref finalizer may release a sequence from inside a pool call of the same thread
         self._lock = threading.RLock()
-        self._cache: OrderedDict[EntryKey, _Entry] = OrderedDict()  # least recently used first
         self._pinned = 0
-        self._cached = 0
         self._peak = 0
         self._pinned_by: dict[int, int] = {}
         self._cached_by: dict[int, int] = {}
+        self._tables: dict[int, Tables] = {}  # owner -> its slot tables (shared, not copied)
+        # the slab: per part [capacity, page, w]; its layout is set by the first page cached
+        # (pages of another layout are served without caching) and reset once it is empty
+        self._slab: Rows = ()
+        self._kind: tuple[tuple[tuple[int, ...], str], ...] = ()
+        self._page_nbytes = 0
+        self._owner_of = np.empty(0, np.int64)  # -1: a free slot
+        self._layer_of = np.empty(0, np.int64)
+        self._head_of = np.empty(0, np.int64)
+        self._page_of = np.empty(0, np.int64)
+        self._used_at = np.empty(0, np.int64)  # the clock of its last gather
+        self._n_used = 0
+        self._clock = 0
+        self._inserting = False
 
     @property
     def held_bytes(self) -> int:
-        return self._pinned + self._cached
+        return self._pinned + self._n_used * self._page_nbytes
 
     @property
     def peak_bytes(self) -> int:
@@ -114,56 +102,117 @@ class HostPool:
         self._pinned -= nbytes
         self._pinned_by[owner] -= nbytes
 
-    def _evict(self, need: int) -> None:
-        """Drop least recently used entries until ``need`` more bytes fit (or none are left)."""
-        while self._cache and self.held_bytes + need > self.budget_bytes:
-            key, entry = self._cache.popitem(last=False)
-            self._forget(key[0], entry)
-            self.counters.evictions += 1
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
 
-    def _grow(self, key: EntryKey, entry: _Entry, need: int) -> bool:
-        """Make room for ``need`` more bytes of the held ``entry`` (most recently used),
-        evicting other entries; False (and nothing evicted) when it cannot fit."""
-        if self._pinned + entry.nbytes + need > self.budget_bytes:
-            return False
-        del self._cache[key]  # not a candidate for eviction itself
-        self._evict(need)
-        self._cache[key] = entry
-        self._cached += need
-        self._cached_by[key[0]] = self._cached_by.get(key[0], 0) + need
-        self._peak = max(self._peak, self.held_bytes)
-        return True
+    def _room(self, extra: int = 0) -> int:
+        """Slab slots the budget leaves beside the pinned bytes (and ``extra`` more)."""
+        if not self._page_nbytes:
+            return 0
+        return max(0, self.budget_bytes - self._pinned - extra) // self._page_nbytes
 
-    def _forget(self, owner: int, entry: _Entry) -> None:
-        self._cached -= entry.nbytes
-        self._cached_by[owner] -= entry.nbytes
+    def _resize(self, capacity: int) -> None:
+        """The slab with ``capacity`` slots (occupied slots beyond it evicted first)."""
+        old = len(self._owner_of)
+        if capacity < old:
+            self._free(np.flatnonzero(self._owner_of[capacity:] >= 0) + capacity, evicted=True)
+        keep = min(old, capacity)
+        slab = []
+        for part in self._slab:
+            new = np.empty((capacity, *part.shape[1:]), part.dtype)
+            new[:keep] = part[:keep]
+            slab.append(new)
+        self._slab = tuple(slab)
+        for name in ("_owner_of", "_layer_of", "_head_of", "_page_of", "_used_at"):
+            meta = np.full(capacity, -1, np.int64)
+            meta[:keep] = getattr(self, name)[:keep]
+            setattr(self, name, meta)
 
-    def _insert(self, key: EntryKey, entry: _Entry) -> bool:
-        """Hold ``entry`` if it fits after evicting unpinned entries; False (nothing evicted)
-        when even an empty cache could not make room."""
-        if self._pinned + entry.nbytes > self.budget_bytes:
-            return False
-        self._evict(entry.nbytes)
-        self._cache[key] = entry
-        self._cached += entry.nbytes
-        self._cached_by[key[0]] = self._cached_by.get(key[0], 0) + entry.nbytes
-        self._peak = max(self._peak, self.held_bytes)
-        return True
+    def _make_room(self, nbytes: int) -> None:
+        """Shrink the slab so ``nbytes`` more pinned bytes fit beside it (as far as it can)."""
+        room = self._room(nbytes)
+        if len(self._owner_of) > room:
+            self._resize(room)
 
-    def _drop(self, owner: int, keep: Callable[[EntryKey], bool] = lambda key: False) -> None:
-        """Drop the entries of ``owner`` that ``keep`` rejects."""
-        # a snapshot: a finalizer run by the collector could touch the dict meanwhile
-        for key in [k for k in self._cache if k[0] == owner and not keep(k)]:
-            entry = self._cache.pop(key, None)
-            if entry is not None:
-                self._forget(owner, entry)
+    def _free(self, slots: np.ndarray, evicted: bool) -> None:
+        """Free ``slots`` and clear them in their owners' tables."""
+        slots = slots[self._owner_of[slots] >= 0]  # a finalizer may have freed some meanwhile
+        if not slots.size:
+            return
+        owners, layers = self._owner_of[slots], self._layer_of[slots]
+        heads, pages = self._head_of[slots], self._page_of[slots]
+        for owner, layer in set(zip(owners.tolist(), layers.tolist(), strict=True)):
+            mine = (owners == owner) & (layers == layer)
+            self._tables[owner][layer][heads[mine], pages[mine]] = -1
+            self._cached_by[owner] -= int(mine.sum()) * self._page_nbytes
+        self._owner_of[slots] = -1
+        self._n_used -= len(slots)
+        if evicted:
+            self.counters.evictions += len(slots)
+
+    def _forget(self, owner: int) -> None:
+        """Free every slot of ``owner``; the slab goes once it is empty."""
+        self._free(np.flatnonzero(self._owner_of == owner), evicted=False)
+        if not self._n_used and not self._inserting:
+            self._slab, self._kind, self._page_nbytes = (), (), 0
+            self._resize(0)
+
+    def _insert(
+        self, owner: int, layer: int, heads: np.ndarray, pages: np.ndarray, rows: Rows, clock: int
+    ) -> None:
+        """Hold the fetched ``rows`` ([n, page, w] each) of (``heads``, ``pages``) of
+        ``layer``: free slots first, then the least recently used ones (not those of this
+        ``clock``); the first pages only when no more fit, none with another layout."""
+        kind = tuple((r.shape[1:], r.dtype.str) for r in rows)
+        if kind != self._kind:
+            if self._n_used:
+                return
+            self._slab, self._kind = (), kind
+            self._page_nbytes = sum(r[0].nbytes for r in rows)
+            self._resize(0)
+            self._slab = tuple(np.empty((0, *r.shape[1:]), r.dtype) for r in rows)
+        n, room = len(pages), self._room()
+        self._inserting = True
+        try:
+            free = np.flatnonzero(self._owner_of < 0)
+            capacity = len(self._owner_of)
+            if len(free) < n and capacity < room:
+                self._resize(min(room, max(2 * capacity, self._n_used + n, _MIN_SLOTS)))
+                free = np.flatnonzero(self._owner_of < 0)
+            take = free[:n]
+            if len(take) < n:
+                old = np.flatnonzero((self._owner_of >= 0) & (self._used_at < clock))
+                k = min(n - len(take), len(old))
+                if k < len(old):
+                    old = old[np.argpartition(self._used_at[old], k - 1)[:k]] if k else old[:0]
+                self._free(old, evicted=True)
+                take = np.concatenate([take, old])
+            m = len(take)
+            if not m:
+                return
+            for part, r in zip(self._slab, rows, strict=True):
+                part[take] = r[:m]
+            self._owner_of[take] = owner
+            self._layer_of[take] = layer
+            self._head_of[take] = heads[:m]
+            self._page_of[take] = pages[:m]
+            self._used_at[take] = clock
+            self._tables[owner][layer][heads[:m], pages[:m]] = take
+            self._n_used += m
+            self._cached_by[owner] = self._cached_by.get(owner, 0) + m * self._page_nbytes
+            self._peak = max(self._peak, self.held_bytes)
+        finally:
+            self._inserting = False
 
 
 def _release(pool: HostPool, owner: int, spill: list[IO[bytes] | None]) -> None:
     """Give back everything ``owner`` holds in ``pool`` and close its spill file (no
     reference to the sequence itself, so a weakref finalizer can call it)."""
     with pool._lock:
-        pool._drop(owner)
+        if owner in pool._tables:
+            pool._forget(owner)
+            pool._tables.pop(owner).clear()
         pool._pinned -= pool._pinned_by.pop(owner, 0)
         pool._cached_by.pop(owner, None)
     if spill[0] is not None:
@@ -177,16 +226,63 @@ class _Block:
     rows: Rows  # [n_kv, block_size, w] each: pool memory when pinned, else file views
     pinned: bool
     nbytes: int
-    paged: dict[int, Rows] = field(default_factory=dict)  # head -> rows as [pages, page, w]
+    paged: Rows | None = None  # rows as [n_kv * pages, page, w], views made once
+    units: _Units | None = None
 
-    def head(self, head: int, page: int) -> Rows:
-        """One head's rows page by page (views, made once: gather runs per block per call)."""
-        views = self.paged.get(head)
-        if views is None:
-            views = self.paged[head] = tuple(
-                r[head].reshape(-1, page, r.shape[2]) for r in self.rows
-            )
-        return views
+    def pages(self, page: int) -> Rows:
+        if self.paged is None:
+            self.paged = tuple(r.reshape(-1, page, r.shape[2]) for r in self.rows)
+        return self.paged
+
+    def as_units(self, page: int) -> _Units | None:
+        """The block's buffer in units that every page of every part spans whole, when
+        all six parts lie in one buffer (a block or spill file): a page of all parts is
+        then one take; None otherwise."""
+        if self.units is None and not self.pinned:
+            self.units = _units(self.rows, page) or _Units(np.empty(0), np.empty(0), np.empty(0), 0)
+        return self.units if self.units is not None and self.units.size else None
+
+
+@dataclass(frozen=True)
+class _Units:
+    buffer: np.ndarray  # the whole buffer as units of ``size`` bytes: [n, size] uint8
+    first: np.ndarray  # [units of a page, all parts]: those of page 0, part after part
+    steps: np.ndarray  # units from one page to the next, per unit of ``first``
+    size: int
+    places: tuple[int, ...] = ()  # the parts' offsets and the unit size: equal, same units
+
+
+def _root(a: np.ndarray) -> object:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    root = a.base
+    while isinstance(root, memoryview):
+        root = root.obj
+    return root
+
+
+def _units(rows: Rows, page: int) -> _Units | None:
+    root = _root(rows[0])
+    if root is None or any(_root(r) is not root or not r.flags.c_contiguous for r in rows):
+        return None
+    try:
+        whole = np.frombuffer(root, np.uint8)  # type: ignore[call-overload]
+    except (TypeError, ValueError):  # not a buffer (a tensor's storage, say)
+        return None
+    start = whole.__array_interface__["data"][0]
+    offsets = [r.__array_interface__["data"][0] - start for r in rows]
+    if any(off < 0 or off + r.nbytes > len(whole) for off, r in zip(offsets, rows, strict=True)):
+        return None
+    chunks = [page * r.shape[2] * r.itemsize for r in rows]
+    size = 64
+    while size > 1 and any(x % size for x in (*offsets, *chunks)):
+        size //= 2
+    buffer = whole[: len(whole) // size * size].reshape(-1, size)
+    first = np.concatenate(
+        [np.arange(c // size) + off // size for off, c in zip(offsets, chunks, strict=True)]
+    )
+    steps = np.concatenate([np.full(c // size, c // size) for c in chunks])
+    return _Units(buffer, first, steps, size, (*offsets, *chunks, size))
 
 
 @dataclass(frozen=True)
@@ -230,6 +326,7 @@ class SequenceTiers:
         self._owner = next(_owners)
         self._blocks: dict[int, list[_Block]] = {layer: [] for layer in self.layers}
         self._layouts: dict[int, _Layout] = {}
+        self._slots: Tables = {}  # the pool clears evicted pages in it
         self._pinned_order: OrderedDict[tuple[int, int], _Block] = OrderedDict()  # oldest first
         self._spill: list[IO[bytes] | None] = [None]
         self._finalizer = weakref.finalize(self, _release, pool, self._owner, self._spill)
@@ -263,21 +360,25 @@ class SequenceTiers:
                 self._finalizer = weakref.finalize(
                     self, _release, self.pool, self._owner, self._spill
                 )
+            self.pool._tables[self._owner] = self._slots
             if on_disk:
                 block = _Block(start, rows, False, nbytes)
             else:
                 block = self._hold(layer, start, rows, nbytes)
             blocks.append(block)
+            new = np.full((layout.widths[0][0], self._pages_per_block), -1, np.int64)
+            table = self._slots.get(layer)
+            self._slots[layer] = new if table is None else np.concatenate([table, new], 1)
 
     def _hold(self, layer: int, start: int, rows: Rows, nbytes: int) -> _Block:
-        """A RAM block: pinned in the pool, after evicting unpinned entries and spilling this
+        """A RAM block: pinned in the pool, after shrinking the slab and spilling this
         sequence's oldest pinned blocks; spilled itself when the budget cannot take it."""
         pool = self.pool
-        pool._evict(nbytes)
+        pool._make_room(nbytes)
         while self._pinned_order and pool.held_bytes + nbytes > pool.budget_bytes:
             _, old = self._pinned_order.popitem(last=False)
             old.rows = self._write_spill(old.rows)
-            old.paged.clear()
+            old.paged = old.units = None
             old.pinned = False
             pool._unpin(self._owner, old.nbytes)
         if pool.held_bytes + nbytes > pool.budget_bytes:
@@ -335,38 +436,118 @@ class SequenceTiers:
             raise ValueError(f"layer {layer}: pages must be a 1-D integer array")
         pages = pages.astype(np.int64, copy=False)
         self._check_pages(layer, blocks, pages)
-        page, ppb = self.page, self._pages_per_block
-        out = self._empty_rows(layer, len(pages) * page)
         if not len(pages):
-            return out
+            return self._empty_rows(layer, 0)
         n_kv = self._layouts[layer].widths[0][0]
         if not 0 <= head < n_kv:
             raise ValueError(f"layer {layer}: head {head} is out of range ({n_kv} KV heads)")
-        row_bytes = self._layouts[layer].row_bytes * page
-        blk_of = pages // ppb
-        cuts = np.flatnonzero(blk_of[1:] != blk_of[:-1]) + 1
-        bounds = np.concatenate(([0], cuts, [len(pages)])).tolist()
-        paged_out = tuple(o.reshape(len(pages), page, -1) for o in out)
-        counters = TierCounters()  # this call's reads, added to the pool's and ours
         with self.pool._lock:
-            for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-                b = int(blk_of[s])
-                block = blocks[b]
-                local = pages[s:e] - b * ppb
-                dst = tuple(o[s:e] for o in paged_out)
-                if block.pinned:
-                    for d, r in zip(dst, block.head(head, page), strict=True):
-                        np.take(r, local, 0, d, "clip")
-                    counters.hits += e - s
-                    counters.bytes_ram += (e - s) * row_bytes
-                else:
-                    hits = self._serve(layer, head, block, local, dst)
-                    counters.hits += hits
-                    counters.misses += e - s - hits
-                    counters.bytes_ram += hits * row_bytes
-                    counters.bytes_disk += (e - s - hits) * row_bytes
-            self._count(counters)
+            return self._gather(layer, blocks, np.full(len(pages), head, np.int64), pages)
+
+    def gather_layer(self, layer: int, selected: np.ndarray) -> tuple[Rows, np.ndarray]:
+        """Rows of the ``selected`` pages (bool ``[n_kv, n]``, n up to the pages held) of
+        every KV head of ``layer``, head after head in page order: six contiguous arrays
+        ``[selected.sum()*page, w]``, and the pages of each head ``[n_kv]``."""
+        blocks = self._layer(layer)
+        selected = np.asarray(selected)
+        layout = self._layouts.get(layer)
+        n_kv = selected.shape[0] if layout is None else layout.widths[0][0]
+        held = len(blocks) * self._pages_per_block
+        if (
+            selected.dtype != np.bool_
+            or selected.ndim != 2
+            or selected.shape[0] != n_kv
+            or selected.shape[1] > held
+        ):
+            raise ValueError(
+                f"layer {layer}: selected must be a bool array [{n_kv}, <= {held}],"
+                f" got {selected.dtype} {list(selected.shape)}"
+            )
+        counts = selected.sum(1)
+        heads, pages = np.nonzero(selected)
+        if not len(pages):
+            return self._empty_rows(layer, 0), counts
+        with self.pool._lock:
+            return self._gather(layer, blocks, heads, pages), counts
+
+    def _gather(
+        self, layer: int, blocks: list[_Block], heads: np.ndarray, pages: np.ndarray
+    ) -> Rows:
+        """Rows of (``heads``, ``pages``) in that order: from the slab, pinned blocks, or
+        the disk tier (then put into the slab); the pool's lock is held."""
+        pool, page, ppb = self.pool, self.page, self._pages_per_block
+        n = len(pages)
+        out = self._empty_rows(layer, n * page)
+        paged_out = tuple(o.reshape(n, page, -1) for o in out)
+        slots = self._slots[layer][heads, pages]
+        block_of = pages // ppb
+        pinned = np.fromiter((b.pinned for b in blocks), np.bool_, len(blocks))[block_of]
+        clock = pool._tick()
+        hit = slots >= 0
+        n_slab = int(hit.sum())
+        pool._used_at[slots[hit]] = clock
+        missed = np.flatnonzero(~hit & ~pinned)
+        fetched: Rows = ()
+        if missed.size:
+            # read and cached first, so that one take per part serves all the slab holds
+            missed, fetched = self._read_blocks(blocks, heads, pages, missed, paged_out)
+            pool._insert(self._owner, layer, heads[missed], pages[missed], fetched, clock)
+            slots = self._slots[layer][heads, pages]
+        in_slab = slots >= 0
+        if in_slab.any():
+            for o, part in zip(paged_out, pool._slab, strict=True):
+                np.take(part, np.maximum(slots, 0), 0, o)  # the others are written below
+        if missed.size and not in_slab[missed].all():
+            for o, f in zip(paged_out, fetched, strict=True):
+                o[missed] = f
+        n_pinned = 0
+        if pinned.any():
+            at, rows = self._read_blocks(blocks, heads, pages, np.flatnonzero(pinned), paged_out)
+            n_pinned = len(at)
+            for o, r in zip(paged_out, rows, strict=True):
+                o[at] = r
+        hits, misses = n_slab + n_pinned, len(missed)
+        page_bytes = self._layouts[layer].row_bytes * page
+        reads = TierCounters(hits, misses, hits * page_bytes, misses * page_bytes)
+        self._count(reads)
         return out
+
+    def _read_blocks(
+        self, blocks: list[_Block], heads: np.ndarray, pages: np.ndarray, at: np.ndarray, like: Rows
+    ) -> tuple[np.ndarray, Rows]:
+        """The pages ``at`` sorted by block, and their rows ([len(at), page, w] each, in that
+        order), block by block: one take of all parts from a file's buffer, else one per
+        part (a file view reads just those pages)."""
+        ppb = self._pages_per_block
+        block_of = pages[at] // ppb
+        order = np.argsort(block_of, kind="stable")
+        at, block_of = at[order], block_of[order]
+        flat = heads[at] * ppb + pages[at] - block_of * ppb  # page of the block, all heads
+        # all parts of a page side by side in one buffer, each part a view of its columns
+        widths = [self.page * o.shape[2] * o.itemsize for o in like]
+        joined = np.empty((len(at), sum(widths)), np.uint8)
+        cols = np.cumsum([0, *widths])
+        rows = tuple(
+            joined[:, a:b].view(o.dtype).reshape(len(at), self.page, -1)
+            for o, a, b in zip(like, cols[:-1], cols[1:], strict=True)
+        )
+        cuts = np.flatnonzero(block_of[1:] != block_of[:-1]) + 1
+        bounds = [0, *cuts.tolist(), len(at)]
+        starts = block_of[bounds[:-1]].tolist()
+        runs = [(s, e, blocks[b]) for s, e, b in zip(bounds[:-1], bounds[1:], starts, strict=True)]
+        units = [block.as_units(self.page) for _, _, block in runs]
+        first = units[0]
+        where = None
+        if first is not None and all(u is not None and u.places == first.places for u in units):
+            where = first.first + flat[:, None] * first.steps  # the same places in every file
+        for (s, e, block), u in zip(runs, units, strict=True):
+            if u is not None:
+                w = where[s:e] if where is not None else u.first + flat[s:e, None] * u.steps
+                u.buffer.take(w, 0, joined[s:e].reshape(*w.shape, u.size))
+                continue
+            for d, r in zip(rows, block.pages(self.page), strict=True):
+                d[s:e] = r[flat[s:e]]
+        return at, rows
 
     def _count(self, reads: TierCounters) -> None:
         self.counters.add_reads(reads)
@@ -389,45 +570,6 @@ class SequenceTiers:
                 f" (page {int(pages[i + 1])} after {int(pages[i])})"
             )
 
-    def _serve(self, layer: int, head: int, block: _Block, local: np.ndarray, dst: Rows) -> int:
-        """Copy ``local`` pages of a disk-tier block into ``dst``, from its pool entry where
-        present, else from disk (then kept in the entry); the number served from RAM."""
-        pool = self.pool
-        key = (self._owner, layer, block.start, head)
-        entry = pool._cache.get(key)
-        if entry is not None:
-            pool._cache.move_to_end(key)
-            slots = entry.slot[local]
-            have = slots >= 0
-            n_hit = int(have.sum())
-        else:
-            slots, have, n_hit = None, None, 0
-        if n_hit == len(local):
-            assert entry is not None and slots is not None
-            for d, r in zip(dst, entry.rows, strict=True):
-                np.take(r, slots, 0, d, "clip")
-            return n_hit
-        miss = local if have is None else local[~have]
-        source = block.head(head, self.page)
-        fetched = []
-        for i, (d, r) in enumerate(zip(dst, source, strict=True)):
-            # fancy indexing a file view reads just those pages' rows
-            rows = r[miss]
-            fetched.append(rows)
-            if have is None or not n_hit:
-                d[...] = rows
-            else:
-                assert entry is not None and slots is not None
-                d[~have] = rows
-                d[have] = entry.rows[i][slots[have]]
-        if entry is None:
-            entry = _Entry(source)
-            if not pool._insert(key, entry):
-                return n_hit  # no room: served, not cached
-        if pool._grow(key, entry, len(miss) * entry.page_nbytes):
-            entry.add(miss, tuple(fetched))
-        return n_hit
-
     def read(self, layer: int, a: int, b: int) -> tuple[QuantizedKV, QuantizedKV]:
         """All heads of tokens ``[a, b)`` (block-aligned) as (keys, values); a streaming read:
         disk rows are not put into the pool, and the pool's LRU order is left alone."""
@@ -446,10 +588,10 @@ class SequenceTiers:
             np.empty((n, b - a, w), dt)
             for (n, w), dt in zip(layout.widths, layout.dtypes, strict=True)
         )
-        n_kv = layout.widths[0][0]
-        head_bytes = layout.row_bytes * bs
+        page_bytes, n_kv = layout.row_bytes * page, layout.widths[0][0]
         counters = TierCounters()  # this call's reads, added to the pool's and ours
         with self.pool._lock:
+            table = self._slots.get(layer, np.full((n_kv, 0), -1, np.int64))
             for i in range(a // bs, b // bs):
                 block = blocks[i]
                 t0 = i * bs - a
@@ -459,23 +601,19 @@ class SequenceTiers:
                         d[...] = r
                     counters.bytes_ram += block.nbytes
                     continue
-                for h in range(n_kv):
-                    entry = self.pool._cache.get((self._owner, layer, block.start, h))
-                    have = None if entry is None else entry.present
-                    if have is None or not have.any():
-                        for d, r in zip(dst, block.rows, strict=True):
-                            d[h] = r[h]
-                        counters.bytes_disk += head_bytes
-                        continue
-                    source = block.head(h, page)
-                    assert entry is not None
-                    for d, r, m in zip(dst, source, entry.rows, strict=True):
-                        dh = d[h].reshape(ppb, page, -1)
-                        dh[have] = m[entry.slot[have]]
-                        dh[~have] = r[~have]
-                    n_ram = int(have.sum())
-                    counters.bytes_ram += n_ram * page * layout.row_bytes
-                    counters.bytes_disk += (ppb - n_ram) * page * layout.row_bytes
+                slots = table[:, i * ppb : (i + 1) * ppb]
+                have = slots >= 0
+                n_ram = int(have.sum())
+                if not n_ram:
+                    for d, r in zip(dst, block.rows, strict=True):
+                        d[...] = r
+                else:
+                    for d, r, part in zip(dst, block.pages(page), self.pool._slab, strict=True):
+                        d4 = d.reshape(d.shape[0], ppb, page, -1)
+                        d4[have] = part[slots[have]]
+                        d4[~have] = r[~have.ravel()]
+                counters.bytes_ram += n_ram * page_bytes
+                counters.bytes_disk += block.nbytes - n_ram * page_bytes
             self._count(counters)
         (kb, vb), (kg, vg) = layout.bits, layout.group_size
         return QuantizedKV(*out[:3], kb, kg), QuantizedKV(*out[3:], vb, vg)
@@ -492,8 +630,12 @@ class SequenceTiers:
                         self.pool._unpin(self._owner, block.nbytes)
                         del self._pinned_order[(layer, block.start)]
                 del blocks[keep:]
-            first_dropped = keep * self.block_size
-            self.pool._drop(self._owner, lambda key: key[2] < first_dropped)
+                table = self._slots.get(layer)
+                if table is not None:
+                    cut = keep * self._pages_per_block
+                    gone = table[:, cut:]
+                    self.pool._free(gone[gone >= 0], evicted=False)
+                    self._slots[layer] = table[:, :cut].copy()
 
     def release(self) -> None:
         """Free this sequence's pool bytes and close its spill file; it holds nothing after."""
@@ -511,7 +653,7 @@ class SequenceTiers:
         return min(len(blocks) for blocks in self._blocks.values()) * self.block_size
 
     def nbytes_ram(self) -> int:
-        """Bytes of this sequence's entries now in the pool (pinned blocks and cached heads)."""
+        """Bytes of this sequence's KV now in the pool (pinned blocks and cached pages)."""
         return self.pool._pinned_by.get(self._owner, 0) + self.pool._cached_by.get(self._owner, 0)
 
     def nbytes_disk(self) -> int:

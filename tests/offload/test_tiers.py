@@ -20,7 +20,8 @@ N_KV, D, BS, PAGE, N_LAYERS = 2, 64, 32, 8, 4
 LAYERS = (1, 3)
 PPB = BS // PAGE
 ROW_BYTES = 2 * (D * 4 // 32 * 4 + 2 * (D // 64) * 2)  # one token of one head: K and V rows
-ENTRY = BS * ROW_BYTES  # one pool entry: a head of a block
+ENTRY = BS * ROW_BYTES  # a head of a block
+PAGE_BYTES = PAGE * ROW_BYTES  # one slab slot: a page of a head
 BLOCK = N_KV * ENTRY  # one layer of a block, all heads
 
 
@@ -206,9 +207,9 @@ def test_second_gather_hits_and_counters_add_up(files):
     assert c.hit_rate == 0.0
     seq.check_gather(1, 0, pages)
     assert (c.hits, c.misses, c.bytes_ram) == (4, 4, 4 * PAGE * ROW_BYTES)
-    # one entry per touched (block, head), holding (and counting) just its pages
-    assert pool.held_bytes == 4 * PAGE * ROW_BYTES == seq.tiers.nbytes_ram()
-    seq.check_gather(1, 0, np.array([1, 2]))  # page 1 new, page 2 held: one entry, both kinds
+    # one slab slot per page read, held (and counted) page by page
+    assert pool.held_bytes == 4 * PAGE_BYTES == seq.tiers.nbytes_ram()
+    seq.check_gather(1, 0, np.array([1, 2]))  # page 1 new, page 2 held: both kinds in a call
     assert (c.hits, c.misses) == (5, 5)
     assert c.bytes_ram + c.bytes_disk == 10 * PAGE * ROW_BYTES
     assert c.hit_rate == 0.5
@@ -225,7 +226,7 @@ def test_second_gather_hits_and_counters_add_up(files):
 
 def test_eviction_is_least_recently_used(tmp_path):
     three = _Files(tmp_path, 1, seed=3, n_kv=3)
-    pool = HostPool(2 * PAGE * ROW_BYTES)  # room for two one-page entries
+    pool = HostPool(2 * PAGE_BYTES)  # room for two pages
     tiers = SequenceTiers(pool, [1], BS, PAGE)
     kv = three.layer(0, 1)
     tiers.add_block(0, 1, kv.keys, kv.values, on_disk=True)
@@ -241,7 +242,7 @@ def test_eviction_is_least_recently_used(tmp_path):
     tiers.gather(1, 0, p)
     assert c.hits == 3
     assert pool.held_bytes == 2 * PAGE * ROW_BYTES == pool.peak_bytes
-    tiers.gather(1, 0, np.array([0, 1]))  # head 0's entry grows: head 1 (the oldest) goes
+    tiers.gather(1, 0, np.array([0, 1]))  # head 0's page 1 comes: head 1 (the oldest) goes
     assert (c.hits, c.misses, c.evictions) == (4, 5, 3)
     assert pool.held_bytes == 2 * PAGE * ROW_BYTES
 
@@ -383,3 +384,122 @@ def test_concurrent_gathers_share_the_pool(files):
     assert not errors
     assert pool.held_bytes <= pool.budget_bytes
     assert pool.counters.hits + pool.counters.misses == 4 * 40 * 5
+
+
+def _check_gather_layer(seq: _Seq, layer: int, selected: np.ndarray) -> None:
+    rows, counts = seq.tiers.gather_layer(layer, selected)
+    np.testing.assert_array_equal(counts, selected.sum(1))
+    assert len(rows) == 6
+    want = [
+        np.concatenate(parts)
+        for parts in zip(
+            *(seq.expected(layer, h, np.flatnonzero(selected[h])) for h in range(N_KV)),
+            strict=True,
+        )
+    ]
+    for g, w in zip(rows, want, strict=True):
+        assert g.dtype == w.dtype and g.flags.c_contiguous
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("budget", [0, 3 * PAGE_BYTES, ENTRY, 3 * BLOCK, 1 << 30])
+def test_gather_layer_equals_the_heads_gathered_one_by_one(files, tmp_path, budget):
+    rng = np.random.default_rng(11)
+    pool = HostPool(budget)
+    seq = _Seq(pool, tmp_path)
+    for i in range(5):
+        seq.add_all(_ram_block(rng) if i == 4 else None, files, i, on_disk=i < 4)
+    n = 5 * PPB
+    selections = [
+        np.ones((N_KV, n), bool),
+        np.zeros((N_KV, n), bool),
+        np.ones((N_KV, n - PPB), bool),  # fewer pages than held: the rest unselected
+        np.stack([np.zeros(n, bool), np.ones(n, bool)]),  # an empty head
+        *(rng.random((N_KV, n)) < rng.random() for _ in range(12)),
+    ]
+    for _ in range(2):  # again, from the pool where it fits
+        for selected in selections:
+            for layer in LAYERS:
+                _check_gather_layer(seq, layer, selected)
+                assert pool.held_bytes <= budget
+    c = pool.counters
+    assert c.hits + c.misses == 2 * len(LAYERS) * sum(int(s.sum()) for s in selections)
+    assert seq.tiers.nbytes_ram() == pool.held_bytes
+    if budget == 1 << 30:  # all fits: each disk page was read once
+        assert c.misses == len(LAYERS) * N_KV * 4 * PPB
+        misses = c.misses
+        _check_gather_layer(seq, 3, np.ones((N_KV, n), bool))
+        assert c.misses == misses
+    with pytest.raises(ValueError, match="layer 1: selected must be a bool array \\[2, <= 20\\]"):
+        seq.tiers.gather_layer(1, np.ones((N_KV, n + 1), bool))
+    with pytest.raises(ValueError, match="layer 3: selected must be a bool array"):
+        seq.tiers.gather_layer(3, np.ones((N_KV + 1, n), bool))
+    with pytest.raises(ValueError, match="layer 3: selected must be a bool array"):
+        seq.tiers.gather_layer(3, np.ones((N_KV, n), np.int64))
+
+
+def test_gather_layer_hits_after_the_first_sweep_and_counts_pages(files):
+    pool = HostPool(1 << 30)
+    seq = _Seq(pool)
+    for i in range(3):
+        seq.add_all(None, files, i, on_disk=True)
+    selected = np.zeros((N_KV, 3 * PPB), bool)
+    selected[0, [0, 5, 9]] = selected[1, [1, 5]] = True
+    _check_gather_layer(seq, 1, selected)
+    c = pool.counters
+    assert (c.hits, c.misses, c.bytes_disk) == (0, 5, 5 * PAGE_BYTES)
+    assert pool.held_bytes == 5 * PAGE_BYTES
+    selected[1, 2] = True
+    _check_gather_layer(seq, 1, selected)
+    assert (c.hits, c.misses, c.bytes_ram) == (5, 6, 5 * PAGE_BYTES)
+    assert seq.tiers.counters.hit_rate == c.hit_rate == 5 / 11
+
+
+def test_pinning_a_block_shrinks_the_slab_within_the_budget(tmp_path):
+    rng = np.random.default_rng(12)
+    files = _Files(tmp_path, 2, seed=12)
+    pool = HostPool(BLOCK + 4 * PAGE_BYTES)
+    seq = _Seq(pool, tmp_path)
+    for i in range(2):
+        seq.add_all(None, files, i, on_disk=True)
+    _check_gather_layer(seq, 1, np.ones((N_KV, 2 * PPB), bool))
+    room = (BLOCK + 4 * PAGE_BYTES) // PAGE_BYTES
+    assert pool.held_bytes == room * PAGE_BYTES  # the rest served, not cached
+    assert pool.counters.evictions == 0  # a call's pages do not evict each other
+    seq.add(1, _ram_block(rng), on_disk=False)  # pinned: only four pages stay beside it
+    assert seq.tiers.nbytes_disk() == 4 * BLOCK  # not spilled
+    assert pool.held_bytes == BLOCK + 4 * PAGE_BYTES
+    assert pool.counters.evictions == room - 4
+    _check_gather_layer(seq, 1, np.ones((N_KV, 3 * PPB), bool))
+    assert pool.held_bytes <= pool.budget_bytes
+    seq.check_read(1, 0, 3 * BS)
+
+
+def test_pages_of_another_layout_are_served_without_caching(files, tmp_path):
+    pool = HostPool(1 << 30)
+    a, b = _Seq(pool), _Seq(pool, page=2 * PAGE)  # the first to cache sets the slab's pages
+    for seq in (a, b):
+        seq.add_all(None, files, 0, on_disk=True)
+    a.check_gather(1, 0, np.arange(PPB))
+    held = pool.held_bytes
+    assert held == PPB * PAGE_BYTES
+    for _ in range(2):
+        b.check_gather(1, 0, np.arange(PPB // 2))
+    assert pool.held_bytes == held and b.tiers.counters.hits == 0
+    a.tiers.release()
+    assert pool.held_bytes == 0
+    b.check_gather(1, 0, np.arange(PPB // 2))  # the slab was emptied: b's pages now
+    b.check_gather(1, 0, np.arange(PPB // 2))
+    assert b.tiers.counters.hits == PPB // 2
+    b.check_read(1, 0, BS)
+
+
+def test_disk_tier_arrays_in_separate_buffers_are_read_part_by_part(files):
+    rng = np.random.default_rng(13)
+    pool = HostPool(ENTRY)
+    seq = _Seq(pool)
+    seq.add_all(None, files, 0, on_disk=True)  # one file: all parts of a page in one take
+    seq.add_all(_ram_block(rng), None, 1, on_disk=True)  # six arrays of their own
+    for _ in range(2):
+        _check_gather_layer(seq, 1, rng.random((N_KV, 2 * PPB)) < 0.6)
+        seq.check_read(3, 0, 2 * BS)

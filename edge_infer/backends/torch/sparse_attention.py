@@ -169,15 +169,20 @@ def attend_sparse(
         picked = None
         if tiers is None and selected is not None and not selected.all():
             picked = _gather_heads(parts, selected, page)
+        if tiers is not None:  # the pages come from host memory or disk, all heads at once
+            if page and page != tiers.page:
+                raise ValueError(f"pages of {page} tokens, tiers of {tiers.page}")
+            chosen = selected
+            if chosen is None:
+                chosen = np.ones((n_kv, sealed // tiers.page), dtype=bool)
+            rows, counts = tiers.gather_layer(layer, chosen)
+            tiered = [_tensor_of(x) for x in rows]
+            ends = np.cumsum(counts) * tiers.page
         for h in range(n_kv):
             tail_ptrs = [tails[0][h].data_ptr(), tails[1][h].data_ptr()]
-            if tiers is not None:  # the pages come from host memory or disk
-                if page and page != tiers.page:
-                    raise ValueError(f"pages of {page} tokens, tiers of {tiers.page}")
-                chosen = np.arange(sealed // tiers.page)
-                if selected is not None:
-                    chosen = np.flatnonzero(selected[h])
-                part = [_tensor_of(x) for x in tiers.gather(layer, h, chosen)]
+            if tiers is not None:
+                a0 = int(ends[h - 1]) if h else 0
+                part = [t[a0 : int(ends[h])] for t in tiered]  # contiguous: whole rows
                 gathered += part
                 n = part[0].shape[0]
                 ptrs += [t.data_ptr() for t in part] + tail_ptrs
