@@ -280,3 +280,26 @@ def test_a_live_cache_offloads_its_sealed_blocks_and_answers_the_same():
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="already offloaded"):
         twin.offload(SequenceTiers(HostPool(0), [0], twin.block_size, 32))
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_batched_decoding_mixes_offloaded_and_resident_caches(prefilled):
+    backend, blocks, first = prefilled
+    n_layers = len(blocks[0].layers)
+    policy = SparsePolicy(page=32, budget=0.5)
+
+    def caches():
+        resident = _restored(backend, blocks)
+        offloaded, _ = _offloaded(backend, blocks, 1 << 20)
+        offloaded.sparse = SparseState.new(policy, n_layers)
+        return [resident, offloaded]
+
+    alone = [decode(backend, c, first, 6)[1] for c in caches()]
+    together = caches()
+    tokens = [first, first]
+    for step in range(6):
+        logits = backend.forward_batch(tokens, together)
+        for b in range(2):
+            assert np.array_equal(logits[b], alone[b][step])
+        tokens = [int(x.argmax()) for x in logits]
