@@ -167,6 +167,18 @@ class TorchDecoder:
     @torch.inference_mode()
     def forward(self, h: torch.Tensor, cache: TorchKVCache, all_logits: bool) -> torch.Tensor:
         """Hidden states [T, hidden] after ``cache`` -> logits float32 ([T] or [1], vocab)."""
+        h = self._layers(h, cache)
+        return self._logits(h if all_logits else h[-1:])
+
+    @torch.inference_mode()
+    def extend(self, h: torch.Tensor, cache: TorchKVCache) -> None:
+        """Hidden states [T, hidden] into ``cache`` with no logits (a prefill's earlier
+        chunks: the output head is the largest weight)."""
+        self._layers(h, cache)
+
+    def _layers(self, h: torch.Tensor, cache: TorchKVCache) -> torch.Tensor:
+        """Every layer over h [T, hidden] after ``cache`` (which then holds the T tokens):
+        the final hidden states, float32 [T, hidden]."""
         cfg = self.config
         h = h.to(torch.float32, copy=True)  # the residual stream is updated in place
         T, start = h.shape[0], cache.length
@@ -188,9 +200,7 @@ class TorchDecoder:
             self._add_attention(layer, h, attn)
             self._add_mlp(layer, h)
         cache.advance(T)
-        if not all_logits:
-            h = h[-1:]
-        return self._logits(h)
+        return h
 
     @torch.inference_mode()
     def forward_batch(self, h: torch.Tensor, caches: list[TorchKVCache]) -> torch.Tensor:
