@@ -3,7 +3,7 @@
     python -m benchmarks.generate [--isa native,avx2] [--prompt-tokens 512] [--decode-tokens 128]
         [--runs 3] [--threads 2] [--llama-python native=/tmp/llama-native/bin/python
         --llama-python avx2=/tmp/llama-avx2/bin/python] [--llama-kv f16,q4_0] [--busy]
-        [--model gemma3-270m]
+        [--model gemma3-270m] [--baseline PATH-OF-ANOTHER-CHECKOUT]
 
 Each engine gets the same token ids (a slice of the Python docs), greedy decoding with
 end-of-sequence ignored, on the same GGUF file (the default model unless ``--model`` names
@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+from itertools import product
 from pathlib import Path
 
 from benchmarks.common import (
@@ -95,13 +96,15 @@ def edge_worker(spec_path: str) -> None:
 class Engine:
     """A benchmark worker process; :meth:`run` asks it for one measurement."""
 
-    def __init__(self, isa: str, cmd: list[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, isa: str, cmd: list[str], env: dict[str, str], cwd: str = ROOT, tag: str = ""
+    ) -> None:
         self.isa = isa
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=cwd
         )
         info = self._answer()
-        self.name, self.weight_bytes = info["name"], info["weight_bytes"]
+        self.name, self.weight_bytes = info["name"] + tag, info["weight_bytes"]
         self.prefill: list[float] = []
         self.decode: list[float] = []
 
@@ -169,6 +172,11 @@ def main() -> None:
     ap.add_argument("--llama-kv", default="f16", help="llama.cpp KV types: f16, q8_0, q4_0")
     ap.add_argument("--busy", action="store_true", help="keep one core busy meanwhile")
     ap.add_argument("--model", help="a GGUF file or packaged model key (default: the default)")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout of edge-infer measured beside this one (before/after a change)",
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -185,8 +193,10 @@ def main() -> None:
     engines: list[Engine] = []
     for isa in [x for x in args.isa.split(",") if x]:
         env = dict(os.environ, **(AVX2_ENV if isa == "avx2" else {"EDGE_INFER_KERNEL_ARCH": isa}))
-        env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-        for backend in [b for b in args.backends.split(",") if b]:
+        checkouts = [(ROOT, "")]
+        if args.baseline:
+            checkouts.append((str(args.baseline.resolve()), " [baseline]"))
+        for (root, tag), backend in product(checkouts, [b for b in args.backends.split(",") if b]):
             spec = folder / f"edge-{isa}-{backend}.json"
             spec.write_text(
                 json.dumps(
@@ -199,9 +209,11 @@ def main() -> None:
                     }
                 )
             )
-            print(f"loading edge-infer {backend} for {isa} ...", flush=True)
+            print(f"loading edge-infer{tag} {backend} for {isa} ...", flush=True)
             cmd = [sys.executable, "-m", "benchmarks.generate", "--worker", str(spec)]
-            engines.append(Engine(isa, cmd, env))
+            # the checkout's own code: first on the path and the folder `-m` runs in
+            env_here = dict(env, PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]))
+            engines.append(Engine(isa, cmd, env_here, cwd=root, tag=tag))
         python = llama_pythons.get(isa)
         if python is None:
             print(f"no llama-cpp-python for {isa}: give --llama-python {isa}=PATH to compare")

@@ -56,7 +56,7 @@ class TorchBackend:
             if all_logits or last:
                 outs.append(self.decoder.forward(h[pos : pos + n], cache, all_logits))
             else:
-                self.decoder.forward(h[pos : pos + n], cache, False)
+                self.decoder.extend(h[pos : pos + n], cache)
             pos += n
         logits = torch.cat(outs) if len(outs) > 1 else outs[0]
         return logits.cpu().numpy()

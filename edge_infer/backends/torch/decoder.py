@@ -167,6 +167,18 @@ class TorchDecoder:
     @torch.inference_mode()
     def forward(self, h: torch.Tensor, cache: TorchKVCache, all_logits: bool) -> torch.Tensor:
         """Hidden states [T, hidden] after ``cache`` -> logits float32 ([T] or [1], vocab)."""
+        h = self._layers(h, cache)
+        return self._logits(h if all_logits else h[-1:])
+
+    @torch.inference_mode()
+    def extend(self, h: torch.Tensor, cache: TorchKVCache) -> None:
+        """Hidden states [T, hidden] into ``cache`` with no logits (a prefill's earlier
+        chunks: the output head is the largest weight)."""
+        self._layers(h, cache)
+
+    def _layers(self, h: torch.Tensor, cache: TorchKVCache) -> torch.Tensor:
+        """Every layer over h [T, hidden] after ``cache`` (which then holds the T tokens):
+        the final hidden states, float32 [T, hidden]."""
         cfg = self.config
         h = h.to(torch.float32, copy=True)  # the residual stream is updated in place
         T, start = h.shape[0], cache.length
@@ -188,9 +200,7 @@ class TorchDecoder:
             self._add_attention(layer, h, attn)
             self._add_mlp(layer, h)
         cache.advance(T)
-        if not all_logits:
-            h = h[-1:]
-        return self._logits(h)
+        return h
 
     @torch.inference_mode()
     def forward_batch(self, h: torch.Tensor, caches: list[TorchKVCache]) -> torch.Tensor:
@@ -235,7 +245,12 @@ class TorchDecoder:
         n = qkv.shape[0]
         qk = qkv[:, : (n_q + n_kv) * d].view(n, n_q + n_kv, d)
         if layer.q_norm is not None and layer.k_norm is not None:
-            qk.copy_(norm_heads(qk, n_q, layer.q_norm, layer.k_norm, cfg.rms_norm_eps))
+            if self._kernel is not None:
+                eps = cfg.rms_norm_eps
+                self._kernel.rms_norm_blocks(qkv, 0, n_q, layer.q_norm, eps, None)
+                self._kernel.rms_norm_blocks(qkv, n_q * d, n_kv, layer.k_norm, eps, None)
+            else:
+                qk.copy_(norm_heads(qk, n_q, layer.q_norm, layer.k_norm, cfg.rms_norm_eps))
         if self._q_factor is not None:  # the kernels scale scores by 1/sqrt(head_dim)
             qk[:, :n_q].mul_(self._q_factor)
         if self._kernel is not None:
@@ -249,9 +264,15 @@ class TorchDecoder:
         if layer.attn_out_norm is None:
             layer.o(attn, out=h)
             return
-        cfg = self.config
-        out = layer.o(attn)
-        h.add_(F.rms_norm(out, (cfg.hidden_size,), layer.attn_out_norm, cfg.rms_norm_eps))
+        self._add_normed(h, layer.o(attn), layer.attn_out_norm)
+
+    def _add_normed(self, h: torch.Tensor, out: torch.Tensor, norm: torch.Tensor) -> None:
+        """h += rms_norm(out) * norm, in place (one kernel pass where the kernels run)."""
+        eps = self.config.rms_norm_eps
+        if self._kernel is not None:
+            self._kernel.rms_norm_blocks(out, 0, 1, norm, eps, h)
+        else:
+            h.add_(F.rms_norm(out, (self.config.hidden_size,), norm, eps))
 
     def _add_mlp(self, layer: _Layer, h: torch.Tensor) -> None:
         """h += MLP(norm(h)), in place."""
@@ -260,8 +281,7 @@ class TorchDecoder:
         if layer.mlp_out_norm is None:
             layer.down(gate_up, self._gate, out=h)
             return
-        out = layer.down(gate_up, self._gate)
-        h.add_(F.rms_norm(out, (cfg.hidden_size,), layer.mlp_out_norm, cfg.rms_norm_eps))
+        self._add_normed(h, layer.down(gate_up, self._gate), layer.mlp_out_norm)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output head (top candidates rescored): float32 [N, vocab]."""

@@ -25,7 +25,7 @@ import platformdirs
 
 SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("module.cpp", "kv_attention.cpp", "quant_matmul.cpp", "rope.cpp")
+    for name in ("module.cpp", "kv_attention.cpp", "quant_matmul.cpp", "rope.cpp", "norm.cpp")
 ]
 # OpenMP as torch uses it: parallel regions run on torch's own thread pool (the library it
 # ships has the same soname, so no second runtime is loaded)

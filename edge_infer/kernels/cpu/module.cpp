@@ -1,6 +1,6 @@
 // The Python module of the CPU kernels: attention over stored KV caches (kv_attention.cpp)
-// quantized-weight products (quant_matmul.cpp) and rotary embedding (rope.cpp), built into
-// one extension.
+// quantized-weight products (quant_matmul.cpp), rotary embedding (rope.cpp) and RMSNorm of
+// head blocks (norm.cpp), built into one extension.
 
 #include <torch/extension.h>
 
@@ -27,6 +27,8 @@ torch::Tensor rope_inplace(torch::Tensor x, torch::Tensor cos, torch::Tensor sin
 std::vector<torch::Tensor> requantize4(torch::Tensor qweight, torch::Tensor scales,
                                        torch::Tensor biases, int64_t rows, int64_t bits,
                                        int64_t group);
+torch::Tensor rms_norm_blocks(torch::Tensor x, int64_t first, int64_t blocks, torch::Tensor weight,
+                              double eps, c10::optional<torch::Tensor> out);
 std::string quant_matmul_isa();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -37,5 +39,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weight_rows", &weight_rows, "dequantized rows of a packed weight");
   m.def("rope_inplace", &rope_inplace, "rotary embedding of the query and key heads, in place");
   m.def("requantize4", &requantize4, "a 4-bit copy of a packed weight, in the same tiles");
+  m.def("rms_norm_blocks", &rms_norm_blocks, "RMSNorm of blocks of rows, in place or added");
   m.def("isa", &quant_matmul_isa, "the SIMD path this build runs");
 }

@@ -46,6 +46,7 @@ inline float half_to_float(uint16_t h) {
 struct Act {
   const int8_t* q;   // [M, K]
   const int8_t* q2;  // [M, K]: the remainders' second pass (unused with one pass)
+  const int16_t* a16;  // [M, K]: 254 q + q2, both passes in one value (two passes only)
   const float* d;    // [M, K/32]: block scales
   const float* sum;  // [M, K/group]: sum of the rounded values of each group
   int64_t K, blocks, groups;
@@ -155,8 +156,8 @@ constexpr float FINE = 254.0f;  // second-pass steps per first-pass step: |q2| <
 // q2 given the remainder q2 = round((y / d - q) * 254); and the sum of each group's rounded
 // values (d * sum q + d / 254 * sum q2), which the weights' biases multiply: the product is
 // then exactly W times the rounded row, whose errors partly cancel.
-void quantize_row(const float* y, int64_t K, int64_t group, int8_t* q, int8_t* q2, float* d,
-                  float* sum) {
+void quantize_row(const float* y, int64_t K, int64_t group, int8_t* q, int8_t* q2,
+                  int16_t* a16, float* d, float* sum) {
   const int64_t bpg = group / QB;
   for (int64_t g = 0; g < K / group; ++g) {
     float s = 0.f;
@@ -187,6 +188,8 @@ void quantize_row(const float* y, int64_t K, int64_t group, int8_t* q, int8_t* q
         for (int i = 0; i < 16; ++i) {
           q2[b * QB + i] = static_cast<int8_t>(e0[i]);
           q2[b * QB + 16 + i] = static_cast<int8_t>(e1[i]);
+          a16[b * QB + i] = static_cast<int16_t>(r0[i] * 254 + e0[i]);
+          a16[b * QB + 16 + i] = static_cast<int16_t>(r1[i] * 254 + e1[i]);
           total2 += both2[i];
         }
         s += d[b] / FINE * static_cast<float>(total2);
@@ -393,9 +396,80 @@ void rows_pass(const Weights& W, const Act& A, int64_t t, int pass, int64_t n0, 
   for (int n = 0; n < NB; ++n) store_rows(out + (n0 + n) * ldo + row0, acc[n], valid, accumulate);
 }
 
+#if !defined(EDGE_VNNI) && !defined(__AVX512F__)
+#define EDGE_W16 1
+// 8-bit weights times both activation passes at once, without VNNI: maddubs on full bytes
+// would saturate, and nibbles cost two of them per pass. The passes' values 254 q + q2 fit
+// 16 bits, so the weights widened to 16 bits take one madd_epi16 per 2 columns: half the
+// instructions, and the same integer sums, hence the same result, as the two passes.
+// A 32-byte load holds 8 rows x 4 columns; widened, rows 0-3 and rows 4-7 give pair sums that
+// one hadd per block folds into lanes holding rows order[j].
+template <int NB>
+void rows_pass_w16(const Weights& W, const Act& A, int64_t t, int pass, int64_t n0, float* out,
+                   int64_t ldo, bool accumulate) {
+  const int64_t bpg = W.group / QB;
+  const uint8_t* wq = W.q + t * W.tile_bytes + pass * 32;
+  const uint16_t* ws = W.s + t * W.tile_params + pass * LANES;
+  const uint16_t* wb = W.b + t * W.tile_params + pass * LANES;
+  const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);  // its own inverse
+  const int16_t* a[NB];
+  const float* ad[NB];
+  const float* as[NB];
+  for (int n = 0; n < NB; ++n) {
+    a[n] = A.a16 + (n0 + n) * A.K;
+    ad[n] = A.d + (n0 + n) * A.blocks;
+    as[n] = A.sum + (n0 + n) * A.groups;
+  }
+  vf acc[NB];
+  for (int n = 0; n < NB; ++n) acc[n] = zero_f();
+  for (int64_t g = 0; g < A.groups; ++g) {
+    const vf sv = _mm256_permutevar8x32_ps(halves(ws + g * TILE), order);
+    const vf bv = _mm256_permutevar8x32_ps(halves(wb + g * TILE), order);
+    for (int n = 0; n < NB; ++n) acc[n] = fmadd(bv, set1_f(as[n][g]), acc[n]);
+    for (int64_t bb = 0; bb < bpg; ++bb) {
+      const int64_t blk = g * bpg + bb;
+      vi lo[NB], hi[NB];
+      for (int n = 0; n < NB; ++n) lo[n] = hi[n] = zero_i();
+      for (int m = 0; m < 8; ++m, wq += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(wq) + PF_DIST, _MM_HINT_T0);
+        const vi v = load_i(wq);
+        const vi w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v));
+        const vi w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1));
+        for (int n = 0; n < NB; ++n) {
+          int64_t four;
+          std::memcpy(&four, a[n] + blk * QB + 4 * m, 8);
+          const vi av = _mm256_set1_epi64x(four);
+          lo[n] = add32(lo[n], _mm256_madd_epi16(w0, av));
+          hi[n] = add32(hi[n], _mm256_madd_epi16(w1, av));
+        }
+      }
+      for (int n = 0; n < NB; ++n)
+        acc[n] = fmadd(to_float(_mm256_hadd_epi32(lo[n], hi[n])),
+                       mul(sv, set1_f(ad[n][blk] / FINE)), acc[n]);
+    }
+  }
+  const int64_t row0 = t * TILE + pass * LANES;
+  const int valid = static_cast<int>(std::min<int64_t>(LANES, W.N - row0));
+  if (valid <= 0) return;
+  for (int n = 0; n < NB; ++n)
+    store_rows(out + (n0 + n) * ldo + row0, _mm256_permutevar8x32_ps(acc[n], order), valid,
+               accumulate);
+}
+#endif
+
 template <int BITS, bool TWO>
 void tile_rows(const Weights& W, const Act& A, int64_t t, int64_t n0, int64_t n1, float* out,
                int64_t ldo, bool accumulate) {
+#ifdef EDGE_W16
+  if (BITS == 8 && TWO) {
+    for (int pass = 0; pass < PASSES; ++pass) {
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) rows_pass_w16<4>(W, A, t, pass, n, out, ldo, accumulate);
+      for (; n < n1; ++n) rows_pass_w16<1>(W, A, t, pass, n, out, ldo, accumulate);
+    }
+    return;
+  }
+#endif
   for (int pass = 0; pass < PASSES; ++pass) {
     int64_t n = n0;
     for (; n + NBMAX <= n1; n += NBMAX)
@@ -411,6 +485,9 @@ void tile_rows(const Weights& W, const Act& A, int64_t t, int64_t n0, int64_t n1
     if (left == 1) rows_pass<1, BITS, TWO>(W, A, t, pass, n, out, ldo, accumulate);
   }
 }
+
+// NB float rows y[n * K + k] times a dequantized tile wt[k * 16 + r]: each output is one
+// fused multiply-add per k in order of k, whichever rows share the call.
 #else
 // ---- portable: one activation row at a time, plain C++ ----
 template <int BITS, bool TWO>
@@ -469,11 +546,13 @@ void tile_rows(const Weights& W, const Act& A, int64_t t, int64_t n0, int64_t n1
     for (int r = 0; r < valid; ++r) o[r] = accumulate ? o[r] + acc[r] : acc[r];
   }
 }
+
 #endif
 
 // Scratch of the calling thread for the quantized activation.
 struct ActBuffers {
   std::vector<int8_t> q, q2;
+  std::vector<int16_t> a16;
   std::vector<float> d, sum, y;
 };
 
@@ -531,6 +610,7 @@ void weight_row(const Weights& W, int64_t r, float* w) {
     w[k] = w[k] * half_to_float(ws[g * TILE + rr]) + half_to_float(wb[g * TILE + rr]);
   }
 }
+
 
 }  // namespace
 
@@ -591,6 +671,7 @@ torch::Tensor weight_rows(torch::Tensor ids, torch::Tensor qweight, torch::Tenso
   return out;
 }
 
+
 // y = prep(x) @ W^T for float32 x [M, K], or [M, 2K] for the gated steps (SWIGLU:
 // silu(x[:, :K]) * x[:, K:], GEGLU: gelu_tanh(x[:, :K]) * x[:, K:]); RMS_NORM:
 // x * rsqrt(mean(x^2) + eps) * norm. With `out` given ([M, N] float32), the product is added
@@ -632,7 +713,7 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor
   ActBuffers& buf = act_buffers();
   const int64_t blocks = K / QB, groups = K / group;
   buf.q.resize(M * K);
-  if (two) buf.q2.resize(M * K);
+  if (two) buf.q2.resize(M * K), buf.a16.resize(M * K);
   buf.d.resize(M * blocks);
   buf.sum.resize(M * groups);
   const float* xd = x.data_ptr<float>();
@@ -642,12 +723,12 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor
     for (int64_t n = a; n < z; ++n) {
       prepared_row(xd + n * width, K, prep, nw, static_cast<float>(eps), y.data());
       quantize_row(y.data(), K, group, buf.q.data() + n * K,
-                   two ? buf.q2.data() + n * K : nullptr, buf.d.data() + n * blocks,
-                   buf.sum.data() + n * groups);
+                   two ? buf.q2.data() + n * K : nullptr, two ? buf.a16.data() + n * K : nullptr,
+                   buf.d.data() + n * blocks, buf.sum.data() + n * groups);
     }
   });
-  const Act A{buf.q.data(), two ? buf.q2.data() : nullptr, buf.d.data(), buf.sum.data(), K,
-              blocks, groups};
+  const Act A{buf.q.data(), two ? buf.q2.data() : nullptr, two ? buf.a16.data() : nullptr,
+              buf.d.data(), buf.sum.data(), K, blocks, groups};
 
   float* od = result.data_ptr<float>();
   const int64_t tiles = qweight.size(0);
