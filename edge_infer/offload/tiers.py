@@ -182,7 +182,12 @@ class HostPool:
                 free = np.flatnonzero(self._owner_of < 0)
             take = free[:n]
             if len(take) < n:
-                old = np.flatnonzero((self._owner_of >= 0) & (self._used_at < clock))
+                # only pages no gather of the last step used may go: when a step reads more
+                # than the pool holds, least-recently-used would evict each page just before
+                # it is read again (a step reads the layers in the same order each time), so
+                # what does not fit is served uncached and the pool keeps a stable part
+                step = sum(len(tables) for tables in self._tables.values())
+                old = np.flatnonzero((self._owner_of >= 0) & (self._used_at <= clock - step))
                 k = min(n - len(take), len(old))
                 if k < len(old):
                     old = old[np.argpartition(self._used_at[old], k - 1)[:k]] if k else old[:0]
