@@ -29,11 +29,11 @@ run after it starts from a copy of that cache (restored from its blocks).
 ``--tiers``: where the KV lives, modes interleaved step by step over ``--steps``
 teacher-forced tokens: dense in RAM; dense streamed from disk (layers past the first two
 offloaded with no pool, the block files' pages dropped from the page cache before each step
-with ``posix_fadvise``); sparse in RAM (``--budget`` of the pages by Quest bound); sparse
+with ``posix_fadvise``); sparse in RAM (a share of the pages by Quest bound); sparse
 tiered (the same pages from a pool of ``--pool`` of the KV and the block files, page cache
-dropped likewise), for each of ``--budgets``. Then time to first token of the agent on disk: a full restore (hash,
-read, copy) against an offloaded resume (map the files, load the page index, read the pages
-the first step selects), page cache dropped before each.
+dropped likewise), for each of ``--budgets``. Then time to first token of the agent on
+disk: a full restore (hash, read, copy) against an offloaded resume (map the files, load
+the page index, read the pages the first step selects), page cache dropped before each.
 
 ``--passkey``: a 5-digit key hidden at each ``--depths`` share of ``--tokens`` tokens of
 filler; after a dense prefill of the context, the question is fed and the answer greedily
@@ -357,7 +357,15 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
     settings = OffloadSettings(HostPool(0), policy)
     offloaded_layers = settings.tiers(windows, bs).layers
     kv_total = kv_nbytes(blocks)
-    kv_resident = kv_nbytes(blocks, set(range(n_layers)) - set(offloaded_layers))
+    # what a step reads of the layers that stay in memory: all of a global layer, the last
+    # window (and the block it starts in) of a sliding-window layer
+    length = len(prefix)
+    kv_resident = sum(
+        kv_nbytes(blocks, {i}) * (min(1.0, (w + bs) / length) if w else 1.0)
+        for i, w in enumerate(windows)
+        if i not in offloaded_layers
+    )
+    kv_offloadable = kv_nbytes(blocks, set(offloaded_layers))
     pool_bytes = int(args.pool * kv_total)
 
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -406,7 +414,9 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
             if tiers is not None:
                 reads[mode][0] += tiers.counters.bytes_ram - before[0]
                 reads[mode][1] += tiers.counters.bytes_disk - before[1]
-            held[mode] = max(held[mode], cache.nbytes)
+            # in memory: a mapped block's parts (a window layer's old blocks) are on disk
+            in_memory = cache.nbytes - (cache.hidden_nbytes() if maps else 0)
+            held[mode] = max(held[mode], in_memory)
         if step % 16 == 0:
             print(f"step {step}: " + ", ".join(f"{m} {ms[m][-1]:.0f} ms" for m in modes if ms[m]))
     steps = len(rest) - 1
@@ -424,7 +434,7 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
         n_pages = len(prefix) // policy.page
         share = sparse.policy.budget_pages(n_pages) / n_pages if sparse is not None else 1.0
         if cache.tiers is None:  # attention reads what it attends from RAM
-            from_ram = kv_resident + share * (kv_total - kv_resident)
+            from_ram = kv_resident + share * kv_offloadable
             from_disk = 0.0
         else:
             from_ram = kv_resident + reads[mode][0] / steps
