@@ -19,6 +19,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
+from edge_infer.models.chat_template import special_finder
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["Tokenizer"]
@@ -294,7 +296,9 @@ class Tokenizer:
 
     def _encode_plain(self, text: str) -> list[int]:
         """Ids of ``text`` with special-token strings in it encoded as ordinary text."""
-        if not any(s in text for s in self._specials):
+        # one pass of one pattern: a substring search per special token crawls through a
+        # long message when there are thousands of them (Gemma has over 6,000)
+        if special_finder(self.special_texts).search(text) is None:
             return self._backend.encode(text, add_special_tokens=False).ids
         with self._plain_lock:
             if self._plain is None:
