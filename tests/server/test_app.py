@@ -759,3 +759,26 @@ def test_metrics_parse_and_move(server, client):
     assert after[ttft] == before.get(ttft, 0) + 1
     assert after[("edge_infer_batch_size_count", ())] > 0
     assert after[("edge_infer_agents_on_disk", ())] >= 0
+
+
+def test_serve_with_a_kv_memory_budget_offloads_an_agent_and_lists_it(tmp_path):
+    # a budget below one block of KV: the agent's KV goes to the pool and disk at once
+    with running_server(tmp_path / "cache", "--kv-memory", "64KB") as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+        long = " ".join(f"word{i}" for i in range(300))
+        messages = [{"role": "user", "content": f"Repeat after me: {long}"}]
+        first = client.chat.completions.create(
+            model="default", messages=messages, extra_body={"agent": "big"}, **GREEDY
+        )
+        assert first.choices[0].message.content
+        wait_idle(srv)
+        (info,) = [a for a in httpx.get(f"{srv.url}/v1/agents").json()["data"] if a["id"] == "big"]
+        assert info["offloaded"] is True and info["kv_disk_bytes"] > 0
+        assert 0.0 <= info["hit_rate"] <= 1.0
+        messages += [first.choices[0].message.model_dump(include={"role", "content"})]
+        messages += [{"role": "user", "content": "Again."}]
+        again = client.chat.completions.create(
+            model="default", messages=messages, extra_body={"agent": "big"}, **GREEDY
+        )
+        assert again.choices[0].message.content
+        assert again.usage.prompt_tokens_details.cached_tokens > 256
