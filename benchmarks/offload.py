@@ -63,6 +63,7 @@ from benchmarks.common import (
 )
 from edge_infer.backends.torch.backend import TorchBackend
 from edge_infer.cache_store import AgentStore, KVFormat
+from edge_infer.cache_store.blocks import buffer_root
 from edge_infer.generation.sampling import log_softmax
 from edge_infer.models.default_model import default_model_path
 from edge_infer.models.fingerprint import Fingerprint
@@ -304,13 +305,9 @@ def _mappings(blocks) -> list[mmap.mmap]:
     out: dict[int, mmap.mmap] = {}
     for block in blocks:
         keys = block.layers[0].keys
-        base = keys if isinstance(keys, np.ndarray) else keys.packed
-        while isinstance(base, np.ndarray) and base.base is not None:
-            base = base.base
-        if isinstance(base, memoryview):
-            base = base.obj
-        if isinstance(base, mmap.mmap):
-            out[id(base)] = base
+        root = buffer_root(keys if isinstance(keys, np.ndarray) else keys.packed)
+        if isinstance(root, mmap.mmap):
+            out[id(root)] = root
     return list(out.values())
 
 
@@ -329,17 +326,12 @@ def drop_page_cache(folder: Path, maps: list[mmap.mmap]) -> None:
 
 def kv_nbytes(blocks, layers=None) -> int:
     """Bytes of the blocks' KV (of ``layers`` only, when given)."""
-    total = 0
-    for block in blocks:
-        for i, layer in enumerate(block.layers):
-            if layers is None or i in layers:
-                for x in (layer.keys, layer.values):
-                    total += (
-                        x.nbytes
-                        if isinstance(x, np.ndarray)
-                        else x.packed.nbytes + x.scales.nbytes + x.biases.nbytes
-                    )
-    return total
+    return sum(
+        layer.nbytes
+        for block in blocks
+        for i, layer in enumerate(block.layers)
+        if layers is None or i in layers
+    )
 
 
 def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:

@@ -221,12 +221,18 @@ def token_chains(token_ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> 
     return out
 
 
+def buffer_root(arr: np.ndarray) -> object:
+    """The buffer ``arr``'s memory belongs to (a file mapping, bytes, ...) through its chain
+    of views, or None when an array in that chain owns its data."""
+    while isinstance(arr.base, np.ndarray):
+        arr = arr.base
+    root = arr.base
+    while isinstance(root, memoryview):
+        root = root.obj
+    return root
+
+
 def maps_a_file(arr: np.ndarray) -> bool:
     """Whether ``arr``'s memory is a mapping of a file (a block read from disk without a
     copy: its pages come from the file when touched), not memory of its own."""
-    base = arr
-    while isinstance(base, np.ndarray) and base.base is not None:
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    return isinstance(base, mmap.mmap)
+    return isinstance(buffer_root(arr), mmap.mmap)

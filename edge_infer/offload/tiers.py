@@ -15,6 +15,7 @@ from typing import IO
 
 import numpy as np
 
+from edge_infer.cache_store.blocks import buffer_root
 from edge_infer.cache_store.kv_format import QuantizedKV
 
 Rows = tuple[np.ndarray, ...]
@@ -257,18 +258,9 @@ class _Units:
     places: tuple[int, ...] = ()  # the parts' offsets and the unit size: equal, same units
 
 
-def _root(a: np.ndarray) -> object:
-    while isinstance(a.base, np.ndarray):
-        a = a.base
-    root = a.base
-    while isinstance(root, memoryview):
-        root = root.obj
-    return root
-
-
 def _units(rows: Rows, page: int) -> _Units | None:
-    root = _root(rows[0])
-    if root is None or any(_root(r) is not root or not r.flags.c_contiguous for r in rows):
+    root = buffer_root(rows[0])
+    if root is None or any(buffer_root(r) is not root or not r.flags.c_contiguous for r in rows):
         return None
     try:
         whole = np.frombuffer(root, np.uint8)  # type: ignore[call-overload]
