@@ -127,11 +127,13 @@ class AgentManager:
                 st = self._states[name] = self._load(name)
             return st
 
-    def _load(self, name: str) -> AgentState:
+    def _load(self, name: str, verify: bool | None = None) -> AgentState:
         st = AgentState()
-        # with offloading, block files are mapped, not read: an offloaded agent reads only
-        # the pages attention asks for; their hashes are checked on a thread meanwhile
-        snap = self.store.load(name, verify=self.offload is None)
+        if verify is None:
+            # with offloading, block files are mapped, not read: an offloaded agent reads only
+            # the pages attention asks for; their hashes are checked on a thread meanwhile
+            verify = self.offload is None
+        snap = self.store.load(name, verify=verify)
         if snap is None:
             mismatched = self.store.find_mismatched(name)
             if mismatched:
@@ -168,13 +170,7 @@ class AgentManager:
     def _refresh(self, name: str, st: AgentState) -> None:
         """Reload the agent from disk if another process saved it since this one did."""
         if st.suspect:
-            fresh = AgentState()
-            snap = self.store.load(name)  # verified: bad files are set aside
-            if snap is not None:
-                fresh.messages, fresh.extra = list(snap.messages), dict(snap.extra)
-                fresh.blocks, fresh.files = list(snap.blocks), list(snap.files)
-                fresh.token_ids = list(snap.token_ids[: snap.valid_tokens])
-                self.pool.put(name, fresh.blocks)
+            fresh = self._load(name, verify=True)  # bad files are set aside
             st.suspect = False
         elif self.saver.has_pending(name) or not self.store.changed_elsewhere(name):
             return
