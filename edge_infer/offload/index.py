@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load as st_load
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as st_save
 
 from edge_infer.cache_store.atomic_io import write_atomic
@@ -105,11 +102,10 @@ class PageIndex:
         block files now, in order), or None when it is missing, corrupt, made for another
         page size or layer count, or shares no block: then it is rebuilt from the blocks."""
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-            tensors = st_load(data)
-            meta = _metadata(data)
-        except (OSError, SafetensorError, ValueError, struct.error):
+            with safe_open(path, framework="np") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (OSError, SafetensorError, ValueError):
             return None
         if (
             meta.get("format") != INDEX_FORMAT
@@ -184,13 +180,3 @@ class SparseState:
         cls, policy: SparsePolicy, n_layers: int, record: bool = False, measure: bool = False
     ) -> SparseState:
         return cls(policy, PageIndex(n_layers, policy.page), record, measure)
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of safetensors bytes (ValueError when malformed)."""
-    (n,) = struct.unpack_from("<Q", data)
-    header = json.loads(data[8 : 8 + n])
-    meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
-    if not isinstance(meta, dict):
-        raise ValueError("bad metadata")
-    return meta
