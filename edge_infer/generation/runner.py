@@ -15,7 +15,6 @@ from edge_infer.models.chat_template import (
     compile_template,
     render_chat,
     render_chat_parts,
-    special_finder,
 )
 from edge_infer.models.tokenizer import Tokenizer
 
@@ -42,7 +41,7 @@ class Runner:
             compile_template(tokenizer.chat_template)
         except ValueError:
             pass
-        special_finder(tuple(tokenizer.special_texts))
+        _ = tokenizer.special_pattern  # compiled now, not in the first chat
 
     @property
     def vocab_size(self) -> int:
