@@ -23,6 +23,7 @@ from edge_infer.offload import (
     select_pages,
     window_pages,
 )
+from tests.support.cache_store_helpers import assert_blocks_equal
 from tests.support.kv_caches import filled_cache, one_token
 from tests.support.sparse_runs import decode, real_ids
 
@@ -235,14 +236,7 @@ def test_offloaded_cache_decodes_as_the_resident_one_within_its_budget(prefilled
     counters = pool.counters
     assert counters.hits + counters.misses > 0 and counters.bytes_disk > 0
     # what it exports (to save) is what the resident cache exports
-    for a, b in zip(resident.blocks(), cache.blocks(), strict=True):
-        for la, lb in zip(a.layers, b.layers, strict=True):
-            for x, y in ((la.keys, lb.keys), (la.values, lb.values)):
-                if isinstance(x, np.ndarray):
-                    assert np.array_equal(x, y)
-                else:
-                    assert np.array_equal(x.packed, y.packed)
-                    assert np.array_equal(x.scales, y.scales)
+    assert_blocks_equal(resident.blocks(), cache.blocks())
 
 
 @needs_kernel
