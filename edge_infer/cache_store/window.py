@@ -3,6 +3,8 @@ query can still see, and the parts of the others, held by block start until rele
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from edge_infer.cache_store.kv_format import QuantizedKV
 
 
@@ -10,6 +12,26 @@ def unseen_before(length: int, window: int, block_size: int) -> int:
     """Start of the first block a query at ``length`` or later may see through a ``window``
     (a query at p sees tokens p-window+1..p)."""
     return max(0, length - window + 1) // block_size * block_size
+
+
+def cut_needs_released(
+    length: int,
+    sealed: int,
+    windows: Sequence[int],
+    firsts: Sequence[int],
+    released: int,
+    block_size: int,
+) -> bool:
+    """Whether a cache cut to ``length`` tokens (``sealed`` of them sealed) would need
+    blocks already released: some bounded sliding-window layer (``windows[i]`` > 0, holding
+    sealed tokens from ``firsts[i]`` in its buffers) would see again a block before
+    ``released``. Then nothing can be kept."""
+    for window, held in zip(windows, firsts, strict=True):
+        if window:
+            first = min(sealed, unseen_before(length, window, block_size))
+            if first < min(held, sealed) and first < released:
+                return True
+    return False
 
 
 class HiddenParts:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_infer.cache_store.kv_format import QuantizedKV
-from edge_infer.cache_store.window import HiddenParts, unseen_before
+from edge_infer.cache_store.window import HiddenParts, cut_needs_released, unseen_before
 
 
 def part(tokens: int = 8) -> QuantizedKV:
@@ -46,3 +46,16 @@ def test_hidden_parts_come_back_once_and_release_for_good():
         hidden.get(0, 2, 0)
     hidden.cut(4)  # a truncation before the released blocks ends them too
     assert hidden.released == 4 and hidden.nbytes == 0
+
+
+def test_a_cut_needs_released_blocks_only_when_a_bounded_window_reaches_them():
+    # window 300, blocks of 256: a cut to 900 tokens (768 sealed) sees from block 512 on
+    assert not cut_needs_released(900, 768, [300], [768], released=512, block_size=256)
+    # cut further back to 600: the window sees block 256 again, which the buffers no longer
+    # hold (they start at 768) and which was released
+    assert cut_needs_released(600, 512, [300], [768], released=512, block_size=256)
+    # the same cut when nothing was released, or when the buffers still hold block 256
+    assert not cut_needs_released(600, 512, [300], [768], released=0, block_size=256)
+    assert not cut_needs_released(600, 512, [300], [256], released=512, block_size=256)
+    # global (or unbounded) layers never need released blocks
+    assert not cut_needs_released(600, 512, [0, 0], [768, 768], released=512, block_size=256)

@@ -29,7 +29,7 @@ import numpy as np
 from edge_infer.backends.mlx.kv_quant import dequantize_kv, quantize_kv
 from edge_infer.cache_store.blocks import KVBlock, key_bounds, tokens_to_block_end, truncation
 from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV
-from edge_infer.cache_store.window import HiddenParts, unseen_before
+from edge_infer.cache_store.window import HiddenParts, cut_needs_released, unseen_before
 from edge_infer.offload.index import SparseState
 from edge_infer.offload.tiers import SequenceTiers
 
@@ -277,11 +277,10 @@ class MLXCache:
         """
         old_sealed = self._sealed
         length, sealed = truncation(n, self._length, old_sealed, self.block_size, self.quantized)
-        for i in range(self.num_layers):
-            if self._bounded[i]:
-                first = min(sealed, self._unseen_before(i, length))
-                if first < min(self._first[i], sealed) and first < self._hidden.released:
-                    length = sealed = 0  # the window of the new end was released
+        bounded = [w if b else 0 for w, b in zip(self.windows, self._bounded, strict=True)]
+        released = self._hidden.released
+        if cut_needs_released(length, sealed, bounded, self._first, released, self.block_size):
+            length = sealed = 0  # the window of the new end was released
         self._length, self._sealed = length, sealed
         self._hidden.cut(sealed)
         for i in range(self.num_layers):

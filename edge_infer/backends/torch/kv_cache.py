@@ -26,6 +26,7 @@ without a page selection) streams the layer's rows into a staging buffer first.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ from edge_infer.cache_store.blocks import (
 )
 from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV
 from edge_infer.cache_store.rotation import hadamard
-from edge_infer.cache_store.window import HiddenParts, unseen_before
+from edge_infer.cache_store.window import HiddenParts, cut_needs_released, unseen_before
 from edge_infer.offload.index import SparseState
 from edge_infer.offload.tiers import SequenceTiers
 
@@ -387,23 +388,27 @@ class TorchKVCache:
         for i in range(self.num_layers):
             if self._bounded[i]:  # room for the block: older rows no query sees go
                 self._rebase(i, min(a, self._unseen_before(i, self._length)), a)
+            parts = [self._quantized_tail(i, w, a, b) for w in range(2)]
             if self._offloaded[i]:
                 assert self.tiers is not None
-                kv = [self._quantized_block(i, w, a, b) for w in range(2)]
-                self.tiers.add_block(a, i, kv[0], kv[1], on_disk=False)
+                k, v = (self._stored(kv) for kv in parts)
+                self.tiers.add_block(a, i, k, v, on_disk=False)
                 continue
-            for w in range(2):
-                x = self._tail(i, w, a, b).float() @ self._rotation
-                packed, scales, biases = quantize_kv(x, self.bits, self.group_size)
+            for w, (packed, scales, biases) in enumerate(parts):
                 q = self._quant[i][w]
                 r, s = a - self._first[i], b - self._first[i]
                 q[0][:, r:s], q[1][:, r:s], q[2][:, r:s] = packed, scales, biases
         self._sealed = b
 
-    def _quantized_block(self, i: int, w: int, a: int, b: int) -> QuantizedKV:
-        """Tail tokens a..b of layer ``i``'s keys (w=0) or values, rotated and quantized."""
+    def _quantized_tail(self, i: int, w: int, a: int, b: int) -> tuple[torch.Tensor, ...]:
+        """Tail tokens a..b of layer ``i``'s keys (w=0) or values, rotated and quantized:
+        (packed, scales, biases)."""
         x = self._tail(i, w, a, b).float() @ self._rotation
-        p, s, z = (_numpy_copy(t) for t in quantize_kv(x, self.bits, self.group_size))
+        return quantize_kv(x, self.bits, self.group_size)
+
+    def _stored(self, parts: Sequence[torch.Tensor]) -> QuantizedKV:
+        """Quantized parts (packed, scales, biases) as a QuantizedKV of numpy copies."""
+        p, s, z = (_numpy_copy(t) for t in parts)
         return QuantizedKV(p.view(np.uint32), s, z, self.bits, self.group_size)
 
     # -- offloaded layers -----------------------------------------------------------------
@@ -438,6 +443,10 @@ class TorchKVCache:
             self._reserve(capacity)
         self._pointers = None
 
+    def is_offloaded(self, layer: int) -> bool:
+        """Whether ``layer``'s sealed blocks live in :attr:`tiers`."""
+        return self._offloaded[layer]
+
     def offloaded_layers(self) -> list[int]:
         """Layers whose sealed blocks live in :attr:`tiers`."""
         return [i for i in range(self.num_layers) if self._offloaded[i]]
@@ -463,9 +472,7 @@ class TorchKVCache:
             return [t[:, a - self._first[i] : b - self._first[i]] for t in self._quant[i][w]]
         if b - a != self.block_size or a % self.block_size:
             raise ValueError(f"tokens {a}..{b} of layer {i} are not one hidden block")
-        kv = self._hidden.get(a, i, w)
-        parts = (kv.packed.view(np.int32), kv.scales, kv.biases)
-        return [_tensor(x).to(self.device) for x in parts]
+        return [_tensor(x).to(self.device) for x in _parts(self._hidden.get(a, i, w))]
 
     def _rebase(self, i: int, first: int, held_end: int) -> None:
         """Make sliding-window layer ``i``'s buffers hold sealed tokens ``first..sealed``,
@@ -538,11 +545,10 @@ class TorchKVCache:
         """
         old_sealed = self._sealed
         length, sealed = truncation(n, self._length, old_sealed, self.block_size, self.quantized)
-        for i in range(self.num_layers):
-            if self._bounded[i]:
-                first = min(sealed, self._unseen_before(i, length))
-                if first < min(self._first[i], sealed) and first < self._hidden.released:
-                    length = sealed = 0  # the window of the new end was released
+        bounded = [w if b else 0 for w, b in zip(self.windows, self._bounded, strict=True)]
+        released = self._hidden.released
+        if cut_needs_released(length, sealed, bounded, self._first, released, self.block_size):
+            length = sealed = 0  # the window of the new end was released
         self._length, self._sealed = length, sealed
         self._hidden.cut(sealed)
         for i in range(self.num_layers):
@@ -605,10 +611,7 @@ class TorchKVCache:
             return self.tiers.read(i, a, b)[w]
         if a < self._first[i]:
             return self._hidden.get(a, i, w)
-        p, s, z = (_numpy_copy(t) for t in self._rows(i, w, a, b))
-        return QuantizedKV(
-            packed=p.view(np.uint32), scales=s, biases=z, bits=self.bits, group_size=self.group_size
-        )
+        return self._stored(self._rows(i, w, a, b))
 
     def append_blocks(self, blocks: list[KVBlock]) -> None:
         """Append stored blocks (as exported, from any backend) after the held tokens.
@@ -680,7 +683,7 @@ class TorchKVCache:
 
     def _write_rows(self, i: int, w: int, kv: QuantizedKV, a: int, b: int) -> None:
         """Quantized K or V of sealed tokens a..b into layer ``i``'s buffers."""
-        parts = [kv.packed.view(np.int32), kv.scales, kv.biases]
+        parts = _parts(kv)
         q = self._quant[i][w]
         r, s = a - self._first[i], b - self._first[i]
         if self.device.type == "cpu":  # numpy copies: a restore makes thousands of them

@@ -140,9 +140,8 @@ def attend_sparse(
     records: list[tuple[int, StepRecord, np.ndarray]] = []
     plans: list[tuple[np.ndarray | None, int]] = []
     q_np, k_np = q32.cpu().numpy(), k32.cpu().numpy()
-    offloaded = [set(cache.offloaded_layers()) for cache in caches]
     for b, cache in enumerate(caches):
-        if layer in offloaded[b]:
+        if cache.is_offloaded(layer):
             parts, tails = [], cache.tails(layer)
         else:
             parts, tails = cache.stored_parts(layer)
@@ -164,7 +163,7 @@ def attend_sparse(
         plans.append((selected, page))
         if kernel is None:
             continue
-        tiers = cache.tiers if layer in offloaded[b] else None
+        tiers = cache.tiers if cache.is_offloaded(layer) else None
         # the selected rows of every partly attended head, one gather per part
         picked = None
         if tiers is None and selected is not None and not selected.all():
@@ -183,17 +182,14 @@ def attend_sparse(
             if tiers is not None:
                 a0 = int(ends[h - 1]) if h else 0
                 part = [t[a0 : int(ends[h])] for t in tiered]  # contiguous: whole rows
-                gathered += part
-                n = part[0].shape[0]
-                ptrs += [t.data_ptr() for t in part] + tail_ptrs
-                metas += [n, cache.block_size, n, n + length - sealed + 1, n, 0]
-                continue
-            if selected is None or selected[h].all():
+            elif selected is None or selected[h].all():
                 ptrs += cache.head_pointers(layer, h) + tail_ptrs
                 metas += [parts[0].shape[1], cache.block_size, sealed, length + 1, sealed, window]
                 continue
-            assert picked is not None
-            part = picked[h]
+            else:
+                assert picked is not None
+                part = picked[h]
+            # the head's gathered rows as a sequence of their own
             gathered += part
             n = part[0].shape[0]
             ptrs += [t.data_ptr() for t in part] + tail_ptrs
