@@ -1,6 +1,7 @@
 """What KV-cache quantization costs in quality, on the default model over real English text.
 
-    python -m benchmarks.kv_quality [--tokens 4096] [--backends torch,mlx] [--json PATH]
+    python -m benchmarks.kv_quality [--tokens 4096] [--backends torch,mlx] [--model NAME]
+        [--json PATH]
 
 The first ``--tokens`` tokens of the Python docs go through the model once per backend and KV
 format (float16 = the baseline, 8-bit, 4-bit), with the same chunked prefill and quantized KV
@@ -35,6 +36,7 @@ import numpy as np
 
 from benchmarks.common import corpus_text, machine, print_table
 from edge_infer.backends.select import create_backend
+from edge_infer.cache_store.kv_format import layer_bits
 from edge_infer.engine import Engine
 from edge_infer.errors import BackendUnavailableError
 from edge_infer.generation.sampling import log_softmax
@@ -152,6 +154,13 @@ def measure(backends: Sequence[str], model: LoadedModel, ids: list[int]) -> list
     return out
 
 
+def format_name(model: LoadedModel, bits: int) -> str:
+    """``bits``'s name, and the layers stored in other bits (see ``layer_bits``)."""
+    per_layer = layer_bits(bits, model.config.layer_windows())
+    others = sorted({b for b in per_layer if b != bits})
+    return FORMAT_NAMES[bits] + "".join(f" ({per_layer.count(b)} layers {b}-bit)" for b in others)
+
+
 def target_checks(res: dict) -> dict:
     """{kv_bits: (limit %, measured %, met)} for the formats that have a target."""
     out = {}
@@ -167,10 +176,11 @@ def main() -> None:
     )
     ap.add_argument("--tokens", type=int, default=4096, help="corpus tokens to score")
     ap.add_argument("--backends", default="torch,mlx", help="comma-separated: torch, mlx")
+    ap.add_argument("--model", help="a catalog name or model path (default: the default model)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
-    model = load_model(None)
+    model = load_model(args.model)
     ctx = model.config.context_length
     if not 2 <= args.tokens <= ctx:
         ap.error(f"--tokens must be between 2 and the model's context ({ctx})")
@@ -192,7 +202,7 @@ def main() -> None:
             rows.append(
                 [
                     f"{res['backend']} ({res['device']})",
-                    FORMAT_NAMES[bits],
+                    format_name(model, bits),
                     f"{r['perplexity']:.4f}",
                     "-" if bits == 16 else f"{r['ppl_change_pct']:+.3f}%",
                     "-" if bits == 16 else f"{r['mean_kl_vs_fp16']:.5f}",

@@ -68,12 +68,13 @@ def _kv_bytes(cache) -> dict[str, int]:
     (as a global layer of the same cache does)."""
     local = [i for i, w in enumerate(cache.windows) if w]
     glob = [i for i, w in enumerate(cache.windows) if not w]
-    per_global = cache.buffer_nbytes(glob) // max(1, len(glob))
+    d, g = cache.head_dim, cache.group_size
+    row = [d * 2 if b == 16 else d * b // 8 + 4 * (d // g) for b in cache.layer_bits]
     return {
         "global": cache.buffer_nbytes(glob),
         "local": cache.buffer_nbytes(local),
         "hidden": cache.hidden_nbytes(),
-        "local_unbounded": per_global * len(local),
+        "local_unbounded": sum(2 * cache.n_kv * cache.sealed_length * row[i] for i in local),
     }
 
 

@@ -20,6 +20,7 @@ from edge_infer.agents.turn import AgentTurn
 from edge_infer.backends.base import Backend
 from edge_infer.backends.select import create_backend
 from edge_infer.cache_store import AgentStore, KVFormat
+from edge_infer.cache_store.kv_format import layer_bits
 from edge_infer.config import cache_root, default_backend, kv_memory_setting, parse_bytes
 from edge_infer.generation.runner import DEFAULT_PREFILL_CHUNK, Runner
 from edge_infer.generation.sampling import SamplingParams
@@ -117,7 +118,11 @@ class Vision:
 
 def agent_store(model: LoadedModel, backend: Backend) -> AgentStore:
     """The store for ``model``'s agents with ``backend``'s KV format, under the cache root."""
-    fmt = KVFormat(bits=backend.kv_bits, group_size=backend.kv_group_size)
+    fmt = KVFormat(
+        bits=backend.kv_bits,
+        group_size=backend.kv_group_size,
+        layer_bits=layer_bits(backend.kv_bits, model.config.layer_windows()),
+    )
     fingerprint = Fingerprint.of(**model.fingerprint_parts, kv_format=fmt.fingerprint_tag())
     return AgentStore(
         cache_root(),

@@ -219,9 +219,12 @@ class AgentManager:
     def _kv_bytes(self, tokens: int) -> int:
         """Bytes ``tokens`` tokens of KV take in the store's format (keys and values)."""
         cfg = self.runner.backend.config
-        d, bits, group = cfg.head_dim, self.fmt.bits, self.fmt.group_size
-        per_row = d * 2 if bits == 16 else d * bits // 8 + 4 * (d // group)
-        return tokens * cfg.num_layers * cfg.num_kv_heads * 2 * per_row
+        d, group = cfg.head_dim, self.fmt.group_size
+        per_row = 0
+        for i in range(cfg.num_layers):
+            bits = self.fmt.bits_of(i)
+            per_row += d * 2 if bits == 16 else d * bits // 8 + 4 * (d // group)
+        return tokens * cfg.num_kv_heads * 2 * per_row
 
     def _wants_offload(self, st: AgentState, tokens: int) -> bool:
         if self.offload is None or st.tiers is not None:

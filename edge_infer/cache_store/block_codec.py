@@ -3,8 +3,9 @@
 Tensors per layer ``l``: ``layers.{l}.keys.packed|scales|biases`` and ``layers.{l}.values.*``
 (quantized) or ``layers.{l}.keys`` / ``layers.{l}.values`` (float16), plus
 ``layers.{l}.key_min|key_max`` for sealed blocks. String metadata: ``format``,
-``format_version``, ``start``, ``length``, ``bits``, ``group_size``, ``n_layers``, ``sealed``
-and ``token_chain`` (the token ids the KV was computed from, chained over the blocks before:
+``format_version``, ``start``, ``length``, ``bits``, ``group_size``, ``n_layers``, ``sealed``,
+``layer_bits`` (comma-separated, only where layers are stored in different bits) and
+``token_chain`` (the token ids the KV was computed from, chained over the blocks before:
 see :func:`.blocks.token_chain`), so a block file's sha256 covers its ids. The header is
 written in a canonical order so equal blocks give equal bytes (and file names).
 """
@@ -62,7 +63,9 @@ def block_to_bytes(block: KVBlock, fmt: KVFormat, token_chain: str | None = None
     recording ``token_chain`` when given."""
     tensors: dict[str, np.ndarray] = {}
     for i, layer in enumerate(block.layers):
-        if not (fmt.accepts(layer.keys, block.sealed) and fmt.accepts(layer.values, block.sealed)):
+        if not (
+            fmt.accepts(layer.keys, block.sealed, i) and fmt.accepts(layer.values, block.sealed, i)
+        ):
             raise ValueError(
                 f"layer {i} of block at {block.start} is not in format {fmt.describe()}"
             )
@@ -82,6 +85,8 @@ def block_to_bytes(block: KVBlock, fmt: KVFormat, token_chain: str | None = None
         "n_layers": str(block.n_layers),
         "sealed": "1" if block.sealed else "0",
     }
+    if fmt.layer_bits and not _is_f16(block):
+        metadata["layer_bits"] = ",".join(str(b) for b in fmt.layer_bits)
     if token_chain is not None:
         metadata["token_chain"] = token_chain
     return _canonical(st_save(tensors, metadata=metadata))
@@ -161,12 +166,17 @@ def block_and_chain_from_bytes(data: Buffer) -> tuple[KVBlock, str | None]:
         start, length = int(meta["start"]), int(meta["length"])
         bits, group_size = int(meta["bits"]), int(meta["group_size"])
         n_layers, sealed = int(meta["n_layers"]), meta["sealed"] == "1"
+        per_layer = [bits] * n_layers
+        if "layer_bits" in meta:
+            per_layer = [int(b) for b in meta["layer_bits"].split(",")]
+            if len(per_layer) != n_layers or any(b not in (4, 8) for b in per_layer):
+                raise ValueError(f"layer_bits {meta['layer_bits']!r} for {n_layers} layers")
         layers = [
             LayerKV(
-                _get_kv(tensors, f"layers.{i}.keys", bits, group_size),
-                _get_kv(tensors, f"layers.{i}.values", bits, group_size),
+                _get_kv(tensors, f"layers.{i}.keys", b, group_size),
+                _get_kv(tensors, f"layers.{i}.values", b, group_size),
             )
-            for i in range(n_layers)
+            for i, b in enumerate(per_layer)
         ]
         abstract = None
         if sealed:

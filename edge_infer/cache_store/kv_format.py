@@ -179,13 +179,32 @@ def kv_layout(x: KVArray) -> tuple[int, int]:
     return (x.bits, x.group_size) if isinstance(x, QuantizedKV) else (16, 0)
 
 
+GLOBAL_LAYER_MIN_BITS = 8
+
+
+def layer_bits(bits: int, windows: Sequence[int]) -> tuple[int, ...]:
+    """Per layer, the bits its sealed K/V are stored in: ``bits``, except that in a model
+    that mixes sliding-window layers (``windows[i] > 0``) with global ones (0), the global
+    layers keep at least 8. Those few layers alone carry retrieval over a long context, and
+    4-bit keys there lose it: on Gemma 3 they cost a 16K passkey and most of the KV error,
+    while they are a small share of the KV a long context stores."""
+    mixed = any(windows) and not all(windows)
+    return tuple(
+        max(bits, GLOBAL_LAYER_MIN_BITS) if mixed and not w and bits < 16 else bits for w in windows
+    )
+
+
 @dataclass(frozen=True)
 class KVFormat:
-    """How a store keeps KV: 4/8-bit affine (``group_size``) or float16, in blocks of tokens."""
+    """How a store keeps KV: 4/8-bit affine (``group_size``) or float16, in blocks of tokens.
+
+    ``layer_bits``: per layer, where layers differ (see :func:`layer_bits`); empty when every
+    layer is stored in ``bits``."""
 
     bits: int = 4
     group_size: int = 64
     block_size: int = 256
+    layer_bits: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.bits not in KV_BITS:
@@ -194,34 +213,62 @@ class KVFormat:
             raise ValueError(f"unsupported group_size={self.group_size!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size!r}")
+        per_layer = tuple(self.layer_bits)  # a manifest's JSON gives a list
+        if all(b == self.bits for b in per_layer):
+            per_layer = ()  # uniform: one spelling of each format
+        if any(b not in (4, 8) for b in per_layer) or (per_layer and self.bits == 16):
+            raise ValueError(f"layer_bits must be 4 or 8 per layer, got {list(per_layer)}")
+        object.__setattr__(self, "layer_bits", per_layer)
+
+    def bits_of(self, layer: int) -> int:
+        """The bits layer ``layer``'s sealed K/V are stored in."""
+        return self.layer_bits[layer] if self.layer_bits else self.bits
 
     def describe(self) -> str:
-        """Short tag for fingerprints: ``"q4g64"``, ``"q8g32"`` or ``"f16"``."""
-        return "f16" if self.bits == 16 else f"q{self.bits}g{self.group_size}"
-
-    def encode(self, x: np.ndarray) -> KVArray:
-        """Float keys/values ``[n_kv, T, D]`` in this format."""
+        """Short tag for fingerprints: ``"q4g64"``, ``"q8g32"``, ``"f16"``, or with layers
+        in other bits ``"q4g64+8"``."""
         if self.bits == 16:
-            return np.asarray(x, dtype=np.float16)
-        return QuantizedKV.quantize(x, self.bits, self.group_size)
+            return "f16"
+        others = sorted(set(self.layer_bits) - {self.bits})
+        extra = "".join(f"+{b}" for b in others)
+        return f"q{self.bits}g{self.group_size}{extra}"
 
-    def accepts(self, x: KVArray, sealed: bool = True) -> bool:
-        """Whether ``x`` is stored in this format.
+    def encode(self, x: np.ndarray, layer: int = 0) -> KVArray:
+        """Float keys/values ``[n_kv, T, D]`` of layer ``layer`` in this format."""
+        bits = self.bits_of(layer)
+        if bits == 16:
+            return np.asarray(x, dtype=np.float16)
+        return QuantizedKV.quantize(x, bits, self.group_size)
+
+    def accepts(self, x: KVArray, sealed: bool = True, layer: int = 0) -> bool:
+        """Whether ``x`` is stored in this format (as layer ``layer``).
 
         The backends quantize only sealed blocks: the growing tail block is kept in float16
         and quantized once, when it seals (recent tokens stay exact, and decoding does not
         quantize per token). An unsealed block may therefore be float16 in any format.
         """
         is_f16 = isinstance(x, np.ndarray) and x.dtype == np.float16
-        if self.bits == 16:
+        bits = self.bits_of(layer)
+        if bits == 16:
             return is_f16
-        return kv_layout(x) == (self.bits, self.group_size) or (not sealed and is_f16)
+        return kv_layout(x) == (bits, self.group_size) or (not sealed and is_f16)
 
     def fingerprint_tag(self) -> str:
         """What the model fingerprint records of this format (bits, groups, rotation, tail)."""
         if self.bits == 16:
             return "f16"
-        return f"{self.describe()}-hadamard-f16tail-b{self.block_size}"
+        tag = f"{self.describe()}-hadamard-f16tail-b{self.block_size}"
+        if self.layer_bits:
+            tag += "-layers" + "".join(str(b) for b in self.layer_bits)
+        return tag
+
+    def to_json(self) -> dict:
+        """The fields a manifest records (``layer_bits`` only where layers differ)."""
+        out: dict = {"bits": self.bits, "group_size": self.group_size}
+        out["block_size"] = self.block_size
+        if self.layer_bits:
+            out["layer_bits"] = list(self.layer_bits)
+        return out
 
 
 @dataclass(frozen=True, eq=False)

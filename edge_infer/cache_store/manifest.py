@@ -86,13 +86,17 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_int_or_ints(v: Any) -> bool:
+    return _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v))
+
+
 @dataclass
 class Manifest:
     """Everything about one agent's cache except the KV bytes."""
 
     agent: str
     fingerprint: dict[str, str]
-    kv_format: dict[str, int]
+    kv_format: dict[str, Any]  # integers, and a list of them for per-layer bits
     token_ids: list[int]
     messages: list[Any] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -141,7 +145,7 @@ class Manifest:
         fp, kvf, ids = doc.get("fingerprint"), doc.get("kv_format"), doc.get("token_ids")
         if not (isinstance(fp, dict) and all(isinstance(v, str) for v in fp.values())):
             raise CacheCorruptError("manifest fingerprint is not an object of strings")
-        if not (isinstance(kvf, dict) and all(_is_int(v) for v in kvf.values())):
+        if not (isinstance(kvf, dict) and all(_is_int_or_ints(v) for v in kvf.values())):
             raise CacheCorruptError("manifest kv_format is not an object of integers")
         if not (isinstance(ids, list) and all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in ids)):
             raise CacheCorruptError("manifest token_ids is not a list of token ids")

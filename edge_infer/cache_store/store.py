@@ -162,9 +162,8 @@ class AgentStore:
         symbolic link."""
         return refuse_links(self.root, self.base_dir / validate_agent_name(agent))
 
-    def _kv_format_json(self) -> dict[str, int]:
-        f = self.fmt
-        return {"bits": f.bits, "group_size": f.group_size, "block_size": f.block_size}
+    def _kv_format_json(self) -> dict:
+        return self.fmt.to_json()
 
     @contextmanager
     def lock(self, agent: str, timeout: float | None = None) -> Iterator[None]:
@@ -346,9 +345,10 @@ class AgentStore:
             return "span differs from the manifest"
         if any(
             not (
-                self.fmt.accepts(x.keys, block.sealed) and self.fmt.accepts(x.values, block.sealed)
+                self.fmt.accepts(x.keys, block.sealed, i)
+                and self.fmt.accepts(x.values, block.sealed, i)
             )
-            for x in block.layers
+            for i, x in enumerate(block.layers)
         ):
             return f"not in KV format {self.fmt.describe()}"
         return block

@@ -21,7 +21,7 @@ from edge_infer.cache_store import (
     split_into_blocks,
 )
 from edge_infer.cache_store.blocks import CHAIN_START, attention_keys, token_chain, token_chains
-from edge_infer.cache_store.kv_format import kv_dequantize
+from edge_infer.cache_store.kv_format import kv_dequantize, layer_bits
 from edge_infer.cache_store.rotation import rotate
 from tests.support import REPO
 from tests.support.cache_store_helpers import assert_blocks_equal, assert_kv_equal, random_layers
@@ -32,7 +32,13 @@ except ImportError:  # MLX is optional outside Apple silicon; its comparisons ar
     mx = None
 needs_mlx = pytest.mark.skipif(mx is None, reason="mlx is not installed")
 
-FORMATS = [KVFormat(4, 64, 16), KVFormat(4, 32, 16), KVFormat(8, 64, 16), KVFormat(16, 64, 16)]
+FORMATS = [
+    KVFormat(4, 64, 16),
+    KVFormat(4, 32, 16),
+    KVFormat(8, 64, 16),
+    KVFormat(16, 64, 16),
+    KVFormat(4, 64, 16, layer_bits=(4, 8, 4)),
+]
 IDS = [f.describe() for f in FORMATS]
 
 
@@ -101,6 +107,57 @@ def test_kv_format_describe_and_encode() -> None:
     for bad in ({"bits": 3}, {"group_size": 48}, {"block_size": 0}):
         with pytest.raises(ValueError):
             KVFormat(**bad)
+
+
+def test_layer_bits_raise_only_the_global_layers_of_a_windowed_model() -> None:
+    windows = [512, 512, 0, 512, 0]
+    assert layer_bits(4, windows) == (4, 4, 8, 4, 8)
+    assert layer_bits(8, windows) == (8,) * 5
+    assert layer_bits(16, windows) == (16,) * 5
+    assert layer_bits(4, [0, 0, 0]) == (4, 4, 4)  # no window layers: nothing to single out
+    assert layer_bits(4, [128, 128]) == (4, 4)
+
+
+def test_kv_format_with_layers_in_other_bits() -> None:
+    fmt = KVFormat(4, 64, 16, layer_bits=(4, 8, 4))
+    assert fmt.describe() == "q4g64+8"
+    assert [fmt.bits_of(i) for i in range(3)] == [4, 8, 4]
+    assert fmt.fingerprint_tag() != KVFormat(4, 64, 16).fingerprint_tag()
+    assert "layers484" in fmt.fingerprint_tag()
+    q8 = fmt.encode(_x((1, 2, 64)), layer=1)
+    assert isinstance(q8, QuantizedKV) and q8.bits == 8
+    assert fmt.accepts(q8, layer=1) and not fmt.accepts(q8, layer=0)
+    assert not fmt.accepts(fmt.encode(_x((1, 2, 64)), layer=0), layer=1)
+    # uniform per-layer bits are the plain format: one spelling, one fingerprint
+    assert KVFormat(4, 64, 16, layer_bits=(4, 4)) == KVFormat(4, 64, 16)
+    assert KVFormat(4, layer_bits=[4, 8]).layer_bits == (4, 8)  # as a manifest's JSON gives it
+    assert KVFormat(4, layer_bits=[4, 8]).to_json()["layer_bits"] == [4, 8]
+    assert "layer_bits" not in KVFormat(4).to_json()
+    for bad in ({"bits": 16, "layer_bits": (8, 16)}, {"layer_bits": (4, 3)}):
+        with pytest.raises(ValueError, match="layer_bits"):
+            KVFormat(**bad)
+
+
+def test_blocks_with_layers_in_other_bits_round_trip_and_are_checked() -> None:
+    fmt = KVFormat(4, 64, 16, layer_bits=(4, 8, 4))
+    blocks = split_into_blocks(random_layers(fmt, 20, n_layers=3, seed=3), 0, 16)
+    sealed, tail = (block_to_bytes(b, fmt) for b in blocks)
+    back = block_from_bytes(sealed)
+    assert [x.keys.bits for x in back.layers] == [4, 8, 4]
+    assert_blocks_equal([back], blocks[:1])
+    assert b'"layer_bits":"4,8,4"' in sealed
+    assert_blocks_equal([block_from_bytes(tail)], blocks[1:])
+    # a block whose layers are all 4-bit is not in this format, nor the other way round
+    plain = KVFormat(4, 64, 16)
+    with pytest.raises(ValueError, match="layer 1 of block"):
+        block_to_bytes(split_into_blocks(random_layers(plain, 16, n_layers=3), 0, 16)[0], fmt)
+    with pytest.raises(ValueError, match="layer 1 of block"):
+        block_to_bytes(blocks[0], plain)
+    n = int.from_bytes(sealed[:8], "little")
+    for bad in (b'"layer_bits":"4,8"', b'"layer_bits":"4,2,4"', b'"layer_bits":"4,4,4"'):
+        garbled = sealed[:8] + sealed[8 : 8 + n].replace(b'"layer_bits":"4,8,4"', bad)
+        with pytest.raises(CacheCorruptError):
+            block_from_bytes(garbled + sealed[8 + n :])
 
 
 @needs_mlx

@@ -24,10 +24,10 @@ def random_layers(
     rng = np.random.default_rng(seed)
     return [
         LayerKV(
-            fmt.encode(rng.standard_normal((n_kv, n_tokens, head_dim)).astype(np.float32)),
-            fmt.encode(rng.standard_normal((n_kv, n_tokens, head_dim)).astype(np.float32)),
+            fmt.encode(rng.standard_normal((n_kv, n_tokens, head_dim)).astype(np.float32), i),
+            fmt.encode(rng.standard_normal((n_kv, n_tokens, head_dim)).astype(np.float32), i),
         )
-        for _ in range(n_layers)
+        for i in range(n_layers)
     ]
 
 

@@ -48,7 +48,7 @@ def attend(cache: MLXCache, layer: int, q: mx.array, scale: float, window: int =
     first_tail = max(lo, cache.tail_start)
     # with a window some query's first key may lie after lo: mask every part then
     wide = bool(window) and start + t - lo > window
-    quant = {"group_size": cache.group_size, "bits": cache.bits}
+    quant = {"group_size": cache.group_size, "bits": cache.layer_bits[layer]}
     scores = []
     if sealed is not None:  # in the stored domain: (q @ H) . dequantize(k)
         qr = hadamard_rotate(q, scale)
@@ -84,7 +84,8 @@ def readable(cache: MLXCache, layer: int, end: int) -> tuple[mx.array, mx.array]
     for w in range(2):
         parts = [mx.zeros((cache.n_kv, 1, first, cache.head_dim))] if first else []
         if sealed is not None:
-            parts.append(hadamard_rotate(dequantize_kv(*sealed[w], cache.bits, cache.group_size)))
+            bits = cache.layer_bits[layer]
+            parts.append(hadamard_rotate(dequantize_kv(*sealed[w], bits, cache.group_size)))
         if tail is not None:
             parts.append(tail[w].astype(mx.float32))
         x = mx.concatenate(parts, axis=2) if len(parts) > 1 else parts[0]

@@ -28,7 +28,7 @@ import numpy as np
 
 from edge_infer.backends.mlx.kv_quant import dequantize_kv, quantize_kv
 from edge_infer.cache_store.blocks import KVBlock, key_bounds, tokens_to_block_end, truncation
-from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV
+from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV, layer_bits
 from edge_infer.cache_store.window import HiddenParts, cut_needs_released, unseen_before
 from edge_infer.offload.index import SparseState
 from edge_infer.offload.tiers import SequenceTiers
@@ -103,6 +103,7 @@ class MLXCache:
         self.windows = list(windows) if windows is not None else [0] * num_layers
         if len(self.windows) != num_layers or min(self.windows, default=0) < 0:
             raise ValueError(f"windows must list {num_layers} sizes >= 0 (got {windows})")
+        self.layer_bits = layer_bits(kv_bits, self.windows)
         # sliding-window layers hold sealed tokens first[i].. in their quantized buffers (a
         # fixed number of rows); the parts of older sealed blocks are "hidden": numpy arrays
         # by block start, unless released
@@ -214,7 +215,7 @@ class MLXCache:
     def _grown_parts(self, i: int, rows: int, keep: int) -> list[list[mx.array]]:
         """Layer ``i``'s K and V quantized parts with ``rows`` rows, the first ``keep`` of
         the held ones copied."""
-        d, bits, g = self.head_dim, self.bits, self.group_size
+        d, bits, g = self.head_dim, self.layer_bits[i], self.group_size
         specs = [(d * bits // 32, mx.uint32), (d // g, mx.float16), (d // g, mx.float16)]
         return [
             [
@@ -261,7 +262,9 @@ class MLXCache:
                 assert tail is not None
                 x = hadamard_rotate(tail[:, :, : self.block_size].astype(mx.float32))
                 for buf, part in zip(
-                    self._quant[i][w], quantize_kv(x, self.bits, self.group_size), strict=True
+                    self._quant[i][w],
+                    quantize_kv(x, self.layer_bits[i], self.group_size),
+                    strict=True,
                 ):
                     buf[:, :, r:q] = part
             self._tail[i] = [None, None]  # the next block starts a new tail
@@ -406,7 +409,8 @@ class MLXCache:
             parts = tuple(
                 t[:, 0, a - self._first[i] : b - self._first[i]] for t in self._quant[i][0]
             )
-        return np.array(hadamard_rotate(dequantize_kv(*parts, self.bits, self.group_size)))
+        bits = self.layer_bits[i]
+        return np.array(hadamard_rotate(dequantize_kv(*parts, bits, self.group_size)))
 
     def _export(self, i: int, w: int, a: int, b: int, sealed: bool) -> QuantizedKV | np.ndarray:
         if not sealed or not self.quantized:
@@ -418,8 +422,9 @@ class MLXCache:
             return self._hidden.get(a, i, w)
         r, q = a - self._first[i], b - self._first[i]
         p, s, z = (np.array(t[:, 0, r:q]) for t in self._quant[i][w])
+        bits = self.layer_bits[i]
         return QuantizedKV(
-            packed=p.view(np.uint32), scales=s, biases=z, bits=self.bits, group_size=self.group_size
+            packed=p.view(np.uint32), scales=s, biases=z, bits=bits, group_size=self.group_size
         )
 
     def offload(self, tiers: SequenceTiers, sparse: SparseState | None = None) -> None:
@@ -480,8 +485,8 @@ class MLXCache:
         self._reserve_sealed(b, exact=True)
         for i in range(self.num_layers):
             for blk in blocks:
-                self._check_quantized(blk.layers[i].keys)
-                self._check_quantized(blk.layers[i].values)
+                self._check_quantized(i, blk.layers[i].keys)
+                self._check_quantized(i, blk.layers[i].values)
             if self._bounded[i]:
                 for blk in blocks:
                     pair = (blk.layers[i].keys, blk.layers[i].values)
@@ -498,12 +503,11 @@ class MLXCache:
                     buf[:, :, a:b] = mx.array(part)[:, None]
         self._length = self._sealed = b
 
-    def _check_quantized(self, kv: QuantizedKV | np.ndarray) -> None:
-        if not isinstance(kv, QuantizedKV) or (kv.bits, kv.group_size) != (
-            self.bits,
-            self.group_size,
-        ):
+    def _check_quantized(self, i: int, kv: QuantizedKV | np.ndarray) -> None:
+        bits = self.layer_bits[i]
+        if not isinstance(kv, QuantizedKV) or (kv.bits, kv.group_size) != (bits, self.group_size):
             got = kv.bits if isinstance(kv, QuantizedKV) else 16
             raise ValueError(
-                f"blocks are not {self.bits}-bit group {self.group_size} K/V (got {got}-bit)"
+                f"blocks are not {bits}-bit group {self.group_size} K/V in layer {i} "
+                f"(got {got}-bit)"
             )

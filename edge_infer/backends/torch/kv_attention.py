@@ -93,7 +93,7 @@ def attend_tokens(cache: TorchKVCache, layer: int, q: torch.Tensor) -> torch.Ten
             cache.n_kv,
             cache.rotation,
             cache.rotation_t,
-            cache.bits,
+            cache.layer_bits[layer],
             cache.group_size,
         )
     window = cache.windows[layer]
@@ -138,7 +138,7 @@ def attend_new_tokens(
         metas,
         first.rotation,
         first.rotation_t,
-        first.bits,
+        first.layer_bits[layer],
         first.group_size,
     )
 

@@ -2,7 +2,8 @@
 
 Tokens live in blocks of ``block_size``. The growing tail block is stored in float16 (in a
 one-block buffer reused for each new block); when a block fills it is *sealed*: rotated
-(Hadamard, see :mod:`edge_infer.cache_store.rotation`) and quantized to 4 or 8 bits once.
+(Hadamard, see :mod:`edge_infer.cache_store.rotation`) and quantized to 4 or 8 bits once
+(per layer: :func:`edge_infer.cache_store.kv_format.layer_bits`).
 Only the stored form is held: attention (:mod:`edge_infer.backends.torch.kv_attention`) reads
 the quantized blocks and the float16 tail directly. What a query attends to is thus a
 function of positions only (blocks that ended before it are quantized, its own block is
@@ -41,7 +42,7 @@ from edge_infer.cache_store.blocks import (
     tokens_to_block_end,
     truncation,
 )
-from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV
+from edge_infer.cache_store.kv_format import LayerKV, QuantizedKV, layer_bits
 from edge_infer.cache_store.rotation import hadamard
 from edge_infer.cache_store.window import HiddenParts, cut_needs_released, unseen_before
 from edge_infer.offload.index import SparseState
@@ -96,6 +97,7 @@ class TorchKVCache:
         self.windows = list(windows) if windows is not None else [0] * num_layers
         if len(self.windows) != num_layers or min(self.windows, default=0) < 0:
             raise ValueError(f"windows must list {num_layers} sizes >= 0 (got {windows})")
+        self.layer_bits = layer_bits(kv_bits, self.windows)
         self._rotation = torch.from_numpy(hadamard(head_dim).copy()).to(device)
         self._rotation_t = self._rotation.T.contiguous()
         self._capacity = 0
@@ -153,7 +155,7 @@ class TorchKVCache:
             if self._offloaded[i]:
                 rows = 0
             if self.quantized:
-                words, groups = d * self.bits // 32, d // self.group_size
+                words, groups = d * self.layer_bits[i] // 32, d // self.group_size
                 layer = [
                     ((n, rows, words), torch.int32),
                     ((n, rows, groups), torch.float16),
@@ -254,7 +256,8 @@ class TorchKVCache:
         if self.tiers is None or not self._offloaded[layer]:
             raise ValueError(f"layer {layer} is not offloaded")
         n, sealed = self.n_kv, max(self._sealed, 1)
-        words, groups = self.head_dim * self.bits // 32, self.head_dim // self.group_size
+        bits = self.layer_bits[layer]
+        words, groups = self.head_dim * bits // 32, self.head_dim // self.group_size
         shapes = [(words, torch.int32), (groups, torch.float16), (groups, torch.float16)] * 2
         if not self._stage or self._stage[0].shape[1] < sealed:
             rows = max(sealed, 2 * (self._stage[0].shape[1] if self._stage else 0))
@@ -318,7 +321,8 @@ class TorchKVCache:
         for w, out in enumerate((keys, values)):
             if sealed > first:
                 parts = self._rows(layer, w, first, sealed)
-                out[:, first:sealed] = dequantize_kv(*parts, self.bits, self.group_size)
+                bits = self.layer_bits[layer]
+                out[:, first:sealed] = dequantize_kv(*parts, bits, self.group_size)
                 if not rotated:
                     out[:, first:sealed] = out[:, first:sealed] @ self._rotation
             tail = self._tail(layer, w, sealed, end)
@@ -353,11 +357,12 @@ class TorchKVCache:
         off = 0 if self.bits == 16 else self._sealed
         return self._half[i][w][:, a - off : b - off]
 
-    def _readable(
-        self, packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor
-    ) -> torch.Tensor:
-        """What attention reads for quantized K or V: dequantized, rotated back."""
-        return dequantize_kv(packed, scales, biases, self.bits, self.group_size) @ self._rotation
+    def _readable(self, i: int, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """What attention reads for layer ``i``'s quantized K or V (packed, scales,
+        biases): dequantized, rotated back."""
+        packed, scales, biases = parts
+        bits = self.layer_bits[i]
+        return dequantize_kv(packed, scales, biases, bits, self.group_size) @ self._rotation
 
     # -- decoder interface ----------------------------------------------------------------
     def max_tokens_in_one_call(self) -> int:
@@ -391,7 +396,7 @@ class TorchKVCache:
             parts = [self._quantized_tail(i, w, a, b) for w in range(2)]
             if self._offloaded[i]:
                 assert self.tiers is not None
-                k, v = (self._stored(kv) for kv in parts)
+                k, v = (self._stored(i, kv) for kv in parts)
                 self.tiers.add_block(a, i, k, v, on_disk=False)
                 continue
             for w, (packed, scales, biases) in enumerate(parts):
@@ -404,12 +409,13 @@ class TorchKVCache:
         """Tail tokens a..b of layer ``i``'s keys (w=0) or values, rotated and quantized:
         (packed, scales, biases)."""
         x = self._tail(i, w, a, b).float() @ self._rotation
-        return quantize_kv(x, self.bits, self.group_size)
+        return quantize_kv(x, self.layer_bits[i], self.group_size)
 
-    def _stored(self, parts: Sequence[torch.Tensor]) -> QuantizedKV:
-        """Quantized parts (packed, scales, biases) as a QuantizedKV of numpy copies."""
+    def _stored(self, i: int, parts: Sequence[torch.Tensor]) -> QuantizedKV:
+        """Layer ``i``'s quantized parts (packed, scales, biases) as a QuantizedKV of numpy
+        copies."""
         p, s, z = (_numpy_copy(t) for t in parts)
-        return QuantizedKV(p.view(np.uint32), s, z, self.bits, self.group_size)
+        return QuantizedKV(p.view(np.uint32), s, z, self.layer_bits[i], self.group_size)
 
     # -- offloaded layers -----------------------------------------------------------------
     def offload(self, tiers: SequenceTiers, sparse: SparseState | None = None) -> None:
@@ -596,9 +602,9 @@ class TorchKVCache:
         if not self.quantized:
             return self._tail(i, w, a, b).float()
         if a >= self._first[i] or self._offloaded[i]:
-            return self._readable(*self._rows(i, w, a, b))
+            return self._readable(i, self._rows(i, w, a, b))
         bs = self.block_size  # hidden blocks one at a time
-        parts = [self._readable(*self._rows(i, w, x, min(x + bs, b))) for x in range(a, b, bs)]
+        parts = [self._readable(i, self._rows(i, w, x, min(x + bs, b))) for x in range(a, b, bs)]
         return torch.cat(parts, dim=1)
 
     def _export(self, i: int, w: int, a: int, b: int, sealed: bool) -> QuantizedKV | np.ndarray:
@@ -611,7 +617,7 @@ class TorchKVCache:
             return self.tiers.read(i, a, b)[w]
         if a < self._first[i]:
             return self._hidden.get(a, i, w)
-        return self._stored(self._rows(i, w, a, b))
+        return self._stored(i, self._rows(i, w, a, b))
 
     def append_blocks(self, blocks: list[KVBlock]) -> None:
         """Append stored blocks (as exported, from any backend) after the held tokens.
@@ -636,14 +642,14 @@ class TorchKVCache:
                 if quantized and self._offloaded[i]:
                     assert self.tiers is not None
                     for kv in (lkv.keys, lkv.values):
-                        self._check_quantized(kv)
+                        self._check_quantized(i, kv)
                     on_disk = maps_a_file(lkv.keys.packed) and maps_a_file(lkv.values.packed)
                     self.tiers.add_block(block.start, i, lkv.keys, lkv.values, on_disk)
                     continue
                 if quantized and self._bounded[i]:
                     pair = (lkv.keys, lkv.values)
                     for kv in pair:
-                        self._check_quantized(kv)
+                        self._check_quantized(i, kv)
                     self._hidden.put(block.start, i, pair)
                     continue
                 for w, kv in enumerate((lkv.keys, lkv.values)):
@@ -656,16 +662,14 @@ class TorchKVCache:
                 first = min(self._sealed, self._unseen_before(i, self._length))
                 self._rebase(i, max(first, self._first[i]), held_end)
 
-    def _check_quantized(self, kv: QuantizedKV | np.ndarray) -> None:
-        if not isinstance(kv, QuantizedKV) or (kv.bits, kv.group_size) != (
-            self.bits,
-            self.group_size,
-        ):
+    def _check_quantized(self, i: int, kv: QuantizedKV | np.ndarray) -> None:
+        bits = self.layer_bits[i]
+        if not isinstance(kv, QuantizedKV) or (kv.bits, kv.group_size) != (bits, self.group_size):
             got = (
                 f"{kv.bits}-bit group {kv.group_size}" if isinstance(kv, QuantizedKV) else "float16"
             )
             raise ValueError(
-                f"blocks are not {self.bits}-bit group {self.group_size} K/V (got {got})"
+                f"blocks are not {bits}-bit group {self.group_size} K/V in layer {i} (got {got})"
             )
 
     def _load(
@@ -677,7 +681,7 @@ class TorchKVCache:
             half = _tensor(np.ascontiguousarray(kv, dtype=np.float16)).to(self.device)
             self._tail(i, w, a, b).copy_(half)
             return
-        self._check_quantized(kv)
+        self._check_quantized(i, kv)
         assert isinstance(kv, QuantizedKV)
         self._write_rows(i, w, kv, a, b)
 

@@ -205,7 +205,7 @@ def attend_sparse(
             metas,
             first.rotation,
             first.rotation_t,
-            first.bits,
+            first.layer_bits[layer],
             first.group_size,
         )
     for b, rec, bounds in records:

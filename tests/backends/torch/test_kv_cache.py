@@ -114,6 +114,10 @@ def test_exported_blocks_hold_every_layer_and_restore_token_identically(gemma):
     assert [b.start for b in blocks] == list(range(0, 470, BLOCK))
     for b in blocks[:-1]:
         assert all(isinstance(x.keys, QuantizedKV) for x in b.layers)
+        # the global layers keep 8 bits (their keys carry long-range retrieval), the rest 4
+        bits = [8 if w == 0 else 4 for w in cache.windows]
+        assert [(x.keys.bits, x.values.bits) for x in b.layers] == [(n, n) for n in bits]
+    assert 4 in cache.layer_bits and 8 in cache.layer_bits
     twin = new_cache(backend)
     twin.append_blocks(blocks)
     assert twin.length == cache.length
@@ -166,5 +170,6 @@ def test_blocks_of_another_kv_format_are_refused_naming_both(gemma, tmp_path):
     source = new_cache(wide)
     run(wide, source, ids[:70])
     blocks = [b for b in source.blocks() if b.sealed]
-    with pytest.raises(ValueError, match="not 4-bit group 32 K/V \\(got 8-bit group 32\\)"):
+    expected = "not 4-bit group 32 K/V in layer 0 \\(got 8-bit group 32\\)"
+    with pytest.raises(ValueError, match=expected):
         new_cache(backend).append_blocks(blocks)
