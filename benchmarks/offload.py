@@ -64,6 +64,7 @@ from benchmarks.common import (
 from edge_infer.backends.torch.backend import TorchBackend
 from edge_infer.cache_store import AgentStore, KVFormat
 from edge_infer.cache_store.blocks import buffer_root
+from edge_infer.cache_store.kv_format import layer_bits
 from edge_infer.generation.sampling import log_softmax
 from edge_infer.models.default_model import default_model_path
 from edge_infer.models.fingerprint import Fingerprint
@@ -339,7 +340,8 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
     n_layers = model.config.num_layers
     bs = 256
     root = temporary_dir("edge-infer-offload-")
-    fmt = KVFormat(bits=4, group_size=backend.kv_group_size, block_size=bs)
+    bits = layer_bits(4, model.config.layer_windows())
+    fmt = KVFormat(bits=4, group_size=backend.kv_group_size, block_size=bs, layer_bits=bits)
     fp = Fingerprint.of(weights="benchmark", kv_format=fmt.fingerprint_tag())
     store = AgentStore(root, fp, fmt)
     store.save("long", prefix.tolist(), blocks)

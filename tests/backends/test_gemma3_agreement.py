@@ -109,3 +109,12 @@ def test_greedy_generation_matches_reference(engines, backend, reference):
                     f"margin {margins[step]:.3f}"
                 )
                 break
+
+
+def test_the_torch_head_is_scanned_in_four_bits(engines):
+    """Gemma's 8-bit head is most of the bytes a decoded token reads: the torch backend
+    scans a 4-bit copy of it (its best candidates rescored from the 8-bit rows; the
+    agreement above holds with it)."""
+    decoder = engines("torch").backend.decoder
+    layers = sum(x.nbytes for la in decoder.layers for x in (la.qkv, la.o, la.gate_up, la.down))
+    assert decoder.weight_bytes - layers < 0.6 * decoder.lm_head.nbytes

@@ -73,6 +73,20 @@ def test_round_trip_other_formats(tmp_path: Path, fmt: KVFormat) -> None:
     assert_blocks_equal(store.load("a").blocks, blocks)
 
 
+def test_layers_in_other_bits_round_trip_and_name_the_difference(tmp_path: Path) -> None:
+    mixed = KVFormat(4, 64, 16, layer_bits=(8, 4))
+    store = AgentStore(tmp_path, FP, mixed)
+    blocks = _blocks(20, fmt=mixed)
+    store.save("a", range(20), blocks)
+    doc = json.loads((store.agent_dir("a") / "manifest.json").read_text())
+    assert doc["kv_format"]["layer_bits"] == [8, 4]
+    again = AgentStore(tmp_path, FP, KVFormat(4, 64, 16, layer_bits=[8, 4])).load("a")
+    assert_blocks_equal(again.blocks, blocks)
+    assert [x.keys.bits for x in again.blocks[0].layers] == [8, 4]
+    with pytest.raises(FingerprintMismatch, match="kv_format.layer_bits"):
+        AgentStore(tmp_path, FP, FMT).load("a")
+
+
 def test_layout_manifest_and_permissions(store: AgentStore) -> None:
     store.save("a.b_c-1", list(range(20)), _blocks(20), MESSAGES, {"k": 1})
     d = store.root / "agents" / FP.digest / "a.b_c-1"

@@ -24,8 +24,9 @@ from edge_infer.formats.affine import QuantizedWeight
 from edge_infer.kernels import cpu as cpu_kernels
 from edge_infer.models.spec import LoadedModel, Weight
 
-# Candidates of the output head recomputed exactly in float32 per position.
-HEAD_RESCORE_TOP_K = 64
+# Candidates of the output head recomputed exactly in float32 per position (enough that
+# the logits a 4-bit scan leaves coarse carry too little mass to matter: see _head_scan).
+HEAD_RESCORE_TOP_K = 512
 
 
 def _vector(w: Weight, device: torch.device) -> torch.Tensor:
@@ -59,7 +60,7 @@ class TorchDecoder:
         self.device = device
         self._kernel = cpu_kernels.load() if device.type == "cpu" else None
         w = model.weights
-        self.embed_weight = w["model.embed_tokens.weight"]
+        self._embed_weight: Weight | None = w["model.embed_tokens.weight"]
         self.layers: list[_Layer] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
@@ -101,7 +102,23 @@ class TorchDecoder:
         # one int8 pass of the activations is enough for the head: its best candidates are
         # rescored exactly; the layers' products take two (see PackedLinear)
         self.lm_head = make_linear(head, device, passes=1)
-        self._head_weight = head
+        # the loader's arrays are kept only where nothing else holds them: the packed head
+        # rescores its own rows and, when tied, gives the embedding rows too (at this
+        # model size the head is the largest weight; a second copy would double it)
+        packed = isinstance(self.lm_head, PackedLinear)
+        self._head_weight = None if packed else head
+        if packed and cfg.tie_word_embeddings:
+            self._embed_weight = None
+        # where the head is most of the bytes a decoded token reads (a large vocabulary
+        # over a small model), an 8-bit one is scanned in 4 bits: about half the bytes
+        self._head_scan: PackedLinear | None = None
+        layer_bytes = sum(
+            x.nbytes for la in self.layers for x in (la.qkv, la.o, la.gate_up, la.down)
+        )
+        head_layer = self.lm_head
+        if isinstance(head_layer, PackedLinear) and head_layer.bits == 8:
+            if head_layer.nbytes > layer_bytes:
+                self._head_scan = head_layer.coarse_copy()
         self._inv_freq = torch.from_numpy(cfg.rope_inv_freq()).to(
             device=device, dtype=torch.float64
         )
@@ -114,7 +131,8 @@ class TorchDecoder:
     def weight_bytes(self) -> int:
         """Bytes of the weights one decoded token reads: every projection and the head."""
         layers = [x for la in self.layers for x in (la.qkv, la.o, la.gate_up, la.down)]
-        return sum(x.nbytes for x in layers) + self.lm_head.nbytes
+        head = self._head_scan if self._head_scan is not None else self.lm_head
+        return sum(x.nbytes for x in layers) + head.nbytes
 
     def new_cache(self, kv_bits: int = 4, group_size: int = 64) -> TorchKVCache:
         cfg = self.config
@@ -136,10 +154,10 @@ class TorchDecoder:
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             bad = int(ids[(ids < 0) | (ids >= vocab)][0])
             raise IndexError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-        if self.config.tie_word_embeddings and isinstance(self.lm_head, PackedLinear):
+        if self._embed_weight is None:  # tied to the packed head
             h = self.lm_head.rows(torch.from_numpy(ids))
         else:
-            w = self.embed_weight
+            w = self._embed_weight
             rows = w.take_rows(ids).dequantize() if isinstance(w, QuantizedWeight) else w[ids]
             h = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
         return h * self.config.embedding_scale if self.config.embedding_scale != 1.0 else h
@@ -287,7 +305,7 @@ class TorchDecoder:
         """Final norm and output head (top candidates rescored): float32 [N, vocab]."""
         cfg = self.config
         h = F.rms_norm(h, (cfg.hidden_size,), self.norm, cfg.rms_norm_eps).contiguous()
-        logits = self.lm_head(h)
+        logits = (self._head_scan or self.lm_head)(h)
         k = min(HEAD_RESCORE_TOP_K, logits.shape[-1])
         if isinstance(self.lm_head, PackedLinear):
             self.lm_head.rescore_top(logits, h, k)
@@ -304,6 +322,7 @@ class TorchDecoder:
         idx = logits.topk(k, dim=-1).indices  # [T, k]
         flat = idx.reshape(-1).cpu().numpy()
         w = self._head_weight
+        assert w is not None  # held whenever the head is not packed
         rows = w.take_rows(flat).dequantize() if isinstance(w, QuantizedWeight) else w[flat]
         rows_t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
         exact = torch.einsum("th,tkh->tk", h, rows_t.view(idx.shape[0], k, -1))

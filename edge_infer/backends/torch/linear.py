@@ -129,6 +129,14 @@ class PackedLinear:
             k,
         )
 
+    def coarse_copy(self) -> PackedLinear:
+        """A 4-bit copy of these weights (groups of 32, the same tiles) for a first pass whose
+        best candidates are then rescored from these rows (:meth:`rescore_top`)."""
+        parts = self.kernel.requantize4(
+            self.qweight, self.scales, self.biases, self.out_features, self.bits, self.group_size
+        )
+        return PackedLinear(self.kernel, *parts, self.out_features, 4, 32, passes=1)
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` (int64) of the weight, dequantized: float32 [n, in] (embeddings)."""
         return self.kernel.weight_rows(

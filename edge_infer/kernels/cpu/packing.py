@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_infer.formats.affine import QuantizedWeight
+from edge_infer.formats.affine import QuantizedWeight, unpack
 
 TILE = 16
 BLOCK = 32
@@ -44,14 +44,41 @@ def packable(weight: QuantizedWeight) -> bool:
     return weight.bits in (4, 8) and weight.group_size % BLOCK == 0
 
 
-def pack_weight(weight: QuantizedWeight) -> PackedWeight:
-    """``weight`` in the kernel's tile layout (see the module docstring)."""
+def pack_weight(weight: QuantizedWeight, rows_per_step: int = 16 * 1024) -> PackedWeight:
+    """``weight`` in the kernel's tile layout (see the module docstring), packed
+    ``rows_per_step`` rows at a time (a multiple of the tile: a large head would otherwise
+    take several full-size temporary copies)."""
     if not packable(weight):
         raise ValueError(f"cannot pack {weight.bits}-bit weights in groups of {weight.group_size}")
+    if rows_per_step % TILE:
+        raise ValueError(f"rows_per_step must be a multiple of {TILE}, got {rows_per_step}")
     rows, cols = weight.shape
+    out: list[np.ndarray] = []
+    for a in range(0, rows, rows_per_step):
+        parts = _pack_rows(weight, a, min(a + rows_per_step, rows))
+        if not out:  # every tile's place, filled step by step
+            tiles = -(-rows // TILE)
+            out = [np.empty((tiles, *p.shape[1:]), p.dtype) for p in parts]
+        for dst, src in zip(out, parts, strict=True):
+            dst[a // TILE : a // TILE + len(src)] = src
+    qweight, scales, biases = out
+    return PackedWeight(
+        qweight=qweight,
+        scales=scales,
+        biases=biases,
+        rows=rows,
+        cols=cols,
+        bits=weight.bits,
+        group_size=weight.group_size,
+    )
+
+
+def _pack_rows(weight: QuantizedWeight, a: int, b: int) -> tuple[np.ndarray, ...]:
+    """(qweight, scales, biases) tiles of rows a..b (a on a tile boundary)."""
+    rows, cols = b - a, weight.shape[1]
     tiles = -(-rows // TILE)
     pad = tiles * TILE - rows
-    q = np.pad(weight.unpack(), ((0, pad), (0, 0)))  # [rows, cols] uint8
+    q = np.pad(unpack(weight.packed[a:b], weight.bits), ((0, pad), (0, 0)))  # uint8
     blocks = cols // BLOCK
     if weight.bits == 4:
         q = q.reshape(tiles, TILE, blocks, 2, 4, 4)  # tile, row, block, half, chunk, byte
@@ -61,16 +88,8 @@ def pack_weight(weight: QuantizedWeight) -> PackedWeight:
         q = q.reshape(tiles, TILE, blocks, 8, 4)
         qweight = q.transpose(0, 2, 3, 1, 4).reshape(tiles, blocks, 8 * 64)
 
-    def params(a: np.ndarray) -> np.ndarray:
-        a = np.pad(a.astype(np.float16), ((0, pad), (0, 0)))
-        return np.ascontiguousarray(a.reshape(tiles, TILE, -1).transpose(0, 2, 1))
+    def params(x: np.ndarray) -> np.ndarray:
+        x = np.pad(x[a:b].astype(np.float16), ((0, pad), (0, 0)))
+        return np.ascontiguousarray(x.reshape(tiles, TILE, -1).transpose(0, 2, 1))
 
-    return PackedWeight(
-        qweight=np.ascontiguousarray(qweight),
-        scales=params(weight.scales),
-        biases=params(weight.biases),
-        rows=rows,
-        cols=cols,
-        bits=weight.bits,
-        group_size=weight.group_size,
-    )
+    return np.ascontiguousarray(qweight), params(weight.scales), params(weight.biases)

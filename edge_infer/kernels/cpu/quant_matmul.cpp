@@ -605,9 +605,10 @@ void weight_row(const Weights& W, int64_t r, float* w) {
   }
   const uint16_t* ws = W.s + t * W.tile_params;
   const uint16_t* wb = W.b + t * W.tile_params;
-  for (int64_t k = 0; k < W.K; ++k) {
-    const int64_t g = k / W.group;
-    w[k] = w[k] * half_to_float(ws[g * TILE + rr]) + half_to_float(wb[g * TILE + rr]);
+  for (int64_t g = 0; g < W.K / W.group; ++g) {  // one conversion per group, not per value
+    const float sc = half_to_float(ws[g * TILE + rr]), bias = half_to_float(wb[g * TILE + rr]);
+    float* x = w + g * W.group;
+    for (int64_t k = 0; k < W.group; ++k) x[k] = x[k] * sc + bias;
   }
 }
 
@@ -772,18 +773,22 @@ torch::Tensor rescore_top(torch::Tensor logits, torch::Tensor h, torch::Tensor q
   float* lg = logits.data_ptr<float>();
   const float* hd = h.data_ptr<float>();
   int64_t* id = idx.data_ptr<int64_t>();
-  edge_parallel::parallel_chunks(M, 1, [&](int64_t a, int64_t z) {
-    std::vector<std::pair<float, int64_t>> heap;
-    std::vector<float> w(K);
-    for (int64_t n = a; n < z; ++n) {
-      const float* row = lg + n * V;
+  using Scored = std::pair<float, int64_t>;
+  auto greater = [](const Scored& x, const Scored& y) {
+    return x.first > y.first || (x.first == y.first && x.second < y.second);
+  };
+  // each row's vocabulary in S spans searched apart (a single row would use one thread),
+  // then the spans' best are merged
+  const int64_t S = M < at::get_num_threads() ? at::get_num_threads() : 1;
+  std::vector<std::vector<Scored>> found(M * S);
+  edge_parallel::parallel_chunks(M * S, 1, [&](int64_t a, int64_t z) {
+    for (int64_t p = a; p < z; ++p) {
+      const float* row = lg + (p / S) * V;
+      const int64_t j0 = V * (p % S) / S, j1 = V * (p % S + 1) / S;
       // min-heap of the k best so far: most values fail the first comparison
-      heap.clear();
-      auto greater = [](const std::pair<float, int64_t>& x, const std::pair<float, int64_t>& y) {
-        return x.first > y.first || (x.first == y.first && x.second < y.second);
-      };
-      for (int64_t j = 0; j < V; ++j) {
-        if (static_cast<int64_t>(heap.size()) == k && (j & 15) == 0 && j + 16 <= V) {
+      std::vector<Scored>& heap = found[p];
+      for (int64_t j = j0; j < j1; ++j) {
+        if (static_cast<int64_t>(heap.size()) == k && (j & 15) == 0 && j + 16 <= j1) {
           float top = row[j];
           for (int i = 1; i < 16; ++i) top = std::max(top, row[j + i]);
           if (top <= heap.front().first) {
@@ -801,15 +806,25 @@ torch::Tensor rescore_top(torch::Tensor logits, torch::Tensor h, torch::Tensor q
           std::push_heap(heap.begin(), heap.end(), greater);
         }
       }
-      std::sort_heap(heap.begin(), heap.end(), greater);
-      for (int64_t c = 0; c < k; ++c) {
-        const int64_t r = heap[c].second;
-        weight_row(W, r, w.data());
-        float dot = 0.f;
-        for (int64_t kk = 0; kk < K; ++kk) dot += w[kk] * hd[n * K + kk];
-        lg[n * V + r] = dot;
-        id[n * k + c] = r;
-      }
+    }
+  });
+  for (int64_t n = 0; n < M; ++n) {
+    std::vector<Scored> all;
+    for (int64_t p = n * S; p < (n + 1) * S; ++p) all.insert(all.end(), found[p].begin(), found[p].end());
+    std::partial_sort(all.begin(), all.begin() + k, all.end(), greater);
+    for (int64_t c = 0; c < k; ++c) id[n * k + c] = all[c].second;
+  }
+  // the candidates' exact products, spread over the threads (one row decodes alone)
+  edge_parallel::parallel_chunks(M * k, 32, [&](int64_t a, int64_t z) {
+    std::vector<float> w(K);
+    for (int64_t p = a; p < z; ++p) {
+      const int64_t n = p / k, r = id[p];
+      weight_row(W, r, w.data());
+      const float* hn = hd + n * K;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t kk = 0; kk < K; ++kk) dot += w[kk] * hn[kk];
+      lg[n * V + r] = dot;
     }
   });
   return idx;

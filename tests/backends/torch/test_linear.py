@@ -89,3 +89,29 @@ def test_fused_weights_of_4_and_8_bits_keep_their_values_at_8():
     assert fused.bits == 8 and fused.group_size == 32
     want = np.concatenate([w.dequantize() for w in parts])
     np.testing.assert_array_equal(fused.dequantize(), want)
+
+
+@needs_kernel
+def test_a_four_bit_scan_rescored_from_the_eight_bit_rows_is_exact_at_the_top():
+    """What the decoder does with a large 8-bit head: scan a 4-bit copy, then rescore the
+    best candidates from the 8-bit rows. Those logits are the 8-bit products in float32,
+    the argmax is the exact one, and only the tail keeps the scan's coarser values."""
+    rng = np.random.default_rng(3)
+    head = quantize(rng.standard_normal((2048, 256)).astype(np.float32), 8, 32)
+    exact_rows = PackedLinear.pack(head, cpu_kernels.load(), passes=1)
+    scan = exact_rows.coarse_copy()
+    assert (scan.bits, scan.out_features) == (4, 2048) and scan.nbytes < 0.7 * exact_rows.nbytes
+    h = torch.from_numpy(rng.standard_normal((3, 256)).astype(np.float32))
+    exact = h.double() @ torch.from_numpy(head.dequantize()).double().T
+    logits = scan(h)
+    k = 32
+    coarse = logits.clone()
+    exact_rows.rescore_top(logits, h, k)
+    top = coarse.topk(k, dim=-1).indices  # the candidates the scan ranks best
+    np.testing.assert_allclose(
+        logits.gather(1, top).double(), exact.gather(1, top), rtol=1e-5, atol=1e-4
+    )
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    tail = torch.ones_like(logits, dtype=torch.bool).scatter_(1, top, False)
+    assert torch.equal(logits[tail], coarse[tail])
+    assert (coarse.double() - exact).abs().max() > 1e-2  # the scan alone is coarse

@@ -38,3 +38,16 @@ def test_layout_round_trips(bits, group):
         assert packed.shape == (2, 128 // group, TILE)
         flat = packed.transpose(0, 2, 1).reshape(-1, 128 // group)
         assert np.array_equal(flat[:21], src) and not flat[21:].any()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packing_step_by_step_gives_the_same_tiles(bits: int) -> None:
+    x = np.random.default_rng(bits).standard_normal((200, 64)).astype(np.float32)
+    w = quantize(x, bits, 32)
+    whole = pack_weight(w, rows_per_step=256)
+    for step in (TILE, 3 * TILE, 192):
+        p = pack_weight(w, rows_per_step=step)
+        for part in ("qweight", "scales", "biases"):
+            np.testing.assert_array_equal(getattr(p, part), getattr(whole, part))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pack_weight(w, rows_per_step=20)
