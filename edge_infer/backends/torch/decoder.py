@@ -24,9 +24,11 @@ from edge_infer.formats.affine import QuantizedWeight
 from edge_infer.kernels import cpu as cpu_kernels
 from edge_infer.models.spec import LoadedModel, Weight
 
-# Candidates of the output head recomputed exactly in float32 per position (enough that
-# the logits a 4-bit scan leaves coarse carry too little mass to matter: see _head_scan).
-HEAD_RESCORE_TOP_K = 512
+# Candidates of the output head recomputed exactly in float32 per position; more behind a
+# 4-bit scan of the head (see _head_scan), enough that the logits it leaves coarse carry
+# too little probability to matter.
+HEAD_RESCORE_TOP_K = 64
+SCANNED_HEAD_RESCORE_TOP_K = 512
 
 
 def _vector(w: Weight, device: torch.device) -> torch.Tensor:
@@ -305,8 +307,11 @@ class TorchDecoder:
         """Final norm and output head (top candidates rescored): float32 [N, vocab]."""
         cfg = self.config
         h = F.rms_norm(h, (cfg.hidden_size,), self.norm, cfg.rms_norm_eps).contiguous()
-        logits = (self._head_scan or self.lm_head)(h)
-        k = min(HEAD_RESCORE_TOP_K, logits.shape[-1])
+        if self._head_scan is None:
+            logits, k = self.lm_head(h), HEAD_RESCORE_TOP_K
+        else:
+            logits, k = self._head_scan(h), SCANNED_HEAD_RESCORE_TOP_K
+        k = min(k, logits.shape[-1])
         if isinstance(self.lm_head, PackedLinear):
             self.lm_head.rescore_top(logits, h, k)
             return logits
