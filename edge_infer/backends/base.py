@@ -50,6 +50,12 @@ class KVCache(Protocol):
         """Per layer, how many latest tokens a query sees (0: all, a global layer)."""
         ...
 
+    @property
+    def layer_bits(self) -> tuple[int, ...]:
+        """Per layer, the bits its sealed K/V are stored in (16: float16; see
+        :func:`edge_infer.cache_store.kv_format.layer_bits`)."""
+        ...
+
     def offload(self, tiers: SequenceTiers, sparse: SparseState | None = None) -> None:
         """Keep the sealed blocks of ``tiers.layers`` in ``tiers`` (host memory under a
         budget, disk) instead of in memory, and decode attending the pages ``sparse``

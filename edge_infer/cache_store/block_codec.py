@@ -61,6 +61,11 @@ def _is_f16(block: KVBlock) -> bool:
 def block_to_bytes(block: KVBlock, fmt: KVFormat, token_chain: str | None = None) -> bytes:
     """Serialize ``block`` (whose layers must be in format ``fmt``) to safetensors bytes,
     recording ``token_chain`` when given."""
+    if fmt.layer_bits and len(fmt.layer_bits) != block.n_layers:
+        raise ValueError(
+            f"block at {block.start} has {block.n_layers} layers; the KV format has "
+            f"{len(fmt.layer_bits)}"
+        )
     tensors: dict[str, np.ndarray] = {}
     for i, layer in enumerate(block.layers):
         if not (

@@ -221,8 +221,13 @@ class KVFormat:
         object.__setattr__(self, "layer_bits", per_layer)
 
     def bits_of(self, layer: int) -> int:
-        """The bits layer ``layer``'s sealed K/V are stored in."""
-        return self.layer_bits[layer] if self.layer_bits else self.bits
+        """The bits layer ``layer``'s sealed K/V are stored in (ValueError for a layer the
+        format does not have)."""
+        if not self.layer_bits:
+            return self.bits
+        if not 0 <= layer < len(self.layer_bits):
+            raise ValueError(f"the KV format has {len(self.layer_bits)} layers, not {layer + 1}")
+        return self.layer_bits[layer]
 
     def describe(self) -> str:
         """Short tag for fingerprints: ``"q4g64"``, ``"q8g32"``, ``"f16"``, or with layers
@@ -248,6 +253,8 @@ class KVFormat:
         quantize per token). An unsealed block may therefore be float16 in any format.
         """
         is_f16 = isinstance(x, np.ndarray) and x.dtype == np.float16
+        if self.layer_bits and not 0 <= layer < len(self.layer_bits):
+            return False  # a layer this format does not have
         bits = self.bits_of(layer)
         if bits == 16:
             return is_f16

@@ -146,7 +146,9 @@ class Manifest:
         if not (isinstance(fp, dict) and all(isinstance(v, str) for v in fp.values())):
             raise CacheCorruptError("manifest fingerprint is not an object of strings")
         if not (isinstance(kvf, dict) and all(_is_int_or_ints(v) for v in kvf.values())):
-            raise CacheCorruptError("manifest kv_format is not an object of integers")
+            raise CacheCorruptError(
+                "manifest kv_format is not an object of integers (or lists of them)"
+            )
         if not (isinstance(ids, list) and all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in ids)):
             raise CacheCorruptError("manifest token_ids is not a list of token ids")
         messages, extra, blocks = doc.get("messages"), doc.get("extra"), doc.get("blocks")

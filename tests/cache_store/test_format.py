@@ -154,10 +154,14 @@ def test_blocks_with_layers_in_other_bits_round_trip_and_are_checked() -> None:
     with pytest.raises(ValueError, match="layer 1 of block"):
         block_to_bytes(blocks[0], plain)
     n = int.from_bytes(sealed[:8], "little")
-    for bad in (b'"layer_bits":"4,8"', b'"layer_bits":"4,2,4"', b'"layer_bits":"4,4,4"'):
+    # (each the same length as the original, so that only the metadata changes)
+    for bad in (b'"layer_bits":"4,8"  ', b'"layer_bits":"4,2,4"', b'"layer_bits":"4,4,4"'):
         garbled = sealed[:8] + sealed[8 : 8 + n].replace(b'"layer_bits":"4,8,4"', bad)
-        with pytest.raises(CacheCorruptError):
+        with pytest.raises(CacheCorruptError, match="layer_bits|inconsistent"):
             block_from_bytes(garbled + sealed[8 + n :])
+    with pytest.raises(ValueError, match="has 2 layers; the KV format has 3"):
+        block_to_bytes(split_into_blocks(random_layers(fmt, 16, n_layers=2), 0, 16)[0], fmt)
+    assert not fmt.accepts(back.layers[0].keys, layer=3)
 
 
 @needs_mlx

@@ -605,7 +605,7 @@ void weight_row(const Weights& W, int64_t r, float* w) {
   }
   const uint16_t* ws = W.s + t * W.tile_params;
   const uint16_t* wb = W.b + t * W.tile_params;
-  for (int64_t g = 0; g < W.K / W.group; ++g) {  // one conversion per group, not per value
+  for (int64_t g = 0; g < W.K / W.group; ++g) {  // scale and bias converted once per group
     const float sc = half_to_float(ws[g * TILE + rr]), bias = half_to_float(wb[g * TILE + rr]);
     float* x = w + g * W.group;
     for (int64_t k = 0; k < W.group; ++k) x[k] = x[k] * sc + bias;

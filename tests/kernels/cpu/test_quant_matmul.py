@@ -148,11 +148,26 @@ def test_a_row_computes_the_same_in_any_batch(kernel, passes):
         assert np.array_equal(run(kernel, x[3:9], w, passes=passes), together[3:9])
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_rescore_top_gives_exact_logits_of_the_best(kernel, bits):
-    rows, cols, k = 300, 128, 7
+@pytest.mark.parametrize(
+    "bits,m,k,threads", [(4, 2, 7, None), (8, 2, 7, None), (8, 1, 64, 8), (4, 3, 120, 8)]
+)
+def test_rescore_top_gives_exact_logits_of_the_best(kernel, bits, m, k, threads):
+    """Also with more threads than rows: each row's vocabulary is then searched in spans
+    (some holding fewer than k values) whose best are merged."""
+    rows, cols = 300, 128
+    if threads is not None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+    try:
+        _check_rescore_top(kernel, bits, rows, cols, m, k)
+    finally:
+        if threads is not None:
+            torch.set_num_threads(before)
+
+
+def _check_rescore_top(kernel, bits, rows, cols, m, k):
     w = random_weight(rows, cols, bits, 32)
-    h = np.random.default_rng(6).standard_normal((2, cols)).astype(np.float32)
+    h = np.random.default_rng(6).standard_normal((m, cols)).astype(np.float32)
     logits = torch.from_numpy(run(kernel, h, w))
     approx = logits.numpy().copy()
     p = pack_weight(w)
@@ -168,7 +183,7 @@ def test_rescore_top_gives_exact_logits_of_the_best(kernel, bits):
         k,
     ).numpy()
     exact = h.astype(np.float64) @ w.dequantize(np.float64).T
-    for n in range(2):
+    for n in range(m):
         assert list(idx[n]) == list(np.argsort(-approx[n], kind="stable")[:k])
         np.testing.assert_allclose(
             logits.numpy()[n, idx[n]], exact[n, idx[n]], rtol=1e-5, atol=1e-5
