@@ -81,16 +81,26 @@ def test_holds_only_the_stored_form(bits):
 
 
 def test_reported_bytes_are_what_mlx_allocates():
-    gc.collect()
-    mx.clear_cache()
-    before = mx.get_active_memory()
-    cache = MLXCache(LAYERS, N_KV, D, 4, 64, block_size=BLOCK)
-    _fill(cache, 8 * BLOCK)
-    mx.eval(cache.arrays())
-    gc.collect()
-    held = mx.get_active_memory() - before
-    assert cache.nbytes == _stored_bytes(8 * BLOCK, 4, 64) + _stored_bytes(BLOCK, 4, 64)
-    assert abs(held - cache.nbytes) <= 0.05 * cache.nbytes + 64 * 1024, (held, cache.nbytes)
+    # the active memory is the process's: arrays an earlier test left to a collector or a
+    # thread may be freed meanwhile, so a measurement off by more than the tolerance is
+    # taken again (a wrong count is off every time)
+    expected = _stored_bytes(8 * BLOCK, 4, 64) + _stored_bytes(BLOCK, 4, 64)
+    measured = []
+    for _ in range(3):
+        gc.collect()
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        cache = MLXCache(LAYERS, N_KV, D, 4, 64, block_size=BLOCK)
+        _fill(cache, 8 * BLOCK)
+        mx.eval(cache.arrays())
+        gc.collect()
+        held = mx.get_active_memory() - before
+        assert cache.nbytes == expected
+        measured.append(held)
+        if abs(held - expected) <= 0.05 * expected + 64 * 1024:
+            return
+        del cache
+    raise AssertionError(f"MLX holds {measured} bytes, the cache reports {expected}")
 
 
 @pytest.mark.parametrize("bits", [4, 8, 16])
