@@ -45,6 +45,7 @@ from benchmarks.common import (
     temporary_dir,
     write_results,
 )
+from edge_infer.cache_store.kv_format import row_nbytes
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA_WORKER = Path(__file__).with_name("llama_cpp_worker.py")
@@ -68,8 +69,7 @@ def _kv_bytes(cache) -> dict[str, int]:
     (as a global layer of the same cache does)."""
     local = [i for i, w in enumerate(cache.windows) if w]
     glob = [i for i, w in enumerate(cache.windows) if not w]
-    d, g = cache.head_dim, cache.group_size
-    row = [d * 2 if b == 16 else d * b // 8 + 4 * (d // g) for b in cache.layer_bits]
+    row = [row_nbytes(b, cache.head_dim, cache.group_size) for b in cache.layer_bits]
     return {
         "global": cache.buffer_nbytes(glob),
         "local": cache.buffer_nbytes(local),

@@ -38,6 +38,7 @@ from edge_infer.cache_store import (
     validate_agent_name,
 )
 from edge_infer.cache_store.blocks import maps_a_file
+from edge_infer.cache_store.kv_format import row_nbytes
 from edge_infer.errors import EdgeInferError
 from edge_infer.generation.batch import decode_together
 from edge_infer.generation.runner import Runner
@@ -220,11 +221,8 @@ class AgentManager:
         """Bytes ``tokens`` tokens of KV take in the store's format (keys and values)."""
         cfg = self.runner.backend.config
         d, group = cfg.head_dim, self.fmt.group_size
-        per_row = 0
-        for i in range(cfg.num_layers):
-            bits = self.fmt.bits_of(i)
-            per_row += d * 2 if bits == 16 else d * bits // 8 + 4 * (d // group)
-        return tokens * cfg.num_kv_heads * 2 * per_row
+        rows = sum(row_nbytes(self.fmt.bits_of(i), d, group) for i in range(cfg.num_layers))
+        return tokens * cfg.num_kv_heads * 2 * rows
 
     def _wants_offload(self, st: AgentState, tokens: int) -> bool:
         if self.offload is None or st.tiers is not None:

@@ -194,6 +194,12 @@ def layer_bits(bits: int, windows: Sequence[int]) -> tuple[int, ...]:
     )
 
 
+def row_nbytes(bits: int, head_dim: int, group_size: int) -> int:
+    """Bytes one token of one KV head's keys (or values) takes stored in ``bits``: the
+    packed values and a float16 scale and bias per group, or float16 values."""
+    return head_dim * 2 if bits == 16 else head_dim * bits // 8 + 4 * (head_dim // group_size)
+
+
 @dataclass(frozen=True)
 class KVFormat:
     """How a store keeps KV: 4/8-bit affine (``group_size``) or float16, in blocks of tokens.

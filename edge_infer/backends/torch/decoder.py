@@ -114,12 +114,9 @@ class TorchDecoder:
         # where the head is most of the bytes a decoded token reads (a large vocabulary
         # over a small model), an 8-bit one is scanned in 4 bits: about half the bytes
         self._head_scan: PackedLinear | None = None
-        layer_bytes = sum(
-            x.nbytes for la in self.layers for x in (la.qkv, la.o, la.gate_up, la.down)
-        )
         head_layer = self.lm_head
         if isinstance(head_layer, PackedLinear) and head_layer.bits == 8:
-            if head_layer.nbytes > layer_bytes:
+            if head_layer.nbytes > self._layer_bytes():
                 self._head_scan = head_layer.coarse_copy()
         self._inv_freq = torch.from_numpy(cfg.rope_inv_freq()).to(
             device=device, dtype=torch.float64
@@ -132,9 +129,12 @@ class TorchDecoder:
     @property
     def weight_bytes(self) -> int:
         """Bytes of the weights one decoded token reads: every projection and the head."""
-        layers = [x for la in self.layers for x in (la.qkv, la.o, la.gate_up, la.down)]
         head = self._head_scan if self._head_scan is not None else self.lm_head
-        return sum(x.nbytes for x in layers) + head.nbytes
+        return self._layer_bytes() + head.nbytes
+
+    def _layer_bytes(self) -> int:
+        """Bytes of the layers' projections."""
+        return sum(x.nbytes for la in self.layers for x in (la.qkv, la.o, la.gate_up, la.down))
 
     def new_cache(self, kv_bits: int = 4, group_size: int = 64) -> TorchKVCache:
         cfg = self.config
