@@ -5,7 +5,7 @@ what attending only them costs in quality, on the default model over real Englis
                                  [--budget 0.25] [--record 32] [--policy "select=oracle" ...]
                                  [--json PATH]
     python -m benchmarks.offload --tiers [--tokens 8192] [--steps 64] [--budgets 0.25,0.5]
-                                 [--pool 0.25] [--model gemma3-270m]
+                                 [--pool 0.25] [--read-ahead 8] [--model gemma3-270m]
     python -m benchmarks.offload --passkey [--trials 10] [--depths 0.1,0.5,0.9]
                                  [--policy "page=32 budget=0.25 ..."]
 
@@ -31,9 +31,11 @@ teacher-forced tokens: dense in RAM; dense streamed from disk (layers past the f
 offloaded with no pool, the block files' pages dropped from the page cache before each step
 with ``posix_fadvise``); sparse in RAM (a share of the pages by Quest bound); sparse
 tiered (the same pages from a pool of ``--pool`` of the KV and the block files, page cache
-dropped likewise), for each of ``--budgets``. Then time to first token of the agent on
-disk: a full restore (hash, read, copy) against an offloaded resume (map the files, load
-the page index, read the pages the first step selects), page cache dropped before each.
+dropped likewise; and again with ``--read-ahead`` pages per KV head ranked next read into
+the pool on the I/O thread, a step timed until that is done), for each of ``--budgets``.
+Then time to first token of the agent on disk: a full restore (hash, read, copy) against
+an offloaded resume (map the files, load the page index, read the pages the first step
+selects), page cache dropped before each.
 
 ``--passkey``: a 5-digit key hidden at each ``--depths`` share of ``--tokens`` tokens of
 filler; after a dense prefill of the context, the question is fed and the answer greedily
@@ -325,6 +327,39 @@ def drop_page_cache(folder: Path, maps: list[mmap.mmap]) -> None:
             os.close(fd)
 
 
+def file_pages_touched(blocks, selections: dict, page: int, os_page: int = 4096):
+    """(file pages of ``os_page`` bytes under the selected pages, file pages of those
+    layers' KV) over the mapped sealed ``blocks``; ``selections``: per offloaded layer, bool
+    ``[n_kv, pages]`` of one step. What a read of those pages must fault in at least."""
+    touched = total = 0
+    for b, block in enumerate(blocks):
+        if not block.sealed:
+            continue
+        root = buffer_root(block.layers[next(iter(selections))].keys.packed)
+        if not isinstance(root, mmap.mmap):
+            continue
+        base = np.frombuffer(root, np.uint8).__array_interface__["data"][0]
+        ppb = block.length // page
+        hit: set[int] = set()
+        held: set[int] = set()
+        for layer, selected in selections.items():
+            heads, pages = np.nonzero(selected[:, b * ppb : (b + 1) * ppb])
+            kv = block.layers[layer]
+            for q in (kv.keys, kv.values):
+                for part in (q.packed, q.scales, q.biases):
+                    off = part.__array_interface__["data"][0] - base
+                    row = part.shape[2] * part.itemsize
+                    held.update(range(off // os_page, (off + part.nbytes - 1) // os_page + 1))
+                    first = off + (heads * part.shape[1] + pages * page) * row
+                    for a, z in zip(
+                        first // os_page, (first + page * row - 1) // os_page, strict=True
+                    ):
+                        hit.update(range(int(a), int(z) + 1))
+        touched += len(hit)
+        total += len(held)
+    return touched, total
+
+
 def kv_nbytes(blocks, layers=None) -> int:
     """Bytes of the blocks' KV (of ``layers`` only, when given)."""
     return sum(
@@ -364,13 +399,14 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
 
     budgets = [float(b) for b in args.budgets.split(",")]
 
-    def tiered(pool: int, budget: float | None):
+    def tiered(pool: int, budget: float | None, prefetch: int = 0):
         snap = store.load("long", verify=False)
         cache = backend.new_cache()
         tiers = OffloadSettings(HostPool(pool), policy).tiers(cache.windows, bs)
         state = None
         if budget is not None:
-            state = SparseState.new(dataclasses.replace(policy, budget=budget), n_layers)
+            sparse = dataclasses.replace(policy, budget=budget, prefetch=prefetch)
+            state = SparseState.new(sparse, n_layers)
         cache.offload(tiers, state)
         cache.append_blocks(snap.blocks)
         return cache, _mappings(snap.blocks)
@@ -383,11 +419,14 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
         ram.sparse = SparseState.new(dataclasses.replace(policy, budget=budget), n_layers)
         caches[f"sparse {budget:.0%} in RAM"] = (ram, [])
         caches[f"sparse {budget:.0%} tiered"] = tiered(pool_bytes, budget)
+        if args.read_ahead:
+            name = f"sparse {budget:.0%} tiered, read ahead {args.read_ahead}"
+            caches[name] = tiered(pool_bytes, budget, args.read_ahead)
     del ram
     modes = list(caches)
     logits: dict[str, list[np.ndarray]] = {m: [] for m in modes}
     ms: dict[str, list[float]] = {m: [] for m in modes}
-    reads = {m: [0, 0] for m in modes}  # bytes from RAM, from disk (tiers only)
+    reads = {m: [0, 0, 0] for m in modes}  # bytes from RAM, from disk, read ahead (tiers)
     held = dict.fromkeys(modes, 0)
     for step, tok in enumerate(rest):
         for mode in modes:
@@ -395,9 +434,12 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
             tiers = cache.tiers
             if maps:
                 drop_page_cache(folder, maps)
-            before = (tiers.counters.bytes_ram, tiers.counters.bytes_disk) if tiers else (0, 0)
+            c = tiers.counters if tiers else None
+            before = (c.bytes_ram, c.bytes_disk, c.bytes_prefetched) if c else (0, 0, 0)
             t0 = time.perf_counter()
             out = backend.forward(np.array([tok]), cache)[-1].copy()
+            if tiers is not None:  # a step costs its reading ahead too, where it is not hidden
+                tiers.pool.wait_read_ahead()
             elapsed = 1e3 * (time.perf_counter() - t0)
             if step == 0:  # the first step builds the page index (a one-time full read)
                 if cache.sparse is not None:
@@ -408,6 +450,7 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
             if tiers is not None:
                 reads[mode][0] += tiers.counters.bytes_ram - before[0]
                 reads[mode][1] += tiers.counters.bytes_disk - before[1]
+                reads[mode][2] += tiers.counters.bytes_prefetched - before[2]
             # in memory: a mapped block's parts (a window layer's old blocks) are on disk
             in_memory = cache.nbytes - (cache.hidden_nbytes() if maps else 0)
             held[mode] = max(held[mode], in_memory)
@@ -430,9 +473,9 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
         if cache.tiers is None:  # attention reads what it attends from RAM
             from_ram = kv_resident + share * kv_offloadable
             from_disk = 0.0
-        else:
+        else:  # what is read ahead comes from the disk too
             from_ram = kv_resident + reads[mode][0] / steps
-            from_disk = reads[mode][1] / steps
+            from_disk = (reads[mode][1] + reads[mode][2]) / steps
         hit = f"{cache.tiers.counters.hit_rate:.0%}" if sparse and cache.tiers else "-"
         select = 1e3 * sparse.select_seconds / steps if sparse is not None else 0.0
         r = {
@@ -523,9 +566,26 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
         ["mode", "ms", "vs full restore"],
         rows,
     )
+    # how much of the files the first step's pages lie on: a resume reads at least that
+    snap = store.load("long", verify=False)
+    cache = backend.new_cache()
+    state = SparseState.new(policy, n_layers, record=True)
+    cache.offload(settings_for(pool_bytes, policy).tiers(cache.windows, bs), state)
+    cache.append_blocks(snap.blocks)
+    backend.forward(np.array([tok]), cache)
+    chosen = {r.layer: r.selected for r in state.log if r.selected.shape[1]}
+    touched, total = file_pages_touched(snap.blocks, chosen, policy.page)
+    attended = np.mean([s.mean() for s in chosen.values()])
+    print(
+        f"The first step attends {attended:.0%} of the offloaded layers' pages ({policy.page} "
+        f"tokens); they lie on {touched / total:.0%} of those layers' 4 KiB file pages "
+        f"({touched} of {total}): what an offloaded resume must read at least."
+    )
+    del cache, snap
     return {
         "modes": results,
         "resume_ms": {m: [float(x) for x in v] for m, v in resume.items()},
+        "resume_file_pages": {"touched": touched, "total": total, "attended": float(attended)},
         "budgets": budgets,
         "pool": args.pool,
     }
@@ -552,6 +612,12 @@ def main() -> None:
     ap.add_argument("--pool", type=float, default=0.25, help="pool share of the KV (--tiers)")
     ap.add_argument("--budgets", default="0.25,0.5", help="shares of pages (--tiers)")
     ap.add_argument("--resume-runs", type=int, default=3)
+    ap.add_argument(
+        "--read-ahead",
+        type=int,
+        default=8,
+        help="pages per KV head read ahead (--tiers; 0: no row)",
+    )
     ap.add_argument("--model", default=None, help="a catalog name or file (default model)")
     ap.add_argument("--passkey", action="store_true", help="passkey retrieval by depth")
     ap.add_argument("--trials", type=int, default=10, help="passkey trials per depth")

@@ -27,7 +27,10 @@ class SparsePolicy:
     the union of each head's best (instead of ranking by the group's largest bound);
     ``select``: ``"bound"`` (Quest bounds, the real thing) or a quality reference,
     ``"oracle"`` (the pages of the most true attention mass: needs the exact scores, a dense
-    pass) or ``"window"`` (the first pages and the most recent ones, StreamingLLM-style).
+    pass) or ``"window"`` (the first pages and the most recent ones, StreamingLLM-style);
+    ``prefetch``: where the pages come from a pool and disk, the pages per KV head ranked
+    just after a step's selection that are read into the pool for the next step while this
+    one computes (0: none).
     """
 
     # 32-token pages: at 8K tokens of real text they find more of the attention mass than
@@ -40,6 +43,10 @@ class SparsePolicy:
     recent: int = 0
     per_query: bool = False
     select: str = "bound"
+    # off: from one step to the next about a sixth of the selected pages change, and 8 pages
+    # per KV head read ahead catch a third of them (8K, default model); on two cores the
+    # thread's share of the GIL cost more than the misses it saved (benchmarks/offload.py)
+    prefetch: int = 0
 
     def __post_init__(self) -> None:
         if self.select not in SELECTIONS:
@@ -50,6 +57,8 @@ class SparsePolicy:
             raise ValueError(f"page must be positive, got {self.page}")
         if not 0.0 < self.budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
         if self.dense_layers < 0 or self.grow < 1:
             raise ValueError("dense_layers must be >= 0 and grow >= 1")
         if not 0.0 <= self.threshold <= 1.0:
@@ -142,6 +151,14 @@ def grow_selection(bounds_kv: np.ndarray, selected: np.ndarray, heads: np.ndarra
         pick = order[h][np.isfinite(ranked[h, order[h]])]
         out[h, pick] = True
     return out
+
+
+def next_pages(ranking_kv: np.ndarray, selected: np.ndarray, count: int) -> np.ndarray:
+    """bool ``[n_kv, pages]``: per KV head, the ``count`` pages ranked best
+    (``ranking_kv``, higher first) among those not ``selected``: the likeliest to be
+    selected next step."""
+    heads = np.ones(selected.shape[0], dtype=bool)
+    return grow_selection(ranking_kv, selected, heads, count) & ~selected
 
 
 def certificate(

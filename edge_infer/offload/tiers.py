@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 import mmap
+import queue
 import tempfile
 import threading
 import weakref
@@ -22,6 +25,7 @@ Rows = tuple[np.ndarray, ...]
 """``(k_packed, k_scales, k_biases, v_packed, v_scales, v_biases)``."""
 
 _owners = itertools.count()
+log = logging.getLogger(__name__)
 # spill writes start on mmap's granularity so each spilled block maps on its own
 _SPILL_ALIGN = mmap.ALLOCATIONGRANULARITY
 _MIN_SLOTS = 64  # the slab's first size (pages), when the budget has room for that many
@@ -37,6 +41,8 @@ class TierCounters:
     bytes_disk: int = 0  # bytes of KV rows read from the disk tier
     evictions: int = 0  # pages dropped from the pool to make room
     spilled_bytes: int = 0  # bytes written to a spill file
+    prefetched: int = 0  # pages read ahead from the disk tier into the pool
+    bytes_prefetched: int = 0  # bytes of KV rows read ahead from the disk tier
 
     @property
     def hit_rate(self) -> float:
@@ -85,6 +91,28 @@ class HostPool:
         self._n_used = 0
         self._clock = 0
         self._inserting = False
+        self._reader: _ReadAhead | None = None
+
+    def read_ahead(self) -> _ReadAhead:
+        """The pool's I/O thread (started on first use, stopped with the pool)."""
+        with self._lock:
+            if self._reader is None:
+                self._reader = _ReadAhead()
+                weakref.finalize(self, self._reader.close)
+            return self._reader
+
+    def wait_read_ahead(self) -> None:
+        """Return once every page asked of the I/O thread so far is read (or given up)."""
+        if self._reader is not None:
+            self._reader.wait()
+
+    def _spare_slots(self, page_nbytes: int) -> int:
+        """Slab slots a read-ahead may fill: free ones and those the budget lets the slab
+        grow by (``page_nbytes``: a page's bytes, for a slab not laid out yet). Never an
+        occupied one: a guess must not push out a page that is being read."""
+        size = self._page_nbytes or page_nbytes
+        free = int((self._owner_of < 0).sum())
+        return free + max(0, (self.budget_bytes - self._pinned) // size - len(self._owner_of))
 
     @property
     def held_bytes(self) -> int:
@@ -212,6 +240,51 @@ class HostPool:
             self._inserting = False
 
 
+class _ReadAhead:
+    """A pool's I/O thread: reads the pages a sequence will likely attend next into the
+    pool while the decode thread computes (numpy's copies release the GIL, so the page
+    faults of the disk reads happen beside the computation). Only the newest request per
+    (sequence, layer) is kept: a step that has moved on makes the older one moot."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._pending: dict[tuple[int, int], tuple[weakref.ref, np.ndarray]] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="edge-infer-read-ahead", daemon=True)
+        self._thread.start()
+
+    def submit(self, tiers: SequenceTiers, layer: int, selected: np.ndarray) -> None:
+        key = (tiers._owner, layer)
+        with self._lock:
+            fresh = key not in self._pending
+            self._pending[key] = (weakref.ref(tiers), selected)
+        if fresh:
+            self._queue.put(key)
+
+    def wait(self) -> None:
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            key = self._queue.get()
+            try:
+                if key is None:
+                    return
+                with self._lock:
+                    ref, selected = self._pending.pop(key)
+                tiers = ref()
+                if tiers is not None:
+                    tiers._read_ahead(key[1], selected)
+                del tiers
+            except Exception:  # the step reads a page itself when it is not there: no loss
+                log.exception("reading KV pages ahead failed")
+            finally:
+                self._queue.task_done()
+
+
 def _release(pool: HostPool, owner: int, spill: list[IO[bytes] | None]) -> None:
     """Give back everything ``owner`` holds in ``pool`` and close its spill file (no
     reference to the sequence itself, so a weakref finalizer can call it)."""
@@ -258,6 +331,23 @@ class _Units:
     places: tuple[int, ...] = ()  # the parts' offsets and the unit size: equal, same units
 
 
+@functools.lru_cache(maxsize=256)
+def _unit_places(offsets: tuple[int, ...], chunks: tuple[int, ...]):
+    """(unit size, units of page 0, units per page step) of parts at ``offsets`` whose
+    pages span ``chunks`` bytes: the same for a layer in every block file, so computed
+    once (a resume maps hundreds of blocks)."""
+    size = 64
+    while size > 1 and any(x % size for x in (*offsets, *chunks)):
+        size //= 2
+    first = np.concatenate(
+        [np.arange(c // size) + off // size for off, c in zip(offsets, chunks, strict=True)]
+    )
+    steps = np.concatenate([np.full(c // size, c // size) for c in chunks])
+    first.flags.writeable = False
+    steps.flags.writeable = False
+    return size, first, steps
+
+
 def _units(rows: Rows, page: int) -> _Units | None:
     root = buffer_root(rows[0])
     if root is None or any(buffer_root(r) is not root or not r.flags.c_contiguous for r in rows):
@@ -270,15 +360,9 @@ def _units(rows: Rows, page: int) -> _Units | None:
     offsets = [r.__array_interface__["data"][0] - start for r in rows]
     if any(off < 0 or off + r.nbytes > len(whole) for off, r in zip(offsets, rows, strict=True)):
         return None
-    chunks = [page * r.shape[2] * r.itemsize for r in rows]
-    size = 64
-    while size > 1 and any(x % size for x in (*offsets, *chunks)):
-        size //= 2
+    chunks = tuple(page * r.shape[2] * r.itemsize for r in rows)
+    size, first, steps = _unit_places(tuple(offsets), chunks)
     buffer = whole[: len(whole) // size * size].reshape(-1, size)
-    first = np.concatenate(
-        [np.arange(c // size) + off // size for off, c in zip(offsets, chunks, strict=True)]
-    )
-    steps = np.concatenate([np.full(c // size, c // size) for c in chunks])
     return _Units(buffer, first, steps, size, (*offsets, *chunks, size))
 
 
@@ -545,6 +629,68 @@ class SequenceTiers:
             for d, r in zip(rows, block.pages(self.page), strict=True):
                 d[s:e] = r[flat[s:e]]
         return at, rows
+
+    def prefetch(self, layer: int, selected: np.ndarray) -> None:
+        """Ask the pool's I/O thread to read the ``selected`` pages (bool ``[n_kv, n]``) of
+        ``layer`` that are on disk and not in the pool into it, as far as the pool has free
+        room (it evicts nothing). Returns at once; a later gather
+        finds them in the pool, or reads them itself when they are not there yet."""
+        selected = np.asarray(selected)
+        if selected.dtype != np.bool_ or selected.ndim != 2:
+            raise ValueError(f"layer {layer}: selected must be a 2-D bool array")
+        self._layer(layer)
+        if selected.any():
+            self.pool.read_ahead().submit(self, layer, selected.copy())
+
+    def _read_ahead(self, layer: int, selected: np.ndarray) -> None:
+        """The I/O thread's part of :meth:`prefetch`: pick the pages under the pool's lock,
+        read them without it, put those still wanted in under it again."""
+        pool, ppb = self.pool, self._pages_per_block
+        with pool._lock:
+            blocks, table = self._blocks.get(layer), self._slots.get(layer)
+            layout = self._layouts.get(layer)
+            if not blocks or table is None or layout is None or self._owner not in pool._tables:
+                return
+            n = min(selected.shape[1], table.shape[1])
+            heads, pages = np.nonzero(selected[: table.shape[0], :n] & (table[:, :n] < 0))
+            on_disk = ~np.fromiter((b.pinned for b in blocks), np.bool_, len(blocks))
+            keep = on_disk[pages // ppb]
+            heads, pages = heads[keep], pages[keep]
+            spare = pool._spare_slots(layout.row_bytes * self.page)
+            heads, pages = heads[:spare], pages[:spare]
+            held = list(blocks)
+        if not len(pages):
+            return
+        like = tuple(r.reshape(1, self.page, -1) for r in self._empty_rows(layer, self.page))
+        at, rows = self._read_blocks(held, heads, pages, np.arange(len(pages)), like)
+        heads, pages = heads[at], pages[at]
+        with pool._lock:
+            blocks, table = self._blocks.get(layer), self._slots.get(layer)
+            if not blocks or table is None or self._owner not in pool._tables:
+                return
+            b = pages // ppb
+            same = np.array(
+                [
+                    i < len(blocks) and blocks[i] is held[i] and not blocks[i].pinned
+                    for i in b.tolist()
+                ],
+                dtype=bool,
+            )
+            same &= pages < table.shape[1]
+            same[same] &= table[heads[same], pages[same]] < 0  # a gather may have read it
+            if not same.any():
+                return
+            heads, pages = heads[same], pages[same]
+            pool._insert(
+                self._owner, layer, heads, pages, tuple(r[same] for r in rows), pool._clock
+            )
+            got = int((self._slots[layer][heads, pages] >= 0).sum())
+            ahead = TierCounters(
+                prefetched=got, bytes_prefetched=got * layout.row_bytes * self.page
+            )
+            for c in (self.counters, pool.counters):
+                c.prefetched += ahead.prefetched
+                c.bytes_prefetched += ahead.bytes_prefetched
 
     def _count(self, reads: TierCounters) -> None:
         self.counters.add_reads(reads)

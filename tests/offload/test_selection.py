@@ -12,6 +12,7 @@ from edge_infer.offload import (
     certificate,
     group_max,
     grow_selection,
+    next_pages,
     page_bounds,
     page_count,
     quest_bounds,
@@ -153,3 +154,25 @@ def test_policy_rejects_bad_settings():
     for bad in ({"page": 0}, {"budget": 0.0}, {"budget": 1.5}, {"threshold": 2.0}):
         with pytest.raises(ValueError):
             SparsePolicy(**bad)
+    with pytest.raises(ValueError, match="prefetch must be >= 0, got -1"):
+        SparsePolicy(prefetch=-1)
+
+
+def test_next_pages_are_the_best_ranked_outside_the_selection():
+    rng = np.random.default_rng(5)
+    ranking = rng.standard_normal((3, 40))
+    always = always_pages(40, 8)
+    selected = select_pages(ranking, always, 20)
+    ahead = next_pages(ranking, selected, 6)
+    assert not (ahead & selected).any()
+    np.testing.assert_array_equal(ahead.sum(axis=1), [6, 6, 6])
+    for h in range(3):  # each is ranked above every page left out of both
+        left = ~(ahead[h] | selected[h])
+        assert ranking[h, ahead[h]].min() >= ranking[h, left].max()
+    # what the selection grows to next: exactly the pages read ahead
+    grown = select_pages(ranking, always, 26)
+    np.testing.assert_array_equal(grown & ~selected, ahead)
+    # fewer pages left than asked: all of them; none asked: none
+    full = select_pages(ranking, always, 37)
+    np.testing.assert_array_equal(next_pages(ranking, full, 6), ~full)
+    assert not next_pages(ranking, selected, 0).any()

@@ -503,3 +503,92 @@ def test_disk_tier_arrays_in_separate_buffers_are_read_part_by_part(files):
     for _ in range(2):
         _check_gather_layer(seq, 1, rng.random((N_KV, 2 * PPB)) < 0.6)
         seq.check_read(3, 0, 2 * BS)
+
+
+def test_read_ahead_puts_disk_pages_into_the_pool_for_the_next_gather(files, tmp_path):
+    rng = np.random.default_rng(21)
+    pool = HostPool(1 << 30)
+    seq = _Seq(pool, tmp_path)
+    for i in range(4):
+        seq.add_all(_ram_block(rng) if i == 3 else None, files, i, on_disk=i < 3)
+    n = 4 * PPB
+    ahead = np.zeros((N_KV, n), bool)
+    ahead[0, [1, 4, 13]] = ahead[1, [0, 2, 3]] = True  # 13: a pinned (RAM) block's page
+    seq.tiers.prefetch(1, ahead)
+    pool.wait_read_ahead()
+    c = pool.counters
+    assert (c.prefetched, c.bytes_prefetched) == (5, 5 * PAGE_BYTES)
+    assert seq.tiers.counters.prefetched == 5
+    assert (c.hits, c.misses) == (0, 0)  # reading ahead is neither
+    _check_gather_layer(seq, 1, ahead)
+    assert (c.hits, c.misses) == (6, 0)  # the five read ahead and the pinned page
+    seq.tiers.prefetch(1, ahead)  # all there already: nothing read
+    pool.wait_read_ahead()
+    assert c.prefetched == 5
+    _check_gather_layer(seq, 3, ahead)  # another layer: not read ahead
+    assert c.misses == 5
+
+
+def test_read_ahead_fills_only_free_room_and_evicts_nothing(files):
+    pool = HostPool(4 * PAGE_BYTES)
+    seq = _Seq(pool)
+    for i in range(3):
+        seq.add_all(None, files, i, on_disk=True)
+    first = np.zeros((N_KV, 3 * PPB), bool)
+    first[0, [0, 1, 2]] = True
+    _check_gather_layer(seq, 1, first)  # 3 of the 4 slots
+    ahead = np.zeros_like(first)
+    ahead[1, [5, 6, 7]] = True
+    seq.tiers.prefetch(1, ahead)
+    pool.wait_read_ahead()
+    c = pool.counters
+    assert c.prefetched == 1 and c.evictions == 0  # one free slot, the first page asked
+    assert pool.held_bytes == 4 * PAGE_BYTES <= pool.budget_bytes
+    _check_gather_layer(seq, 1, first | ahead)
+    assert c.hits == 4  # the three gathered before, the one read ahead
+
+
+def test_read_ahead_of_blocks_truncated_meanwhile_is_dropped(files):
+    pool = HostPool(1 << 30)
+    seq = _Seq(pool)
+    for i in range(3):
+        seq.add_all(None, files, i, on_disk=True)
+    ahead = np.ones((N_KV, 3 * PPB), bool)
+    seq.tiers.prefetch(3, ahead)  # the I/O thread may read before, during or after this:
+    seq.truncate(BS)
+    pool.wait_read_ahead()
+    # whenever it read: nothing of the dropped blocks stays in the pool
+    assert seq.tiers.nbytes_ram() == pool.held_bytes <= N_KV * PPB * PAGE_BYTES
+    seq.add_all(None, files, 4, on_disk=True)  # another block where the old ones were
+    _check_gather_layer(seq, 3, np.ones((N_KV, 2 * PPB), bool))
+
+
+def test_read_ahead_beside_gathers_keeps_rows_and_budget(files, tmp_path):
+    rng = np.random.default_rng(22)
+    pool = HostPool(60 * PAGE_BYTES)  # of the 80 pages held: room some of the time
+    seq = _Seq(pool, tmp_path)
+    for i in range(5):
+        seq.add_all(None, files, i, on_disk=True)
+    digests = files.digests()
+    n = 5 * PPB
+    for step in range(40):
+        for layer in LAYERS:
+            _check_gather_layer(seq, layer, rng.random((N_KV, n)) < 0.2)
+            seq.tiers.prefetch(layer, rng.random((N_KV, n)) < 0.2)
+            assert pool.held_bytes <= pool.budget_bytes
+        if step % 10 == 9:
+            seq.truncate(4 * BS)
+            seq.add_all(None, files, 4, on_disk=True)
+    pool.wait_read_ahead()
+    assert pool.peak_bytes <= pool.budget_bytes
+    assert pool.counters.prefetched > 0
+    assert files.digests() == digests
+
+
+def test_prefetch_refuses_what_is_not_a_selection(files):
+    seq = _Seq(HostPool(1 << 20))
+    seq.add_all(None, files, 0, on_disk=True)
+    with pytest.raises(ValueError, match="layer 1: selected must be a 2-D bool array"):
+        seq.tiers.prefetch(1, np.ones(PPB, bool))
+    with pytest.raises(ValueError, match="layer 2 is not offloaded here"):
+        seq.tiers.prefetch(2, np.ones((N_KV, PPB), bool))

@@ -21,6 +21,7 @@ from edge_infer.offload.index import SparseState, StepRecord
 from edge_infer.offload.selection import (
     always_pages,
     certificate,
+    next_pages,
     oracle_pages,
     page_mass,
     query_ranking,
@@ -69,8 +70,9 @@ def _log_sum_exp(s: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def _select(
     cache: TorchKVCache, state: SparseState, layer: int, q: np.ndarray, k_new: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """(selected [n_kv, pages], bounds [n_q, pages], rounds) of one sequence's layer."""
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """(selected [n_kv, pages], bounds [n_q, pages], rounds, the ranking [n_kv, pages]
+    pages were taken by, None for a quality reference) of one sequence's layer."""
     policy, index = state.policy, state.index
     if cache.block_size % policy.page:
         raise ValueError(f"page size {policy.page} does not divide the block size")
@@ -84,13 +86,13 @@ def _select(
     always = always_pages(n_pages, cache.block_size // policy.page, policy.recent)
     budget = policy.budget_pages(n_pages)
     if policy.select == "window":
-        return window_pages(cache.n_kv, always, budget), bounds, 0
+        return window_pages(cache.n_kv, always, budget), bounds, 0, None
     if policy.select == "oracle":  # a quality reference: exact scores, a dense pass
         mass = page_mass(_scores_with_new(cache, layer, q, k_new), policy.page, sealed, cache.n_kv)
-        return oracle_pages(mass[:, :n_pages], always, budget), bounds, 0
+        return oracle_pages(mass[:, :n_pages], always, budget), bounds, 0, None
+    ranking = query_ranking(bounds, cache.n_kv, policy.per_query, always)
     if policy.threshold >= 1.0:
-        ranking = query_ranking(bounds, cache.n_kv, policy.per_query, always)
-        return select_pages(ranking, always, budget), bounds, 0
+        return select_pages(ranking, always, budget), bounds, 0, ranking
     # the certificate needs the exact softmax total over what is attended
     s = _scores_with_new(cache, layer, q, k_new)
     g = q.shape[0] // cache.n_kv
@@ -100,7 +102,7 @@ def _select(
 
     sizes = np.full(n_pages, policy.page)
     selected, _, rounds = select_certified(policy, bounds, cache.n_kv, always, sizes, log_z_of)
-    return selected, bounds, rounds
+    return selected, bounds, rounds, ranking
 
 
 def _scores_with_new(cache: TorchKVCache, layer: int, q: np.ndarray, k_new: np.ndarray):
@@ -147,11 +149,13 @@ def attend_sparse(
             parts, tails = cache.stored_parts(layer)
         length, sealed, window = cache.length, cache.sealed_length, cache.windows[layer]
         state = cache.sparse
-        selected, page = None, 0
+        selected, page, ahead = None, 0, None
         if state is not None and sealed and not window and layer >= state.policy.dense_layers:
             qb, page = q_np[b], state.policy.page
             t0 = time.perf_counter()
-            selected, bounds, rounds = _select(cache, state, layer, qb, k_np[b])
+            selected, bounds, rounds, ranking = _select(cache, state, layer, qb, k_np[b])
+            if ranking is not None and state.policy.prefetch and cache.is_offloaded(layer):
+                ahead = next_pages(ranking, selected, state.policy.prefetch)
             state.select_seconds += time.perf_counter() - t0
             if state.record or state.measure:
                 rec = StepRecord(length, layer, selected, qb.copy() if state.record else None)
@@ -175,6 +179,8 @@ def attend_sparse(
             if chosen is None:
                 chosen = np.ones((n_kv, sealed // tiers.page), dtype=bool)
             rows, counts = tiers.gather_layer(layer, chosen)
+            if ahead is not None and ahead.any():  # read while this step computes
+                tiers.prefetch(layer, ahead)
             tiered = [_tensor_of(x) for x in rows]
             ends = np.cumsum(counts) * tiers.page
         for h in range(n_kv):

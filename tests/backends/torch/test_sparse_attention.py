@@ -4,12 +4,16 @@ promises (always-attended pages, certificates) on the default model."""
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pytest
 import torch
 
 from edge_infer.backends.torch.kv_attention import attend_new_tokens
 from edge_infer.backends.torch.kv_cache import TorchKVCache
+from edge_infer.cache_store.block_codec import block_from_bytes, block_to_bytes
+from edge_infer.cache_store.kv_format import KVFormat
 from edge_infer.kernels import cpu as cpu_kernels
 from edge_infer.offload import (
     SparsePolicy,
@@ -215,12 +219,28 @@ def _offloaded(backend, blocks, budget_bytes: int, page: int = 32, first_layer: 
     return cache, pool
 
 
+def _mapped(blocks, folder):
+    """The sealed blocks written to block files and mapped back (the disk tier uses such
+    files in place), the unsealed tail as it is."""
+    out = []
+    for i, block in enumerate(blocks):
+        if not block.sealed:
+            out.append(block)
+            continue
+        fmt = KVFormat(4, block.layers[0].keys.group_size, block.length)
+        path = folder / f"block{i}.safetensors"
+        path.write_bytes(block_to_bytes(block, fmt))
+        with open(path, "rb") as f:
+            out.append(block_from_bytes(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)))
+    return out
+
+
 @needs_kernel
 @pytest.mark.slow
-def test_offloaded_cache_decodes_as_the_resident_one_within_its_budget(prefilled):
+def test_offloaded_cache_decodes_as_the_resident_one_within_its_budget(prefilled, tmp_path):
     backend, blocks, first = prefilled
     n_layers = len(blocks[0].layers)
-    policy = SparsePolicy(page=32, budget=0.5)
+    policy = SparsePolicy(page=32, budget=0.5, prefetch=8)
     resident = _restored(backend, blocks)
     resident.sparse = SparseState.new(policy, n_layers, record=True)
     want_tokens, want_logits = decode(backend, resident, first, 40)
@@ -237,6 +257,14 @@ def test_offloaded_cache_decodes_as_the_resident_one_within_its_budget(prefilled
     assert counters.hits + counters.misses > 0 and counters.bytes_disk > 0
     # what it exports (to save) is what the resident cache exports
     assert_blocks_equal(resident.blocks(), cache.blocks())
+    # blocks on disk and a pool with room: the pages ranked next are read ahead, and
+    # change nothing
+    roomy, pool = _offloaded(backend, _mapped(blocks, tmp_path), kv_bytes)
+    roomy.sparse = SparseState.new(policy, n_layers)
+    tokens, logits = decode(backend, roomy, first, 40)
+    assert np.array_equal(tokens, want_tokens) and np.array_equal(logits, want_logits)
+    pool.wait_read_ahead()
+    assert pool.counters.prefetched > 0 and pool.peak_bytes <= pool.budget_bytes
 
 
 @needs_kernel
