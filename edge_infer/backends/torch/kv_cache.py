@@ -272,7 +272,8 @@ class TorchKVCache:
         """The address token 0 of ``head`` would have in quantized buffer ``t`` of layer ``i``
         (its row ``r`` holds token ``first + r``): kernels index rows by token, and read
         only tokens a query can see, which a sliding-window layer holds."""
-        return t[head].data_ptr() - self._first[i] * t.stride(1) * t.element_size()
+        # by strides, not through a view of the head: decoding asks this per head and layer
+        return t.data_ptr() + (head * t.stride(0) - self._first[i] * t.stride(1)) * t.element_size()
 
     def head_pointers(self, layer: int, head: int) -> list[int]:
         """For the attention kernel, one KV head as a sequence: the addresses token 0 of

@@ -1,9 +1,10 @@
 """Decode attention over the selected pages of a :class:`TorchKVCache` (CPU kernel).
 
 Each (sequence, KV head) becomes one row of the kernel's batch: a head attending every page
-points at the cache's own buffers; a head attending a selection points at its selected
-sealed rows gathered in order (and at the cache's float16 tail, where the kernel writes the
-new token). The kernel's arithmetic per head is the same either way, so a selection of every
+points at the cache's own buffers; a head attending a selection points at them too, with
+the list of its selected sealed rows in order (offloaded layers: at its selected rows
+gathered from the tiers), and at the cache's float16 tail, where the kernel writes the new
+token. The kernel's arithmetic per head is the same either way, so a selection of every
 page computes bit for bit what dense attention computes.
 """
 
@@ -31,28 +32,12 @@ from edge_infer.offload.selection import (
 )
 
 
-def _gather_heads(
-    parts: list[torch.Tensor], selected: np.ndarray, page: int
-) -> list[list[torch.Tensor]]:
-    """Per KV head, per part (quantized K and V parts, [n_kv, capacity, w]), the rows of its
-    selected pages (``selected`` [n_kv, pages]) in order, each contiguous: one page-wise
-    numpy gather per part for all heads (a head attending every page gets its rows too,
-    unused). numpy, not ``index_select``: torch spreads large gathers over OpenMP threads,
-    which spin and crawl when another process holds a core."""
-    n_kv, cap = parts[0].shape[:2]
-    if cap % page:
-        raise ValueError(f"buffers of {cap} rows are not whole pages of {page}")
-    heads, pages = np.nonzero(selected)
-    index = heads * (cap // page) + pages
-    ends = np.cumsum(selected.sum(axis=1) * page).tolist()
-    starts = [0, *ends[:-1]]
-    rows = []
-    for t in parts:
-        a = t.numpy()
-        rows.append(
-            torch.from_numpy(a.reshape(-1, page, a.shape[2])[index].reshape(-1, a.shape[2]))
-        )
-    return [[r[a:b] for r in rows] for a, b in zip(starts, ends, strict=True)]
+def _page_rows(selected: np.ndarray, page: int) -> list[np.ndarray]:
+    """Per KV head, the stored rows (int32) of its ``selected`` pages (bool ``[n_kv, pages]``)
+    in order, all made at once: the kernel reads them where they lie, no copy of the KV."""
+    _, pages = np.nonzero(selected)
+    rows = (pages.astype(np.int32)[:, None] * page + np.arange(page, dtype=np.int32)).ravel()
+    return np.split(rows, np.cumsum(selected.sum(axis=1) * page)[:-1])
 
 
 def _tensor_of(x: np.ndarray) -> torch.Tensor:
@@ -138,7 +123,8 @@ def attend_sparse(
     k32, v32 = k.float().contiguous(), v.float().contiguous()
     ptrs: list[int] = []
     metas: list[int] = []
-    gathered: list[torch.Tensor] = []  # alive until the kernel has run
+    rows_of: list[int] = []  # per kernel row: the address of its stored rows, 0 for all
+    gathered: list = []  # tensors and row lists alive until the kernel has run
     records: list[tuple[int, StepRecord, np.ndarray]] = []
     plans: list[tuple[np.ndarray | None, int]] = []
     q_np, k_np = q32.cpu().numpy(), k32.cpu().numpy()
@@ -168,10 +154,10 @@ def attend_sparse(
         if kernel is None:
             continue
         tiers = cache.tiers if cache.is_offloaded(layer) else None
-        # the selected rows of every partly attended head, one gather per part
-        picked = None
+        stored = None
         if tiers is None and selected is not None and not selected.all():
-            picked = _gather_heads(parts, selected, page)
+            stored = _page_rows(selected, page)
+            gathered.append(stored)
         if tiers is not None:  # the pages come from host memory or disk, all heads at once
             if page and page != tiers.page:
                 raise ValueError(f"pages of {page} tokens, tiers of {tiers.page}")
@@ -191,15 +177,22 @@ def attend_sparse(
             elif selected is None or selected[h].all():
                 ptrs += cache.head_pointers(layer, h) + tail_ptrs
                 metas += [parts[0].shape[1], cache.block_size, sealed, length + 1, sealed, window]
+                rows_of.append(0)
                 continue
-            else:
-                assert picked is not None
-                part = picked[h]
+            else:  # the selected rows where they are stored
+                assert stored is not None
+                rows = stored[h]
+                n = len(rows)
+                ptrs += cache.head_pointers(layer, h) + tail_ptrs
+                metas += [parts[0].shape[1], cache.block_size, n, n + length - sealed + 1, n, 0]
+                rows_of.append(rows.ctypes.data)
+                continue
             # the head's gathered rows as a sequence of their own
             gathered += part
             n = part[0].shape[0]
             ptrs += [t.data_ptr() for t in part] + tail_ptrs
             metas += [n, cache.block_size, n, n + length - sealed + 1, n, 0]
+            rows_of.append(0)
     if kernel is None:
         out = _attend_plain(caches, layer, q32, k32, v32, plans)
     else:
@@ -213,6 +206,7 @@ def attend_sparse(
             first.rotation_t,
             first.layer_bits[layer],
             first.group_size,
+            rows_of,
         )
     for b, rec, bounds in records:
         cache = caches[b]

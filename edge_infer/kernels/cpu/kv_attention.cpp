@@ -113,7 +113,15 @@ __attribute__((always_inline)) inline f16x exp16(f16x x) {
 struct Layout {
   int64_t n_q, n_kv, bits, group, cap, tail_cap, sealed, length, tail_offset;
   int64_t window;  // a query at position i sees keys i-window+1..i; 0: all keys up to i
+  // the stored row of each of the sealed tokens attended, in order (a selection of pages
+  // read in place); null: rows 0..sealed-1
+  const int32_t* rows = nullptr;
 };
+
+// Where sealed token j of kv head h is stored.
+inline int64_t stored_row(const Layout& L, int64_t h, int64_t j) {
+  return h * L.cap + (L.rows ? L.rows[j] : j);
+}
 
 // Pointers of one sequence's layer, as the Python side lists them.
 struct LayerPtrs {
@@ -227,7 +235,7 @@ void attend_rows(const Layout& L, const LayerPtrs& p, int64_t h, const float* qr
       f16x kv[4][C];
       float sk[4], bk[4];
       for (int u = 0; u < 4; ++u) {
-        const int64_t row = h * L.cap + j0 + u;
+        const int64_t row = stored_row(L, h, j0 + u);
         decode_row<D>(L.bits, p.kp + row * words, kv[u]);
         sk[u] = half_to_float(p.ks[row]);
         bk[u] = half_to_float(p.kb[row]);
@@ -246,7 +254,7 @@ void attend_rows(const Layout& L, const LayerPtrs& p, int64_t h, const float* qr
     }
   }
   for (int64_t j = j0; j < qs; ++j) {
-    const int64_t row = h * L.cap + j;
+    const int64_t row = stored_row(L, h, j);
     f16x kv[C];
     decode_row<D>(L.bits, p.kp + row * words, kv);
     if (groups == 1) {
@@ -320,7 +328,7 @@ void attend_rows(const Layout& L, const LayerPtrs& p, int64_t h, const float* qr
   f16x acc[NR][C] = {}, accp[NR][C] = {};
   float bias_acc[NR][16] = {};
   for (int64_t j = lo; j < qs; ++j) {
-    const int64_t row = h * L.cap + j;
+    const int64_t row = stored_row(L, h, j);
     f16x vv[C];
     decode_row<D>(L.bits, p.vp + row * words, vv);
     if (groups == 1) {
@@ -405,11 +413,14 @@ HeadFn head_fn(int64_t dim) {
 // [B, n_kv, D]: the token's key and value, written (as float16) into the sequence's tail row
 // length-1 before attending; ptrs [B * 8] (addresses of kp, ks, kb, vp, vs, vb, kt, vt per
 // sequence); meta [B * 6] (cap, tail_cap, sealed, length, tail_offset, window); R and its
-// transpose
-// float32 [D, D]. Returns softmax(q K^T / sqrt(D)) V, float32 [B, n_q, D].
+// transpose float32 [D, D]; rows: empty, or [B] addresses of int32 arrays, each the stored
+// rows (below cap) of a sequence's `sealed` attended tokens in order (0: rows 0..sealed-1),
+// so that a selection of pages is read where it is stored. Returns softmax(q K^T / sqrt(D))
+// V, float32 [B, n_q, D].
 torch::Tensor attend_new_token(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                const std::vector<int64_t>& ptrs, const std::vector<int64_t>& meta,
-                               torch::Tensor R, torch::Tensor Rt, int64_t bits, int64_t group) {
+                               torch::Tensor R, torch::Tensor Rt, int64_t bits, int64_t group,
+                               const std::vector<int64_t>& rows) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.dim() == 3 && q.is_contiguous(), "q");
   const int64_t B = q.size(0), n_q = q.size(1), D = q.size(2);
   TORCH_CHECK(k.dtype() == torch::kFloat32 && k.is_contiguous() && k.dim() == 3 &&
@@ -419,6 +430,7 @@ torch::Tensor attend_new_token(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const int64_t n_kv = k.size(1);
   TORCH_CHECK(static_cast<int64_t>(ptrs.size()) == 8 * B, "ptrs");
   TORCH_CHECK(static_cast<int64_t>(meta.size()) == 6 * B, "meta");
+  TORCH_CHECK(rows.empty() || static_cast<int64_t>(rows.size()) == B, "rows");
   TORCH_CHECK(R.dtype() == torch::kFloat32 && R.is_contiguous() && Rt.is_contiguous() &&
                   R.numel() == D * D && Rt.numel() == D * D,
               "rotation");
@@ -448,6 +460,7 @@ torch::Tensor attend_new_token(torch::Tensor q, torch::Tensor k, torch::Tensor v
       const int64_t b = item / n_kv, h = item % n_kv;
       const int64_t* m = mm + b * 6;
       Layout L{n_q, n_kv, bits, group, m[0], m[1], m[2], m[3], m[4], m[5]};
+      if (!rows.empty()) L.rows = reinterpret_cast<const int32_t*>(rows[b]);
       const int64_t* x = pp + b * 8;
       const LayerPtrs p = layer_ptrs(x);
       const int64_t tail_row = (h * L.tail_cap + (L.length - 1 - L.tail_offset)) * D;

@@ -9,7 +9,8 @@
 
 torch::Tensor attend_new_token(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                const std::vector<int64_t>& ptrs, const std::vector<int64_t>& meta,
-                               torch::Tensor R, torch::Tensor Rt, int64_t bits, int64_t group);
+                               torch::Tensor R, torch::Tensor Rt, int64_t bits, int64_t group,
+                               const std::vector<int64_t>& rows);
 torch::Tensor attend_chunk(torch::Tensor q, const std::vector<int64_t>& ptrs,
                            const std::vector<int64_t>& meta, int64_t start, int64_t n_kv,
                            torch::Tensor R, torch::Tensor Rt, int64_t bits, int64_t group);
@@ -32,7 +33,10 @@ torch::Tensor rms_norm_blocks(torch::Tensor x, int64_t first, int64_t blocks, to
 std::string quant_matmul_isa();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attend_new_token", &attend_new_token, "store one new token's K/V, attend over all");
+  m.def("attend_new_token", &attend_new_token, "store one new token's K/V, attend over all",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("ptrs"),
+        pybind11::arg("meta"), pybind11::arg("R"), pybind11::arg("Rt"), pybind11::arg("bits"),
+        pybind11::arg("group"), pybind11::arg("rows") = std::vector<int64_t>{});
   m.def("attend_chunk", &attend_chunk, "causal attention of a stored prefill chunk");
   m.def("quant_linear", &quant_linear, "float rows times 4/8-bit packed weights");
   m.def("rescore_top", &rescore_top, "exact logits of each row's top candidates");
