@@ -5,7 +5,7 @@ what attending only them costs in quality, on the default model over real Englis
                                  [--budget 0.25] [--record 32] [--policy "select=oracle" ...]
                                  [--json PATH]
     python -m benchmarks.offload --tiers [--tokens 8192] [--steps 64] [--budgets 0.25,0.5]
-                                 [--pool 0.25] [--read-ahead 8] [--model gemma3-270m]
+                                 [--pool 0.25] [--prefetch 8] [--model gemma3-270m]
     python -m benchmarks.offload --passkey [--trials 10] [--depths 0.1,0.5,0.9]
                                  [--policy "page=32 budget=0.25 ..."]
 
@@ -31,7 +31,7 @@ teacher-forced tokens: dense in RAM; dense streamed from disk (layers past the f
 offloaded with no pool, the block files' pages dropped from the page cache before each step
 with ``posix_fadvise``); sparse in RAM (a share of the pages by Quest bound); sparse
 tiered (the same pages from a pool of ``--pool`` of the KV and the block files, page cache
-dropped likewise; and again with ``--read-ahead`` pages per KV head ranked next read into
+dropped likewise; and again with ``--prefetch`` pages per KV head ranked next read into
 the pool on the I/O thread, a step timed until that is done), for each of ``--budgets``.
 Then time to first token of the agent on disk: a full restore (hash, read, copy) against
 an offloaded resume (map the files, load the page index, read the pages the first step
@@ -419,14 +419,14 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
         ram.sparse = SparseState.new(dataclasses.replace(policy, budget=budget), n_layers)
         caches[f"sparse {budget:.0%} in RAM"] = (ram, [])
         caches[f"sparse {budget:.0%} tiered"] = tiered(pool_bytes, budget)
-        if args.read_ahead:
-            name = f"sparse {budget:.0%} tiered, read ahead {args.read_ahead}"
-            caches[name] = tiered(pool_bytes, budget, args.read_ahead)
+        if args.prefetch:
+            name = f"sparse {budget:.0%} tiered, prefetch {args.prefetch}"
+            caches[name] = tiered(pool_bytes, budget, args.prefetch)
     del ram
     modes = list(caches)
     logits: dict[str, list[np.ndarray]] = {m: [] for m in modes}
     ms: dict[str, list[float]] = {m: [] for m in modes}
-    reads = {m: [0, 0, 0] for m in modes}  # bytes from RAM, from disk, read ahead (tiers)
+    reads = {m: [0, 0, 0] for m in modes}  # bytes from RAM, from disk, prefetched (tiers)
     held = dict.fromkeys(modes, 0)
     for step, tok in enumerate(rest):
         for mode in modes:
@@ -438,8 +438,8 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
             before = (c.bytes_ram, c.bytes_disk, c.bytes_prefetched) if c else (0, 0, 0)
             t0 = time.perf_counter()
             out = backend.forward(np.array([tok]), cache)[-1].copy()
-            if tiers is not None:  # a step costs its reading ahead too, where it is not hidden
-                tiers.pool.wait_read_ahead()
+            if tiers is not None:  # a step costs its prefetching too, where it is not hidden
+                tiers.pool.wait_prefetch()
             elapsed = 1e3 * (time.perf_counter() - t0)
             if step == 0:  # the first step builds the page index (a one-time full read)
                 if cache.sparse is not None:
@@ -473,7 +473,7 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
         if cache.tiers is None:  # attention reads what it attends from RAM
             from_ram = kv_resident + share * kv_offloadable
             from_disk = 0.0
-        else:  # what is read ahead comes from the disk too
+        else:  # what is prefetched comes from the disk too
             from_ram = kv_resident + reads[mode][0] / steps
             from_disk = (reads[mode][1] + reads[mode][2]) / steps
         hit = f"{cache.tiers.counters.hit_rate:.0%}" if sparse and cache.tiers else "-"
@@ -573,7 +573,11 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
     cache.offload(settings_for(pool_bytes, policy).tiers(cache.windows, bs), state)
     cache.append_blocks(snap.blocks)
     backend.forward(np.array([tok]), cache)
-    chosen = {r.layer: r.selected for r in state.log if r.selected.shape[1]}
+    chosen = {
+        r.layer: r.selected
+        for r in state.log
+        if r.selected.shape[1] and cache.is_offloaded(r.layer)
+    }
     touched, total = file_pages_touched(snap.blocks, chosen, policy.page)
     attended = np.mean([s.mean() for s in chosen.values()])
     print(
@@ -613,10 +617,10 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.25,0.5", help="shares of pages (--tiers)")
     ap.add_argument("--resume-runs", type=int, default=3)
     ap.add_argument(
-        "--read-ahead",
+        "--prefetch",
         type=int,
         default=8,
-        help="pages per KV head read ahead (--tiers; 0: no row)",
+        help="pages per KV head prefetched (--tiers; 0: no row)",
     )
     ap.add_argument("--model", default=None, help="a catalog name or file (default model)")
     ap.add_argument("--passkey", action="store_true", help="passkey retrieval by depth")

@@ -121,8 +121,12 @@ def _map_file_ahead(path: Path) -> mmap.mmap | bytes | str:
     mapped one after another then have their headers read from the disk together, not one
     page fault at a time as each is parsed."""
     data = _map_file(path)
-    if isinstance(data, mmap.mmap):
-        data.madvise(mmap.MADV_WILLNEED, 0, min(len(data), _HEADER_AHEAD))
+    advice = getattr(mmap, "MADV_WILLNEED", None)  # not on every system
+    if isinstance(data, mmap.mmap) and advice is not None:
+        try:
+            data.madvise(advice, 0, min(len(data), _HEADER_AHEAD))
+        except OSError:  # only advice: the header is read when parsed either way
+            pass
     return data
 
 

@@ -44,7 +44,7 @@ class SparsePolicy:
     per_query: bool = False
     select: str = "bound"
     # off: from one step to the next about a sixth of the selected pages change, and 8 pages
-    # per KV head read ahead catch a third of them (8K, default model); on two cores the
+    # per KV head prefetched catch a third of them (8K, default model); on two cores the
     # thread's share of the GIL cost more than the misses it saved (benchmarks/offload.py)
     prefetch: int = 0
 

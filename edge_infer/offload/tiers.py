@@ -41,8 +41,8 @@ class TierCounters:
     bytes_disk: int = 0  # bytes of KV rows read from the disk tier
     evictions: int = 0  # pages dropped from the pool to make room
     spilled_bytes: int = 0  # bytes written to a spill file
-    prefetched: int = 0  # pages read ahead from the disk tier into the pool
-    bytes_prefetched: int = 0  # bytes of KV rows read ahead from the disk tier
+    prefetched: int = 0  # pages the I/O thread read from the disk tier into the pool
+    bytes_prefetched: int = 0  # bytes of KV rows it read
 
     @property
     def hit_rate(self) -> float:
@@ -91,23 +91,23 @@ class HostPool:
         self._n_used = 0
         self._clock = 0
         self._inserting = False
-        self._reader: _ReadAhead | None = None
+        self._reader: _Prefetcher | None = None
 
-    def read_ahead(self) -> _ReadAhead:
+    def _prefetcher(self) -> _Prefetcher:
         """The pool's I/O thread (started on first use, stopped with the pool)."""
         with self._lock:
             if self._reader is None:
-                self._reader = _ReadAhead()
+                self._reader = _Prefetcher()
                 weakref.finalize(self, self._reader.close)
             return self._reader
 
-    def wait_read_ahead(self) -> None:
+    def wait_prefetch(self) -> None:
         """Return once every page asked of the I/O thread so far is read (or given up)."""
         if self._reader is not None:
             self._reader.wait()
 
     def _spare_slots(self, page_nbytes: int) -> int:
-        """Slab slots a read-ahead may fill: free ones and those the budget lets the slab
+        """Slab slots a prefetch may fill: free ones and those the budget lets the slab
         grow by (``page_nbytes``: a page's bytes, for a slab not laid out yet). Never an
         occupied one: a guess must not push out a page that is being read."""
         size = self._page_nbytes or page_nbytes
@@ -240,7 +240,7 @@ class HostPool:
             self._inserting = False
 
 
-class _ReadAhead:
+class _Prefetcher:
     """A pool's I/O thread: reads the pages a sequence will likely attend next into the
     pool while the decode thread computes (numpy's copies release the GIL, so the page
     faults of the disk reads happen beside the computation). Only the newest request per
@@ -250,7 +250,7 @@ class _ReadAhead:
         self._queue: queue.Queue = queue.Queue()
         self._pending: dict[tuple[int, int], tuple[weakref.ref, np.ndarray]] = {}
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="edge-infer-read-ahead", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="edge-infer-prefetch", daemon=True)
         self._thread.start()
 
     def submit(self, tiers: SequenceTiers, layer: int, selected: np.ndarray) -> None:
@@ -277,10 +277,10 @@ class _ReadAhead:
                     ref, selected = self._pending.pop(key)
                 tiers = ref()
                 if tiers is not None:
-                    tiers._read_ahead(key[1], selected)
+                    tiers._prefetch_now(key[1], selected)
                 del tiers
             except Exception:  # the step reads a page itself when it is not there: no loss
-                log.exception("reading KV pages ahead failed")
+                log.exception("prefetching KV pages failed")
             finally:
                 self._queue.task_done()
 
@@ -631,20 +631,32 @@ class SequenceTiers:
         return at, rows
 
     def prefetch(self, layer: int, selected: np.ndarray) -> None:
-        """Ask the pool's I/O thread to read the ``selected`` pages (bool ``[n_kv, n]``) of
-        ``layer`` that are on disk and not in the pool into it, as far as the pool has free
-        room (it evicts nothing). Returns at once; a later gather
-        finds them in the pool, or reads them itself when they are not there yet."""
+        """Ask the pool's I/O thread to read the ``selected`` pages (bool ``[n_kv, n]``, n up
+        to the pages held) of ``layer`` that are on disk and not in the pool into it, as far
+        as the pool has free room (it evicts nothing). Returns at once; a later gather finds
+        them in the pool, or reads them itself when they are not there yet."""
+        blocks = self._layer(layer)
         selected = np.asarray(selected)
-        if selected.dtype != np.bool_ or selected.ndim != 2:
-            raise ValueError(f"layer {layer}: selected must be a 2-D bool array")
-        self._layer(layer)
+        layout = self._layouts.get(layer)
+        n_kv = layout.widths[0][0] if layout is not None else len(selected) if selected.ndim else 0
+        held = len(blocks) * self._pages_per_block
+        if (
+            selected.dtype != np.bool_
+            or selected.ndim != 2
+            or selected.shape[0] != n_kv
+            or selected.shape[1] > held
+        ):
+            raise ValueError(
+                f"layer {layer}: selected must be a bool array [{n_kv}, <= {held}],"
+                f" got {selected.dtype} {list(selected.shape)}"
+            )
         if selected.any():
-            self.pool.read_ahead().submit(self, layer, selected.copy())
+            self.pool._prefetcher().submit(self, layer, selected.copy())
 
-    def _read_ahead(self, layer: int, selected: np.ndarray) -> None:
+    def _prefetch_now(self, layer: int, selected: np.ndarray) -> None:
         """The I/O thread's part of :meth:`prefetch`: pick the pages under the pool's lock,
-        read them without it, put those still wanted in under it again."""
+        read them without it, put those still wanted in under it again (within the free
+        room there is then: gathers may have taken some meanwhile)."""
         pool, ppb = self.pool, self._pages_per_block
         with pool._lock:
             blocks, table = self._blocks.get(layer), self._slots.get(layer)
@@ -652,7 +664,7 @@ class SequenceTiers:
             if not blocks or table is None or layout is None or self._owner not in pool._tables:
                 return
             n = min(selected.shape[1], table.shape[1])
-            heads, pages = np.nonzero(selected[: table.shape[0], :n] & (table[:, :n] < 0))
+            heads, pages = np.nonzero(selected[:, :n] & (table[:, :n] < 0))
             on_disk = ~np.fromiter((b.pinned for b in blocks), np.bool_, len(blocks))
             keep = on_disk[pages // ppb]
             heads, pages = heads[keep], pages[keep]
@@ -668,29 +680,27 @@ class SequenceTiers:
             blocks, table = self._blocks.get(layer), self._slots.get(layer)
             if not blocks or table is None or self._owner not in pool._tables:
                 return
-            b = pages // ppb
             same = np.array(
                 [
                     i < len(blocks) and blocks[i] is held[i] and not blocks[i].pinned
-                    for i in b.tolist()
+                    for i in (pages // ppb).tolist()
                 ],
                 dtype=bool,
             )
             same &= pages < table.shape[1]
             same[same] &= table[heads[same], pages[same]] < 0  # a gather may have read it
-            if not same.any():
+            # only into room that is still free: _insert would evict to make more
+            wanted = np.flatnonzero(same)[: pool._spare_slots(layout.row_bytes * self.page)]
+            if not len(wanted):
                 return
-            heads, pages = heads[same], pages[same]
+            heads, pages = heads[wanted], pages[wanted]
             pool._insert(
-                self._owner, layer, heads, pages, tuple(r[same] for r in rows), pool._clock
+                self._owner, layer, heads, pages, tuple(r[wanted] for r in rows), pool._clock
             )
             got = int((self._slots[layer][heads, pages] >= 0).sum())
-            ahead = TierCounters(
-                prefetched=got, bytes_prefetched=got * layout.row_bytes * self.page
-            )
             for c in (self.counters, pool.counters):
-                c.prefetched += ahead.prefetched
-                c.bytes_prefetched += ahead.bytes_prefetched
+                c.prefetched += got
+                c.bytes_prefetched += got * layout.row_bytes * self.page
 
     def _count(self, reads: TierCounters) -> None:
         self.counters.add_reads(reads)

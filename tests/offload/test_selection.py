@@ -169,7 +169,7 @@ def test_next_pages_are_the_best_ranked_outside_the_selection():
     for h in range(3):  # each is ranked above every page left out of both
         left = ~(ahead[h] | selected[h])
         assert ranking[h, ahead[h]].min() >= ranking[h, left].max()
-    # what the selection grows to next: exactly the pages read ahead
+    # what the selection grows to next: exactly the pages prefetched
     grown = select_pages(ranking, always, 26)
     np.testing.assert_array_equal(grown & ~selected, ahead)
     # fewer pages left than asked: all of them; none asked: none

@@ -505,7 +505,7 @@ def test_disk_tier_arrays_in_separate_buffers_are_read_part_by_part(files):
         seq.check_read(3, 0, 2 * BS)
 
 
-def test_read_ahead_puts_disk_pages_into_the_pool_for_the_next_gather(files, tmp_path):
+def test_prefetch_puts_disk_pages_into_the_pool_for_the_next_gather(files, tmp_path):
     rng = np.random.default_rng(21)
     pool = HostPool(1 << 30)
     seq = _Seq(pool, tmp_path)
@@ -515,21 +515,21 @@ def test_read_ahead_puts_disk_pages_into_the_pool_for_the_next_gather(files, tmp
     ahead = np.zeros((N_KV, n), bool)
     ahead[0, [1, 4, 13]] = ahead[1, [0, 2, 3]] = True  # 13: a pinned (RAM) block's page
     seq.tiers.prefetch(1, ahead)
-    pool.wait_read_ahead()
+    pool.wait_prefetch()
     c = pool.counters
     assert (c.prefetched, c.bytes_prefetched) == (5, 5 * PAGE_BYTES)
     assert seq.tiers.counters.prefetched == 5
     assert (c.hits, c.misses) == (0, 0)  # reading ahead is neither
     _check_gather_layer(seq, 1, ahead)
-    assert (c.hits, c.misses) == (6, 0)  # the five read ahead and the pinned page
+    assert (c.hits, c.misses) == (6, 0)  # the five prefetched and the pinned page
     seq.tiers.prefetch(1, ahead)  # all there already: nothing read
-    pool.wait_read_ahead()
+    pool.wait_prefetch()
     assert c.prefetched == 5
-    _check_gather_layer(seq, 3, ahead)  # another layer: not read ahead
+    _check_gather_layer(seq, 3, ahead)  # another layer: not prefetched
     assert c.misses == 5
 
 
-def test_read_ahead_fills_only_free_room_and_evicts_nothing(files):
+def test_prefetch_fills_only_free_room_and_evicts_nothing(files):
     pool = HostPool(4 * PAGE_BYTES)
     seq = _Seq(pool)
     for i in range(3):
@@ -540,30 +540,75 @@ def test_read_ahead_fills_only_free_room_and_evicts_nothing(files):
     ahead = np.zeros_like(first)
     ahead[1, [5, 6, 7]] = True
     seq.tiers.prefetch(1, ahead)
-    pool.wait_read_ahead()
+    pool.wait_prefetch()
     c = pool.counters
     assert c.prefetched == 1 and c.evictions == 0  # one free slot, the first page asked
     assert pool.held_bytes == 4 * PAGE_BYTES <= pool.budget_bytes
     _check_gather_layer(seq, 1, first | ahead)
-    assert c.hits == 4  # the three gathered before, the one read ahead
+    assert c.hits == 4  # the three gathered before, the one prefetched
 
 
-def test_read_ahead_of_blocks_truncated_meanwhile_is_dropped(files):
+class _HeldRead:
+    """Holds the pool's I/O thread between its read of the files and its insert into the
+    pool, so that a test can change the pool meanwhile."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, tiers: SequenceTiers) -> None:
+        self.reading, self.go = threading.Event(), threading.Event()
+        read = tiers._read_blocks
+
+        def held(*args):
+            out = read(*args)
+            if threading.current_thread().name == "edge-infer-prefetch":
+                self.reading.set()
+                assert self.go.wait(10)
+            return out
+
+        monkeypatch.setattr(tiers, "_read_blocks", held)
+
+
+def test_prefetch_of_blocks_replaced_while_read_is_dropped(files, monkeypatch):
     pool = HostPool(1 << 30)
     seq = _Seq(pool)
     for i in range(3):
         seq.add_all(None, files, i, on_disk=True)
-    ahead = np.ones((N_KV, 3 * PPB), bool)
-    seq.tiers.prefetch(3, ahead)  # the I/O thread may read before, during or after this:
-    seq.truncate(BS)
-    pool.wait_read_ahead()
-    # whenever it read: nothing of the dropped blocks stays in the pool
-    assert seq.tiers.nbytes_ram() == pool.held_bytes <= N_KV * PPB * PAGE_BYTES
-    seq.add_all(None, files, 4, on_disk=True)  # another block where the old ones were
-    _check_gather_layer(seq, 3, np.ones((N_KV, 2 * PPB), bool))
+    hold = _HeldRead(monkeypatch, seq.tiers)
+    seq.tiers.prefetch(3, np.ones((N_KV, 3 * PPB), bool))
+    assert hold.reading.wait(10)
+    seq.truncate(BS)  # blocks 1 and 2 go; others take their place
+    seq.add_all(None, files, 4, on_disk=True)
+    seq.add_all(None, files, 5, on_disk=True)
+    hold.go.set()
+    pool.wait_prefetch()
+    # only the first block's pages went in: the others were read from files no longer held
+    assert pool.counters.prefetched == N_KV * PPB
+    c = pool.counters
+    _check_gather_layer(seq, 3, np.ones((N_KV, 3 * PPB), bool))
+    assert (c.hits, c.misses) == (N_KV * PPB, 2 * N_KV * PPB)
 
 
-def test_read_ahead_beside_gathers_keeps_rows_and_budget(files, tmp_path):
+def test_prefetch_takes_only_room_still_free_after_its_read(files, monkeypatch):
+    pool = HostPool(6 * PAGE_BYTES)
+    seq = _Seq(pool)
+    for i in range(3):
+        seq.add_all(None, files, i, on_disk=True)
+    hold = _HeldRead(monkeypatch, seq.tiers)
+    ahead = np.zeros((N_KV, 3 * PPB), bool)
+    ahead[0, :4] = True
+    seq.tiers.prefetch(1, ahead)  # room for all four when it looks
+    assert hold.reading.wait(10)
+    mine = np.zeros_like(ahead)
+    mine[1, :4] = True
+    _check_gather_layer(seq, 1, mine)  # meanwhile a step takes four of the six slots
+    hold.go.set()
+    pool.wait_prefetch()
+    c = pool.counters
+    assert c.evictions == 0 and c.prefetched == 2
+    assert pool.held_bytes == 6 * PAGE_BYTES
+    _check_gather_layer(seq, 1, mine)  # the step's pages are all still there
+    assert c.hits == 4
+
+
+def test_prefetch_beside_gathers_keeps_rows_and_budget(files, tmp_path):
     rng = np.random.default_rng(22)
     pool = HostPool(60 * PAGE_BYTES)  # of the 80 pages held: room some of the time
     seq = _Seq(pool, tmp_path)
@@ -579,7 +624,7 @@ def test_read_ahead_beside_gathers_keeps_rows_and_budget(files, tmp_path):
         if step % 10 == 9:
             seq.truncate(4 * BS)
             seq.add_all(None, files, 4, on_disk=True)
-    pool.wait_read_ahead()
+    pool.wait_prefetch()
     assert pool.peak_bytes <= pool.budget_bytes
     assert pool.counters.prefetched > 0
     assert files.digests() == digests
@@ -588,7 +633,14 @@ def test_read_ahead_beside_gathers_keeps_rows_and_budget(files, tmp_path):
 def test_prefetch_refuses_what_is_not_a_selection(files):
     seq = _Seq(HostPool(1 << 20))
     seq.add_all(None, files, 0, on_disk=True)
-    with pytest.raises(ValueError, match="layer 1: selected must be a 2-D bool array"):
+    bad = "layer 1: selected must be a bool array \\[2, <= 4\\], got"
+    with pytest.raises(ValueError, match=bad + " bool \\[4\\]"):
         seq.tiers.prefetch(1, np.ones(PPB, bool))
+    with pytest.raises(ValueError, match=bad + " bool \\[3, 4\\]"):
+        seq.tiers.prefetch(1, np.ones((N_KV + 1, PPB), bool))
+    with pytest.raises(ValueError, match=bad + " bool \\[2, 5\\]"):
+        seq.tiers.prefetch(1, np.ones((N_KV, PPB + 1), bool))
+    with pytest.raises(ValueError, match=bad + " int64"):
+        seq.tiers.prefetch(1, np.ones((N_KV, PPB), np.int64))
     with pytest.raises(ValueError, match="layer 2 is not offloaded here"):
         seq.tiers.prefetch(2, np.ones((N_KV, PPB), bool))

@@ -57,7 +57,8 @@ def _select(
     cache: TorchKVCache, state: SparseState, layer: int, q: np.ndarray, k_new: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
     """(selected [n_kv, pages], bounds [n_q, pages], rounds, the ranking [n_kv, pages]
-    pages were taken by, None for a quality reference) of one sequence's layer."""
+    pages were taken by, None for a quality reference or when nothing needs it) of one
+    sequence's layer."""
     policy, index = state.policy, state.index
     if cache.block_size % policy.page:
         raise ValueError(f"page size {policy.page} does not divide the block size")
@@ -75,8 +76,8 @@ def _select(
     if policy.select == "oracle":  # a quality reference: exact scores, a dense pass
         mass = page_mass(_scores_with_new(cache, layer, q, k_new), policy.page, sealed, cache.n_kv)
         return oracle_pages(mass[:, :n_pages], always, budget), bounds, 0, None
-    ranking = query_ranking(bounds, cache.n_kv, policy.per_query, always)
     if policy.threshold >= 1.0:
+        ranking = query_ranking(bounds, cache.n_kv, policy.per_query, always)
         return select_pages(ranking, always, budget), bounds, 0, ranking
     # the certificate needs the exact softmax total over what is attended
     s = _scores_with_new(cache, layer, q, k_new)
@@ -87,6 +88,10 @@ def _select(
 
     sizes = np.full(n_pages, policy.page)
     selected, _, rounds = select_certified(policy, bounds, cache.n_kv, always, sizes, log_z_of)
+    # the pages to prefetch follow the ranking the selection grew by
+    ranking = (
+        query_ranking(bounds, cache.n_kv, policy.per_query, always) if policy.prefetch else None
+    )
     return selected, bounds, rounds, ranking
 
 
@@ -123,8 +128,8 @@ def attend_sparse(
     k32, v32 = k.float().contiguous(), v.float().contiguous()
     ptrs: list[int] = []
     metas: list[int] = []
-    rows_of: list[int] = []  # per kernel row: the address of its stored rows, 0 for all
-    gathered: list = []  # tensors and row lists alive until the kernel has run
+    row_lists: list[int] = []  # per kernel row: the address of its list of rows, 0: all
+    gathered: list = []  # tensors and lists of rows, alive until the kernel has run
     records: list[tuple[int, StepRecord, np.ndarray]] = []
     plans: list[tuple[np.ndarray | None, int]] = []
     q_np, k_np = q32.cpu().numpy(), k32.cpu().numpy()
@@ -177,22 +182,22 @@ def attend_sparse(
             elif selected is None or selected[h].all():
                 ptrs += cache.head_pointers(layer, h) + tail_ptrs
                 metas += [parts[0].shape[1], cache.block_size, sealed, length + 1, sealed, window]
-                rows_of.append(0)
+                row_lists.append(0)
                 continue
             else:  # the selected rows where they are stored
                 assert stored is not None
-                rows = stored[h]
-                n = len(rows)
+                listed = stored[h]
+                n = len(listed)
                 ptrs += cache.head_pointers(layer, h) + tail_ptrs
                 metas += [parts[0].shape[1], cache.block_size, n, n + length - sealed + 1, n, 0]
-                rows_of.append(rows.ctypes.data)
+                row_lists.append(listed.ctypes.data)
                 continue
             # the head's gathered rows as a sequence of their own
             gathered += part
             n = part[0].shape[0]
             ptrs += [t.data_ptr() for t in part] + tail_ptrs
             metas += [n, cache.block_size, n, n + length - sealed + 1, n, 0]
-            rows_of.append(0)
+            row_lists.append(0)
     if kernel is None:
         out = _attend_plain(caches, layer, q32, k32, v32, plans)
     else:
@@ -206,7 +211,7 @@ def attend_sparse(
             first.rotation_t,
             first.layer_bits[layer],
             first.group_size,
-            rows_of,
+            row_lists,
         )
     for b, rec, bounds in records:
         cache = caches[b]

@@ -441,6 +441,8 @@ torch::Tensor attend_new_token(torch::Tensor q, torch::Tensor k, torch::Tensor v
     const int64_t* m = meta.data() + b * 6;
     TORCH_CHECK(m[3] >= 1 && m[3] - 1 - m[4] >= 0 && m[3] - 1 - m[4] < m[1] && m[5] >= 0,
                 "tail row");
+    // a window counts tokens, a list of rows counts attended rows: not both
+    TORCH_CHECK(rows.empty() || rows[b] == 0 || m[5] == 0, "rows with a window");
   }
   auto out = torch::empty_like(q);
   const int64_t* pp = ptrs.data();

@@ -257,13 +257,13 @@ def test_offloaded_cache_decodes_as_the_resident_one_within_its_budget(prefilled
     assert counters.hits + counters.misses > 0 and counters.bytes_disk > 0
     # what it exports (to save) is what the resident cache exports
     assert_blocks_equal(resident.blocks(), cache.blocks())
-    # blocks on disk and a pool with room: the pages ranked next are read ahead, and
+    # blocks on disk and a pool with room: the pages ranked next are prefetched, and
     # change nothing
     roomy, pool = _offloaded(backend, _mapped(blocks, tmp_path), kv_bytes)
     roomy.sparse = SparseState.new(policy, n_layers)
     tokens, logits = decode(backend, roomy, first, 40)
     assert np.array_equal(tokens, want_tokens) and np.array_equal(logits, want_logits)
-    pool.wait_read_ahead()
+    pool.wait_prefetch()
     assert pool.counters.prefetched > 0 and pool.peak_bytes <= pool.budget_bytes
 
 
