@@ -533,6 +533,19 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
 
     # time to first token of the agent on disk
     tok = int(rest[0])
+
+    def offloaded_resume(record: bool = False):
+        """The agent mapped from disk, offloaded, with its page index: (cache, snapshot)."""
+        snap = store.load("long", verify=False)
+        cache = backend.new_cache()
+        state = SparseState.new(policy, n_layers, record=record)
+        index = PageIndex.load(store.page_index_path("long"), snap.files, n_layers, policy.page, bs)
+        assert index is not None, "the page index was not saved"
+        state.index = index
+        cache.offload(settings_for(pool_bytes, policy).tiers(cache.windows, bs), state)
+        cache.append_blocks(snap.blocks)
+        return cache, snap
+
     resume: dict[str, list[float]] = {"full restore": [], "offloaded resume": []}
     for _ in range(args.resume_runs):
         for mode in resume:
@@ -545,16 +558,7 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
                 cache = backend.new_cache()
                 cache.append_blocks(snap.blocks)
             else:
-                snap = store.load("long", verify=False)
-                cache = backend.new_cache()
-                state = SparseState.new(policy, n_layers)
-                index = PageIndex.load(
-                    store.page_index_path("long"), snap.files, n_layers, policy.page, bs
-                )
-                assert index is not None, "the page index was not saved"
-                state.index = index
-                cache.offload(settings_for(pool_bytes, policy).tiers(cache.windows, bs), state)
-                cache.append_blocks(snap.blocks)
+                cache, snap = offloaded_resume()
             backend.forward(np.array([tok]), cache)
             resume[mode].append(1e3 * (time.perf_counter() - t0))
             del cache, snap
@@ -567,15 +571,12 @@ def tiers_run(args, backend, model, blocks, prefix, rest) -> dict:
         rows,
     )
     # how much of the files the first step's pages lie on: a resume reads at least that
-    snap = store.load("long", verify=False)
-    cache = backend.new_cache()
-    state = SparseState.new(policy, n_layers, record=True)
-    cache.offload(settings_for(pool_bytes, policy).tiers(cache.windows, bs), state)
-    cache.append_blocks(snap.blocks)
+    cache, snap = offloaded_resume(record=True)
     backend.forward(np.array([tok]), cache)
+    assert cache.sparse is not None
     chosen = {
         r.layer: r.selected
-        for r in state.log
+        for r in cache.sparse.log
         if r.selected.shape[1] and cache.is_offloaded(r.layer)
     }
     touched, total = file_pages_touched(snap.blocks, chosen, policy.page)

@@ -68,9 +68,7 @@ def block_to_bytes(block: KVBlock, fmt: KVFormat, token_chain: str | None = None
         )
     tensors: dict[str, np.ndarray] = {}
     for i, layer in enumerate(block.layers):
-        if not (
-            fmt.accepts(layer.keys, block.sealed, i) and fmt.accepts(layer.values, block.sealed, i)
-        ):
+        if not fmt.accepts_layer(layer, block.sealed, i):
             raise ValueError(
                 f"layer {i} of block at {block.start} is not in format {fmt.describe()}"
             )

@@ -266,6 +266,11 @@ class KVFormat:
             return is_f16
         return kv_layout(x) == (bits, self.group_size) or (not sealed and is_f16)
 
+    def accepts_layer(self, kv: LayerKV, sealed: bool = True, layer: int = 0) -> bool:
+        """Whether both the keys and the values of ``kv`` are stored in this format (as
+        layer ``layer``): see :meth:`accepts`."""
+        return self.accepts(kv.keys, sealed, layer) and self.accepts(kv.values, sealed, layer)
+
     def fingerprint_tag(self) -> str:
         """What the model fingerprint records of this format (bits, groups, rotation, tail)."""
         if self.bits == 16:
@@ -277,8 +282,11 @@ class KVFormat:
 
     def to_json(self) -> dict:
         """The fields a manifest records (``layer_bits`` only where layers differ)."""
-        out: dict = {"bits": self.bits, "group_size": self.group_size}
-        out["block_size"] = self.block_size
+        out: dict = {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "block_size": self.block_size,
+        }
         if self.layer_bits:
             out["layer_bits"] = list(self.layer_bits)
         return out

@@ -180,9 +180,6 @@ class AgentStore:
         symbolic link."""
         return refuse_links(self.root, self.base_dir / validate_agent_name(agent))
 
-    def _kv_format_json(self) -> dict:
-        return self.fmt.to_json()
-
     @contextmanager
     def lock(self, agent: str, timeout: float | None = None) -> Iterator[None]:
         """Serialize access to ``agent`` across threads and processes (re-entrant)."""
@@ -254,7 +251,7 @@ class AgentStore:
             manifest = Manifest(
                 agent=agent,
                 fingerprint=dict(self.fingerprint.parts),
-                kv_format=self._kv_format_json(),
+                kv_format=self.fmt.to_json(),
                 token_ids=ids,
                 messages=list(messages),
                 extra=dict(extra or {}),
@@ -274,7 +271,7 @@ class AgentStore:
         record = {
             **self.model_record,
             "fingerprint": dict(self.fingerprint.parts),
-            "kv_format": self._kv_format_json(),
+            "kv_format": self.fmt.to_json(),
         }
         write_atomic(path, json.dumps(record, indent=2, ensure_ascii=False).encode())
 
@@ -300,7 +297,7 @@ class AgentStore:
 
     def _check_identity(self, agent: str, m: Manifest) -> None:
         differing = Fingerprint.of(**m.fingerprint).differing(self.fingerprint)
-        mine = self._kv_format_json()
+        mine = self.fmt.to_json()
         differing += sorted(
             f"kv_format.{k}"
             for k in mine.keys() | m.kv_format.keys()
@@ -361,13 +358,7 @@ class AgentStore:
             return IDS_MISMATCH
         if (block.start, block.length, block.sealed) != (entry.start, entry.length, entry.sealed):
             return "span differs from the manifest"
-        if any(
-            not (
-                self.fmt.accepts(x.keys, block.sealed, i)
-                and self.fmt.accepts(x.values, block.sealed, i)
-            )
-            for i, x in enumerate(block.layers)
-        ):
+        if not all(self.fmt.accepts_layer(x, block.sealed, i) for i, x in enumerate(block.layers)):
             return f"not in KV format {self.fmt.describe()}"
         return block
 

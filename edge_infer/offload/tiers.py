@@ -525,14 +525,13 @@ class SequenceTiers:
         with self.pool._lock:
             return self._gather(layer, blocks, np.full(len(pages), head, np.int64), pages)
 
-    def gather_layer(self, layer: int, selected: np.ndarray) -> tuple[Rows, np.ndarray]:
-        """Rows of the ``selected`` pages (bool ``[n_kv, n]``, n up to the pages held) of
-        every KV head of ``layer``, head after head in page order: six contiguous arrays
-        ``[selected.sum()*page, w]``, and the pages of each head ``[n_kv]``."""
+    def _selection(self, layer: int, selected: np.ndarray) -> tuple[list[_Block], np.ndarray]:
+        """The layer's blocks and ``selected`` checked: bool ``[n_kv, n]``, n up to the pages
+        held (ValueError naming the layer and the shape wanted)."""
         blocks = self._layer(layer)
         selected = np.asarray(selected)
         layout = self._layouts.get(layer)
-        n_kv = selected.shape[0] if layout is None else layout.widths[0][0]
+        n_kv = layout.widths[0][0] if layout is not None else len(selected) if selected.ndim else 0
         held = len(blocks) * self._pages_per_block
         if (
             selected.dtype != np.bool_
@@ -544,6 +543,13 @@ class SequenceTiers:
                 f"layer {layer}: selected must be a bool array [{n_kv}, <= {held}],"
                 f" got {selected.dtype} {list(selected.shape)}"
             )
+        return blocks, selected
+
+    def gather_layer(self, layer: int, selected: np.ndarray) -> tuple[Rows, np.ndarray]:
+        """Rows of the ``selected`` pages (bool ``[n_kv, n]``, n up to the pages held) of
+        every KV head of ``layer``, head after head in page order: six contiguous arrays
+        ``[selected.sum()*page, w]``, and the pages of each head ``[n_kv]``."""
+        blocks, selected = self._selection(layer, selected)
         counts = selected.sum(1)
         heads, pages = np.nonzero(selected)
         if not len(pages):
@@ -635,21 +641,7 @@ class SequenceTiers:
         to the pages held) of ``layer`` that are on disk and not in the pool into it, as far
         as the pool has free room (it evicts nothing). Returns at once; a later gather finds
         them in the pool, or reads them itself when they are not there yet."""
-        blocks = self._layer(layer)
-        selected = np.asarray(selected)
-        layout = self._layouts.get(layer)
-        n_kv = layout.widths[0][0] if layout is not None else len(selected) if selected.ndim else 0
-        held = len(blocks) * self._pages_per_block
-        if (
-            selected.dtype != np.bool_
-            or selected.ndim != 2
-            or selected.shape[0] != n_kv
-            or selected.shape[1] > held
-        ):
-            raise ValueError(
-                f"layer {layer}: selected must be a bool array [{n_kv}, <= {held}],"
-                f" got {selected.dtype} {list(selected.shape)}"
-            )
+        _, selected = self._selection(layer, selected)
         if selected.any():
             self.pool._prefetcher().submit(self, layer, selected.copy())
 
@@ -668,7 +660,8 @@ class SequenceTiers:
             on_disk = ~np.fromiter((b.pinned for b in blocks), np.bool_, len(blocks))
             keep = on_disk[pages // ppb]
             heads, pages = heads[keep], pages[keep]
-            spare = pool._spare_slots(layout.row_bytes * self.page)
+            page_bytes = layout.row_bytes * self.page
+            spare = pool._spare_slots(page_bytes)
             heads, pages = heads[:spare], pages[:spare]
             held = list(blocks)
         if not len(pages):
@@ -690,7 +683,7 @@ class SequenceTiers:
             same &= pages < table.shape[1]
             same[same] &= table[heads[same], pages[same]] < 0  # a gather may have read it
             # only into room that is still free: _insert would evict to make more
-            wanted = np.flatnonzero(same)[: pool._spare_slots(layout.row_bytes * self.page)]
+            wanted = np.flatnonzero(same)[: pool._spare_slots(page_bytes)]
             if not len(wanted):
                 return
             heads, pages = heads[wanted], pages[wanted]
@@ -700,7 +693,7 @@ class SequenceTiers:
             got = int((self._slots[layer][heads, pages] >= 0).sum())
             for c in (self.counters, pool.counters):
                 c.prefetched += got
-                c.bytes_prefetched += got * layout.row_bytes * self.page
+                c.bytes_prefetched += got * page_bytes
 
     def _count(self, reads: TierCounters) -> None:
         self.counters.add_reads(reads)

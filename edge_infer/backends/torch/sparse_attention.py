@@ -176,28 +176,22 @@ def attend_sparse(
             ends = np.cumsum(counts) * tiers.page
         for h in range(n_kv):
             tail_ptrs = [tails[0][h].data_ptr(), tails[1][h].data_ptr()]
-            if tiers is not None:
+            if tiers is not None:  # the head's gathered rows as a sequence of their own
                 a0 = int(ends[h - 1]) if h else 0
                 part = [t[a0 : int(ends[h])] for t in tiered]  # contiguous: whole rows
-            elif selected is None or selected[h].all():
-                ptrs += cache.head_pointers(layer, h) + tail_ptrs
-                metas += [parts[0].shape[1], cache.block_size, sealed, length + 1, sealed, window]
+                gathered += part
+                n = part[0].shape[0]
+                ptrs += [t.data_ptr() for t in part] + tail_ptrs
+                metas += [n, cache.block_size, n, n + length - sealed + 1, n, 0]
                 row_lists.append(0)
                 continue
-            else:  # the selected rows where they are stored
-                assert stored is not None
-                listed = stored[h]
-                n = len(listed)
-                ptrs += cache.head_pointers(layer, h) + tail_ptrs
-                metas += [parts[0].shape[1], cache.block_size, n, n + length - sealed + 1, n, 0]
-                row_lists.append(listed.ctypes.data)
-                continue
-            # the head's gathered rows as a sequence of their own
-            gathered += part
-            n = part[0].shape[0]
-            ptrs += [t.data_ptr() for t in part] + tail_ptrs
-            metas += [n, cache.block_size, n, n + length - sealed + 1, n, 0]
-            row_lists.append(0)
+            # the cache's own rows: all of them, or its selected ones where they are stored
+            # (a selection is never made in a window layer)
+            listed = None if stored is None or selected is None or selected[h].all() else stored[h]
+            n = sealed if listed is None else len(listed)
+            ptrs += cache.head_pointers(layer, h) + tail_ptrs
+            metas += [parts[0].shape[1], cache.block_size, n, n + length - sealed + 1, n, window]
+            row_lists.append(0 if listed is None else listed.ctypes.data)
     if kernel is None:
         out = _attend_plain(caches, layer, q32, k32, v32, plans)
     else:
